@@ -1,0 +1,119 @@
+"""`mmjax train | eval | data` (the command line).
+
+    mmjax train --config configs/demo.py --workdir DIR [--config.train.steps=100 ...]
+    mmjax eval  --workdir DIR [--split test]
+    mmjax data prepare --config configs/demo.py
+    mmjax data bench --config configs/demo.py:emoji --config.data.image_size=224
+
+Mistakes a user can make (a config key, a value, a path) exit with code 2 and one
+message naming what was wrong and what was expected.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from mmjax import config as config_lib
+
+
+def _split_overrides(argv):
+    """Separates `--config.a.b=v` (or `--config.a.b v`) from the other flags."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise config_lib.ConfigError(f"override --config.{body} needs a value")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="mmjax", description="JAX/Flax multimodal pretraining")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="pretrain (or resume in an existing workdir)")
+    t.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--split", default=None)
+    d = sub.add_parser("data", help="prepare a built-in dataset or measure the input pipeline")
+    d.add_argument("action", choices=("prepare", "bench"))
+    d.add_argument("--config", required=True)
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--batches", type=int, default=30)
+    d.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def _print_result(result: dict, workdir: str):
+    keys = [k for k in result if k not in ("final_state", "plot") and isinstance(result[k], (int, float))]
+    print("\nresult:", json.dumps({k: round(result[k], 4) if isinstance(result[k], float) else result[k] for k in keys}))
+    if result.get("plot"):
+        print(f"plot: {result['plot']}")
+    print(f"workdir: {workdir}")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = _parser().parse_args(rest)
+        if args.command == "train":
+            config = config_lib.load(args.config, overrides)
+            from mmjax.train import loop
+
+            result = loop.train(config, args.workdir, progress=not args.no_progress)
+            _print_result(result, args.workdir)
+        elif args.command == "eval":
+            if overrides:
+                raise config_lib.ConfigError("mmjax eval takes no --config overrides")
+            from mmjax import checkpoint
+            from mmjax.train import loop
+
+            config = checkpoint.load_config_json(args.workdir)
+            setup = loop.Setup(config, args.workdir)
+            restored = setup.restore()
+            if restored is None:
+                raise config_lib.ConfigError(f"no checkpoint in {args.workdir}/checkpoints")
+            state, _ = restored
+            metrics = setup.evaluator(args.split)(state.params)
+            setup.checkpointer.close()
+            metrics["step"] = int(state.step)
+            _print_result(metrics, args.workdir)
+        elif args.command == "data":
+            config = config_lib.load(args.config, overrides)
+            from mmjax.data import pipeline
+
+            if args.action == "prepare":
+                for split in (config.data.train_split, config.data.eval_split):
+                    print(f"{config.data.name}/{split}: {pipeline.num_examples(config.data, split)} examples")
+            else:
+                print(json.dumps(pipeline.pipeline_throughput(config.data, args.batch_size, args.batches, threads=args.threads)))
+    except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+        # ValueError: a variant name, a shape or a path a user gave; the message names it.
+        if os.environ.get("MMJAX_DEBUG"):
+            raise
+        print(f"mmjax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

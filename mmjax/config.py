@@ -1,0 +1,142 @@
+"""Recipes: load a config file, apply `--config.a.b=value` overrides, validate.
+
+A config file is a python file with `get_config(arg=None) -> ConfigDict`; an
+argument may follow the path after a colon (`configs/demo.py:emoji`). Every user
+mistake raises `ConfigError` with one message naming the key and the valid
+choices; the CLI turns it into exit code 2.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config key or value a user got wrong."""
+
+
+# Keys whose values must come from a fixed set: dotted key -> choices.
+CHOICES = {
+    "model.family": ("clip",),
+    "model.loss": ("softmax", "sigmoid"),
+    "model.pool": ("cls", "gap"),
+    "model.dtype": ("float32", "bfloat16"),
+    "parallel.mode": ("mesh",),
+}
+
+
+def load(path_and_arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Loads `path[:arg]`, applies `a.b=value` overrides and validates."""
+    path, _, arg = path_and_arg.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path!r}")
+    spec = importlib.util.spec_from_file_location("_mmjax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(arg=None) function")
+    config = module.get_config(arg or None)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        set_key(config, key, value)
+    validate(config)
+    return config
+
+
+def _parse_value(text: str, old):
+    """Parses `text` into the type of the value it replaces."""
+    if isinstance(old, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if isinstance(old, int):
+        try:
+            return int(text)
+        except ValueError:
+            number = float(text)  # accepts 1e4; rejects 0.5 below
+            if not number.is_integer():
+                raise ValueError(f"expected an integer, got {text!r}") from None
+            return int(number)
+    if isinstance(old, float):
+        return float(text)
+    if isinstance(old, str):
+        return text
+    if old is None:
+        if text.lower() == "none":
+            return None
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    if isinstance(old, (tuple, list)):
+        value = ast.literal_eval(text)
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return type(old)(value)
+    return ast.literal_eval(text)
+
+
+def set_key(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Sets `config[a][b] = parse(text)`; unknown keys name the valid ones."""
+    parts = dotted.split(".")
+    node = config
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if not isinstance(node, (ml_collections.ConfigDict, dict)):
+            raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(parts[:i])!r} is a value, not a section")
+        if part not in node:
+            valid = ", ".join(sorted(node.keys()))
+            raise ConfigError(f"unknown config key {here!r}; valid keys here: {valid}")
+        if i < len(parts) - 1:
+            node = node[part]
+    old = node[parts[-1]]
+    if isinstance(old, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f"config key {dotted!r} is a section; set one of: {', '.join(sorted(old.keys()))}")
+    try:
+        value = _parse_value(text, old)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"bad value for config key {dotted!r}: {text!r} ({e})") from None
+    with node.ignore_type() if isinstance(node, ml_collections.ConfigDict) else _nullcontext():
+        node[parts[-1]] = value
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def get(config, dotted: str, default=None):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks choice-valued keys and basic numeric ranges."""
+    for key, choices in CHOICES.items():
+        value = get(config, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"bad value for config key {key!r}: {value!r}; valid choices: {', '.join(choices)}")
+    positive = ("train.batch_size", "train.steps", "data.image_size", "data.text_len")
+    for key in positive:
+        value = get(config, key)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"bad value for config key {key!r}: {value!r}; expected a positive integer")
+    accum = get(config, "train.accum_steps", 1)
+    bs = get(config, "train.batch_size")
+    if bs is not None and (accum < 1 or bs % accum):
+        raise ConfigError(f"bad value for config key 'train.accum_steps': {accum}; it must divide train.batch_size={bs}")

@@ -1,0 +1,146 @@
+"""Pure-numpy scene generator for the built-in `shapes` dataset (no TensorFlow).
+
+A scene holds two non-overlapping objects (colour, shape, size) on a dark, noisy
+background. Its caption names the objects in a canonical order (by colour index, then
+shape index, then size index) and states the spatial relation from the first-named
+object's point of view, so one scene has exactly one caption.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
+COLOUR_RGB = np.array(
+    [[230, 40, 40], [40, 200, 60], [50, 90, 240], [240, 220, 40], [170, 60, 220],
+     [245, 245, 245]], np.float32)
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+SIZE_FRAC = (0.22, 0.38)  # object diameter as a fraction of the image side
+RELATIONS = ("left of", "right of", "above", "below")
+FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+CLASS_NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # 24 zero-shot classes
+SPLITS = ("train", "validation", "test")
+MAX_NEGATIVES = 4
+
+
+def obj_key(obj) -> tuple[int, int, int]:
+    """(colour, shape, size) indices; the canonical sort key of an object."""
+    return (obj[0], obj[1], obj[2])
+
+
+def describe(obj) -> str:
+    c, s, z = obj[:3]
+    return f"a {SIZES[z]} {COLOURS[c]} {SHAPES[s]}"
+
+
+def canonical(a, b, rel: str) -> tuple[tuple, tuple, str]:
+    """Order (a rel b) canonically: smaller key first, relation flipped if swapped."""
+    if obj_key(b) < obj_key(a):
+        return b, a, FLIP[rel]
+    return a, b, rel
+
+
+def caption_of(a, b, rel: str) -> str:
+    """Canonical caption of the scene "a rel b" (a, b: (colour, shape, size) tuples)."""
+    a, b, rel = canonical(a, b, rel)
+    return f"{describe(a)} {rel} {describe(b)}"
+
+
+def relation_of(ca, cb) -> str:
+    """Relation of an object centred at ca=(x, y) to one at cb (image coords, y down)."""
+    dx, dy = cb[0] - ca[0], cb[1] - ca[1]
+    if abs(dx) >= abs(dy):
+        return "left of" if dx > 0 else "right of"
+    return "above" if dy > 0 else "below"
+
+
+def hard_negatives(a, b, rel: str) -> list[str]:
+    """Captions with the same words as the true one but describing another scene.
+
+    Swaps colours / shapes / sizes between the objects (when they differ) and reverses
+    the relation; each re-canonicalised, deduplicated, never equal to the true caption.
+    """
+    a, b, rel = canonical(tuple(a[:3]), tuple(b[:3]), rel)
+    true = caption_of(a, b, rel)
+    cands = []
+    for k in range(3):  # colour, shape, size
+        if a[k] != b[k]:
+            a2, b2 = list(a), list(b)
+            a2[k], b2[k] = b[k], a[k]
+            cands.append(caption_of(tuple(a2), tuple(b2), rel))
+    cands.append(caption_of(a, b, FLIP[rel]))
+    out = []
+    for c in cands:
+        if c != true and c not in out:
+            out.append(c)
+    return out[:MAX_NEGATIVES]
+
+
+def _mask(shape_idx: int, cx: float, cy: float, r: float, n: int) -> np.ndarray:
+    """Boolean [n, n] mask of a shape of radius r centred at (cx, cy)."""
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
+    dx, dy = xx - cx, yy - cy
+    if shape_idx == 0:  # circle
+        return dx * dx + dy * dy <= r * r
+    if shape_idx == 1:  # square (a bit smaller so its area is close to the circle's)
+        h = 0.85 * r
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if shape_idx == 2:  # upward triangle filling the box
+        t = (dy + r) / (2 * r)  # 0 at the apex, 1 at the base
+        return (t >= 0) & (t <= 1) & (np.abs(dx) <= r * t)
+    w = r / 3.0  # cross
+    return ((np.abs(dx) <= w) & (np.abs(dy) <= r)) | ((np.abs(dy) <= w) & (np.abs(dx) <= r))
+
+
+def _place(rng, r1: float, r2: float, n: int):
+    """Centres of two objects: disjoint boxes, one axis clearly dominant."""
+    for _ in range(200):
+        c1 = rng.uniform(r1, n - r1, size=2)
+        c2 = rng.uniform(r2, n - r2, size=2)
+        d = np.abs(c2 - c1)
+        gap = r1 + r2 + 1.0
+        if max(d) >= gap and max(d) >= 2.0 * min(d):
+            return c1, c2
+    # Fallback: side by side on a horizontal line (always fits for the default sizes).
+    y = n / 2.0
+    return np.array([r1 + 0.5, y]), np.array([n - r2 - 0.5, y])
+
+
+def generate(rng: np.random.Generator, image_size: int = 32) -> dict:
+    """One scene: {'image': uint8 [S, S, 3], 'objects': [(c, s, z, cx, cy)] * 2,
+    'caption': str, 'hard_negatives': list[str], 'label': int, 'relation': str}.
+
+    `objects` are in canonical order and `relation` is from objects[0]'s point of view.
+    """
+    n = image_size
+    while True:
+        attrs = [(int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES))),
+                  int(rng.integers(len(SIZES)))) for _ in range(2)]
+        if attrs[0] != attrs[1]:
+            break
+    radii = [SIZE_FRAC[a[2]] * n / 2.0 for a in attrs]
+    c1, c2 = _place(rng, radii[0], radii[1], n)
+    bg = np.array([18, 18, 28], np.float32) + rng.uniform(-6, 6, size=3).astype(np.float32)
+    img = np.broadcast_to(bg, (n, n, 3)).copy()
+    for a, r, c in zip(attrs, radii, (c1, c2)):
+        img[_mask(a[1], c[0], c[1], r, n)] = COLOUR_RGB[a[0]]
+    img += rng.normal(0.0, 6.0, size=img.shape).astype(np.float32)
+    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    a = attrs[0] + (float(c1[0]), float(c1[1]))
+    b = attrs[1] + (float(c2[0]), float(c2[1]))
+    rel = relation_of(c1, c2)
+    a, b, rel = canonical(a, b, rel)
+    return {
+        "image": img,
+        "objects": [a, b],
+        "caption": caption_of(a, b, rel),
+        "hard_negatives": hard_negatives(a, b, rel),
+        "label": a[0] * len(SHAPES) + a[1],
+        "relation": rel,
+    }
+
+
+def example(seed: int, split: str, index: int, image_size: int = 32) -> dict:
+    """Example `index` of `split`, from default_rng([seed, split_index, index])."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    return generate(rng, image_size)

@@ -1,0 +1,97 @@
+"""SentencePiece tokenizer: training from captions, encoding to fixed-length ids.
+
+No TensorFlow import here. Ids: pad=0, unk=1, bos=2, eos=3, <mask>=4, <cls>=5.
+Captions are lower-cased before training and encoding.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Iterable
+
+import numpy as np
+import sentencepiece as spm
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "tokenizer.model"
+
+
+def _get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    try:
+        v = cfg.get(key, default)
+    except AttributeError:
+        v = getattr(cfg, key, default)
+    return default if v is None else v
+
+
+def train_tokenizer(captions: Iterable[str], out_dir: str, vocab_size: int,
+                    model_type: str = "bpe") -> str:
+    """Train a sentencepiece model on `captions`; returns `out_dir/tokenizer.model`."""
+    os.makedirs(out_dir, exist_ok=True)
+    sents = [c.lower() for c in captions if c and c.strip()]
+    if not sents:
+        raise ValueError("train_tokenizer: no captions to train on")
+    prefix = os.path.join(out_dir, MODEL_NAME[: -len(".model")])
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sents), model_prefix=prefix, vocab_size=int(vocab_size),
+        model_type=model_type, hard_vocab_limit=False, character_coverage=1.0,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=["<mask>", "<cls>"],
+        num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
+        minloglevel=2)
+    return prefix + ".model"
+
+
+class Tokenizer:
+    """Loaded sentencepiece model. `encode(texts, L) -> int32 [N, L]` as
+    `bos tokens... eos pad...` (tokens truncated so bos and eos always fit)."""
+
+    def __init__(self, model_path: str):
+        self.model_path = str(model_path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        self.pad_id = self.sp.pad_id()
+        self.unk_id = self.sp.unk_id()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.mask_id = self.sp.piece_to_id("<mask>")
+        self.cls_id = self.sp.piece_to_id("<cls>")
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, texts: list[str], max_len: int) -> np.ndarray:
+        """list of N str -> int32 [N, max_len] (max_len >= 2)."""
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+        out = np.full((len(texts), max_len), self.pad_id, np.int32)
+        if not texts:
+            return out
+        for i, ids in enumerate(self.sp.encode([t.lower() for t in texts])):
+            ids = [self.bos_id] + ids[: max_len - 2] + [self.eos_id]
+            out[i, : len(ids)] = ids
+        return out
+
+    def decode(self, ids) -> str:
+        """int ids [L] -> str, dropping pad/bos/eos/cls/mask."""
+        special = {self.pad_id, self.bos_id, self.eos_id, self.cls_id, self.mask_id}
+        return self.sp.decode([int(i) for i in np.asarray(ids).reshape(-1)
+                               if int(i) not in special])
+
+
+def get_tokenizer(tok_config, workdir: str | None,
+                  captions_fn: Callable[[], Iterable[str]]) -> Tokenizer:
+    """`tok_config.path` if set; else reuse `workdir/tokenizer.model`; else train it there
+    on `captions_fn()` with `tok_config.vocab_size` (default 8000)."""
+    path = _get(tok_config, "path")
+    if path:
+        path = os.path.expanduser(str(path))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        return Tokenizer(path)
+    if workdir is None:
+        raise ValueError("get_tokenizer: need tok_config.path or a workdir")
+    path = os.path.join(workdir, MODEL_NAME)
+    if os.path.exists(path):
+        log.info("reusing tokenizer %s", path)
+        return Tokenizer(path)
+    vocab = int(_get(tok_config, "vocab_size", 8000))
+    log.info("training a %d-piece tokenizer into %s", vocab, path)
+    return Tokenizer(train_tokenizer(captions_fn(), workdir, vocab))

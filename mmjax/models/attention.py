@@ -1,0 +1,96 @@
+"""Multi-head attention and boolean attention masks.
+
+Masks are boolean, True = may attend, with shape [B, 1|Hh, Lq, Lk] (Hh heads),
+the layout `jax.nn.dot_product_attention` broadcasts.
+Shape letters: B batch, L length (Lq queries, Lk keys), D width, Hh heads,
+Dh head width (D / Hh).
+"""
+from typing import Any, Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def padding_mask(valid_BxL):
+  """`valid: [B, L] bool` (True = real token) -> key mask [B, 1, 1, L]."""
+  chex.assert_rank(valid_BxL, 2)
+  return valid_BxL.astype(bool)[:, None, None, :]
+
+
+def causal_mask(length):
+  """[1, 1, L, L] bool, True where key position <= query position."""
+  idx = jnp.arange(length)
+  return (idx[None, :] <= idx[:, None])[None, None]
+
+
+def combine_masks(*masks):
+  """Logical AND of masks that broadcast to [B, Hh, Lq, Lk]; None entries skipped.
+
+  Returns None if every mask is None.
+  """
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  for m in masks:
+    chex.assert_rank(m, 4)
+  out = masks[0].astype(bool)
+  for m in masks[1:]:
+    out = jnp.logical_and(out, m.astype(bool))
+  return out
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention.
+
+  `__call__(x: [B, Lq, D], inputs_kv: [B, Lk, Dkv] | None, mask: [B,1|Hh,Lq,Lk] bool)
+  -> [B, Lq, D]`. With `inputs_kv=None` it is self-attention; `fused_qkv=True`
+  then uses one Dense for q, k, v (OpenAI CLIP's `in_proj`). Cross-attention
+  (inputs_kv given) always uses separate q / k / v projections.
+
+  A query row whose mask is all False attends nowhere; its output is set to 0
+  (rather than XLA's uniform average over masked keys), so it is finite and
+  independent of the masked keys.
+  """
+  num_heads: int
+  fused_qkv: bool = True
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLqxD, inputs_kv=None, mask=None):
+    chex.assert_rank(x_BxLqxD, 3)
+    width = x_BxLqxD.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by heads {self.num_heads}.")
+    head_dim = width // self.num_heads
+    dense = lambda feats, name: nn.DenseGeneral(
+        feats, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+    hd = (self.num_heads, head_dim)
+    if inputs_kv is None and self.fused_qkv:
+      qkv_BxLx3xHhxDh = dense((3,) + hd, "qkv")(x_BxLqxD)
+      q, k, v = (qkv_BxLx3xHhxDh[:, :, i] for i in range(3))
+    else:
+      kv_in = x_BxLqxD if inputs_kv is None else inputs_kv
+      chex.assert_rank(kv_in, 3)
+      q = dense(hd, "query")(x_BxLqxD)
+      k = dense(hd, "key")(kv_in)
+      v = dense(hd, "value")(kv_in)
+    if mask is not None:
+      chex.assert_rank(mask, 4)
+      mask = mask.astype(bool)
+    out_BxLqxHhxDh = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if mask is not None:
+      # [B, 1|Hh, Lq, 1] -> [B, Lq, 1|Hh, 1], zero rows with nothing to attend.
+      any_BxHxLqx1 = jnp.any(mask, axis=-1, keepdims=True)
+      any_BxLqxHx1 = jnp.swapaxes(any_BxHxLqx1, 1, 2)
+      out_BxLqxHhxDh = jnp.where(any_BxLqxHx1, out_BxLqxHhxDh, 0)
+    out_BxLqxD = nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias,
+                                 dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name="out")(out_BxLqxHhxDh)
+    return out_BxLqxD

@@ -1,0 +1,73 @@
+"""ViT image encoder.
+
+Shape letters: B batch, H/W image size, C channels, N patches, T tokens
+(N + 1 with a [CLS] token, N without), D width.
+"""
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.embed import PatchEmbed
+from mmjax.models.transformer import Encoder
+
+Dtype = Any
+
+
+class ViT(nn.Module):
+  """Patches + [CLS] (pool='cls' only) + learned positions + Encoder + final LN.
+
+  `__call__(images: [B, H, W, C] float32) -> (pooled: [B, D], aux)` with
+  aux['tokens']: [B, T, D] (after the final LN), aux['patch_grid']: (H/P, W/P),
+  and aux['encoder'] the per-block outputs.
+  pool='cls' takes the [CLS] token; pool='gap' averages the patch tokens (no
+  [CLS] token is then added). `pre_norm` adds OpenAI CLIP's `ln_pre` after the
+  position embedding; `patch_bias=False` matches OpenAI CLIP's bias-free conv.
+  """
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  pool: str = "cls"
+  patch_bias: bool = True
+  pre_norm: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images_BxHxWxC):
+    chex.assert_rank(images_BxHxWxC, 4)
+    if self.pool not in ("cls", "gap"):
+      raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, h, w, _ = images_BxHxWxC.shape
+    x_BxNxD = PatchEmbed(self.patch_size, self.width, use_bias=self.patch_bias,
+                         name="patch_embed", **kw)(images_BxHxWxC)
+    if self.pool == "cls":
+      cls_1x1xD = self.param("cls", nn.initializers.zeros, (1, 1, self.width),
+                             self.param_dtype)
+      cls_Bx1xD = jnp.broadcast_to(jnp.asarray(cls_1x1xD, self.dtype),
+                                   (b, 1, self.width))
+      x_BxTxD = jnp.concatenate([cls_Bx1xD, x_BxNxD.astype(self.dtype)], axis=1)
+    else:
+      x_BxTxD = x_BxNxD
+    t = x_BxTxD.shape[1]
+    pos_1xTxD = self.param("pos_embedding", nn.initializers.normal(0.02),
+                           (1, t, self.width), self.param_dtype)
+    x_BxTxD = x_BxTxD + jnp.asarray(pos_1xTxD, self.dtype)
+    if self.pre_norm:
+      x_BxTxD = nn.LayerNorm(name="ln_pre", **kw)(x_BxTxD)
+    x_BxTxD, enc_aux = Encoder(self.depth, self.num_heads, self.mlp_dim,
+                               final_norm=True, remat=self.remat,
+                               name="encoder", **kw)(x_BxTxD)
+    if self.pool == "cls":
+      pooled_BxD = x_BxTxD[:, 0]
+    else:
+      pooled_BxD = jnp.mean(x_BxTxD, axis=1)
+    chex.assert_shape(pooled_BxD, (b, self.width))
+    aux = dict(tokens=x_BxTxD, patch_grid=(h // self.patch_size, w // self.patch_size),
+               encoder=enc_aux, pooled=pooled_BxD)
+    return pooled_BxD, aux

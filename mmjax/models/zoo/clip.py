@@ -1,0 +1,167 @@
+"""CLIP / SigLIP dual encoder and its family object (objective, eval encoders).
+
+Shape letters: B batch, H/W image size, L text length, E embed dim.
+
+Architecture follows OpenAI CLIP so that 'B/16' + text 'B' (224px, 77 tokens,
+vocab 49408, embed 512) has exactly OpenAI's 149,620,737 parameters: bias-free
+patch conv, [CLS] token, `ln_pre` before the image encoder, bias-free
+projections, and one logit scale `t`. The sigmoid loss adds the scalar bias `b`.
+"""
+import functools
+import math
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.text import TextEncoder
+from mmjax.models.variants import parse_variant
+from mmjax.models.vit import ViT
+from mmjax.objectives import identity, itc_loss, sigmoid_loss
+
+Dtype = Any
+LOSSES = ("softmax", "sigmoid")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def l2_normalize(x, eps=1e-6):
+  """Row-wise L2 normalisation in float32: [..., E] -> [..., E] float32."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps * eps)
+
+
+class CLIP(nn.Module):
+  """Image tower (ViT) + text tower (causal) + bias-free projections to E.
+
+  `__call__(image: [B, H, W, 3] float32, text: [B, L] int32)
+   -> (img_emb: [B, E] float32, txt_emb: [B, E] float32, aux)`, both
+  L2-normalised. aux: {'image': ViT aux, 'text': text aux}. Params `t`
+  (log logit scale) and, for loss='sigmoid', `b` (logit bias) are created at
+  init by `__call__`.
+  """
+  image: Any            # parse_variant(..., kind='image') dict, frozen by flax
+  text: Any             # parse_variant(..., kind='text') dict
+  embed_dim: int
+  vocab_size: int
+  text_len: int
+  loss: str = "softmax"
+  pool: str = "cls"
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.loss not in LOSSES:
+      raise ValueError(f"model_config.loss must be one of {LOSSES}, got {self.loss!r}.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    im, tx = self.image, self.text
+    self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"],
+                           im["mlp_dim"], pool=self.pool, patch_bias=False,
+                           pre_norm=True, remat=self.remat, **kw)
+    self.text_tower = TextEncoder(self.vocab_size, self.text_len, tx["width"],
+                                  tx["depth"], tx["heads"], tx["mlp_dim"],
+                                  remat=self.remat, **kw)
+    proj = lambda name: nn.Dense(self.embed_dim, use_bias=False, name=name, **kw)
+    self.image_proj = proj("image_proj")
+    self.text_proj = proj("text_proj")
+    init_t = math.log(1 / 0.07) if self.loss == "softmax" else math.log(10.0)
+    self.t = self.param("t", nn.initializers.constant(init_t), (), jnp.float32)
+    if self.loss == "sigmoid":
+      self.b = self.param("b", nn.initializers.constant(-10.0), (), jnp.float32)
+
+  def encode_image(self, image_BxHxWx3):
+    """[B, H, W, 3] float32 -> (emb [B, E] float32, L2-normalised; aux)."""
+    chex.assert_rank(image_BxHxWx3, 4)
+    pooled, aux = self.image_tower(image_BxHxWx3)
+    emb_BxE = l2_normalize(self.image_proj(pooled))
+    return emb_BxE, aux
+
+  def encode_text(self, text_BxL):
+    """[B, L] int32 -> (emb [B, E] float32, L2-normalised; aux)."""
+    chex.assert_rank(text_BxL, 2)
+    pooled, aux = self.text_tower(text_BxL)
+    emb_BxE = l2_normalize(self.text_proj(pooled))
+    return emb_BxE, aux
+
+  def __call__(self, image, text):
+    img_BxE, img_aux = self.encode_image(image)
+    txt_BxE, txt_aux = self.encode_text(text)
+    chex.assert_equal_shape([img_BxE, txt_BxE])
+    return img_BxE, txt_BxE, dict(image=img_aux, text=txt_aux)
+
+
+class ClipFamily:
+  """CLIP / SigLIP for the generic train step and evaluation.
+
+  `model_config` fields: family, image ('mu/8'), text ('mu'), image_overrides,
+  text_overrides, embed_dim, image_size, text_len, vocab_size, loss
+  ('softmax'|'sigmoid'), pool ('cls'|'gap'), dtype ('float32'|'bfloat16'),
+  optional remat (bool), max_logit_scale (float, softmax only, default 100).
+  """
+
+  def __init__(self, model_config):
+    cfg = model_config
+    dtype_name = cfg.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+      raise ValueError(f"model_config.dtype must be one of {list(DTYPES)}, "
+                       f"got {dtype_name!r}.")
+    loss = cfg.get("loss", "softmax")
+    if loss not in LOSSES:
+      raise ValueError(f"model_config.loss must be one of {LOSSES}, got {loss!r}.")
+    self.config = cfg
+    self.loss = loss
+    self.max_logit_scale = float(cfg.get("max_logit_scale", 100.0))
+    self.image_size = int(cfg.get("image_size", 224))
+    self.text_len = int(cfg.get("text_len", 77))
+    self.model = CLIP(
+        image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
+        text=parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text"),
+        embed_dim=int(cfg.embed_dim), vocab_size=int(cfg.vocab_size),
+        text_len=self.text_len, loss=loss, pool=cfg.get("pool", "cls"),
+        remat=bool(cfg.get("remat", False)), dtype=DTYPES[dtype_name])
+
+  def init_params(self, rng, image_shape=None, text_shape=None):
+    """Params from dummy zeros; shapes are static tuples (eval_shape-friendly).
+
+    image_shape: (B, H, W, 3), default (1, image_size, image_size, 3);
+    text_shape: (B, L), default (1, text_len).
+    """
+    image_shape = tuple(image_shape or (1, self.image_size, self.image_size, 3))
+    text_shape = tuple(text_shape or (1, self.text_len))
+    image = jnp.zeros(image_shape, jnp.float32)
+    text = jnp.zeros(text_shape, jnp.int32)
+    return self.model.init(rng, image, text)["params"]
+
+  def embed(self, params, batch, rng=None):
+    """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}."""
+    del rng  # No dropout / stochastic depth yet.
+    img, txt, _ = self.model.apply({"params": params}, batch["image"], batch["text"])
+    return {"img": img, "txt": txt}
+
+  def loss_from_embeddings(self, params, emb, *, gather=identity):
+    """(loss, metrics) from {'img','txt': [b, E]}; see mmjax.objectives for gather."""
+    if self.loss == "softmax":
+      return itc_loss(emb["img"], emb["txt"], params["t"], gather=gather,
+                      max_scale=self.max_logit_scale)
+    return sigmoid_loss(emb["img"], emb["txt"], params["t"], params["b"],
+                        gather=gather)
+
+  def objective(self, params, batch, rng=None, *, teacher=None, queues=None,
+                gather=identity):
+    """-> (loss, metrics, updates); CLIP has no teacher or queues, updates = {}."""
+    del teacher, queues
+    loss, metrics = self.loss_from_embeddings(params, self.embed(params, batch, rng),
+                                              gather=gather)
+    return loss, metrics, {}
+
+  def encode_image(self, params, image):
+    """[B, H, W, 3] float32 -> [B, E] float32, L2-normalised."""
+    return self.model.apply({"params": params}, image,
+                            method=self.model.encode_image)[0]
+
+  def encode_text(self, params, text):
+    """[B, L] int32 -> [B, E] float32, L2-normalised."""
+    return self.model.apply({"params": params}, text,
+                            method=self.model.encode_text)[0]

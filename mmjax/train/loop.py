@@ -1,0 +1,166 @@
+"""The training loop: batches -> step -> metrics, progress, checkpoints, evals."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from mmjax import checkpoint as ckpt_lib
+from mmjax.models import zoo
+from mmjax.parallel import mesh as mesh_lib
+from mmjax.train import metrics as metrics_lib
+from mmjax.train import optim, step as step_lib
+
+
+class Setup:
+    """Everything a run (train or eval) needs, built from a config and a workdir."""
+
+    def __init__(self, config, workdir: str):
+        from mmjax.data import pipeline, tokenizer as tok_lib
+
+        self.config, self.workdir = config, workdir
+        os.makedirs(workdir, exist_ok=True)
+        data = config.data
+        self.tokenizer = tok_lib.get_tokenizer(
+            data.tokenizer, workdir, lambda: pipeline.captions(data, data.train_split)
+        )
+        with config.unlocked():
+            config.model.vocab_size = int(self.tokenizer.vocab_size)
+            config.model.image_size = int(data.image_size)
+            config.model.text_len = int(data.text_len)
+        self.family = zoo.build(config.model)
+        self.mesh = mesh_lib.make_mesh(config.parallel.get("mesh"))
+        self.schedule = optim.learning_rate_schedule(config.train)
+        self.optimizer = optim.make_optimizer(config.train)
+        self.image_shape = (1, data.image_size, data.image_size, 3)
+        self.text_shape = (1, data.text_len)
+        init = lambda rng: step_lib.init_state(self.family, self.optimizer, rng, self.image_shape, self.text_shape)
+        self._init = init
+        self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+        # Data parallel: every leaf of the state replicated over the mesh.
+        self.state_sharding = jax.tree_util.tree_map(lambda _: mesh_lib.replicated(self.mesh), self.abstract_state)
+        self.checkpointer = ckpt_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints),
+            async_save=bool(config.train.get("async_checkpoints", True)),
+        )
+
+    def fresh_state(self):
+        init = jax.jit(self._init, out_shardings=self.state_sharding)
+        return init(jax.random.PRNGKey(int(self.config.seed)))
+
+    def restore(self):
+        """(state, meta) from the latest checkpoint, or None."""
+        target = ckpt_lib.abstract_with_shardings(self.abstract_state, self.state_sharding)
+        return self.checkpointer.restore(target)
+
+    def evaluator(self, split=None):
+        from mmjax.eval.run import Evaluator
+
+        ev = self.config.eval
+        return Evaluator(
+            self.family, self.config.data, self.tokenizer, self.mesh,
+            split=split or self.config.data.eval_split, batch_size=int(ev.batch_size),
+            max_examples=ev.get("max_examples"),
+        )
+
+
+def _format(metrics: dict, keys) -> str:
+    return " ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
+
+
+def train(config, workdir: str, *, progress: bool = True) -> dict:
+    """Trains (or resumes) in `workdir`; returns the final eval metrics."""
+    from mmjax.data import pipeline
+
+    setup = Setup(config, workdir)
+    ckpt_lib.save_config_json(config, workdir)
+    tc = config.train
+    restored = setup.restore()
+    if restored is None:
+        state, data_position = setup.fresh_state(), 0
+    else:
+        state, meta = restored
+        data_position = int(meta["data_position"])
+        logging.info("resuming at step %d (data position %d)", int(state.step), data_position)
+    start_step = int(jax.device_get(state.step))
+    total = int(tc.steps)
+
+    n_proc = jax.process_count()
+    n_dev = setup.mesh.devices.size
+    if tc.batch_size % n_dev or (tc.batch_size // tc.accum_steps) % n_dev:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} (micro-batch {tc.batch_size // tc.accum_steps}) "
+            f"must divide evenly over {n_dev} devices"
+        )
+    local_batch = tc.batch_size // n_proc
+    train_iter = pipeline.make_train_iterator(
+        config.data, setup.tokenizer, local_batch, seed=int(config.seed), start_batch=data_position,
+        process_index=jax.process_index(), process_count=n_proc,
+    )
+    metric_shard = mesh_lib.replicated(setup.mesh)
+    batch_shard = mesh_lib.batch_sharding(setup.mesh)
+    train_step = step_lib.compile_step(
+        step_lib.make_train_step(setup.family, setup.optimizer, setup.schedule, accum_steps=int(tc.accum_steps)),
+        setup.state_sharding, batch_shard, metric_shard,
+    )
+    evaluator = setup.evaluator() if config.eval.every or config.eval.at_end else None
+    writer = metrics_lib.MetricWriter(workdir)
+    last_eval: dict = {}
+
+    def run_eval(step):
+        nonlocal last_eval
+        t0 = time.time()
+        last_eval = evaluator(state.params)
+        last_eval["eval_seconds"] = time.time() - t0
+        writer.write(step, "eval", last_eval)
+        tqdm.write(f"[eval step {step}] " + _format(last_eval, ("i2t_r@1", "i2t_r@5", "t2i_r@1", "binding_acc", "zero_shot_top1", "i2t_chance@1")))
+
+    bar = tqdm(total=total, initial=start_step, disable=not progress or jax.process_index() != 0,
+               desc="train", unit="step", dynamic_ncols=True)
+    t_last, n_since = time.time(), 0
+    step = start_step
+    for step in range(start_step, total):
+        batch = next(train_iter)
+        batch = {k: batch[k] for k in ("image", "text")}
+        state, m = train_step(state, mesh_lib.global_batch(setup.mesh, batch))
+        data_position += 1
+        n_since += 1
+        done = step + 1
+        if done % int(tc.log_every) == 0 or done == total:
+            m = jax.device_get(m)
+            dt = time.time() - t_last
+            sps = n_since * tc.batch_size / max(dt, 1e-9)
+            m["samples_per_s"] = sps
+            m["samples_per_s_per_device"] = sps / setup.mesh.devices.size
+            skipped = getattr(train_iter, "skipped", 0)
+            if skipped:
+                m["skipped_records"] = skipped
+            writer.write(done, "train", m)
+            bar.set_postfix_str(f"loss={float(m['loss']):.4f} {sps:.0f} samples/s")
+            t_last, n_since = time.time(), 0
+        bar.update(1)
+        if tc.ckpt_every and done % int(tc.ckpt_every) == 0 and done != total:
+            setup.checkpointer.save(done, state, {"data_position": data_position})
+        if config.eval.every and done % int(config.eval.every) == 0 and done != total:
+            run_eval(done)
+    bar.close()
+    if total > start_step or setup.checkpointer.latest_step() is None:
+        setup.checkpointer.save(total, state, {"data_position": data_position})
+    if evaluator is not None and config.eval.at_end:
+        run_eval(total)
+    setup.checkpointer.close()
+    writer.close()
+    plot_path = metrics_lib.plot(workdir)
+    skipped = getattr(train_iter, "skipped", 0)
+    if skipped:
+        logging.warning("skipped %d unreadable records during training", skipped)
+    result = dict(last_eval)
+    result["step"] = total
+    result["plot"] = plot_path
+    result["final_state"] = state
+    return result

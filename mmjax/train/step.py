@@ -1,0 +1,126 @@
+"""One train step for every family: `state, batch -> state, metrics`.
+
+The family supplies the objective; this file supplies gradients, gradient
+accumulation, the optimizer update, and the jit with shardings. No config is
+captured inside the compiled function beyond the static choices passed here.
+
+Gradient accumulation is GradCache-style for contrastive families: a naive
+per-micro-batch loss would only see the micro-batch's negatives and change the
+objective. Instead every micro-batch is embedded without gradients, the loss and
+its gradient with respect to the embeddings are taken over the full batch, and
+each micro-batch is then back-propagated through its towers with its slice of
+those embedding gradients. The result equals the full-batch gradient.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmjax.parallel.mesh import identity_gather
+from mmjax.train.state import TrainState
+
+
+def _split_micro(tree, accum: int):
+    """[B, ...] -> [accum, B // accum, ...], micro-batch j = rows j, j+accum, ...
+
+    Rows are interleaved (not contiguous blocks) so that with the batch sharded
+    over devices every micro-batch keeps rows on every device.
+    """
+
+    def split(x):
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(b // accum, accum, *x.shape[1:]), 0, 1)
+
+    return jax.tree_util.tree_map(split, tree)
+
+
+def _merge_micro(tree):
+    """Inverse of `_split_micro`: [accum, b, ...] -> [accum * b, ...]."""
+
+    def merge(x):
+        y = jnp.swapaxes(x, 0, 1)
+        return y.reshape(y.shape[0] * y.shape[1], *y.shape[2:])
+
+    return jax.tree_util.tree_map(merge, tree)
+
+
+def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: Callable = identity_gather):
+    """Returns `(loss, metrics), grads` over the whole batch."""
+    if accum_steps == 1:
+
+        def objective(p):
+            loss, metrics, _ = family.objective(p, batch, rng, gather=gather)
+            return loss, metrics
+
+        return jax.value_and_grad(objective, has_aux=True)(params)
+
+    micro = _split_micro(batch, accum_steps)
+    rngs = jax.random.split(rng, accum_steps)
+    # Pass 1: embeddings of every micro-batch, no gradients kept.
+    emb = jax.lax.map(lambda a: family.embed(params, a[0], a[1]), (micro, rngs))
+    emb = _merge_micro(emb)
+    # The loss over the full batch, and its gradient wrt params (temperature, bias)
+    # and wrt the embeddings.
+    (loss, metrics), (g_params, g_emb) = jax.value_and_grad(
+        lambda p, e: family.loss_from_embeddings(p, e, gather=gather), argnums=(0, 1), has_aux=True
+    )(params, emb)
+    g_emb = _split_micro(g_emb, accum_steps)
+
+    # Pass 2: back-propagate each micro-batch through its towers.
+    def body(g_acc, args):
+        mb, r, ge = args
+        _, vjp = jax.vjp(lambda p: family.embed(p, mb, r), params)
+        (g,) = vjp(ge)
+        return jax.tree_util.tree_map(jnp.add, g_acc, g), None
+
+    grads, _ = jax.lax.scan(body, g_params, (micro, rngs, g_emb))
+    return (loss, metrics), grads
+
+
+def make_train_step(family, optimizer: optax.GradientTransformation, schedule=None, *, accum_steps: int = 1,
+                    gather: Callable = identity_gather):
+    """Builds the pure step function (not yet compiled)."""
+
+    def train_step(state: TrainState, batch: dict):
+        rng, step_rng = jax.random.split(state.rng)
+        (loss, metrics), grads = loss_and_grads(
+            family, state.params, batch, step_rng, accum_steps=accum_steps, gather=gather
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics)
+        metrics["loss"] = loss
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+    return train_step
+
+
+def init_state(family, optimizer, rng, image_shape, text_shape) -> TrainState:
+    """The initial state; call under `jax.jit(..., out_shardings=...)` so it is born sharded."""
+    init_rng, state_rng = jax.random.split(rng)
+    params = family.init_params(init_rng, image_shape, text_shape)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ema_params=None,
+        queues=None,
+        rng=state_rng,
+    )
+
+
+def compile_step(train_step, state_sharding, batch_sharding, metrics_sharding):
+    """jit with shardings and the state donated (its buffers are reused in place)."""
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, metrics_sharding),
+        donate_argnums=(0,),
+    )
