@@ -73,8 +73,12 @@ def _format(metrics: dict, keys) -> str:
     return " ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
 
 
-def train(config, workdir: str, *, progress: bool = True) -> dict:
-    """Trains (or resumes) in `workdir`; returns the final eval metrics."""
+def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Trains (or resumes) in `workdir`; returns the final eval metrics.
+
+    `stop_at`: leave after that many steps with a checkpoint, as a preempted job
+    would (the schedule still runs to `train.steps`); a later call resumes.
+    """
     from mmjax.data import pipeline
 
     setup = Setup(config, workdir)
@@ -124,7 +128,8 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
                desc="train", unit="step", dynamic_ncols=True)
     t_last, n_since = time.time(), 0
     step = start_step
-    for step in range(start_step, total):
+    end = total if stop_at is None else min(total, int(stop_at))
+    for step in range(start_step, end):
         batch = next(train_iter)
         batch = {k: batch[k] for k in ("image", "text")}
         state, m = train_step(state, mesh_lib.global_batch(setup.mesh, batch))
@@ -144,14 +149,14 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
             bar.set_postfix_str(f"loss={float(m['loss']):.4f} {sps:.0f} samples/s")
             t_last, n_since = time.time(), 0
         bar.update(1)
-        if tc.ckpt_every and done % int(tc.ckpt_every) == 0 and done != total:
+        if tc.ckpt_every and done % int(tc.ckpt_every) == 0 and done != end:
             setup.checkpointer.save(done, state, {"data_position": data_position})
         if config.eval.every and done % int(config.eval.every) == 0 and done != total:
             run_eval(done)
     bar.close()
-    if total > start_step or setup.checkpointer.latest_step() is None:
-        setup.checkpointer.save(total, state, {"data_position": data_position})
-    if evaluator is not None and config.eval.at_end:
+    if end > start_step or setup.checkpointer.latest_step() is None:
+        setup.checkpointer.save(end, state, {"data_position": data_position})
+    if evaluator is not None and config.eval.at_end and end == total:
         run_eval(total)
     setup.checkpointer.close()
     writer.close()
@@ -160,7 +165,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
     if skipped:
         logging.warning("skipped %d unreadable records during training", skipped)
     result = dict(last_eval)
-    result["step"] = total
+    result["step"] = end
     result["plot"] = plot_path
     result["final_state"] = state
     return result

@@ -1,0 +1,412 @@
+"""tf.data input pipeline, one per process. TensorFlow is imported lazily, in functions.
+
+Records (`load_records`) are dicts of still-encoded images ('image' bytes, or
+'image_path' for user lists), 'caption' (string), 'id' (int64) and, where the dataset
+has them, 'label' (int64) and 'hard_negatives' (string [n]). The iterators decode,
+augment and batch in tf.data and tokenize in python (deterministic), yielding dicts of
+numpy arrays; see docs/architecture.md for the batch contract.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from mmjax.data import files as files_lib
+from mmjax.data import shapes_gen
+
+log = logging.getLogger(__name__)
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_DATA_DIR = "~/.cache/mmjax/tensorflow_datasets"
+MAX_NEGATIVES = shapes_gen.MAX_NEGATIVES
+
+
+def _get(cfg, dotted: str, default=None):
+    """cfg['a']['b'] for 'a.b' on a ConfigDict or a plain dict; default if absent/None."""
+    for part in dotted.split("."):
+        if cfg is None:
+            return default
+        try:
+            cfg = cfg[part]
+        except (KeyError, AttributeError, TypeError, IndexError):
+            return default
+    return default if cfg is None else cfg
+
+
+def data_dir(cfg) -> str:
+    d = _get(cfg, "data_dir") or os.environ.get("MMJAX_DATA_DIR", DEFAULT_DATA_DIR)
+    return os.path.expanduser(str(d))
+
+
+def _builder(cfg):
+    """Prepared TFDS builder for the locally generated datasets (shapes, emoji)."""
+    name = _get(cfg, "name")
+    if name == "shapes":
+        from mmjax.data.shapes import MmjaxShapes, make_config
+        c = make_config(**{k: _get(cfg, "shapes." + k, d) for k, d in (
+            ("image_size", 32), ("num_train", 20000), ("num_validation", 1000),
+            ("num_test", 1000), ("seed", 0))})
+        b = MmjaxShapes(config=c, data_dir=data_dir(cfg))
+    elif name == "emoji":
+        from mmjax.data.emoji_ds import MmjaxEmoji
+        b = MmjaxEmoji(data_dir=data_dir(cfg))
+    else:
+        raise ValueError(f"not a local dataset: {name!r}")
+    if not b.is_prepared():
+        log.info("generating %s into %s", name, data_dir(cfg))
+        b.download_and_prepare()
+    return b
+
+
+def _catalog_builder(cfg):
+    import tensorflow_datasets as tfds
+    name, dd = _get(cfg, "name"), data_dir(cfg)
+    try:
+        b = tfds.builder(name, data_dir=dd)
+        ok = b.is_prepared()
+    except Exception as e:  # unknown name, bad config, ...
+        raise FileNotFoundError(f"dataset {name!r} not available in data_dir={dd}: {e}")
+    if not ok:
+        raise FileNotFoundError(
+            f"dataset {name!r} is not prepared in data_dir={dd} (mmjax does not download "
+            f"catalog datasets; prepare it with tfds first or set data.data_dir)")
+    return b
+
+
+def _files_rows(cfg, split):
+    path = _get(cfg, "path")
+    if not path:
+        raise ValueError("data.name='files' needs data.path (a CSV or JSONL list)")
+    rows, missing = files_lib.read_list(path)
+    names = files_lib.label_names(rows)
+    return files_lib.split_rows(rows, split, float(_get(cfg, "eval_fraction", 0.0))), \
+        missing, names
+
+
+def load_records(data_config, split: str):
+    """tf.data.Dataset of undecoded records of `split` (see module docstring)."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    name = _get(data_config, "name")
+    if name == "files":
+        rows, _, names = _files_rows(data_config, split)
+        cols = {"image_path": [r["image_path"] for r in rows],
+                "caption": [r["caption"] for r in rows],
+                "id": np.array([r["id"] for r in rows], np.int64)}
+        if names:
+            idx = {n: i for i, n in enumerate(names)}
+            cols["label"] = np.array([idx.get(r.get("label"), -1) for r in rows], np.int64)
+        if not rows:
+            cols["image_path"] = cols["caption"] = np.zeros([0], object).astype(str)
+        return tf.data.Dataset.from_tensor_slices(cols)
+    b = _builder(data_config) if name in ("shapes", "emoji") else _catalog_builder(data_config)
+    feats = b.info.features
+    ds = b.as_dataset(split=split, shuffle_files=False,
+                      decoders={"image": tfds.decode.SkipDecoding()})
+    label_names_ = _label_names_of(feats)
+
+    def select(r):
+        out = {"image": r["image"]}
+        if "caption" in feats:
+            out["caption"] = r["caption"]
+        elif "text" in feats:
+            out["caption"] = r["text"]
+        elif "captions" in feats:  # e.g. coco_captions: first caption
+            out["caption"] = r["captions"]["text"][0]
+        elif label_names_:
+            out["caption"] = tf.strings.join(
+                ["a photo of a ", tf.gather(tf.constant(label_names_), r["label"])])
+        else:
+            out["caption"] = tf.constant("")
+        if "label" in feats:
+            out["label"] = tf.cast(r["label"], tf.int64)
+        if "hard_negatives" in feats:
+            out["hard_negatives"] = r["hard_negatives"]
+        return out
+
+    if "id" in feats:
+        return ds.map(lambda r: dict(select(r), id=tf.cast(r["id"], tf.int64)))
+    return ds.map(select).enumerate().map(lambda i, r: dict(r, id=i))
+
+
+def _label_names_of(feats):
+    import tensorflow_datasets as tfds
+    f = feats["label"] if "label" in feats else None
+    return list(f.names) if isinstance(f, tfds.features.ClassLabel) else None
+
+
+def label_names(data_config) -> list[str] | None:
+    """Class names for zero-shot prompts (label index = position), or None."""
+    name = _get(data_config, "name")
+    if name == "shapes":
+        return list(shapes_gen.CLASS_NAMES)
+    if name == "emoji":
+        return None
+    if name == "files":
+        return _files_rows(data_config, "all")[2]
+    return _label_names_of(_catalog_builder(data_config).info.features)
+
+
+def num_examples(data_config, split: str) -> int:
+    name = _get(data_config, "name")
+    if name == "files":
+        return len(_files_rows(data_config, split)[0])
+    b = _builder(data_config) if name in ("shapes", "emoji") else _catalog_builder(data_config)
+    return int(b.info.splits[split].num_examples)
+
+
+def captions(data_config, split: str) -> list[str]:
+    """All captions of `split` (for tokenizer training)."""
+    if _get(data_config, "name") == "files":
+        return [r["caption"] for r in _files_rows(data_config, split)[0]]
+    ds = load_records(data_config, split).map(lambda r: r["caption"])
+    return [c.decode("utf-8") for c in ds.as_numpy_iterator()]
+
+
+# ----------------------------------------------------------------------------- decode
+
+def _decode(rec):
+    import tensorflow as tf
+    data = tf.io.read_file(rec["image_path"]) if "image_path" in rec else rec["image"]
+    img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    img.set_shape([None, None, 3])
+    return img
+
+
+def _normalize(img):
+    import tensorflow as tf
+    return (img / 255.0 - tf.constant(MEAN)) / tf.constant(STD)
+
+
+def _train_map(data_config, seed):
+    import tensorflow as tf
+    size = int(_get(data_config, "image_size", 224))
+    scale = tuple(float(x) for x in _get(data_config, "augment.crop_scale", (0.5, 1.0)))
+    ratio = tuple(float(x) for x in _get(data_config, "augment.aspect", (3 / 4, 4 / 3)))
+    flip = bool(_get(data_config, "augment.flip", False))
+
+    def fn(pos, rec):
+        s = tf.random.experimental.stateless_split(
+            tf.stack([tf.constant(seed, tf.int64), pos]), 2)
+        img = _decode(rec)
+        begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(img), bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
+            min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
+            max_attempts=10, use_image_if_no_bounding_boxes=True)
+        img = tf.slice(img, begin, crop)
+        img = tf.image.resize(img, [size, size], antialias=True)
+        if flip:
+            img = tf.image.stateless_random_flip_left_right(img, s[1])
+        out = {"image": _normalize(img), "caption": rec["caption"], "id": rec["id"],
+               "pos": pos}
+        if "label" in rec:
+            out["label"] = tf.cast(rec["label"], tf.int32)
+        return out
+    return fn
+
+
+def _eval_map(data_config):
+    import tensorflow as tf
+    size = int(_get(data_config, "image_size", 224))
+
+    def fn(pos, rec):
+        img = tf.image.resize(_decode(rec), [size, size], antialias=True)
+        out = {"image": _normalize(img), "caption": rec["caption"], "id": rec["id"],
+               "pos": pos}
+        if "label" in rec:
+            out["label"] = tf.cast(rec["label"], tf.int32)
+        if "hard_negatives" in rec:
+            hn = rec["hard_negatives"][:MAX_NEGATIVES]
+            n = tf.shape(hn)[0]
+            out["hard_negatives"] = tf.concat([hn, tf.fill([MAX_NEGATIVES - n], "")], 0)
+            out["hard_negatives_valid"] = tf.range(MAX_NEGATIVES) < n
+        return out
+    return fn
+
+
+def _options(data_config, threads=None):
+    import tensorflow as tf
+    opts = tf.data.Options()
+    opts.deterministic = True
+    if threads:
+        opts.threading.private_threadpool_size = int(threads)
+    return opts
+
+
+def _npc(data_config):
+    import tensorflow as tf
+    n = int(_get(data_config, "num_parallel_calls", -1))
+    return tf.data.AUTOTUNE if n < 0 else n
+
+
+def _initial_skips(data_config, split) -> int:
+    if _get(data_config, "name") == "files":
+        return len(_files_rows(data_config, split)[1])
+    return 0
+
+
+# --------------------------------------------------------------------------- iterators
+
+class BatchIterator:
+    """Python iterator over numpy batches; `.skipped` counts records dropped so far
+    (missing files + undecodable images), `.batch_index` the next batch's index."""
+
+    def __init__(self, ds, finish, *, start_pos=0, skipped=0, total=None, batch_index=0):
+        self._it = ds.as_numpy_iterator()
+        self._finish = finish
+        self._expect = start_pos  # next stream position expected from tf.data
+        self._total = total       # stream length (eval) to count trailing drops
+        self.skipped = skipped
+        self.batch_index = batch_index
+        if skipped:
+            log.warning("data: %d records skipped (missing files)", skipped)
+
+    def __iter__(self):
+        return self
+
+    def _count(self, pos):
+        gaps = int(pos[0] - self._expect) + int(pos[-1] - pos[0] + 1 - len(pos))
+        self._expect = int(pos[-1]) + 1
+        self._add(gaps)
+
+    def _add(self, n):
+        if n > 0:
+            self.skipped += n
+            log.warning("data: skipped %d undecodable records (%d so far)", n, self.skipped)
+
+    def __next__(self):
+        try:
+            b = next(self._it)
+        except StopIteration:
+            if self._total is not None:
+                self._add(self._total - self._expect)
+                self._expect = self._total
+            b = None
+        out = self._finish(b)  # may raise StopIteration
+        if b is not None:
+            self._count(b["pos"])
+        self.batch_index += 1
+        return out
+
+
+def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
+                        start_batch: int = 0, process_index: int = 0,
+                        process_count: int = 1, threads=None) -> BatchIterator:
+    """Infinite iterator of per-process training batches:
+    image float32 [B, S, S, 3], text int32 [B, L], id int64 [B] (+ label int32 [B]).
+
+    Shuffled per epoch from `seed`, augmentation seeded by (seed, stream position).
+    `start_batch=k` yields exactly the batches a fresh iterator yields after k batches
+    (when no record is dropped as undecodable before that point).
+    """
+    import tensorflow as tf
+    split = _get(data_config, "train_split", "train")
+    L = int(_get(data_config, "text_len", 32))
+    ds = load_records(data_config, split).shard(process_count, process_index)
+    ds = ds.shuffle(int(_get(data_config, "shuffle_buffer", 10000)), seed=int(seed),
+                    reshuffle_each_iteration=True).repeat()
+    start = int(start_batch) * int(batch_size)
+    ds = ds.enumerate().skip(start)
+    ds = ds.map(_train_map(data_config, int(seed)), num_parallel_calls=_npc(data_config),
+                deterministic=True).ignore_errors()
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.with_options(_options(data_config, threads))
+
+    def finish(b):
+        if b is None:
+            raise StopIteration
+        out = {"image": b["image"], "id": b["id"].astype(np.int64),
+               "text": tokenizer.encode([c.decode("utf-8") for c in b["caption"]], L)}
+        if "label" in b:
+            out["label"] = b["label"].astype(np.int32)
+        return out
+
+    return BatchIterator(ds, finish, start_pos=start, batch_index=int(start_batch),
+                         skipped=_initial_skips(data_config, split))
+
+
+def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
+                       process_index: int = 0, process_count: int = 1) -> BatchIterator:
+    """One ordered pass over this process's shard of `split`, no augmentation.
+
+    Every process yields the same number of batches, ceil(ceil(N / P) / B), each of
+    fixed shape B; padding rows have `valid` False. Keys: image [B,S,S,3] f32,
+    text [B,L] i32, id [B] i64 (-1 on padding), valid [B] bool, caption [B] object str,
+    and where present label [B] i32, hard_negatives [B,K,L] i32, hard_negatives_valid
+    [B,K] bool (K = 4).
+    """
+    import tensorflow as tf
+    L = int(_get(data_config, "text_len", 32))
+    S = int(_get(data_config, "image_size", 224))
+    n_total = num_examples(data_config, split)
+    n_shard = len(range(process_index, n_total, process_count))
+    num_batches = math.ceil(math.ceil(n_total / process_count) / batch_size)
+    ds = load_records(data_config, split).shard(process_count, process_index).enumerate()
+    ds = ds.map(_eval_map(data_config), num_parallel_calls=_npc(data_config),
+                deterministic=True).ignore_errors()
+    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(
+        _options(data_config))
+    has_label = "label" in ds.element_spec
+    has_neg = "hard_negatives" in ds.element_spec
+    state = {"done": 0}
+    B = batch_size
+
+    def finish(b):
+        if state["done"] >= num_batches:
+            raise StopIteration
+        state["done"] += 1
+        n = 0 if b is None else len(b["id"])
+        out = {"image": np.zeros([B, S, S, 3], np.float32),
+               "text": np.zeros([B, L], np.int32),
+               "id": np.full([B], -1, np.int64),
+               "valid": np.arange(B) < n,
+               "caption": np.array([""] * B, dtype=object)}
+        if has_label:
+            out["label"] = np.zeros([B], np.int32)
+        if has_neg:
+            out["hard_negatives"] = np.zeros([B, MAX_NEGATIVES, L], np.int32)
+            out["hard_negatives_valid"] = np.zeros([B, MAX_NEGATIVES], bool)
+        if n:
+            caps = [c.decode("utf-8") for c in b["caption"]]
+            out["image"][:n] = b["image"]
+            out["text"][:n] = tokenizer.encode(caps, L)
+            out["id"][:n] = b["id"]
+            out["caption"][:n] = caps
+            if has_label:
+                out["label"][:n] = b["label"]
+            if has_neg:
+                negs = [c.decode("utf-8") for c in b["hard_negatives"].reshape(-1)]
+                out["hard_negatives"][:n] = tokenizer.encode(negs, L).reshape(
+                    n, MAX_NEGATIVES, L)
+                out["hard_negatives_valid"][:n] = b["hard_negatives_valid"]
+        return out
+
+    return BatchIterator(ds, finish, total=n_shard,
+                         skipped=_initial_skips(data_config, split))
+
+
+def pipeline_throughput(data_config, batch_size: int, num_batches: int, threads=None,
+                        tokenizer=None) -> dict:
+    """Images/s of the training iterator alone (after one warm-up batch), with tf.data's
+    private threadpool limited to `threads` when given."""
+    from mmjax.data.tokenizer import Tokenizer, train_tokenizer
+    if tokenizer is None:
+        with tempfile.TemporaryDirectory() as d:
+            split = _get(data_config, "train_split", "train")
+            tokenizer = Tokenizer(train_tokenizer(
+                captions(data_config, split), d,
+                int(_get(data_config, "tokenizer.vocab_size", 8000))))
+    it = make_train_iterator(data_config, tokenizer, batch_size, seed=0, threads=threads)
+    next(it)
+    t = time.perf_counter()
+    for _ in range(num_batches):
+        next(it)
+    dt = time.perf_counter() - t
+    return {"images_per_s": num_batches * batch_size / dt, "threads": threads,
+            "batch_size": batch_size, "num_batches": num_batches, "seconds": dt}
