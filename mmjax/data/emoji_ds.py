@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.data import emoji_pairs
+from mmjax.data.shapes import png_bytes
 
 
 def load_rgb(path: str) -> np.ndarray:
@@ -25,6 +26,13 @@ def load_rgb(path: str) -> np.ndarray:
 class MmjaxEmoji(tfds.core.GeneratorBasedBuilder):
     """~3,950 (emoji image, English name) pairs; split by crc32 of the file name."""
 
+    # No checksums file to look up (nothing is downloaded); this also avoids tfds's
+    # code-path probing, which needs the optional `importlib_resources` package.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return None
+
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -36,6 +44,7 @@ class MmjaxEmoji(tfds.core.GeneratorBasedBuilder):
                 "id": np.int64,
             }),
             supervised_keys=("image", "caption"),
+            disable_shuffling=True,  # records stored in id order
         )
 
     def _split_generators(self, dl_manager):
@@ -44,5 +53,5 @@ class MmjaxEmoji(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split):
         d = emoji_pairs.png_dir()
         for i, (fn, cap) in enumerate(emoji_pairs.split_pairs(split)):
-            yield i, {"image": load_rgb(os.path.join(d, fn)), "caption": cap,
+            yield i, {"image": png_bytes(load_rgb(os.path.join(d, fn))), "caption": cap,
                       "file_name": fn, "id": i}

@@ -52,7 +52,8 @@ def _builder(cfg):
         c = make_config(**{k: _get(cfg, "shapes." + k, d) for k, d in (
             ("image_size", 32), ("num_train", 20000), ("num_validation", 1000),
             ("num_test", 1000), ("seed", 0))})
-        b = MmjaxShapes(config=c, data_dir=data_dir(cfg))
+        known = c.name in MmjaxShapes.builder_configs  # the registered default
+        b = MmjaxShapes(config=c.name if known else c, data_dir=data_dir(cfg))
     elif name == "emoji":
         from mmjax.data.emoji_ds import MmjaxEmoji
         b = MmjaxEmoji(data_dir=data_dir(cfg))

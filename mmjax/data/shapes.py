@@ -6,6 +6,7 @@ drawn from `np.random.default_rng([seed, split_index, i])`.
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -13,7 +14,15 @@ import tensorflow_datasets as tfds
 from mmjax.data import shapes_gen
 
 
-@dataclasses.dataclass(frozen=True)
+def png_bytes(img: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes (PIL is much faster than tfds's per-image TF encode)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@dataclasses.dataclass
 class ShapesConfig(tfds.core.BuilderConfig):
     image_size: int = 32
     num_train: int = 20000
@@ -34,6 +43,13 @@ def make_config(image_size=32, num_train=20000, num_validation=1000, num_test=10
 class MmjaxShapes(tfds.core.GeneratorBasedBuilder):
     """Two coloured objects and a canonical compositional caption per image."""
 
+    # No checksums file to look up (nothing is downloaded); this also avoids tfds's
+    # code-path probing, which needs the optional `importlib_resources` package.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return None
+
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [make_config()]
 
@@ -48,6 +64,7 @@ class MmjaxShapes(tfds.core.GeneratorBasedBuilder):
                 "id": np.int64,
             }),
             supervised_keys=("image", "caption"),
+            disable_shuffling=True,  # records stored in id order
         )
 
     def _split_generators(self, dl_manager):
@@ -59,6 +76,6 @@ class MmjaxShapes(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         for i in range(n):
             ex = shapes_gen.example(c.seed, split, i, c.image_size)
-            yield i, {"image": ex["image"], "caption": ex["caption"],
+            yield i, {"image": png_bytes(ex["image"]), "caption": ex["caption"],
                       "hard_negatives": ex["hard_negatives"], "label": ex["label"],
                       "id": i}
