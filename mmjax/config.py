@@ -99,7 +99,17 @@ def set_key(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
             node = node[part]
     old = node[parts[-1]]
     if isinstance(old, (ml_collections.ConfigDict, dict)):
-        raise ConfigError(f"config key {dotted!r} is a section; set one of: {', '.join(sorted(old.keys()))}")
+        # A whole section may be replaced by a dict literal: --config.model.image_overrides={}
+        try:
+            new = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            new = None
+        if not isinstance(new, dict):
+            raise ConfigError(f"config key {dotted!r} is a section; set one of: {', '.join(sorted(old.keys()))}"
+                              " (or give a whole dict literal)")
+        with node.ignore_type() if isinstance(node, ml_collections.ConfigDict) else _nullcontext():
+            node[parts[-1]] = ml_collections.ConfigDict(new)
+        return
     try:
         value = _parse_value(text, old)
     except (ValueError, SyntaxError) as e:

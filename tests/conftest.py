@@ -12,3 +12,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Many tests compile the same small programs (a fresh closure each run); the
+# persistent cache lets them share the compiled code within a session.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "mmjax_test_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

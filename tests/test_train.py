@@ -47,17 +47,26 @@ def test_gradcache_accumulation_equals_full_batch(tmp_path, loss):
     params = family.init_params(jax.random.PRNGKey(0), (1, 16, 16, 3), (1, 16))
     batch = _random_batch(jax.random.PRNGKey(1), 16, cfg)
     rng = jax.random.PRNGKey(2)
-    (l1, _), g1 = step_lib.loss_and_grads(family, params, batch, rng, accum_steps=1)
-    (l4, _), g4 = jax.jit(lambda p, b: step_lib.loss_and_grads(family, p, b, rng, accum_steps=4))(params, batch)
+    grads = jax.jit(lambda p, b, a: step_lib.loss_and_grads(family, p, b, rng, accum_steps=a), static_argnums=2)
+    (l1, _), g1 = grads(params, batch, 1)
+    (l4, _), g4 = grads(params, batch, 4)
     np.testing.assert_allclose(l1, l4, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g4)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
-    # The naive alternative really differs, so the test can tell them apart.
-    def naive(p):
+    # The naive alternative really differs, so the test can tell them apart
+    # (with SigLIP's init bias of -10 the negatives barely count, so use 0 there).
+    if loss == "sigmoid":
+        params = {**params, "b": jnp.zeros_like(params["b"])}
+
+    @jax.jit
+    def full_and_naive(p):
         micro = step_lib._split_micro(batch, 4)
-        return jnp.mean(jnp.stack([family.objective(p, jax.tree_util.tree_map(lambda x: x[j], micro), rng)[0]
-                                   for j in range(4)]))
-    assert not np.allclose(naive(params), l1, rtol=1e-3)
+        naive = jnp.mean(jnp.stack([family.objective(p, jax.tree_util.tree_map(lambda x: x[j], micro), rng)[0]
+                                    for j in range(4)]))
+        return family.objective(p, batch, rng)[0], naive
+
+    full, naive = full_and_naive(params)
+    assert not np.allclose(naive, full, rtol=1e-3)
 
 
 def test_sharded_step_equals_single_device(tmp_path):
@@ -103,10 +112,9 @@ def test_train_lowers_loss_and_resume_is_exact(tmp_path, data_dir):
     for a, b in zip(jax.tree_util.tree_leaves(full["final_state"].params),
                     jax.tree_util.tree_leaves(resumed["final_state"].params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # A run that started over would differ: the test can fail.
-    other = loop.train(tiny_config(data_dir, seed=1), str(tmp_path / "other"), progress=False, stop_at=30)
-    leaves = zip(jax.tree_util.tree_leaves(full["final_state"].params),
-                 jax.tree_util.tree_leaves(other["final_state"].params))
+    # The second half really trained (so equality above is not vacuous).
+    leaves = zip(jax.tree_util.tree_leaves(first["final_state"].params),
+                 jax.tree_util.tree_leaves(resumed["final_state"].params))
     assert not all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in leaves)
     # The plot and metrics the run promises are there.
     assert os.path.isfile(tmp_path / "full" / "curves.png")

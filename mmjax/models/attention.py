@@ -5,7 +5,7 @@ the layout `jax.nn.dot_product_attention` broadcasts.
 Shape letters: B batch, L length (Lq queries, Lk keys), D width, Hh heads,
 Dh head width (D / Hh).
 """
-from typing import Any, Optional
+from typing import Any
 
 import chex
 import flax.linen as nn

@@ -74,7 +74,8 @@ def plot(workdir: str, out_name: str = "curves.png") -> str | None:
     ax2.set_ylabel("held-out metric")
     ax2.set_ylim(0, 1)
     ax2.set_title("evaluation")
-    ax2.legend(loc="lower right", fontsize=8)
+    if ax2.lines:
+        ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = os.path.join(workdir, out_name)
     fig.savefig(path, dpi=100)

@@ -7,7 +7,6 @@ vocab 49408, embed 512) has exactly OpenAI's 149,620,737 parameters: bias-free
 patch conv, [CLS] token, `ln_pre` before the image encoder, bias-free
 projections, and one logit scale `t`. The sigmoid loss adds the scalar bias `b`.
 """
-import functools
 import math
 from typing import Any
 
