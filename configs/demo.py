@@ -38,14 +38,14 @@ def get_config(arg=None):
     c.data.shapes.seed = 0
     c.data.tokenizer = ml_collections.ConfigDict()
     c.data.tokenizer.path = None  # a sentencepiece .model; else trained on the captions
-    c.data.tokenizer.vocab_size = 64
+    c.data.tokenizer.vocab_size = 128
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "clip"
-    c.model.image = "mu/4"
+    c.model.image = "mu/8"
     c.model.text = "mu"
     c.model.image_overrides = dict(width=128, depth=4, heads=4, mlp_dim=512)
-    c.model.text_overrides = dict(width=128, depth=3, heads=4, mlp_dim=512)
+    c.model.text_overrides = dict(width=128, depth=2, heads=4, mlp_dim=512)
     c.model.embed_dim = 128
     c.model.loss = "softmax"
     c.model.pool = "gap"
@@ -55,24 +55,24 @@ def get_config(arg=None):
     c.model.vocab_size = 0  # set from the tokenizer at run time
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 128
+    c.train.batch_size = 256
     c.train.accum_steps = 1
-    c.train.steps = 1500
-    c.train.lr = 1e-3
+    c.train.steps = 800
+    c.train.lr = 2e-3
     c.train.end_lr_factor = 0.01
-    c.train.warmup_steps = 100
+    c.train.warmup_steps = 50
     c.train.weight_decay = 0.05
     c.train.grad_clip = 1.0
     c.train.b1 = 0.9
     c.train.b2 = 0.98
     c.train.eps = 1e-6
     c.train.log_every = 25
-    c.train.ckpt_every = 500
+    c.train.ckpt_every = 400
     c.train.keep_checkpoints = 2
     c.train.async_checkpoints = True
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 500
+    c.eval.every = 400
     c.eval.at_end = True
     c.eval.batch_size = 256
     c.eval.max_examples = None
@@ -85,6 +85,6 @@ def get_config(arg=None):
         c.data.augment.flip = True  # emoji names carry no left/right
         c.data.augment.crop_scale = (0.7, 1.0)
         c.data.tokenizer.vocab_size = 2000
-        c.data.text_len = 16
+        c.data.text_len = 24
         c.train.steps = 1500
     return c

@@ -57,6 +57,8 @@ class Tokenizer:
         self.mask_id = self.sp.piece_to_id("<mask>")
         self.cls_id = self.sp.piece_to_id("<cls>")
         self.vocab_size = self.sp.get_piece_size()
+        self.truncated = 0  # texts cut to fit max_len so far (a silent cut hides words)
+        self._warned = False
 
     def encode(self, texts: list[str], max_len: int) -> np.ndarray:
         """list of N str -> int32 [N, max_len] (max_len >= 2)."""
@@ -64,9 +66,18 @@ class Tokenizer:
         out = np.full((len(texts), max_len), self.pad_id, np.int32)
         if not texts:
             return out
+        cut = 0
         for i, ids in enumerate(self.sp.encode([t.lower() for t in texts])):
+            cut += len(ids) > max_len - 2
             ids = [self.bos_id] + ids[: max_len - 2] + [self.eos_id]
             out[i, : len(ids)] = ids
+        if cut:
+            self.truncated += cut
+            if not self._warned:
+                self._warned = True
+                log.warning("tokenizer: %d of %d texts longer than text_len=%d were truncated "
+                            "(e.g. %r); raise data.text_len or data.tokenizer.vocab_size",
+                            cut, len(texts), max_len, texts[0][:80])
         return out
 
     def decode(self, ids) -> str:

@@ -25,7 +25,8 @@ class MetricWriter:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k not in ("step", "kind") and isinstance(v, (int, float)):
-                self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+                # TensorBoard tags allow no '@': i2t_r@1 -> i2t_r_at_1
+                self._tb.add_scalar(f"{kind}/{k.replace('@', '_at_')}", v, int(step))
         self._tb.flush()
 
     def close(self):
