@@ -23,6 +23,7 @@ CHOICES = {
     "model.family": ("clip",),
     "model.loss": ("softmax", "sigmoid"),
     "model.pool": ("cls", "gap"),
+    "model.posemb": ("learn", "sincos2d"),
     "model.dtype": ("float32", "bfloat16"),
     "parallel.mode": ("mesh",),
 }

@@ -171,6 +171,33 @@ def test_train_iterator_deterministic_and_resume(shapes_dir, tok):
     assert not np.array_equal(e1[:16], np.concatenate([t["id"] for t in a[8:10]]))
 
 
+def test_train_hard_negatives(shapes_dir, tok):
+    """K hard negatives per image: real swapped captions of that image, never its own
+    caption, deterministic and resumable like the rest of the batch."""
+    from mmjax.data import pipeline as P, shapes_gen
+    cfg = _cfg(shapes_dir)
+    a = _take(P.make_train_iterator(cfg, tok, 8, seed=0, hard_negatives=2), 3)
+    r = _take(P.make_train_iterator(cfg, tok, 8, seed=0, hard_negatives=2, start_batch=2), 1)
+    assert np.array_equal(a[2]["hard_negatives"], r[0]["hard_negatives"])
+    for batch in a:
+        assert batch["hard_negatives"].shape == (8, 2, 16)
+        for i, idx in enumerate(batch["id"]):
+            ex = shapes_gen.example(0, "train", int(idx), 16)
+            own = tok.encode([ex["caption"]], 16)[0]
+            allowed = {tuple(t) for t in tok.encode(ex["hard_negatives"], 16)}
+            for neg in batch["hard_negatives"][i]:
+                assert tuple(neg) in allowed and not np.array_equal(neg, own)
+
+
+def test_hard_negatives_need_a_dataset_that_has_them(tmp_path, tok):
+    from mmjax.data import pipeline as P
+    csv = tmp_path / "list.csv"
+    csv.write_text("image_path,caption\nnope.png,a thing\n")
+    with pytest.raises(ValueError, match="hard_negatives"):
+        P.make_train_iterator({"name": "files", "path": str(csv), "image_size": 16, "text_len": 16},
+                              tok, 1, seed=0, hard_negatives=1)
+
+
 def test_train_sharding_disjoint(shapes_dir, tok):
     from mmjax.data import pipeline as P
     cfg = _cfg(shapes_dir)

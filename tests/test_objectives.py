@@ -127,3 +127,29 @@ def test_pmap_all_gather_equals_single_device(embeddings, name):
   np.testing.assert_allclose(loss, np.full(N_DEV, want), rtol=1e-5)
   for g, w in zip(grads, want_grad):
     np.testing.assert_allclose(g.reshape(w.shape), w, rtol=1e-4, atol=1e-6)
+
+
+def test_hard_negatives_match_numpy():
+  """NegCLIP: each image's K swapped-attribute captions join its i2t candidates
+  (softmax) or add z=-1 terms (sigmoid); checked against a loop in numpy."""
+  rng = np.random.default_rng(3)
+  b, k, d = 8, 3, 16
+  img, txt = _unit(rng, b, d), _unit(rng, b, d)
+  neg = _unit(rng, b * k, d).reshape(b, k, d)
+  log_scale, bias = 1.5, -0.5
+  s = np.exp(log_scale)
+  i2t, t2i = [], []
+  for i in range(b):
+    cand = np.concatenate([s * img[i] @ txt.T, s * neg[i] @ img[i]]).astype(np.float64)
+    i2t.append(_logsumexp(cand[None])[0] - cand[i])
+    col = (s * txt[i] @ img.T).astype(np.float64)
+    t2i.append(_logsumexp(col[None])[0] - col[i])
+  want = 0.5 * (np.mean(i2t) + np.mean(t2i))
+  got, _ = jax.jit(itc_loss)(img, txt, log_scale, txt_neg=neg)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert got > jax.jit(itc_loss)(img, txt, log_scale)[0]  # more negatives, more loss
+
+  hard = s * np.einsum("bd,bkd->bk", img, neg) + bias
+  want_sig = np_sigmoid(img, txt, log_scale, bias) + np.mean(np.sum(np.log1p(np.exp(hard)), axis=1))
+  got_sig, _ = jax.jit(sigmoid_loss)(img, txt, log_scale, bias, txt_neg=neg)
+  np.testing.assert_allclose(got_sig, want_sig, rtol=1e-5)

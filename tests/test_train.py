@@ -46,6 +46,9 @@ def test_gradcache_accumulation_equals_full_batch(tmp_path, loss):
     family = _family(cfg)
     params = family.init_params(jax.random.PRNGKey(0), (1, 16, 16, 3), (1, 16))
     batch = _random_batch(jax.random.PRNGKey(1), 16, cfg)
+    if loss == "softmax":  # NegCLIP hard negatives ride along through both passes
+        negs = _random_batch(jax.random.PRNGKey(5), 32, cfg)["text"]
+        batch["hard_negatives"] = negs.reshape(16, 2, -1)
     rng = jax.random.PRNGKey(2)
     grads = jax.jit(lambda p, b, a: step_lib.loss_and_grads(family, p, b, rng, accum_steps=a), static_argnums=2)
     (l1, _), g1 = grads(params, batch, 1)

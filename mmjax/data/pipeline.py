@@ -185,7 +185,16 @@ def _normalize(img):
     return (img / 255.0 - tf.constant(MEAN)) / tf.constant(STD)
 
 
-def _train_map(data_config, seed):
+def _pick_negatives(hn, k: int, seed):
+    """k of a record's hard-negative captions, from a random start, cycling when it
+    has fewer than k (so every image gets exactly k): [n] str -> [k] str."""
+    import tensorflow as tf
+    n = tf.shape(hn)[0]
+    start = tf.random.stateless_uniform([], seed=seed, maxval=tf.maximum(n, 1), dtype=tf.int32)
+    return tf.gather(hn, (start + tf.range(k)) % tf.maximum(n, 1))
+
+
+def _train_map(data_config, seed, hard_negatives: int = 0):
     import tensorflow as tf
     size = int(_get(data_config, "image_size", 224))
     scale = tuple(float(x) for x in _get(data_config, "augment.crop_scale", (0.5, 1.0)))
@@ -194,7 +203,7 @@ def _train_map(data_config, seed):
 
     def fn(pos, rec):
         s = tf.random.experimental.stateless_split(
-            tf.stack([tf.constant(seed, tf.int64), pos]), 2)
+            tf.stack([tf.constant(seed, tf.int64), pos]), 3)
         img = _decode(rec)
         begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
             tf.shape(img), bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
@@ -208,6 +217,8 @@ def _train_map(data_config, seed):
                "pos": pos}
         if "label" in rec:
             out["label"] = tf.cast(rec["label"], tf.int32)
+        if hard_negatives:
+            out["hard_negatives"] = _pick_negatives(rec["hard_negatives"], hard_negatives, s[2])
         return out
     return fn
 
@@ -298,9 +309,12 @@ class BatchIterator:
 
 def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
                         start_batch: int = 0, process_index: int = 0,
-                        process_count: int = 1, threads=None) -> BatchIterator:
+                        process_count: int = 1, threads=None,
+                        hard_negatives: int = 0) -> BatchIterator:
     """Infinite iterator of per-process training batches:
-    image float32 [B, S, S, 3], text int32 [B, L], id int64 [B] (+ label int32 [B]).
+    image float32 [B, S, S, 3], text int32 [B, L], id int64 [B] (+ label int32 [B]),
+    and with `hard_negatives=K` > 0 also hard_negatives int32 [B, K, L] (captions with
+    attributes swapped, for NegCLIP-style training; the dataset must provide them).
 
     Shuffled per epoch from `seed`, augmentation seeded by (seed, stream position).
     `start_batch=k` yields exactly the batches a fresh iterator yields after k batches
@@ -310,11 +324,15 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     split = _get(data_config, "train_split", "train")
     L = int(_get(data_config, "text_len", 32))
     ds = load_records(data_config, split).shard(process_count, process_index)
+    K = int(hard_negatives or 0)
+    if K and "hard_negatives" not in ds.element_spec:
+        raise ValueError(f"model.hard_negatives={K} but dataset {_get(data_config, 'name')!r} has no "
+                         "hard_negatives feature (built-in: shapes); set model.hard_negatives=0")
     ds = ds.shuffle(int(_get(data_config, "shuffle_buffer", 10000)), seed=int(seed),
                     reshuffle_each_iteration=True).repeat()
     start = int(start_batch) * int(batch_size)
     ds = ds.enumerate().skip(start)
-    ds = ds.map(_train_map(data_config, int(seed)), num_parallel_calls=_npc(data_config),
+    ds = ds.map(_train_map(data_config, int(seed), K), num_parallel_calls=_npc(data_config),
                 deterministic=True).ignore_errors()
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(_options(data_config, threads))
@@ -326,6 +344,9 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
                "text": tokenizer.encode([c.decode("utf-8") for c in b["caption"]], L)}
         if "label" in b:
             out["label"] = b["label"].astype(np.int32)
+        if K:
+            negs = [c.decode("utf-8") for c in b["hard_negatives"].reshape(-1)]
+            out["hard_negatives"] = tokenizer.encode(negs, L).reshape(len(b["id"]), K, L)
         return out
 
     return BatchIterator(ds, finish, start_pos=start, batch_index=int(start_batch),

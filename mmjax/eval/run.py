@@ -1,6 +1,8 @@
 """Runs the evaluations of a model on a held-out split."""
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 
@@ -59,6 +61,10 @@ class Evaluator:
             seen += int(valid.sum())
             if self.max_examples and seen >= self.max_examples:
                 break
+        if seen == 0:
+            logging.warning("eval split %r of %r is empty: no evaluation (for a file list, "
+                            "set data.eval_fraction to hold some rows out)", self.split, self.data_config.name)
+            return {"num_images": 0}
         img, txt = np.concatenate(imgs), np.concatenate(txts)
         metrics = retrieval.retrieval_metrics(img, txt, caps)
         if negs:

@@ -15,6 +15,24 @@ from mmjax.models.transformer import Encoder
 Dtype = Any
 
 
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0):
+  """Fixed 2-D sine-cosine position embedding (MoCo v3, big_vision): [1, h*w, width].
+
+  A quarter of the channels each for sin(x), cos(x), sin(y), cos(y) at
+  geometric frequencies. Unlike a learned table initialised near zero, it gives
+  every patch a distinct, full-scale position code from the first step.
+  """
+  if width % 4:
+    raise ValueError(f"sincos2d position embedding needs width % 4 == 0, got {width}.")
+  y, x = jnp.mgrid[:h, :w]
+  omega = jnp.arange(width // 4) / max(width // 4 - 1, 1)
+  omega = 1.0 / (temperature ** omega)
+  y_ = jnp.einsum("m,d->md", y.reshape(-1).astype(jnp.float32), omega)
+  x_ = jnp.einsum("m,d->md", x.reshape(-1).astype(jnp.float32), omega)
+  pe = jnp.concatenate([jnp.sin(x_), jnp.cos(x_), jnp.sin(y_), jnp.cos(y_)], axis=1)
+  return pe[None]
+
+
 class ViT(nn.Module):
   """Patches + [CLS] (pool='cls' only) + learned positions + Encoder + final LN.
 
@@ -31,6 +49,7 @@ class ViT(nn.Module):
   num_heads: int
   mlp_dim: int
   pool: str = "cls"
+  posemb: str = "learn"  # 'learn' (a learned table) or 'sincos2d' (fixed)
   patch_bias: bool = True
   pre_norm: bool = False
   remat: bool = False
@@ -55,8 +74,16 @@ class ViT(nn.Module):
     else:
       x_BxTxD = x_BxNxD
     t = x_BxTxD.shape[1]
-    pos_1xTxD = self.param("pos_embedding", nn.initializers.normal(0.02),
-                           (1, t, self.width), self.param_dtype)
+    if self.posemb == "learn":
+      pos_1xTxD = self.param("pos_embedding", nn.initializers.normal(0.02),
+                             (1, t, self.width), self.param_dtype)
+    elif self.posemb == "sincos2d":
+      gh, gw = h // self.patch_size, w // self.patch_size
+      pos_1xTxD = posemb_sincos_2d(gh, gw, self.width)
+      if self.pool == "cls":  # the [CLS] token gets no position
+        pos_1xTxD = jnp.concatenate([jnp.zeros((1, 1, self.width)), pos_1xTxD], axis=1)
+    else:
+      raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}.")
     x_BxTxD = x_BxTxD + jnp.asarray(pos_1xTxD, self.dtype)
     if self.pre_norm:
       x_BxTxD = nn.LayerNorm(name="ln_pre", **kw)(x_BxTxD)

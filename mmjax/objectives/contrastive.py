@@ -37,17 +37,30 @@ def _check(img, txt):
   return img.astype(jnp.float32), txt.astype(jnp.float32)
 
 
-def itc_loss(img, txt, log_scale, *, gather=identity, max_scale=100.0):
+def _neg_logits(img, txt_neg):
+  """Scores of each local image against its own K hard-negative texts.
+
+  img: [b, D]; txt_neg: [b, K, D] (L2-normalised) -> [b, K].
+  """
+  chex.assert_rank(txt_neg, 3)
+  chex.assert_equal(txt_neg.shape[0], img.shape[0])
+  return jnp.einsum("bd,bkd->bk", img, txt_neg.astype(jnp.float32))
+
+
+def itc_loss(img, txt, log_scale, *, txt_neg=None, gather=identity, max_scale=100.0):
   """Symmetric softmax image-text contrastive loss (CLIP).
 
   Args:
     img: [b, D] L2-normalised image embeddings (local rows).
     txt: [b, D] L2-normalised text embeddings; row i pairs with img row i.
     log_scale: scalar t; logit scale = min(exp(t), max_scale).
+    txt_neg: optional [b, K, D] hard-negative captions of each image (NegCLIP:
+      the same words with attributes swapped). They join image i's candidates in
+      the image->text direction only; they are local, so need no gather.
     gather: local [b, D] -> global [B, D] (see the module docstring).
   Returns:
     (loss, metrics): loss = mean over local rows of (CE_i2t + CE_t2i) / 2 with
-    the B global candidates; metrics: loss, logit_scale, i2t_acc, t2i_acc
+    the B global candidates (+ K hard negatives for i2t); metrics: loss, logit_scale, i2t_acc, t2i_acc
     (the positive scores at least as high as every candidate).
   """
   img, txt = _check(img, txt)
@@ -57,6 +70,8 @@ def itc_loss(img, txt, log_scale, *, gather=identity, max_scale=100.0):
   pos_b = scale * jnp.sum(img * txt, axis=-1)
   logits_i2t_bxB = scale * img @ txt_all_BxD.T
   logits_t2i_bxB = scale * txt @ img_all_BxD.T
+  if txt_neg is not None:
+    logits_i2t_bxB = jnp.concatenate([logits_i2t_bxB, scale * _neg_logits(img, txt_neg)], axis=-1)
   ce_i2t_b = jax.nn.logsumexp(logits_i2t_bxB, axis=-1) - pos_b
   ce_t2i_b = jax.nn.logsumexp(logits_t2i_bxB, axis=-1) - pos_b
   loss = 0.5 * (jnp.mean(ce_i2t_b) + jnp.mean(ce_t2i_b))
@@ -67,7 +82,7 @@ def itc_loss(img, txt, log_scale, *, gather=identity, max_scale=100.0):
   return loss, metrics
 
 
-def sigmoid_loss(img, txt, log_scale, bias, *, gather=identity, max_scale=None):
+def sigmoid_loss(img, txt, log_scale, bias, *, txt_neg=None, gather=identity, max_scale=None):
   """SigLIP pairwise sigmoid loss.
 
   loss = mean_i sum_j -log sigmoid(z_ij (t <x_i, y_j> + b)), z = +1 if j == i
@@ -78,6 +93,8 @@ def sigmoid_loss(img, txt, log_scale, bias, *, gather=identity, max_scale=None):
     txt: [b, D] L2-normalised text embeddings; row i pairs with img row i.
     log_scale: scalar t'; t = exp(t') (clamped at max_scale if given).
     bias: scalar b.
+    txt_neg: optional [b, K, D] hard-negative captions of each image; each adds
+      a z = -1 term to its image's row.
     gather: local [b, D] -> global [B, D] (see the module docstring).
   Returns:
     (loss, metrics): metrics: loss, logit_scale, logit_bias, i2t_acc, t2i_acc
@@ -96,6 +113,9 @@ def sigmoid_loss(img, txt, log_scale, bias, *, gather=identity, max_scale=None):
   # -log sig(-l) summed over j, minus -log sig(-l_ii), plus -log sig(l_ii).
   neg_b = jnp.sum(-jax.nn.log_sigmoid(-logits_bxB), axis=-1)
   per_row_b = neg_b + jax.nn.log_sigmoid(-pos_b) - jax.nn.log_sigmoid(pos_b)
+  if txt_neg is not None:
+    hard_bxK = t * _neg_logits(img, txt_neg) + bias
+    per_row_b = per_row_b + jnp.sum(-jax.nn.log_sigmoid(-hard_bxK), axis=-1)
   loss = jnp.mean(per_row_b)
   acc_i2t = jnp.mean(jnp.max(logits_bxB, axis=-1) <= pos_b + 1e-6 * t)
   img_all_BxD = gather(img)

@@ -105,6 +105,7 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
     train_iter = pipeline.make_train_iterator(
         config.data, setup.tokenizer, local_batch, seed=int(config.seed), start_batch=data_position,
         process_index=jax.process_index(), process_count=n_proc,
+        hard_negatives=int(config.model.get("hard_negatives", 0)),
     )
     metric_shard = mesh_lib.replicated(setup.mesh)
     batch_shard = mesh_lib.batch_sharding(setup.mesh)
@@ -122,7 +123,8 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         last_eval = evaluator(state.params)
         last_eval["eval_seconds"] = time.time() - t0
         writer.write(step, "eval", last_eval)
-        tqdm.write(f"[eval step {step}] " + _format(last_eval, ("i2t_r@1", "i2t_r@5", "t2i_r@1", "binding_acc", "zero_shot_top1", "i2t_chance@1")))
+        shown = ("i2t_r@1", "i2t_r@5", "t2i_r@1", "binding_acc", "zero_shot_top1", "i2t_chance@1")
+        tqdm.write(f"[eval step {step}] " + _format(last_eval, shown))
 
     bar = tqdm(total=total, initial=start_step, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True)
@@ -131,7 +133,7 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
     end = total if stop_at is None else min(total, int(stop_at))
     for step in range(start_step, end):
         batch = next(train_iter)
-        batch = {k: batch[k] for k in ("image", "text")}
+        batch = {k: batch[k] for k in ("image", "text", "hard_negatives") if k in batch}
         state, m = train_step(state, mesh_lib.global_batch(setup.mesh, batch))
         data_position += 1
         n_since += 1

@@ -47,6 +47,7 @@ class CLIP(nn.Module):
   text_len: int
   loss: str = "softmax"
   pool: str = "cls"
+  posemb: str = "learn"
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -57,7 +58,7 @@ class CLIP(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     im, tx = self.image, self.text
     self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"],
-                           im["mlp_dim"], pool=self.pool, patch_bias=False,
+                           im["mlp_dim"], pool=self.pool, posemb=self.posemb, patch_bias=False,
                            pre_norm=True, remat=self.remat, **kw)
     self.text_tower = TextEncoder(self.vocab_size, self.text_len, tx["width"],
                                   tx["depth"], tx["heads"], tx["mlp_dim"],
@@ -119,6 +120,7 @@ class ClipFamily:
         text=parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text"),
         embed_dim=int(cfg.embed_dim), vocab_size=int(cfg.vocab_size),
         text_len=self.text_len, loss=loss, pool=cfg.get("pool", "cls"),
+        posemb=cfg.get("posemb", "learn"),
         remat=bool(cfg.get("remat", False)), dtype=DTYPES[dtype_name])
 
   def init_params(self, rng, image_shape=None, text_shape=None):
@@ -134,18 +136,29 @@ class ClipFamily:
     return self.model.init(rng, image, text)["params"]
 
   def embed(self, params, batch, rng=None):
-    """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}."""
+    """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}.
+
+    With 'hard_negatives' [B, K, L] i32 in the batch (NegCLIP-style captions
+    with swapped attributes) also 'neg': [B, K, E].
+    """
     del rng  # No dropout / stochastic depth yet.
     img, txt, _ = self.model.apply({"params": params}, batch["image"], batch["text"])
-    return {"img": img, "txt": txt}
+    emb = {"img": img, "txt": txt}
+    if "hard_negatives" in batch:
+      neg = batch["hard_negatives"]
+      chex.assert_rank(neg, 3)
+      b, k, length = neg.shape
+      flat = self.encode_text(params, neg.reshape(b * k, length))
+      emb["neg"] = flat.reshape(b, k, -1)
+    return emb
 
   def loss_from_embeddings(self, params, emb, *, gather=identity):
     """(loss, metrics) from {'img','txt': [b, E]}; see mmjax.objectives for gather."""
     if self.loss == "softmax":
-      return itc_loss(emb["img"], emb["txt"], params["t"], gather=gather,
-                      max_scale=self.max_logit_scale)
+      return itc_loss(emb["img"], emb["txt"], params["t"], txt_neg=emb.get("neg"),
+                      gather=gather, max_scale=self.max_logit_scale)
     return sigmoid_loss(emb["img"], emb["txt"], params["t"], params["b"],
-                        gather=gather)
+                        txt_neg=emb.get("neg"), gather=gather)
 
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None,
                 gather=identity):
