@@ -21,6 +21,7 @@ def get_config(arg=None):
     c.data.name = arg
     c.data.data_dir = None  # default: $MMJAX_DATA_DIR or ~/.cache/mmjax/tensorflow_datasets
     c.data.path = None  # a CSV/JSONL list when name == "files"
+    c.data.eval_fraction = 0.0  # files: hold out this fraction of rows as "test"
     c.data.train_split = "train"
     c.data.eval_split = "test"
     c.data.image_size = 32
@@ -29,6 +30,7 @@ def get_config(arg=None):
     c.data.shuffle_buffer = 25_000
     c.data.augment = ml_collections.ConfigDict()
     c.data.augment.crop_scale = (0.85, 1.0)
+    c.data.augment.aspect = (3 / 4, 4 / 3)
     c.data.augment.flip = False  # a flip swaps "left of" and "right of"
     c.data.shapes = ml_collections.ConfigDict()
     c.data.shapes.image_size = 32
@@ -44,9 +46,9 @@ def get_config(arg=None):
     c.model.family = "clip"
     c.model.image = "mu/8"
     c.model.text = "mu"
-    c.model.image_overrides = dict(width=128, depth=4, heads=4, mlp_dim=512)
-    c.model.text_overrides = dict(width=128, depth=2, heads=4, mlp_dim=512)
-    c.model.embed_dim = 128
+    c.model.image_overrides = dict(width=96, depth=4, heads=4, mlp_dim=384)
+    c.model.text_overrides = dict(width=96, depth=2, heads=4, mlp_dim=384)
+    c.model.embed_dim = 96
     c.model.loss = "softmax"
     c.model.pool = "gap"
     c.model.posemb = "learn"  # or "sincos2d" (fixed 2-D sin-cos)
@@ -61,7 +63,7 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256
     c.train.accum_steps = 1
-    c.train.steps = 800
+    c.train.steps = 1000
     c.train.lr = 2e-3
     c.train.end_lr_factor = 0.01
     c.train.warmup_steps = 50
@@ -71,12 +73,12 @@ def get_config(arg=None):
     c.train.b2 = 0.98
     c.train.eps = 1e-6
     c.train.log_every = 25
-    c.train.ckpt_every = 400
+    c.train.ckpt_every = 500
     c.train.keep_checkpoints = 2
     c.train.async_checkpoints = True
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 400
+    c.eval.every = 500
     c.eval.at_end = True
     c.eval.batch_size = 256
     c.eval.max_examples = None
@@ -87,9 +89,12 @@ def get_config(arg=None):
 
     if arg == "emoji":
         c.model.hard_negatives = 0  # emoji names have no swapped-attribute variants
-        c.data.augment.flip = True  # emoji names carry no left/right
+        # No flip here either: names such as "backhand index pointing left" or
+        # "right arrow" would then be wrong.
         c.data.augment.crop_scale = (0.7, 1.0)
         c.data.tokenizer.vocab_size = 2000
         c.data.text_len = 24
-        c.train.steps = 1500
+        c.train.steps = 500
+        c.train.ckpt_every = 250
+        c.eval.every = 250
     return c

@@ -114,6 +114,11 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         setup.state_sharding, batch_shard, metric_shard,
     )
     evaluator = setup.evaluator() if config.eval.every or config.eval.at_end else None
+    if evaluator is not None:  # a missing or empty eval split fails now, not after hours
+        n_eval = pipeline.num_examples(config.data, config.data.eval_split)
+        if n_eval == 0:
+            raise ValueError(f"eval split {config.data.eval_split!r} of {config.data.name!r} is empty; "
+                             "set data.eval_fraction (file lists) or eval.every=0 eval.at_end=false")
     writer = metrics_lib.MetricWriter(workdir)
     last_eval: dict = {}
 
