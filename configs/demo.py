@@ -64,7 +64,7 @@ def get_config(arg=None):
     c.train.batch_size = 256
     c.train.accum_steps = 1
     c.train.steps = 1000
-    c.train.lr = 2e-3
+    c.train.lr = 3e-3
     c.train.end_lr_factor = 0.01
     c.train.warmup_steps = 50
     c.train.weight_decay = 0.05
@@ -95,6 +95,7 @@ def get_config(arg=None):
         c.data.tokenizer.vocab_size = 2000
         c.data.text_len = 24
         c.train.steps = 500
+        c.train.lr = 2e-3
         c.train.ckpt_every = 250
         c.eval.every = 250
     return c
