@@ -6,8 +6,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from mmjax import checkpoint as ckpt_lib
