@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.model.text_overrides = dict(width=96, depth=2, heads=4, mlp_dim=384)
     c.model.embed_dim = 96
     c.model.loss = "softmax"
-    c.model.pool = "gap"
+    c.model.pool = "cls"  # the [CLS] token; "gap" (mean of patch tokens) learned slower here
     c.model.posemb = "learn"  # or "sincos2d" (fixed 2-D sin-cos)
     c.model.dtype = "float32"
     # NegCLIP-style: per image, K captions with the same words but attributes swapped
@@ -69,6 +69,7 @@ def get_config(arg=None):
     c.train.warmup_steps = 50
     c.train.weight_decay = 0.05
     c.train.grad_clip = 1.0
+    c.train.freeze = ()  # regexes of param paths kept fixed, e.g. ("^image_tower/",)
     c.train.b1 = 0.9
     c.train.b2 = 0.98
     c.train.eps = 1e-6

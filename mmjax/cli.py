@@ -4,6 +4,7 @@
     mmjax eval  --workdir DIR [--split test]
     mmjax data prepare --config configs/demo.py
     mmjax data bench --config configs/demo.py:emoji --config.data.image_size=224
+    mmjax bench --config configs/demo.py --config configs/albef.py [--steps 20]
 
 Mistakes a user can make (a config key, a value, a path) exit with code 2 and one
 message naming what was wrong and what was expected.
@@ -55,6 +56,10 @@ def _parser():
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--batches", type=int, default=30)
     d.add_argument("--threads", type=int, default=None)
+    b = sub.add_parser("bench", help="time the train step of one or more configs on synthetic batches")
+    b.add_argument("--config", required=True, action="append", help="repeat to compare; the first is the reference")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=3)
     return p
 
 
@@ -106,6 +111,15 @@ def main(argv=None) -> int:
                     print(f"{config.data.name}/{split}: {pipeline.num_examples(config.data, split)} examples")
             else:
                 print(json.dumps(pipeline.pipeline_throughput(config.data, args.batch_size, args.batches, threads=args.threads)))
+        elif args.command == "bench":
+            from mmjax import bench
+
+            rows = [bench.step_time(config_lib.load(path, overrides), args.steps, args.warmup)
+                    for path in args.config]
+            for path, row in zip(args.config, rows):
+                row["config"] = path
+                row["ratio"] = row["ms_per_step"] / rows[0]["ms_per_step"]
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
         # ValueError: a variant name, a shape or a path a user gave; the message names it.
         if os.environ.get("MMJAX_DEBUG"):

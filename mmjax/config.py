@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 # Keys whose values must come from a fixed set: dotted key -> choices.
 CHOICES = {
-    "model.family": ("clip",),
+    "model.family": ("clip", "albef", "vlmo", "beit3"),
     "model.loss": ("softmax", "sigmoid"),
     "model.pool": ("cls", "gap"),
     "model.posemb": ("learn", "sincos2d"),

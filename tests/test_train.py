@@ -51,8 +51,8 @@ def test_gradcache_accumulation_equals_full_batch(tmp_path, loss):
         batch["hard_negatives"] = negs.reshape(16, 2, -1)
     rng = jax.random.PRNGKey(2)
     grads = jax.jit(lambda p, b, a: step_lib.loss_and_grads(family, p, b, rng, accum_steps=a), static_argnums=2)
-    (l1, _), g1 = grads(params, batch, 1)
-    (l4, _), g4 = grads(params, batch, 4)
+    (l1, _, _), g1 = grads(params, batch, 1)
+    (l4, _, _), g4 = grads(params, batch, 4)
     np.testing.assert_allclose(l1, l4, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g4)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)

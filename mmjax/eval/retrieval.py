@@ -12,35 +12,72 @@ import numpy as np
 KS = (1, 5, 10)
 
 
+def caption_index(captions):
+    """-> (unique captions [M], inverse [N] (caption n is unique caption inverse[n]),
+    first [M] (the first row holding each unique caption))."""
+    captions = [c.decode() if isinstance(c, bytes) else str(c) for c in captions]
+    uniq, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    first = np.zeros(len(uniq), dtype=np.int64)
+    first[inverse[::-1]] = np.arange(len(captions))[::-1]
+    return uniq, inverse, first
+
+
+def _recalls(sims: np.ndarray, inverse: np.ndarray, ks, prefix: str = "") -> dict:
+    """sims [N images, M unique captions]; image n's caption is inverse[n]."""
+    m = sims.shape[1]
+    order_i2t = np.argsort(-sims, axis=1, kind="stable")
+    rank_i2t = np.argmax(order_i2t == inverse[:, None], axis=1)  # rank of own caption
+    # text -> image: for caption u, correct if a top-k image has caption u.
+    order_t2i = np.argsort(-sims.T, axis=1, kind="stable")  # [M, N]
+    rank_t2i = np.argmax(inverse[order_t2i] == np.arange(m)[:, None], axis=1)
+    out = {}
+    for k in ks:
+        out[f"i2t_{prefix}r@{k}"] = float(np.mean(rank_i2t < k))
+        out[f"t2i_{prefix}r@{k}"] = float(np.mean(rank_t2i < k))
+    return out
+
+
 def retrieval_metrics(img: np.ndarray, txt: np.ndarray, captions, ks=KS) -> dict:
     """img, txt: [N, D] L2-normalised embeddings of N (image, caption) pairs.
 
     Returns i2t_r@k, t2i_r@k, and the chance level of R@1 for both directions.
     """
-    captions = [c.decode() if isinstance(c, bytes) else str(c) for c in captions]
-    uniq, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
-    inverse = inverse.reshape(-1)
-    n, m = len(captions), len(uniq)
+    uniq, inverse, first = caption_index(captions)
+    n, m = len(inverse), len(uniq)
     # One embedding per unique caption (identical strings embed identically).
-    first = np.zeros(m, dtype=np.int64)
-    first[inverse[::-1]] = np.arange(n)[::-1]
-    txt_u = txt[first]
-    sims = img @ txt_u.T  # [N, M]
-    out = {}
-    order_i2t = np.argsort(-sims, axis=1, kind="stable")
-    rank_i2t = np.argmax(order_i2t == inverse[:, None], axis=1)  # rank of own caption
-    # text -> image: for caption u, correct if a top-k image has caption u.
-    order_t2i = np.argsort(-sims.T, axis=1, kind="stable")  # [M, N]
-    hit = inverse[order_t2i] == np.arange(m)[:, None]
-    rank_t2i = np.argmax(hit, axis=1)
-    for k in ks:
-        out[f"i2t_r@{k}"] = float(np.mean(rank_i2t < k))
-        out[f"t2i_r@{k}"] = float(np.mean(rank_t2i < k))
+    out = _recalls(img @ txt[first].T, inverse, ks)
     counts = np.bincount(inverse, minlength=m)
     out["i2t_chance@1"] = 1.0 / m
     out["t2i_chance@1"] = float(np.mean(counts / n))
     out["num_images"] = n
     out["num_captions"] = m
+    return out
+
+
+def reranked_metrics(sims: np.ndarray, inverse: np.ndarray, score_pairs, k: int, ks=KS) -> dict:
+    """ALBEF-style retrieval: ITC ranks all candidates, the top k are re-scored.
+
+    sims: [N images, M unique captions] ITC similarities; inverse: [N] own caption;
+    score_pairs(img_idx [P], cap_idx [P]) -> [P] match scores (ITM log-odds).
+    In each direction the top k candidates by ITC are re-ordered by their score and
+    placed ahead of the rest, which keep the ITC order. Returns i2t_itm_r@k, t2i_itm_r@k.
+    """
+    n, m = sims.shape
+    out = {}
+    for direction, s in (("i2t", sims), ("t2i", sims.T)):
+        kk = min(int(k), s.shape[1])
+        top = np.argsort(-s, axis=1, kind="stable")[:, :kk]  # [R, kk]
+        rows = np.repeat(np.arange(s.shape[0]), kk)
+        img_idx, cap_idx = (rows, top.reshape(-1)) if direction == "i2t" else (top.reshape(-1), rows)
+        scores = np.asarray(score_pairs(img_idx, cap_idx), np.float64).reshape(-1, kk)
+        new = s.astype(np.float64) - (np.abs(s).max() + 1.0) * 2  # the rest: below any top-k entry
+        # top-k entries: above everything else, ordered by their score
+        np.put_along_axis(new, top, scores - scores.min() + 1.0, axis=1)
+        full = new if direction == "i2t" else new.T
+        out.update({key: v for key, v in _recalls(full, inverse, ks, prefix="itm_").items()
+                    if key.startswith(direction)})
+    out["rerank_k"] = int(k)
     return out
 
 

@@ -16,14 +16,45 @@ class Evaluator:
     The towers are compiled once; `__call__(params)` can run every N steps.
     """
 
-    def __init__(self, family, data_config, tokenizer, mesh, *, split: str, batch_size: int, max_examples=None):
+    def __init__(self, family, data_config, tokenizer, mesh, *, split: str, batch_size: int, max_examples=None,
+                 rerank_k: int = 16):
         self.family, self.data_config, self.tokenizer, self.mesh = family, data_config, tokenizer, mesh
         self.split, self.max_examples = split, max_examples
+        # Families with an ITM head (ALBEF, BLIP, VLMo) also report ITM-re-ranked recall.
+        self.rerank_k = int(rerank_k) if hasattr(family, "itm_scores") else 0
         n_dev = mesh.devices.size
         self.batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
         rep, bat = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
         self._enc_img = jax.jit(family.encode_image, in_shardings=(rep, bat), out_shardings=rep)
         self._enc_txt = jax.jit(family.encode_text, in_shardings=(rep, bat), out_shardings=rep)
+        if self.rerank_k:
+            self._img_feat = jax.jit(family.image_features, in_shardings=(rep, bat), out_shardings=rep)
+            self._txt_feat = jax.jit(family.text_features, in_shardings=(rep, bat), out_shardings=rep)
+            self._itm = jax.jit(family.itm_scores, in_shardings=(rep, bat, bat, bat), out_shardings=rep)
+
+    def _batched(self, fn, arrays: dict):
+        """fn over whole padded batches of equally long numpy arrays -> numpy [N, ...]."""
+        n = len(next(iter(arrays.values())))
+        out = []
+        for i in range(0, n, self.batch_size):
+            chunk = {k: v[i : i + self.batch_size] for k, v in arrays.items()}
+            pad = self.batch_size - len(next(iter(chunk.values())))
+            if pad:
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in chunk.items()}
+            res = fn(mesh_lib.global_batch(self.mesh, chunk))
+            out.append(np.asarray(res)[: self.batch_size - pad])
+        return np.concatenate(out)
+
+    def _rerank(self, params, img, txt, caps, img_tok, stream, text_ids) -> dict:
+        uniq, inverse, first = retrieval.caption_index(caps)
+
+        def score_pairs(img_idx, cap_idx):
+            rows = first[cap_idx]
+            return self._batched(
+                lambda a: self._itm(params, a["tok"], a["stream"], a["text"]),
+                {"tok": img_tok[img_idx], "stream": stream[rows], "text": text_ids[rows]})
+
+        return retrieval.reranked_metrics(img @ txt[first].T, inverse, score_pairs, self.rerank_k)
 
     def _encode_text(self, params, tokens: np.ndarray) -> np.ndarray:
         """tokens [N, L] -> [N, D], padded to whole batches for static shapes."""
@@ -45,12 +76,22 @@ class Evaluator:
             process_index=jax.process_index(), process_count=jax.process_count(),
         )
         imgs, txts, caps, labels, negs, neg_valid = [], [], [], [], [], []
+        img_toks, streams, text_ids = [], [], []
         seen = 0
         for batch in it:
             valid = np.asarray(batch["valid"], bool)
             arrays = mesh_lib.global_batch(self.mesh, {"image": batch["image"], "text": batch["text"]})
-            imgs.append(np.asarray(self._enc_img(params, arrays["image"]))[valid])
-            txts.append(np.asarray(self._enc_txt(params, arrays["text"]))[valid])
+            if self.rerank_k:
+                emb, tok = self._img_feat(params, arrays["image"])
+                imgs.append(np.asarray(emb)[valid])
+                img_toks.append(np.asarray(tok)[valid])
+                emb, stream = self._txt_feat(params, arrays["text"])
+                txts.append(np.asarray(emb)[valid])
+                streams.append(np.asarray(stream)[valid])
+                text_ids.append(np.asarray(batch["text"])[valid])
+            else:
+                imgs.append(np.asarray(self._enc_img(params, arrays["image"]))[valid])
+                txts.append(np.asarray(self._enc_txt(params, arrays["text"]))[valid])
             caps.extend(np.asarray(batch["caption"])[valid].tolist())
             if "label" in batch:
                 labels.append(np.asarray(batch["label"])[valid])
@@ -67,6 +108,9 @@ class Evaluator:
             return {"num_images": 0}
         img, txt = np.concatenate(imgs), np.concatenate(txts)
         metrics = retrieval.retrieval_metrics(img, txt, caps)
+        if self.rerank_k:
+            metrics.update(self._rerank(params, img, txt, caps, np.concatenate(img_toks),
+                                        np.concatenate(streams), np.concatenate(text_ids)))
         if negs:
             hn = np.concatenate(negs)
             n, k, length = hn.shape

@@ -6,6 +6,8 @@ import os
 import time
 
 import jax
+import ml_collections
+import numpy as np
 from tqdm import tqdm
 
 from mmjax import checkpoint as ckpt_lib
@@ -31,6 +33,7 @@ class Setup:
             config.model.vocab_size = int(self.tokenizer.vocab_size)
             config.model.image_size = int(data.image_size)
             config.model.text_len = int(data.text_len)
+            config.model.total_steps = int(config.train.steps)  # for momentum / ramp schedules
         self.family = zoo.build(config.model)
         self.mesh = mesh_lib.make_mesh(config.parallel.get("mesh"))
         self.schedule = optim.learning_rate_schedule(config.train)
@@ -46,6 +49,40 @@ class Setup:
             os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints),
             async_save=bool(config.train.get("async_checkpoints", True)),
         )
+
+    def stages(self) -> list[dict]:
+        """The training stages: [{name, until, tasks, freeze, family, trainable}].
+
+        Without `train.stages` there is one stage over all steps with `train.freeze`.
+        A stage may name `tasks` (the family's objectives in that stage, e.g. VLMo's
+        image-only, then text-only, then image-text pretraining) and `freeze` (regexes
+        of params kept fixed); stages end at their `until` step.
+        """
+        tc = self.config.train
+        specs = tc.get("stages", None) or [dict(name="all", until=int(tc.steps))]
+        out, prev = [], 0
+        for i, spec in enumerate(specs):
+            spec = dict(spec)
+            unknown = set(spec) - {"name", "until", "tasks", "freeze"}
+            if unknown:
+                raise ValueError(f"train.stages[{i}] has unknown keys {sorted(unknown)}; "
+                                 "valid keys: name, until, tasks, freeze")
+            until = int(spec.get("until", tc.steps))
+            if until <= prev:
+                raise ValueError(f"train.stages[{i}].until={until} must exceed the previous stage's end {prev}")
+            prev = until
+            family = self.family
+            tasks = spec.get("tasks")
+            if tasks is not None:
+                model_cfg = ml_collections.ConfigDict(self.config.model.to_dict())
+                model_cfg.tasks = tuple(tasks)
+                family = zoo.build(model_cfg)
+            freeze = tuple(spec.get("freeze", None) or tc.get("freeze", None) or ())
+            trainable = optim.trainable_mask(self.abstract_state.params, freeze)
+            out.append(dict(name=spec.get("name", f"stage{i}"), until=until, family=family,
+                            tasks=tuple(getattr(family, "tasks", ()) or ()), freeze=freeze,
+                            trainable=trainable))
+        return out
 
     def fresh_state(self):
         init = jax.jit(self._init, out_shardings=self.state_sharding)
@@ -63,7 +100,7 @@ class Setup:
         return Evaluator(
             self.family, self.config.data, self.tokenizer, self.mesh,
             split=split or self.config.data.eval_split, batch_size=int(ev.batch_size),
-            max_examples=ev.get("max_examples"),
+            max_examples=ev.get("max_examples"), rerank_k=int(ev.get("rerank_k", 16)),
         )
 
 
@@ -107,10 +144,25 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
     )
     metric_shard = mesh_lib.replicated(setup.mesh)
     batch_shard = mesh_lib.batch_sharding(setup.mesh)
-    train_step = step_lib.compile_step(
-        step_lib.make_train_step(setup.family, setup.optimizer, setup.schedule, accum_steps=int(tc.accum_steps)),
-        setup.state_sharding, batch_shard, metric_shard,
-    )
+    stages = setup.stages()
+    compiled = {}
+
+    def step_fn_for(step: int):
+        """The compiled step of the stage `step` falls in (compiled on first use)."""
+        i = next((i for i, st in enumerate(stages) if step < st["until"]), len(stages) - 1)
+        if i not in compiled:
+            st = stages[i]
+            compiled[i] = step_lib.compile_step(
+                step_lib.make_train_step(st["family"], setup.optimizer, setup.schedule,
+                                         accum_steps=int(tc.accum_steps), trainable=st["trainable"]),
+                setup.state_sharding, batch_shard, metric_shard,
+            )
+            if len(stages) > 1:
+                tqdm.write(f"[stage {st['name']}] from step {step}: tasks={st['tasks']} "
+                           f"frozen={list(st['freeze'])}")
+        return compiled[i]
+
+    batch_keys = getattr(setup.family, "batch_keys", ("image", "text", "hard_negatives"))
     evaluator = setup.evaluator() if config.eval.every or config.eval.at_end else None
     if evaluator is not None:  # a missing or empty eval split fails now, not after hours
         n_eval = pipeline.num_examples(config.data, config.data.eval_split)
@@ -126,7 +178,8 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         last_eval = evaluator(state.params)
         last_eval["eval_seconds"] = time.time() - t0
         writer.write(step, "eval", last_eval)
-        shown = ("i2t_r@1", "i2t_r@5", "t2i_r@1", "binding_acc", "zero_shot_top1", "i2t_chance@1")
+        shown = ("i2t_r@1", "i2t_itm_r@1", "i2t_r@5", "t2i_r@1", "t2i_itm_r@1", "binding_acc", "zero_shot_top1",
+                 "i2t_chance@1")
         tqdm.write(f"[eval step {step}] " + _format(last_eval, shown))
 
     bar = tqdm(total=total, initial=start_step, disable=not progress or jax.process_index() != 0,
@@ -136,8 +189,10 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
     end = total if stop_at is None else min(total, int(stop_at))
     for step in range(start_step, end):
         batch = next(train_iter)
-        batch = {k: batch[k] for k in ("image", "text", "hard_negatives") if k in batch}
-        state, m = train_step(state, mesh_lib.global_batch(setup.mesh, batch))
+        batch = {k: batch[k] for k in batch_keys if k in batch}
+        if "id" in batch:  # int64 from tf.data; jax runs without x64
+            batch["id"] = np.asarray(batch["id"]).astype(np.int32)
+        state, m = step_fn_for(step)(state, mesh_lib.global_batch(setup.mesh, batch))
         data_position += 1
         n_since += 1
         done = step + 1

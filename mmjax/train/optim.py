@@ -43,3 +43,30 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
         )
     )
     return optax.chain(*parts)
+
+
+def param_path(path) -> str:
+    """A jax key path -> 'image_tower/encoder/block00/attn/qkv/kernel'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def trainable_mask(params, freeze=()):
+    """Pytree of bools like `params`: False for params whose path matches any regex
+    in `freeze` (re.search on 'a/b/c' paths), True otherwise; None if nothing is frozen.
+
+    A pattern that matches no param is an error: a typo would silently train
+    what was meant to be frozen.
+    """
+    import re
+
+    patterns = [re.compile(p) for p in (freeze or ())]
+    if not patterns:
+        return None
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pat in patterns:
+        if not any(pat.search(s) for s in paths):
+            sample = ", ".join(paths[:6])
+            raise ValueError(f"train.freeze pattern {pat.pattern!r} matches no parameter; "
+                             f"paths look like: {sample}, ...")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: not any(pat.search(param_path(p)) for pat in patterns), params)

@@ -47,15 +47,27 @@ def _merge_micro(tree):
     return jax.tree_util.tree_map(merge, tree)
 
 
-def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: Callable = identity_gather):
-    """Returns `(loss, metrics), grads` over the whole batch."""
+def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: Callable = identity_gather,
+                   teacher=None, queues=None, step=None):
+    """Returns `(loss, metrics, updates), grads` over the whole batch.
+
+    `updates` are the family's non-gradient outputs (e.g. new feature queues).
+    """
     if accum_steps == 1:
 
         def objective(p):
-            loss, metrics, _ = family.objective(p, batch, rng, gather=gather)
-            return loss, metrics
+            kw = dict(teacher=teacher, queues=queues, step=step) if teacher is not None or queues is not None else {}
+            loss, metrics, updates = family.objective(p, batch, rng, gather=gather, **kw)
+            return loss, (metrics, updates)
 
-        return jax.value_and_grad(objective, has_aux=True)(params)
+        (loss, (metrics, updates)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return (loss, metrics, updates), grads
+
+    if not hasattr(family, "loss_from_embeddings"):
+        raise ValueError(
+            f"train.accum_steps={accum_steps}: gradient accumulation is GradCache-exact only for "
+            f"contrastive-only families (clip); {type(family).__name__} has fusion losses. "
+            "Set train.accum_steps=1 and lower train.batch_size, or use more devices.")
 
     micro = _split_micro(batch, accum_steps)
     rngs = jax.random.split(rng, accum_steps)
@@ -77,26 +89,45 @@ def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: 
         return jax.tree_util.tree_map(jnp.add, g_acc, g), None
 
     grads, _ = jax.lax.scan(body, g_params, (micro, rngs, g_emb))
-    return (loss, metrics), grads
+    return (loss, metrics, {}), grads
 
 
 def make_train_step(family, optimizer: optax.GradientTransformation, schedule=None, *, accum_steps: int = 1,
-                    gather: Callable = identity_gather):
-    """Builds the pure step function (not yet compiled)."""
+                    gather: Callable = identity_gather, trainable=None):
+    """Builds the pure step function (not yet compiled).
+
+    `trainable`: optional pytree of bools like the params (False = frozen, see
+    `optim.trainable_mask`); frozen params get zero gradient and zero update, so
+    weight decay does not move them either, and the optimizer state keeps its shape
+    (a staged schedule can freeze different parts without re-creating it).
+    After the update the family's teacher (`ema_params`) follows the new params and
+    the family's `updates` (feature queues) replace the old ones.
+    """
+
+    def freeze(tree):
+        if trainable is None:
+            return tree
+        return jax.tree_util.tree_map(lambda t, keep: t if keep else jnp.zeros_like(t), tree, trainable)
 
     def train_step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
-        (loss, metrics), grads = loss_and_grads(
-            family, state.params, batch, step_rng, accum_steps=accum_steps, gather=gather
+        (loss, metrics, extra), grads = loss_and_grads(
+            family, state.params, batch, step_rng, accum_steps=accum_steps, gather=gather,
+            teacher=state.ema_params, queues=state.queues, step=state.step,
         )
+        grads = freeze(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = optax.apply_updates(state.params, freeze(updates))
+        ema_params = state.ema_params
+        if ema_params is not None:
+            ema_params = family.teacher_update(ema_params, params, state.step)
         metrics = dict(metrics)
         metrics["loss"] = loss
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                                  ema_params=ema_params, queues=extra.get("queues", state.queues))
         return new_state, metrics
 
     return train_step
@@ -106,12 +137,13 @@ def init_state(family, optimizer, rng, image_shape, text_shape) -> TrainState:
     """The initial state; call under `jax.jit(..., out_shardings=...)` so it is born sharded."""
     init_rng, state_rng = jax.random.split(rng)
     params = family.init_params(init_rng, image_shape, text_shape)
+    extra = family.init_extra(params) if hasattr(family, "init_extra") else {}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
-        ema_params=None,
-        queues=None,
+        ema_params=extra.get("ema_params"),
+        queues=extra.get("queues"),
         rng=state_rng,
     )
 

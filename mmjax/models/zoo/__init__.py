@@ -1,11 +1,16 @@
 """Model families: `build(model_config)` -> a family object.
 
-A family has `.model` (the linen module), `init_params`, `embed`,
-`loss_from_embeddings`, `objective`, `encode_image`, `encode_text`.
+A family has `.model` (the linen module), `init_params`, `objective`,
+`encode_image`, `encode_text`; optionally `batch_keys` (the batch fields it reads),
+`init_extra` + `teacher_update` (an EMA teacher and feature queues in the state),
+`embed` + `loss_from_embeddings` (contrastive-only: GradCache accumulation), and
+`image_features` + `text_features` + `itm_scores` (ITM re-ranking in the eval).
 """
+from mmjax.models.zoo.albef import ALBEF, AlbefFamily
 from mmjax.models.zoo.clip import CLIP, ClipFamily
+from mmjax.models.zoo.multiway import Multiway, MultiwayFamily
 
-FAMILIES = {"clip": ClipFamily}
+FAMILIES = {"clip": ClipFamily, "albef": AlbefFamily, "vlmo": MultiwayFamily, "beit3": MultiwayFamily}
 
 
 def build(model_config):
@@ -22,4 +27,4 @@ def build_module(model_config):
   return build(model_config).model
 
 
-__all__ = ["CLIP", "ClipFamily", "FAMILIES", "build", "build_module"]
+__all__ = ["ALBEF", "AlbefFamily", "CLIP", "ClipFamily", "Multiway", "MultiwayFamily", "FAMILIES", "build", "build_module"]

@@ -1,0 +1,38 @@
+"""BEiT-3: a multiway transformer in the released "decoupled" layout (per-modality
+q/k/v, output projections, norms and FFNs; only the attention computation shared),
+pretrained with one objective, masked data modeling, on text, images and pairs:
+
+    mmjax train --config configs/beit3.py --workdir workdirs/beit3
+
+  mlm   50% of the text of an image-text pair masked, predicted from [image ; text]
+  tmlm  15% of text masked, text alone
+  mdm   block-wise 40% of image patches masked; mmjax regresses normalised pixels
+        (the usual stand-in when no BEiT-v2 visual tokenizer is available)
+Masked data modeling alone trains no ITC projection, so the retrieval numbers its
+eval prints stay near chance until the model is fine-tuned for retrieval; add
+"itc" / "itm" to model.tasks to pretrain them too.
+"""
+import importlib.util
+import os
+
+
+def _demo_config(arg):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+    spec = importlib.util.spec_from_file_location("_mmjax_demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg=None):
+    c = _demo_config(arg)
+    m = c.model
+    m.family = "beit3"
+    m.image_overrides = dict(width=96, depth=4, heads=4, mlp_dim=384)
+    m.text_overrides = {}
+    m.tasks = ("mlm", "tmlm", "mdm")
+    m.mlm_prob = 0.5  # text of image-text pairs (BEiT-3)
+    m.tmlm_prob = 0.15  # text alone (BEiT-3)
+    m.mdm_ratio = 0.4  # block-wise image masking (BEiT-3)
+    c.eval.rerank_k = 16
+    return c

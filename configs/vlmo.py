@@ -1,0 +1,52 @@
+"""VLMo: one multiway transformer (shared attention, V/L/VL experts), pretrained
+stage-wise as in the paper, on the built-in data:
+
+    mmjax train --config configs/vlmo.py --workdir workdirs/vlmo
+
+Stages (train.stages; each ends at `until`):
+  1. image      image-only masked data modeling trains attention + V-FFN
+                (BEiT-style; mmjax regresses normalised pixels of 40% block-masked patches)
+  2. text       text-only MLM trains L-FFN and text embeddings, attention and V-FFN frozen
+  3. image-text ITC + ITM (hard negatives over the global batch) + MLM train everything
+`configs/vlmo.py:emoji` runs it on the Twemoji pairs.
+"""
+import importlib.util
+import os
+
+
+def _demo_config(arg):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+    spec = importlib.util.spec_from_file_location("_mmjax_demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+# Param-path regexes (see mmjax/models/multiway.py and zoo/multiway.py for the names).
+TEXT_PARTS = (r"^word_embed/", r"_text/", r"^mlm_head/")
+IMAGE_PARTS = (r"^patch_embed/", r"^image_(cls|pos)$", r"_image/", r"^mask_token$", r"^mdm_head/")
+SHARED_ATTENTION = (r"^encoder/block\d+/(ln1|attn)/",)
+PAIR_PARTS = (r"_vl/", r"^(image_proj|text_proj|itm_head)/", r"^t$")
+
+
+def get_config(arg=None):
+    c = _demo_config(arg)
+    m = c.model
+    m.family = "vlmo"
+    m.image_overrides = dict(width=96, depth=4, heads=4, mlp_dim=384)  # one tower for both
+    m.text_overrides = {}
+    m.vl_from = 3  # the top layer gets the VL expert (VLMo-base: layers 10-11 of 12)
+    m.tasks = ("itc", "itm", "mlm")  # the default when no stage names its tasks
+    m.mlm_prob = 0.15
+    m.tmlm_prob = 0.15
+    m.mdm_ratio = 0.4
+    steps = c.train.steps
+    c.train.stages = [
+        dict(name="image", until=steps // 5, tasks=("mdm",), freeze=TEXT_PARTS + PAIR_PARTS),
+        dict(name="text", until=2 * steps // 5, tasks=("tmlm",),
+             freeze=SHARED_ATTENTION + IMAGE_PARTS + PAIR_PARTS),
+        dict(name="image-text", until=steps, tasks=("itc", "itm", "mlm"),
+             freeze=(r"^mask_token$", r"^mdm_head/")),
+    ]
+    c.eval.rerank_k = 16
+    return c

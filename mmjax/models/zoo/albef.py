@@ -1,0 +1,238 @@
+"""ALBEF: align before fuse, with a momentum teacher and feature queues.
+
+Shape letters: B global batch, b local rows, T image tokens, L text length,
+Di image width, D text width, E embed dim, V vocabulary.
+
+Model (MODELS.md, ALBEF): a ViT ([CLS] pooled), one BERT-style bidirectional
+text encoder whose first `fusion_from` layers are text-only and whose remaining
+layers add cross-attention to the image tokens, projections to E for ITC, an ITM
+head on the fused [CLS] (position 0, mmjax's bos) and an MLM head tied to the
+word embeddings. mmjax blocks are pre-LN (the release's BERT is post-LN).
+
+Objective = ITC with momentum distillation (teacher features of the batch and of
+the queues) + ITM with hard negatives drawn over the global batch + MLM distilled
+from the teacher's logits; unweighted sum. The teacher (`ema_params`, a full copy
+of the params) and the queues live in the TrainState; the step updates the EMA
+after the optimizer update and writes the queues with the `updates` returned here.
+"""
+import math
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead
+from mmjax.models.variants import parse_variant
+from mmjax.models.vit import ViT
+from mmjax.models.zoo.clip import DTYPES, l2_normalize
+from mmjax.objectives import (alpha_at, ema_update, enqueue, identity, init_queues, itc_distill_loss,
+                              itm_loss, mask_tokens, mlm_loss, momentum_at, sample_hard_negatives)
+
+Dtype = Any
+MASK_ID, SPECIAL_IDS, FIRST_WORD_ID = 4, (0, 1, 2, 3, 4, 5), 6  # mmjax tokenizer ids
+TEMP_RANGE = (0.001, 0.5)
+
+
+class ALBEF(nn.Module):
+  """ViT + BERT-style text/fusion encoder + projections + ITM and MLM heads.
+
+  Methods (apply with `method=`): `image_features(image) -> (emb [B,E], tokens
+  [B,T,Di])`, `text_features(ids) -> (emb [B,E], stream [B,L,D])`,
+  `fuse(stream, ids, image_tokens) -> fused [B,L,D]`, `itm_logits(fused) -> [B,2]`,
+  `mlm_logits(fused) -> [B,L,V]`; `__call__(image, ids)` touches every param.
+  """
+  image: Any
+  text: Any
+  fusion_from: int
+  embed_dim: int
+  vocab_size: int
+  text_len: int
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    im, tx = self.image, self.text
+    self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"], im["mlp_dim"],
+                           pool="cls", posemb="learn", remat=self.remat, **kw)
+    self.text_tower = BertTextEncoder(self.vocab_size, self.text_len, tx["width"], tx["depth"],
+                                      tx["heads"], tx["mlp_dim"], fusion_from=self.fusion_from,
+                                      remat=self.remat, **kw)
+    self.image_proj = nn.Dense(self.embed_dim, name="image_proj", **kw)
+    self.text_proj = nn.Dense(self.embed_dim, name="text_proj", **kw)
+    self.itm_head = ItmHead(**kw)
+    self.mlm_head = MlmHead(self.vocab_size, **kw)
+    self.temp = self.param("temp", nn.initializers.constant(0.07), (), jnp.float32)
+
+  def image_features(self, image_BxHxWx3):
+    chex.assert_rank(image_BxHxWx3, 4)
+    pooled, aux = self.image_tower(image_BxHxWx3)
+    return l2_normalize(self.image_proj(pooled)), aux["tokens"]
+
+  def text_features(self, ids_BxL):
+    chex.assert_rank(ids_BxL, 2)
+    cls_BxD, aux = self.text_tower.encode_text(ids_BxL)
+    return l2_normalize(self.text_proj(cls_BxD)), aux["tokens"]
+
+  def fuse(self, stream_BxLxD, ids_BxL, image_BxTxDi):
+    fused_BxLxD, _ = self.text_tower.fuse(stream_BxLxD, ids_BxL, image_BxTxDi)
+    return fused_BxLxD
+
+  def itm_logits(self, fused_BxLxD):
+    return self.itm_head(fused_BxLxD[:, 0]).astype(jnp.float32)
+
+  def mlm_logits(self, fused_BxLxD):
+    return self.mlm_head(fused_BxLxD, self.text_tower.attend)
+
+  def __call__(self, image, ids):
+    img_emb, img_tok = self.image_features(image)
+    txt_emb, stream = self.text_features(ids)
+    fused = self.fuse(stream, ids, img_tok)
+    return img_emb, txt_emb, self.itm_logits(fused), self.mlm_logits(fused)
+
+
+class AlbefFamily:
+  """ALBEF for the generic train step and the evaluator.
+
+  model_config fields (besides CLIP's image/text/overrides/embed_dim/dtype):
+  fusion_from (text-only layers before the fusion layers), queue_size, momentum,
+  momentum_final (None = constant), alpha, alpha_ramp_steps, mlm_prob, and
+  `tasks` (subset of itc, itm, mlm; default all three).
+  """
+  batch_keys = ("image", "text", "id")
+  TASKS = ("itc", "itm", "mlm")
+
+  def __init__(self, model_config):
+    cfg = model_config
+    self.config = cfg
+    self.image_size = int(cfg.get("image_size", 256))
+    self.text_len = int(cfg.get("text_len", 25))
+    text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
+    self.fusion_from = int(cfg.get("fusion_from", text["depth"] // 2))
+    if not 0 <= self.fusion_from <= text["depth"]:
+      raise ValueError(f"model.fusion_from={self.fusion_from} must lie in [0, text depth "
+                       f"{text['depth']}]")
+    self.queue_size = int(cfg.get("queue_size", 65536))
+    self.momentum = float(cfg.get("momentum", 0.995))
+    self.momentum_final = cfg.get("momentum_final", None)
+    self.total_steps = int(cfg.get("total_steps", 0) or 0)
+    self.alpha = float(cfg.get("alpha", 0.4))
+    self.alpha_ramp_steps = int(cfg.get("alpha_ramp_steps", 0))
+    self.mlm_prob = float(cfg.get("mlm_prob", 0.15))
+    tasks = tuple(cfg.get("tasks", None) or self.TASKS)
+    bad = [t for t in tasks if t not in self.TASKS]
+    if bad:
+      raise ValueError(f"model.tasks {bad} unknown; valid choices: {', '.join(self.TASKS)}")
+    self.tasks = tasks
+    self.embed_dim = int(cfg.embed_dim)
+    self.model = ALBEF(
+        image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
+        text=text, fusion_from=self.fusion_from, embed_dim=self.embed_dim,
+        vocab_size=int(cfg.vocab_size), text_len=self.text_len,
+        remat=bool(cfg.get("remat", False)), dtype=DTYPES[cfg.get("dtype", "float32")])
+
+  # --- state -----------------------------------------------------------------
+  def init_params(self, rng, image_shape=None, text_shape=None):
+    image = jnp.zeros(tuple(image_shape or (1, self.image_size, self.image_size, 3)), jnp.float32)
+    text = jnp.zeros(tuple(text_shape or (1, self.text_len)), jnp.int32)
+    return self.model.init(rng, image, text)["params"]
+
+  def init_extra(self, params):
+    """The teacher starts as a copy of the student; the queues start empty."""
+    return dict(ema_params=jax.tree_util.tree_map(jnp.array, params),
+                queues=init_queues(self.queue_size, self.embed_dim))
+
+  def teacher_update(self, ema_params, params, step):
+    m = momentum_at(step, self.momentum, self.momentum_final, self.total_steps or None)
+    return ema_update(ema_params, params, m)
+
+  # --- pieces ------------------------------------------------------------------
+  def _apply(self, params, method, *args):
+    return self.model.apply({"params": params}, *args, method=method)
+
+  def temp(self, params):
+    return jnp.clip(params["temp"], *TEMP_RANGE)
+
+  def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None,
+                gather=identity):
+    """-> (loss, metrics, updates={'queues': new queues}).
+
+    batch: image [b,H,W,3] f32, text [b,L] i32, id [b] i32 (same id = same image;
+    never a negative). `teacher` (ema params) and `queues` come from the state.
+    """
+    m = self.model
+    image, ids, text_ids = batch["image"], batch["id"].astype(jnp.int32), batch["text"]
+    step = jnp.zeros((), jnp.int32) if step is None else step
+    rng_mlm, rng_i2t, rng_t2i = jax.random.split(rng, 3)
+    alpha = alpha_at(step, self.alpha, self.alpha_ramp_steps)
+    temp = self.temp(params)
+    img_emb, img_tok = self._apply(params, m.image_features, image)
+    txt_emb, stream = self._apply(params, m.text_features, text_ids)
+    teacher = jax.lax.stop_gradient(teacher)
+    t_img, t_img_tok = self._apply(teacher, m.image_features, image)
+    t_txt, _ = self._apply(teacher, m.text_features, text_ids)
+    metrics, loss = {"alpha": alpha}, 0.0
+
+    if "itc" in self.tasks:
+      l_itc, mi = itc_distill_loss(img_emb, txt_emb, ids, t_img, t_txt, queues, temp, alpha,
+                                   gather=gather)
+      loss, metrics = loss + l_itc, {**metrics, **mi}
+
+    if "itm" in self.tasks:
+      ids_all = gather(ids)
+      sim_i2t = jax.lax.stop_gradient(img_emb @ gather(txt_emb).T / temp)  # [b, B]
+      sim_t2i = jax.lax.stop_gradient(txt_emb @ gather(img_emb).T / temp)
+      neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t, ids, ids_all)
+      neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i, ids, ids_all)
+      stream_all, text_all, img_tok_all = gather(stream), gather(text_ids), gather(img_tok)
+      b = image.shape[0]
+      fused = self._apply(params, m.fuse,
+                          jnp.concatenate([stream, stream_all[neg_txt], stream]),
+                          jnp.concatenate([text_ids, text_all[neg_txt], text_ids]),
+                          jnp.concatenate([img_tok, img_tok, img_tok_all[neg_img]]))
+      logits = self._apply(params, m.itm_logits, fused)
+      labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+      weights = jnp.concatenate([jnp.ones((b,), jnp.float32), has_t.astype(jnp.float32),
+                                 has_i.astype(jnp.float32)])
+      l_itm, mi = itm_loss(logits, labels, weights)
+      loss, metrics = loss + l_itm, {**metrics, **mi}
+
+    if "mlm" in self.tasks:
+      masked, target = mask_tokens(rng_mlm, text_ids, vocab_size=m.vocab_size, mask_id=MASK_ID,
+                                   special_ids=SPECIAL_IDS, prob=self.mlm_prob,
+                                   first_random_id=FIRST_WORD_ID)
+      _, m_stream = self._apply(params, m.text_features, masked)
+      logits = self._apply(params, m.mlm_logits, self._apply(params, m.fuse, m_stream, masked, img_tok))
+      _, tm_stream = self._apply(teacher, m.text_features, masked)
+      t_logits = self._apply(teacher, m.mlm_logits,
+                             self._apply(teacher, m.fuse, tm_stream, masked, t_img_tok))
+      l_mlm, mi = mlm_loss(logits, text_ids, target, teacher_logits_BxLxV=t_logits, alpha=alpha)
+      loss, metrics = loss + l_mlm, {**metrics, **mi}
+
+    new_queues = enqueue(queues, gather(t_img), gather(t_txt), gather(ids))
+    metrics["loss"] = loss
+    return loss, metrics, {"queues": new_queues}
+
+  # --- evaluation ----------------------------------------------------------------
+  def encode_image(self, params, image):
+    return self._apply(params, self.model.image_features, image)[0]
+
+  def encode_text(self, params, text):
+    return self._apply(params, self.model.text_features, text)[0]
+
+  def image_features(self, params, image):
+    """-> (emb [B,E], tokens [B,T,Di]) for ITC ranking and ITM re-ranking."""
+    return self._apply(params, self.model.image_features, image)
+
+  def text_features(self, params, text):
+    """-> (emb [B,E], stream [B,L,D])."""
+    return self._apply(params, self.model.text_features, text)
+
+  def itm_scores(self, params, image_tokens, stream, text):
+    """Log-odds that each (image, text) pair matches: [B,T,Di], [B,L,D], [B,L] -> [B]."""
+    logits = self._apply(params, self.model.itm_logits,
+                         self._apply(params, self.model.fuse, stream, text, image_tokens))
+    return logits[:, 1] - logits[:, 0]
