@@ -136,8 +136,23 @@ def get(config, dotted: str, default=None):
     return node
 
 
+BUILTIN_DATASETS = ("shapes", "emoji")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks choice-valued keys and basic numeric ranges."""
+    """Checks choice-valued keys and basic numeric ranges.
+
+    Resolves one hint: `data.cache_decoded` (keep decoded pixels in memory) holds for
+    the built-in datasets only; with another `data.name` it is turned off, with a
+    warning, so a recipe written for `shapes` still streams a user's own files.
+    """
+    if get(config, "data.cache_decoded") and get(config, "data.name") not in BUILTIN_DATASETS:
+        import logging
+        logging.getLogger(__name__).warning(
+            "data.cache_decoded applies to the built-in datasets %s only; streaming %r",
+            BUILTIN_DATASETS, get(config, "data.name"))
+        with config.unlocked():
+            config.data.cache_decoded = False
     for key, choices in CHOICES.items():
         value = get(config, key)
         if value is not None and value not in choices:

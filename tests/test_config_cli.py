@@ -62,3 +62,12 @@ def test_console_script_exit_code_2(tmp_path):
                            str(tmp_path), "--config.train.stepz=3"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "train.stepz" in proc.stderr and proc.stderr.count("\n") <= 2
+
+
+def test_cache_decoded_is_dropped_for_non_builtin_data():
+    """The demo's in-memory cache is for built-in sets: pointing the recipe at your
+    own file list streams it instead of failing."""
+    from mmjax import config as config_lib
+    demo = os.path.join(ROOT, "configs", "demo.py")
+    assert config_lib.load(demo).data.cache_decoded is True
+    assert config_lib.load(demo, ["data.name=files", "data.path=x.csv"]).data.cache_decoded is False

@@ -171,6 +171,25 @@ def test_train_iterator_deterministic_and_resume(shapes_dir, tok):
     assert not np.array_equal(e1[:16], np.concatenate([t["id"] for t in a[8:10]]))
 
 
+@pytest.mark.parametrize("crop", [(0.6, 1.0), (1.0, 1.0)])
+def test_cached_decoding_gives_the_streaming_batches(shapes_dir, tok, crop):
+    """data.cache_decoded keeps decoded pixels in memory: the batches (augmented or
+    not, fresh or resumed) equal the streaming pipeline's; only built-in sets allow it."""
+    from mmjax.data import pipeline as P
+    aug = {"crop_scale": crop, "aspect": (1.0, 1.0) if crop == (1.0, 1.0) else (0.75, 1.33), "flip": False}
+    stream = _take(P.make_train_iterator(_cfg(shapes_dir, augment=aug), tok, 8, seed=0), 10)
+    cached = _take(P.make_train_iterator(_cfg(shapes_dir, augment=aug, cache_decoded=True), tok, 8, seed=0), 10)
+    resumed = _take(P.make_train_iterator(_cfg(shapes_dir, augment=aug, cache_decoded=True), tok, 8, seed=0,
+                                          start_batch=9), 1)
+    for u, v in zip(stream, cached):
+        for k in u:
+            np.testing.assert_allclose(u[k], v[k], atol=1e-5, err_msg=k)
+    for k in stream[9]:
+        np.testing.assert_allclose(stream[9][k], resumed[0][k], atol=1e-5, err_msg=k)
+    with pytest.raises(ValueError, match="cache_decoded"):
+        P.make_train_iterator(dict(_cfg(shapes_dir), name="files", path="x.csv", cache_decoded=True), tok, 8, seed=0)
+
+
 def test_train_hard_negatives(shapes_dir, tok):
     """K hard negatives per image: real swapped captions of that image, never its own
     caption, deterministic and resumable like the rest of the batch."""

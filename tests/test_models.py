@@ -208,7 +208,7 @@ def test_param_counts(name):
 
 def test_build_unknown_family():
   with pytest.raises(ValueError, match="clip"):
-    zoo.build(clip_config(family="albef"))
+    zoo.build(clip_config(family="no_such_family"))
 
 
 # ---- CLIP family ----------------------------------------------------------

@@ -55,7 +55,7 @@ def test_gradcache_accumulation_equals_full_batch(tmp_path, loss):
     (l4, _, _), g4 = grads(params, batch, 4)
     np.testing.assert_allclose(l1, l4, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g4)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=5e-6)
     # The naive alternative really differs, so the test can tell them apart
     # (with SigLIP's init bias of -10 the negatives barely count, so use 0 there).
     if loss == "sigmoid":
@@ -122,3 +122,25 @@ def test_train_lowers_loss_and_resume_is_exact(tmp_path, data_dir):
     # The plot and metrics the run promises are there.
     assert os.path.isfile(tmp_path / "full" / "curves.png")
     assert os.path.isdir(tmp_path / "full" / "tb")
+
+
+def test_freeze_keeps_params_fixed_and_rejects_unknown_patterns(tmp_path):
+    """train.freeze: matching params get neither gradient nor weight decay; the rest
+    train; a pattern matching nothing is an error (a typo would train everything)."""
+    cfg = tiny_config(tmp_path, **{"train.weight_decay": 0.5})
+    family = _family(cfg)
+    opt = optim.make_optimizer(cfg.train)
+    state = step_lib.init_state(family, opt, jax.random.PRNGKey(0), (1, 16, 16, 3), (1, 16))
+    trainable = optim.trainable_mask(state.params, ["^image_tower/"])
+    step = jax.jit(step_lib.make_train_step(family, opt, trainable=trainable))
+    new, _ = step(state, _random_batch(jax.random.PRNGKey(1), 16, cfg))
+    new, _ = step(new, _random_batch(jax.random.PRNGKey(2), 16, cfg))
+    before = dict(jax.tree_util.tree_flatten_with_path(state.params)[0])
+    after = dict(jax.tree_util.tree_flatten_with_path(new.params)[0])
+    frozen = [p for p in before if optim.param_path(p).startswith("image_tower/")]
+    assert frozen and len(frozen) < len(before)
+    for p in before:
+        same = np.array_equal(np.asarray(before[p]), np.asarray(after[p]))
+        assert same == (p in frozen) or (p not in frozen and not before[p].ndim), optim.param_path(p)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        optim.trainable_mask(state.params, ["^no_such_tower/"])

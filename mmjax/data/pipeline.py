@@ -174,6 +174,8 @@ def captions(data_config, split: str) -> list[str]:
 
 def _decode(rec):
     import tensorflow as tf
+    if "pixels" in rec:  # already decoded (data.cache_decoded)
+        return rec["pixels"]
     data = tf.io.read_file(rec["image_path"]) if "image_path" in rec else rec["image"]
     img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
     img.set_shape([None, None, 3])
@@ -201,16 +203,21 @@ def _train_map(data_config, seed, hard_negatives: int = 0):
     ratio = tuple(float(x) for x in _get(data_config, "augment.aspect", (3 / 4, 4 / 3)))
     flip = bool(_get(data_config, "augment.flip", False))
 
+    crop_is_identity = scale == (1.0, 1.0) and ratio == (1.0, 1.0)
+
     def fn(pos, rec):
         s = tf.random.experimental.stateless_split(
             tf.stack([tf.constant(seed, tf.int64), pos]), 3)
         img = _decode(rec)
-        begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(img), bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
-            min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
-            max_attempts=10, use_image_if_no_bounding_boxes=True)
-        img = tf.slice(img, begin, crop)
-        img = tf.image.resize(img, [size, size], antialias=True)
+        if crop_is_identity and img.shape[:2] == (size, size):
+            img = tf.cast(img, tf.float32)  # nothing to crop or resize
+        else:
+            begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.shape(img), bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
+                min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
+                max_attempts=10, use_image_if_no_bounding_boxes=True)
+            img = tf.slice(img, begin, crop)
+            img = tf.image.resize(img, [size, size], antialias=True)
         if flip:
             img = tf.image.stateless_random_flip_left_right(img, s[1])
         out = {"image": _normalize(img), "caption": rec["caption"], "id": rec["id"],
@@ -307,6 +314,25 @@ class BatchIterator:
         return out
 
 
+def _cache_decoded(data_config, ds):
+    """Decodes every image once, resized to data.image_size, and keeps the uint8
+    pixels in memory (built-in datasets only: they are small and hold no corrupt
+    records, so no record is dropped before the stream positions are counted)."""
+    import tensorflow as tf
+    size = int(_get(data_config, "image_size", 224))
+
+    def decode(rec):
+        img = _decode(rec)
+        img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [size, size], antialias=True)), 0, 255),
+                      tf.uint8)
+        img.set_shape([size, size, 3])
+        out = {k: v for k, v in rec.items() if k != "image"}
+        out["pixels"] = img
+        return out
+
+    return ds.map(decode, num_parallel_calls=_npc(data_config), deterministic=True).cache()
+
+
 def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
                         start_batch: int = 0, process_index: int = 0,
                         process_count: int = 1, threads=None,
@@ -323,7 +349,13 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     import tensorflow as tf
     split = _get(data_config, "train_split", "train")
     L = int(_get(data_config, "text_len", 32))
+    cache = bool(_get(data_config, "cache_decoded", False))
+    if cache and _get(data_config, "name") not in ("shapes", "emoji"):
+        raise ValueError(f"data.cache_decoded=True is for the built-in datasets (shapes, emoji), not "
+                         f"{_get(data_config, 'name')!r}: a large or partly corrupt dataset must stream")
     ds = load_records(data_config, split).shard(process_count, process_index)
+    if cache:
+        ds = _cache_decoded(data_config, ds)
     K = int(hard_negatives or 0)
     if K and "hard_negatives" not in ds.element_spec:
         raise ValueError(f"model.hard_negatives={K} but dataset {_get(data_config, 'name')!r} has no "
