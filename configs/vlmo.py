@@ -40,12 +40,12 @@ def get_config(arg=None):
     m.mlm_prob = 0.15
     m.tmlm_prob = 0.15
     m.mdm_ratio = 0.4
-    steps = c.train.steps
+    # `until` as a fraction of train.steps: 20% image, 20% text, 60% image-text.
     c.train.stages = [
-        dict(name="image", until=steps // 5, tasks=("mdm",), freeze=TEXT_PARTS + PAIR_PARTS),
-        dict(name="text", until=2 * steps // 5, tasks=("tmlm",),
+        dict(name="image", until=0.2, tasks=("mdm",), freeze=TEXT_PARTS + PAIR_PARTS),
+        dict(name="text", until=0.4, tasks=("tmlm",),
              freeze=SHARED_ATTENTION + IMAGE_PARTS + PAIR_PARTS),
-        dict(name="image-text", until=steps, tasks=("itc", "itm", "mlm"),
+        dict(name="image-text", until=1.0, tasks=("itc", "itm", "mlm"),
              freeze=(r"^mask_token$", r"^mdm_head/")),
     ]
     c.eval.rerank_k = 16

@@ -15,8 +15,8 @@ TINY = {
     "data.shapes.image_size": 16, "data.shapes.num_train": 256, "data.shapes.num_validation": 32,
     "data.shapes.num_test": 64, "data.tokenizer.vocab_size": 40, "model.image": "mu/4",
     "model.image_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
-    "model.embed_dim": 16, "train.batch_size": 16, "train.steps": 9, "train.warmup_steps": 1,
-    "train.log_every": 3, "train.ckpt_every": 3, "eval.every": 0, "eval.at_end": False,
+    "model.embed_dim": 16, "train.batch_size": 16, "train.steps": 10, "train.warmup_steps": 1,
+    "train.log_every": 2, "train.ckpt_every": 2, "eval.every": 0, "eval.at_end": False,
     "eval.batch_size": 32, "eval.rerank_k": 4,
 }
 
@@ -27,8 +27,6 @@ def tiny(name, data_dir, **extra):
     if name == "vlmo":
         with cfg.unlocked():
             cfg.model.vl_from = 1
-            for st, until in zip(cfg.train.stages, (3, 6, 9)):
-                st["until"] = until
     return cfg
 
 
@@ -55,8 +53,10 @@ def test_vlmo_stages_train_what_the_paper_trains(tmp_path, data_dir):
     wd = str(tmp_path / "vlmo")
     cfg = tiny("vlmo", data_dir)
     init = _flat(loop.Setup(cfg, wd).fresh_state().params)
-    s1 = _flat(loop.train(tiny("vlmo", data_dir), wd, progress=False, stop_at=3)["final_state"].params)
-    s2 = _flat(loop.train(tiny("vlmo", data_dir), wd, progress=False, stop_at=6)["final_state"].params)
+    # configs/vlmo.py gives the stage ends as fractions (0.2, 0.4, 1.0) of the 10 steps.
+    assert [st["until"] for st in loop.Setup(cfg, wd).stages()] == [2, 4, 10]
+    s1 = _flat(loop.train(tiny("vlmo", data_dir), wd, progress=False, stop_at=2)["final_state"].params)
+    s2 = _flat(loop.train(tiny("vlmo", data_dir), wd, progress=False, stop_at=4)["final_state"].params)
     s3 = _flat(loop.train(tiny("vlmo", data_dir), wd, progress=False)["final_state"].params)
 
     # Stage 1: image side trains, text side and pair heads stay at init.

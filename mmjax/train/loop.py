@@ -56,7 +56,8 @@ class Setup:
         Without `train.stages` there is one stage over all steps with `train.freeze`.
         A stage may name `tasks` (the family's objectives in that stage, e.g. VLMo's
         image-only, then text-only, then image-text pretraining) and `freeze` (regexes
-        of params kept fixed); stages end at their `until` step.
+        of params kept fixed); stages end at their `until` step (an int) or at that
+        fraction of train.steps (a float in (0, 1]).
         """
         tc = self.config.train
         specs = tc.get("stages", None) or [dict(name="all", until=int(tc.steps))]
@@ -67,7 +68,10 @@ class Setup:
             if unknown:
                 raise ValueError(f"train.stages[{i}] has unknown keys {sorted(unknown)}; "
                                  "valid keys: name, until, tasks, freeze")
-            until = int(spec.get("until", tc.steps))
+            until = spec.get("until", tc.steps)
+            # A float in (0, 1] is a fraction of train.steps, so a recipe's stages
+            # follow --config.train.steps; an int is an absolute step.
+            until = int(round(until * int(tc.steps))) if isinstance(until, float) and until <= 1 else int(until)
             if until <= prev:
                 raise ValueError(f"train.stages[{i}].until={until} must exceed the previous stage's end {prev}")
             prev = until
