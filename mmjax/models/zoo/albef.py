@@ -32,7 +32,7 @@ from mmjax.objectives import (alpha_at, ema_update, enqueue, identity, init_queu
 
 Dtype = Any
 MASK_ID, SPECIAL_IDS, FIRST_WORD_ID = 4, (0, 1, 2, 3, 4, 5), 6  # mmjax tokenizer ids
-TEMP_RANGE = (0.001, 0.5)
+TEMP_RANGE = (0.001, 0.5)  # ALBEF's clamp; model.temp_range overrides it
 
 
 class ALBEF(nn.Module):
@@ -99,7 +99,8 @@ class AlbefFamily:
 
   model_config fields (besides CLIP's image/text/overrides/embed_dim/dtype):
   fusion_from (text-only layers before the fusion layers), queue_size, momentum,
-  momentum_final (None = constant), alpha, alpha_ramp_steps, mlm_prob, and
+  momentum_final (None = constant), alpha, alpha_ramp_steps, mlm_prob, temp_range
+  (clamp of the learned temperature, default ALBEF's (0.001, 0.5)), and
   `tasks` (subset of itc, itm, mlm; default all three).
   """
   batch_keys = ("image", "text", "id")
@@ -122,6 +123,7 @@ class AlbefFamily:
     self.alpha = float(cfg.get("alpha", 0.4))
     self.alpha_ramp_steps = int(cfg.get("alpha_ramp_steps", 0))
     self.mlm_prob = float(cfg.get("mlm_prob", 0.15))
+    self.temp_range = tuple(float(x) for x in (cfg.get("temp_range", None) or TEMP_RANGE))
     tasks = tuple(cfg.get("tasks", None) or self.TASKS)
     bad = [t for t in tasks if t not in self.TASKS]
     if bad:
@@ -154,7 +156,7 @@ class AlbefFamily:
     return self.model.apply({"params": params}, *args, method=method)
 
   def temp(self, params):
-    return jnp.clip(params["temp"], *TEMP_RANGE)
+    return jnp.clip(params["temp"], *self.temp_range)
 
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None,
                 gather=identity):
