@@ -10,20 +10,16 @@ recall (i2t_r@k) and ITM-re-ranked recall (i2t_itm_r@k, top eval.rerank_k).
 ALBEF's paper values (MODELS.md) are in the comments; the tiny model needs a
 higher learning rate and a shorter queue and alpha ramp than ViT-B on 14M pairs.
 """
-import importlib.util
 import os
 
+from mmjax import config as config_lib
 
-def _demo_config(arg):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("_mmjax_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
 
 def get_config(arg=None):
-    c = _demo_config(arg)
+    c = config_lib.recipe(DEMO, arg)  # the demo's data, towers and schedule
     m = c.model
     m.family = "albef"
     m.pool = "cls"  # the fused [CLS] and the ITC feature come from [CLS] tokens

@@ -12,20 +12,16 @@ Masked data modeling alone trains no ITC projection, so the retrieval numbers it
 eval prints stay near chance until the model is fine-tuned for retrieval; add
 "itc" / "itm" to model.tasks to pretrain them too.
 """
-import importlib.util
 import os
 
+from mmjax import config as config_lib
 
-def _demo_config(arg):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("_mmjax_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
 
 def get_config(arg=None):
-    c = _demo_config(arg)
+    c = config_lib.recipe(DEMO, arg)  # the demo's data, towers and schedule
     m = c.model
     m.family = "beit3"
     m.image_overrides = dict(width=96, depth=4, heads=4, mlp_dim=384)

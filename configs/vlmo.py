@@ -10,16 +10,12 @@ Stages (train.stages; each ends at `until`):
   3. image-text ITC + ITM (hard negatives over the global batch) + MLM train everything
 `configs/vlmo.py:emoji` runs it on the Twemoji pairs.
 """
-import importlib.util
 import os
 
+from mmjax import config as config_lib
 
-def _demo_config(arg):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("_mmjax_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
 
 # Param-path regexes (see mmjax/models/multiway.py and zoo/multiway.py for the names).
@@ -30,7 +26,7 @@ PAIR_PARTS = (r"_vl/", r"^(image_proj|text_proj|itm_head)/", r"^t$")
 
 
 def get_config(arg=None):
-    c = _demo_config(arg)
+    c = config_lib.recipe(DEMO, arg)  # the demo's data, towers and schedule
     m = c.model
     m.family = "vlmo"
     m.image_overrides = dict(width=96, depth=4, heads=4, mlp_dim=384)  # one tower for both

@@ -32,14 +32,7 @@ CHOICES = {
 def load(path_and_arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """Loads `path[:arg]`, applies `a.b=value` overrides and validates."""
     path, _, arg = path_and_arg.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path!r}")
-    spec = importlib.util.spec_from_file_location("_mmjax_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} has no get_config(arg=None) function")
-    config = module.get_config(arg or None)
+    config = _get_config(path, arg)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -47,6 +40,25 @@ def load(path_and_arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_c
         set_key(config, key, value)
     validate(config)
     return config
+
+
+def _get_config(path: str, arg=None) -> ml_collections.ConfigDict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path!r}")
+    # A module name per file, so a recipe loading another does not replace it mid-load.
+    name = "_mmjax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(arg=None) function")
+    return module.get_config(arg or None)
+
+
+def recipe(path: str, arg=None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of another config file, unvalidated: a recipe that builds on
+    one (configs/albef.py on configs/demo.py) starts from it and changes what differs."""
+    return _get_config(path, arg)
 
 
 def _parse_value(text: str, old):

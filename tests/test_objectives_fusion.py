@@ -11,12 +11,7 @@ from mmjax.objectives import (
     itm_loss, mask_tokens, mdm_loss, mlm_loss, momentum_at, patch_targets, queue_valid,
     sample_hard_negatives)
 
-N_DEV = 8
-
-
-def _unit(rng, b, d):
-  x = rng.normal(size=(b, d)).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+from test_objectives import N_DEV, _unit  # shared helpers
 
 
 def _log_softmax(x):

@@ -15,7 +15,6 @@ from the teacher's logits; unweighted sum. The teacher (`ema_params`, a full cop
 of the params) and the queues live in the TrainState; the step updates the EMA
 after the optimizer update and writes the queues with the `updates` returned here.
 """
-import math
 from typing import Any
 
 import chex
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 
 from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead
 from mmjax.models.variants import parse_variant
+from mmjax.models.zoo.common import FeatureFamily
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
 from mmjax.objectives import (alpha_at, ema_update, enqueue, identity, init_queues, itc_distill_loss,
@@ -94,7 +94,7 @@ class ALBEF(nn.Module):
     return img_emb, txt_emb, self.itm_logits(fused), self.mlm_logits(fused)
 
 
-class AlbefFamily:
+class AlbefFamily(FeatureFamily):
   """ALBEF for the generic train step and the evaluator.
 
   model_config fields (besides CLIP's image/text/overrides/embed_dim/dtype):
@@ -152,9 +152,6 @@ class AlbefFamily:
     return ema_update(ema_params, params, m)
 
   # --- pieces ------------------------------------------------------------------
-  def _apply(self, params, method, *args):
-    return self.model.apply({"params": params}, *args, method=method)
-
   def temp(self, params):
     return jnp.clip(params["temp"], *self.temp_range)
 
@@ -218,21 +215,7 @@ class AlbefFamily:
     metrics["loss"] = loss
     return loss, metrics, {"queues": new_queues}
 
-  # --- evaluation ----------------------------------------------------------------
-  def encode_image(self, params, image):
-    return self._apply(params, self.model.image_features, image)[0]
-
-  def encode_text(self, params, text):
-    return self._apply(params, self.model.text_features, text)[0]
-
-  def image_features(self, params, image):
-    """-> (emb [B,E], tokens [B,T,Di]) for ITC ranking and ITM re-ranking."""
-    return self._apply(params, self.model.image_features, image)
-
-  def text_features(self, params, text):
-    """-> (emb [B,E], stream [B,L,D])."""
-    return self._apply(params, self.model.text_features, text)
-
+  # --- evaluation (encoders and features: FeatureFamily) --------------------------
   def itm_scores(self, params, image_tokens, stream, text):
     """Log-odds that each (image, text) pair matches: [B,T,Di], [B,L,D], [B,L] -> [B]."""
     logits = self._apply(params, self.model.itm_logits,

@@ -35,6 +35,7 @@ from mmjax.models.embed import PatchEmbed, WordEmbed
 from mmjax.models.fusion import ItmHead, MlmHead
 from mmjax.models.multiway import MultiwayEncoder
 from mmjax.models.variants import parse_variant
+from mmjax.models.zoo.common import FeatureFamily
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
 from mmjax.objectives import (blockwise_mask, identity, itc_loss, itm_loss, mask_tokens, mdm_loss,
                               mlm_loss, patch_targets, sample_hard_negatives)
@@ -150,7 +151,7 @@ class Multiway(nn.Module):
     return img_emb, txt_emb, self.itm_logits(pooled), self.mlm_logits(y_txt), self.mdm_pred(y_img)
 
 
-class MultiwayFamily:
+class MultiwayFamily(FeatureFamily):
   """VLMo (layout 'vlmo') and BEiT-3 (layout 'beit3') for the generic step.
 
   model_config: family ('vlmo'|'beit3'), image (size/patch, e.g. 'mu/8'; text shares
@@ -195,8 +196,6 @@ class MultiwayFamily:
     text = jnp.zeros(tuple(text_shape or (1, self.text_len)), jnp.int32)
     return self.model.init(rng, image, text)["params"]
 
-  def _apply(self, params, method, *args):
-    return self.model.apply({"params": params}, *args, method=method)
 
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None,
                 gather=identity):
@@ -258,20 +257,7 @@ class MultiwayFamily:
     metrics["loss"] = loss
     return loss, metrics, {}
 
-  # Evaluation: dual-encoder ranking, joint-pass ITM re-ranking ------------------------
-  def encode_image(self, params, image):
-    return self._apply(params, self.model.image_features, image)[0]
-
-  def encode_text(self, params, text):
-    return self._apply(params, self.model.text_features, text)[0]
-
-  def image_features(self, params, image):
-    """-> (emb [B,E], embedded image tokens [B,T,D] for the joint pass)."""
-    return self._apply(params, self.model.image_features, image)
-
-  def text_features(self, params, text):
-    return self._apply(params, self.model.text_features, text)
-
+  # Evaluation: FeatureFamily ranks by the dual encoder; ITM re-ranks by a joint pass
   def itm_scores(self, params, image_tokens, text_tokens, text):
     _, _, pooled = self._apply(params, self.model.joint_pass, image_tokens, text_tokens, text)
     logits = self._apply(params, self.model.itm_logits, pooled)
