@@ -25,7 +25,7 @@ CHOICES = {
     "model.pool": ("cls", "gap"),
     "model.posemb": ("learn", "sincos2d"),
     "model.dtype": ("float32", "bfloat16"),
-    "parallel.mode": ("mesh",),
+    "parallel.mode": ("mesh", "pmap"),
 }
 
 

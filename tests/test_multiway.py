@@ -29,7 +29,7 @@ jit = functools.partial(jax.jit, compiler_options={
 def flat(tree):
   """{'block00/ffn_image/fc1/kernel': leaf, ...} (the 'params' level dropped)."""
   out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree["params"]):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(tree["params"])):
     out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
   return out
 
@@ -148,7 +148,7 @@ def mw(request):
 
   @jit
   def everything(key):
-    params = enc.init(key, x, None, JOINT)
+    params = nn.unbox(enc.init(key, x, None, JOINT))
     run = functools.partial(enc.apply, params)
     fwd = lambda p: tuple(enc.apply(p, x, m, JOINT)[0] for m in (None, diag_mask))
     (_, joint_diag), vjp = jax.vjp(fwd, params)
@@ -216,12 +216,12 @@ def test_one_param_set_and_reference_blocks(mw):
   enc, ref, img = mw["enc"], mw["ref"], mw["img_in"]
   # An image-only init input already creates every expert (the tree of a joint
   # init, and of init_all).
-  image_only = jax.eval_shape(lambda k: enc.init(k, img, None, IMG), KEY)
-  explicit = jax.eval_shape(lambda k: enc.init(k, img, img[:, :3],
-                                               method=MultiwayEncoder.init_all), KEY)
+  image_only = jax.eval_shape(lambda k: nn.unbox(enc.init(k, img, None, IMG)), KEY)
+  explicit = jax.eval_shape(lambda k: nn.unbox(enc.init(k, img, img[:, :3],
+                                                        method=MultiwayEncoder.init_all)), KEY)
   for tree in (mw["params"], explicit):
     assert jax.tree.structure(image_only) == jax.tree.structure(tree)
-  ref_shapes = jax.eval_shape(ref.init, KEY, img)
+  ref_shapes = jax.eval_shape(lambda k: nn.unbox(ref.init(k, img)), KEY)
   for m in ("image", "text"):
     assert (jax.tree.structure(restrict(mw["params"], m, mw["layout"], DEPTH))
             == jax.tree.structure(ref_shapes))
@@ -248,7 +248,7 @@ def test_vl_expert_routing():
 
   @jit
   def everything(key):
-    params = enc.init(key, img, txt, method=MultiwayEncoder.init_all)
+    params = nn.unbox(enc.init(key, img, txt, method=MultiwayEncoder.init_all))
     g_joint = jax.grad(lambda p: weighted(enc.apply(p, x, None, JOINT)[0]))(params)
     g_img = jax.grad(lambda p: weighted(enc.apply(p, img, None, IMG)[0]))(params)
     return params, g_joint, g_img
@@ -300,7 +300,7 @@ def bert_out():
 
   @jit
   def everything(key):
-    params = enc.init(key, ids, img)
+    params = nn.unbox(enc.init(key, ids, img))
     run_valid = lambda p, im: enc.apply(p, ids, im, image_valid)[0]
     # params2: the pad token's embedding row moved.
     params2 = jax.tree.map(lambda a: a, params)
@@ -360,7 +360,7 @@ def test_bert_text_mode_through_fusion_blocks():
 
   @jit
   def everything(key):
-    params = enc.init(key, ids, img)
+    params = nn.unbox(enc.init(key, ids, img))
     for i in range(2):
       out = params["params"][f"fusion_blocks_{i}"]["cross_attn"]["out"]
       out["kernel"], out["bias"] = jnp.zeros_like(out["kernel"]), jnp.zeros_like(out["bias"])
@@ -387,7 +387,7 @@ def test_bert_causal_by_gradient(depth, fusion_from, causal):
 
   @jit
   def jacobian(key):
-    params = enc.init(key, ids, img)
+    params = nn.unbox(enc.init(key, ids, img))
     x = enc.apply(params, ids, method=lambda m, i: m.embed(i))
     f = lambda x: enc.apply(params, x, method=fwd)[0] @ w  # [L]
     return jax.jacrev(f)(x)  # [L_out, 1, L_in, D]
@@ -418,7 +418,7 @@ def test_mlm_head_tied_and_itm_head():
 
   @jit
   def everything(key):
-    params = mlm.init(key, x)
+    params = nn.unbox(mlm.init(key, x))
     p = params["params"]
     p["head"]["bias"] = jax.random.normal(jax.random.key(4), (VOCAB,))
     logits = mlm.apply(params, x)

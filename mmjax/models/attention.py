@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.parallel.sharding import constrain, dense_init
+
 Dtype = Any
 
 
@@ -68,19 +70,21 @@ class MultiHeadAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by heads {self.num_heads}.")
     head_dim = width // self.num_heads
-    dense = lambda feats, name: nn.DenseGeneral(
+    dense = lambda feats, name, *logical: nn.DenseGeneral(
         feats, use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+        param_dtype=self.param_dtype, name=name,
+        **dense_init("embed", *logical, bias_names=logical))
     hd = (self.num_heads, head_dim)
     if inputs_kv is None and self.fused_qkv:
-      qkv_BxLx3xHhxDh = dense((3,) + hd, "qkv")(x_BxLqxD)
+      qkv_BxLx3xHhxDh = dense((3,) + hd, "qkv", None, "heads", "kv")(x_BxLqxD)
       q, k, v = (qkv_BxLx3xHhxDh[:, :, i] for i in range(3))
     else:
       kv_in = x_BxLqxD if inputs_kv is None else inputs_kv
       chex.assert_rank(kv_in, 3)
-      q = dense(hd, "query")(x_BxLqxD)
-      k = dense(hd, "key")(kv_in)
-      v = dense(hd, "value")(kv_in)
+      q = dense(hd, "query", "heads", "kv")(x_BxLqxD)
+      k = dense(hd, "key", "heads", "kv")(kv_in)
+      v = dense(hd, "value", "heads", "kv")(kv_in)
+    q, k, v = (constrain(t, ("batch", "length", "heads", "kv")) for t in (q, k, v))
     if mask is not None:
       chex.assert_rank(mask, 4)
       mask = mask.astype(bool)
@@ -92,5 +96,5 @@ class MultiHeadAttention(nn.Module):
       out_BxLqxHhxDh = jnp.where(any_BxLqxHx1, out_BxLqxHhxDh, 0)
     out_BxLqxD = nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias,
                                  dtype=self.dtype, param_dtype=self.param_dtype,
-                                 name="out")(out_BxLqxHhxDh)
+                                 name="out", **dense_init("heads", "kv", "embed"))(out_BxLqxHhxDh)
     return out_BxLqxD

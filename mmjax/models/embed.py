@@ -9,6 +9,8 @@ import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.parallel.sharding import dense_init, names
+
 Dtype = Any
 
 
@@ -34,7 +36,8 @@ class PatchEmbed(nn.Module):
                        "pick image_size as a multiple of the patch.")
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
                 use_bias=self.use_bias, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv")(images_BxHxWxC)
+                param_dtype=self.param_dtype, name="conv",
+                **dense_init(None, None, None, "embed"))(images_BxHxWxC)
     x_BxNxD = x.reshape(b, (h // p) * (w // p), self.width)
     return x_BxNxD
 
@@ -55,8 +58,8 @@ class WordEmbed(nn.Module):
   def setup(self):
     self.token = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
                           param_dtype=self.param_dtype,
-                          embedding_init=nn.initializers.normal(0.02))
-    self.pos = self.param("pos_embedding", nn.initializers.normal(0.01),
+                          embedding_init=names(nn.initializers.normal(0.02), "vocab", "embed"))
+    self.pos = self.param("pos_embedding", names(nn.initializers.normal(0.01), None, "embed"),
                           (self.max_len, self.width), self.param_dtype)
 
   def __call__(self, ids_BxL):

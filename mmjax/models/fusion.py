@@ -25,6 +25,7 @@ from mmjax.models.attention import (MultiHeadAttention, causal_mask, combine_mas
                                     padding_mask)
 from mmjax.models.embed import WordEmbed
 from mmjax.models.transformer import Block, Mlp
+from mmjax.parallel.sharding import dense_init, names, norm_init
 
 Dtype = Any
 PAD_ID = 0
@@ -52,17 +53,17 @@ class FusionBlock(nn.Module):
   def __call__(self, x_BxLxD, mask, image_BxNxDi=None, image_mask=None):
     chex.assert_rank(x_BxLxD, 3)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.LayerNorm(name="ln1", **kw)(x_BxLxD)
+    h = nn.LayerNorm(**norm_init(), name="ln1", **kw)(x_BxLxD)
     h = MultiHeadAttention(self.num_heads, name="attn", **kw)(h, mask=mask)
     x_BxLxD = x_BxLxD + h
     if image_BxNxDi is not None:
       chex.assert_rank(image_BxNxDi, 3)
       chex.assert_equal(image_BxNxDi.shape[0], x_BxLxD.shape[0])
-      h = nn.LayerNorm(name="ln_cross", **kw)(x_BxLxD)
+      h = nn.LayerNorm(**norm_init(), name="ln_cross", **kw)(x_BxLxD)
       h = MultiHeadAttention(self.num_heads, name="cross_attn", **kw)(
           h, inputs_kv=image_BxNxDi, mask=image_mask)
       x_BxLxD = x_BxLxD + h
-    h = nn.LayerNorm(name="ln2", **kw)(x_BxLxD)
+    h = nn.LayerNorm(**norm_init(), name="ln2", **kw)(x_BxLxD)
     h = Mlp(self.mlp_dim, name="mlp", **kw)(h)
     return x_BxLxD + h
 
@@ -107,8 +108,8 @@ class BertTextEncoder(nn.Module):
                         for _ in range(self.fusion_from)]
     self.fusion_blocks = [fusion_cls(self.num_heads, self.mlp_dim, **kw)
                           for _ in range(self.depth - self.fusion_from)]
-    self.ln_text = nn.LayerNorm(**kw)
-    self.ln_fused = nn.LayerNorm(**kw)
+    self.ln_text = nn.LayerNorm(**norm_init(), **kw)
+    self.ln_fused = nn.LayerNorm(**norm_init(), **kw)
 
   def self_mask(self, ids_BxL):
     """Self-attention mask [B, 1, L|1, L] bool: padding (and causal if set)."""
@@ -208,12 +209,12 @@ class MlmHead(nn.Module):
   def __call__(self, x_BxLxD, attend: Callable):
     chex.assert_rank(x_BxLxD, {2, 3})
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.Dense(x_BxLxD.shape[-1], name="dense", **kw)(x_BxLxD)
+    h = nn.Dense(x_BxLxD.shape[-1], name="dense", **kw, **dense_init("embed", "act_embed"))(x_BxLxD)
     h = nn.gelu(h, approximate=False)
-    h = nn.LayerNorm(name="ln", **kw)(h)
+    h = nn.LayerNorm(**norm_init(), name="ln", **kw)(h)
     logits = jnp.asarray(attend(h), jnp.float32)
     chex.assert_shape(logits, x_BxLxD.shape[:-1] + (self.vocab_size,))
-    bias_V = self.param("bias", nn.initializers.zeros, (self.vocab_size,),
+    bias_V = self.param("bias", names(nn.initializers.zeros, "vocab"), (self.vocab_size,),
                         self.param_dtype)
     bias = jnp.asarray(bias_V, jnp.float32).reshape((1,) * (logits.ndim - 1) + (-1,))
     return logits + bias
@@ -227,6 +228,6 @@ class ItmHead(nn.Module):
   @nn.compact
   def __call__(self, cls_BxD):
     chex.assert_rank(cls_BxD, 2)
-    logits_Bx2 = nn.Dense(2, dtype=self.dtype, param_dtype=self.param_dtype,
+    logits_Bx2 = nn.Dense(2, dtype=self.dtype, param_dtype=self.param_dtype, **dense_init("embed", None),
                           name="dense")(cls_BxD)
     return jnp.asarray(logits_Bx2, jnp.float32)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 
 from mmjax.models.attention import MultiHeadAttention
 from mmjax.models.transformer import Mlp
+from mmjax.parallel.sharding import dense_init, norm_init
 
 Dtype = Any
 Spans = Tuple[Tuple[str, int], ...]
@@ -130,8 +131,10 @@ class MultiwayAttention(nn.Module):
       raise ValueError(f"width {width} is not divisible by heads {self.num_heads}.")
     hd = (self.num_heads, width // self.num_heads)
     kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = {m: nn.DenseGeneral((3,) + hd, name=f"qkv_{m}", **kw) for m in self.experts}
-    out = {m: nn.DenseGeneral(width, axis=(-2, -1), name=f"out_{m}", **kw)
+    qkv = {m: nn.DenseGeneral((3,) + hd, name=f"qkv_{m}", **kw,
+                             **dense_init("embed", None, "heads", "kv", bias_names=(None, "heads", "kv")))
+           for m in self.experts}
+    out = {m: nn.DenseGeneral(width, axis=(-2, -1), name=f"out_{m}", **kw, **dense_init("heads", "kv", "embed"))
            for m in self.experts}
     used = {m for m, _ in spans}
     qkv_BxLx3xHhxDh = _per_span(qkv, x_BxLxD, spans)
@@ -185,16 +188,16 @@ class MultiwayBlock(nn.Module):
     dummy_1x1xD = jnp.zeros((1, 1, width), self.dtype)
 
     def ffn_expert(m):
-      ln = nn.LayerNorm(name=f"ln2_{m}", **kw)
+      ln = nn.LayerNorm(**norm_init(), name=f"ln2_{m}", **kw)
       mlp = Mlp(self.mlp_dim, name=f"ffn_{m}", **kw)
       return lambda h: mlp(ln(h))
 
     # Attention.
     if self.layout == "vlmo":
-      h_BxLxD = nn.LayerNorm(name="ln1", **kw)(x_BxLxD)
+      h_BxLxD = nn.LayerNorm(**norm_init(), name="ln1", **kw)(x_BxLxD)
       h_BxLxD = MultiHeadAttention(self.num_heads, name="attn", **kw)(h_BxLxD, mask=mask)
     else:
-      ln1 = {m: nn.LayerNorm(name=f"ln1_{m}", **kw) for m in self.experts}
+      ln1 = {m: nn.LayerNorm(**norm_init(), name=f"ln1_{m}", **kw) for m in self.experts}
       h_BxLxD = _per_span(ln1, x_BxLxD, spans)
       _touch_unused(self, ln1, used, dummy_1x1xD)
       h_BxLxD = MultiwayAttention(self.num_heads, experts=tuple(self.experts),
@@ -268,11 +271,11 @@ class MultiwayEncoder(nn.Module):
                           name=f"block{i:02d}", **kw)(x_BxLxD, mask, spans)
       aux[f"block{i:02d}"] = x_BxLxD
     if self.final_norm:
-      norms = {m: nn.LayerNorm(name=f"ln_final_{m}", **kw) for m in self.experts}
+      norms = {m: nn.LayerNorm(**norm_init(), name=f"ln_final_{m}", **kw) for m in self.experts}
       dummy_1x1xD = jnp.zeros((1, 1, width), self.dtype)
       use_vl = self.vl_from is not None
       if use_vl:
-        ln_vl = nn.LayerNorm(name="ln_final_vl", **kw)
+        ln_vl = nn.LayerNorm(**norm_init(), name="ln_final_vl", **kw)
       if use_vl and is_multimodal(spans):
         x_BxLxD = ln_vl(x_BxLxD)
         _touch_unused(self, norms, set(), dummy_1x1xD)

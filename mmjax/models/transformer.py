@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.attention import MultiHeadAttention
+from mmjax.parallel.sharding import constrain, dense_init, norm_init
 
 Dtype = Any
 
@@ -24,11 +25,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD):
     width = x_BxLxD.shape[-1]
-    h_BxLxF = nn.Dense(self.mlp_dim, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="fc1")(x_BxLxD)
-    h_BxLxF = self.act(h_BxLxF)
+    h_BxLxF = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="fc1", **dense_init("embed", "mlp"))(x_BxLxD)
+    h_BxLxF = constrain(self.act(h_BxLxF), ("batch", "length", "mlp"))
     return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="fc2")(h_BxLxF)
+                    name="fc2", **dense_init("mlp", "embed"))(h_BxLxF)
 
 
 class Block(nn.Module):
@@ -46,11 +47,12 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, mask=None):
     chex.assert_rank(x_BxLxD, 3)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.LayerNorm(name="ln1", **kw)(x_BxLxD)
+    x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
+    h = nn.LayerNorm(name="ln1", **kw, **norm_init())(x_BxLxD)
     h = MultiHeadAttention(self.num_heads, fused_qkv=self.fused_qkv,
                            name="attn", **kw)(h, mask=mask)
     x_BxLxD = x_BxLxD + h
-    h = nn.LayerNorm(name="ln2", **kw)(x_BxLxD)
+    h = nn.LayerNorm(name="ln2", **kw, **norm_init())(x_BxLxD)
     h = Mlp(self.mlp_dim, name="mlp", **kw)(h)
     return x_BxLxD + h
 
@@ -83,5 +85,5 @@ class Encoder(nn.Module):
       aux[f"block{i:02d}"] = x_BxLxD
     if self.final_norm:
       x_BxLxD = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="ln_final")(x_BxLxD)
+                             name="ln_final", **norm_init())(x_BxLxD)
     return x_BxLxD, aux

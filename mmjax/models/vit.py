@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from mmjax.models.embed import PatchEmbed
 from mmjax.models.transformer import Encoder
+from mmjax.parallel.sharding import names, norm_init
 
 Dtype = Any
 
@@ -66,7 +67,7 @@ class ViT(nn.Module):
     x_BxNxD = PatchEmbed(self.patch_size, self.width, use_bias=self.patch_bias,
                          name="patch_embed", **kw)(images_BxHxWxC)
     if self.pool == "cls":
-      cls_1x1xD = self.param("cls", nn.initializers.zeros, (1, 1, self.width),
+      cls_1x1xD = self.param("cls", names(nn.initializers.zeros, None, None, "embed"), (1, 1, self.width),
                              self.param_dtype)
       cls_Bx1xD = jnp.broadcast_to(jnp.asarray(cls_1x1xD, self.dtype),
                                    (b, 1, self.width))
@@ -75,7 +76,7 @@ class ViT(nn.Module):
       x_BxTxD = x_BxNxD
     t = x_BxTxD.shape[1]
     if self.posemb == "learn":
-      pos_1xTxD = self.param("pos_embedding", nn.initializers.normal(0.02),
+      pos_1xTxD = self.param("pos_embedding", names(nn.initializers.normal(0.02), None, None, "embed"),
                              (1, t, self.width), self.param_dtype)
     elif self.posemb == "sincos2d":
       gh, gw = h // self.patch_size, w // self.patch_size
@@ -86,7 +87,7 @@ class ViT(nn.Module):
       raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}.")
     x_BxTxD = x_BxTxD + jnp.asarray(pos_1xTxD, self.dtype)
     if self.pre_norm:
-      x_BxTxD = nn.LayerNorm(name="ln_pre", **kw)(x_BxTxD)
+      x_BxTxD = nn.LayerNorm(**norm_init(), name="ln_pre", **kw)(x_BxTxD)
     x_BxTxD, enc_aux = Encoder(self.depth, self.num_heads, self.mlp_dim,
                                final_norm=True, remat=self.remat,
                                name="encoder", **kw)(x_BxTxD)

@@ -21,9 +21,7 @@ import jax
 import jax.numpy as jnp
 import chex
 
-
-def identity(x):
-  return x
+from mmjax.parallel.collective import identity  # noqa: F401  (re-exported)
 
 
 def _scale(log_scale, max_scale):

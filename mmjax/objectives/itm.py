@@ -7,8 +7,10 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from mmjax.parallel.collective import global_mean, identity, local
 
-def sample_hard_negatives(rng, sim_bxB, ids_b, ids_B, valid_B=None):
+
+def sample_hard_negatives(rng, sim_bxB, ids_b, ids_B, valid_B=None, *, gather=identity):
   """Samples one hard negative column of the global batch for each local row.
 
   Column j is drawn with probability proportional to softmax(sim_bxB[i])_j
@@ -19,8 +21,9 @@ def sample_hard_negatives(rng, sim_bxB, ids_b, ids_B, valid_B=None):
   positives zeroed). Sampling is Gumbel-max in float32, after subtracting the
   row's largest allowed logit, so bf16 inputs and huge logits stay finite.
 
-  Under pmap give every device its own key (e.g. fold in
-  `lax.axis_index('data')`), or all devices draw the same noise.
+  The Gumbel noise is drawn for the whole [B, B] global batch from `rng` and
+  `gather.local` keeps this call's rows, so a pmapped step (b = B / devices) and
+  a jitted one (b = B) draw the same negatives from the same replicated key.
 
   Args:
     rng: PRNG key.
@@ -29,6 +32,7 @@ def sample_hard_negatives(rng, sim_bxB, ids_b, ids_B, valid_B=None):
     ids_b: [b] int ids of the local rows.
     ids_B: [B] int ids of the global columns (gathered `ids_b`).
     valid_B: optional [B] bool; False columns are never drawn.
+    gather: a `mmjax.parallel.collective.Collective` (identity under jit).
   Returns:
     (idx_b, has_neg_b): idx_b [b] int32 column indices in [0, B); has_neg_b [b]
     bool, False where no allowed column exists (e.g. batch size 1). There
@@ -48,14 +52,15 @@ def sample_hard_negatives(rng, sim_bxB, ids_b, ids_B, valid_B=None):
   sim_bxB = jnp.clip(jax.lax.stop_gradient(sim_bxB).astype(jnp.float32), -big, big)
   row_max_b = jnp.max(jnp.where(allowed_bxB, sim_bxB, -big), axis=-1)
   z_bxB = sim_bxB - row_max_b[:, None]        # <= 0 on allowed columns
-  g_bxB = jax.random.gumbel(rng, (b, B), jnp.float32)
+  rows = b * getattr(gather, "shards", 1)  # the global batch's rows; this call keeps its own
+  g_bxB = local(gather, jax.random.gumbel(rng, (rows, B), jnp.float32))
   score_bxB = jnp.where(allowed_bxB, z_bxB + g_bxB, -jnp.inf)
   idx_b = jnp.argmax(score_bxB, axis=-1).astype(jnp.int32)
   idx_b = jnp.where(has_neg_b, idx_b, 0)
   return idx_b, has_neg_b
 
 
-def itm_loss(logits_Nx2, labels_N, weights_N=None):
+def itm_loss(logits_Nx2, labels_N, weights_N=None, *, gather=identity):
   """2-way image-text matching cross entropy (label 1 = matched, 0 = not).
 
   Args:
@@ -63,11 +68,11 @@ def itm_loss(logits_Nx2, labels_N, weights_N=None):
     labels_N: [N] int labels in {0, 1}.
     weights_N: optional [N] non-negative weights; 0 drops a row (e.g. a
       negative that does not exist, `has_neg_b` False). None = all 1.
+    gather: a Collective; under pmap sum(w) is taken over all devices, so the
+      mean over devices of the returned loss is the global weighted mean.
   Returns:
     (loss, metrics): loss = sum(w * ce) / sum(w) (0 if all weights are 0);
-    metrics: loss_itm, itm_acc (weighted the same way). A local mean: under
-    pmap, `lax.pmean` of it is the global mean only if every device has the
-    same total weight.
+    metrics: loss_itm, itm_acc (weighted the same way).
   """
   chex.assert_rank([logits_Nx2, labels_N], [2, 1])
   chex.assert_equal(logits_Nx2.shape[-1], 2)
@@ -80,8 +85,7 @@ def itm_loss(logits_Nx2, labels_N, weights_N=None):
   chex.assert_equal_shape([weights_N, labels_N])
   w_N = weights_N.astype(jnp.float32)
   w_sum = jnp.sum(w_N)
-  denom = jnp.where(w_sum > 0, w_sum, 1.0)
-  loss = jnp.sum(w_N * ce_N) / denom
+  loss = global_mean(gather, jnp.sum(w_N * ce_N), w_sum)
   hit_N = (jnp.argmax(logp_Nx2, axis=-1) == labels_N).astype(jnp.float32)
-  metrics = dict(loss_itm=loss, itm_acc=jnp.sum(w_N * hit_N) / denom)
+  metrics = dict(loss_itm=loss, itm_acc=global_mean(gather, jnp.sum(w_N * hit_N), w_sum))
   return loss, metrics

@@ -10,6 +10,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from mmjax.parallel.collective import global_mean, identity
+
 
 def blockwise_mask(rng, batch, grid_h, grid_w, ratio=0.4):
   """BEiT-style block-wise masks with exactly n = round(ratio * N) patches per row.
@@ -92,12 +94,13 @@ def patch_targets(images_BxHxWxC, patch):
   return (x_BxNxK - mean_BxNx1) / jnp.sqrt(var_BxNx1 + 1e-6)
 
 
-def mdm_loss(pred_BxNxK, target_BxNxK, mask_BxN):
+def mdm_loss(pred_BxNxK, target_BxNxK, mask_BxN, *, gather=identity):
   """MSE over the masked patches only.
 
   loss = sum_{masked (b, n)} mean_k (pred - target)^2 / (number masked); 0 if
   nothing is masked. The target is under stop_gradient. Returns
-  (loss, metrics) with metrics loss_mdm. A local mean over masked patches.
+  (loss, metrics) with metrics loss_mdm. Under pmap (`gather` a PmapCollective)
+  the count of masked patches is global, as in `mlm_loss`.
   """
   chex.assert_rank([pred_BxNxK, target_BxNxK, mask_BxN], [3, 3, 2])
   chex.assert_equal_shape([pred_BxNxK, target_BxNxK])
@@ -105,5 +108,5 @@ def mdm_loss(pred_BxNxK, target_BxNxK, mask_BxN):
   diff_BxNxK = pred_BxNxK.astype(jnp.float32) - jax.lax.stop_gradient(target_BxNxK).astype(jnp.float32)
   mse_BxN = jnp.mean(jnp.square(diff_BxNxK), axis=-1)
   m_BxN = mask_BxN.astype(jnp.float32)
-  loss = jnp.sum(m_BxN * mse_BxN) / jnp.maximum(jnp.sum(m_BxN), 1.0)
+  loss = global_mean(gather, jnp.sum(m_BxN * mse_BxN), jnp.sum(m_BxN))
   return loss, dict(loss_mdm=loss)

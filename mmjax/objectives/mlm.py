@@ -7,6 +7,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from mmjax.parallel.collective import global_mean, identity
+
 
 def mask_tokens(rng, ids_BxL, *, vocab_size, mask_id, special_ids=(0, 1, 2, 3, 4, 5),
                 prob=0.15, first_random_id=6):
@@ -40,7 +42,8 @@ def mask_tokens(rng, ids_BxL, *, vocab_size, mask_id, special_ids=(0, 1, 2, 3, 4
   return out_BxL, selected_BxL
 
 
-def mlm_loss(logits_BxLxV, targets_BxL, target_mask_BxL, *, teacher_logits_BxLxV=None, alpha=0.0):
+def mlm_loss(logits_BxLxV, targets_BxL, target_mask_BxL, *, teacher_logits_BxLxV=None, alpha=0.0,
+             gather=identity):
   """Cross entropy on the masked positions, optionally distilled (ALBEF).
 
   ce = mean over masked tokens of the batch of -log softmax(logits)[target].
@@ -55,9 +58,10 @@ def mlm_loss(logits_BxLxV, targets_BxL, target_mask_BxL, *, teacher_logits_BxLxV
     target_mask_BxL: [B, L] bool, True where the token was selected.
     teacher_logits_BxLxV: optional [B, L, V] momentum-model logits.
     alpha: distillation weight (ignored without teacher logits).
+    gather: a Collective; under pmap the token count is global, so the mean over
+      devices of the returned loss is the mean over every masked token.
   Returns:
-    (loss, metrics): metrics: loss_mlm, mlm_acc (over masked tokens). A local
-    token mean: under pmap, `lax.pmean` of it weights devices equally.
+    (loss, metrics): metrics: loss_mlm, mlm_acc (over masked tokens).
   """
   chex.assert_rank([logits_BxLxV, targets_BxL, target_mask_BxL], [3, 2, 2])
   chex.assert_equal_shape([targets_BxL, target_mask_BxL])
@@ -66,15 +70,15 @@ def mlm_loss(logits_BxLxV, targets_BxL, target_mask_BxL, *, teacher_logits_BxLxV
   targets_BxL = targets_BxL.astype(jnp.int32)
   nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[:, :, None], axis=-1)[:, :, 0]
   m_BxL = target_mask_BxL.astype(jnp.float32)
-  denom = jnp.maximum(jnp.sum(m_BxL), 1.0)
-  loss = jnp.sum(m_BxL * nll_BxL) / denom
+  count = jnp.sum(m_BxL)
+  loss = global_mean(gather, jnp.sum(m_BxL * nll_BxL), count)
   if teacher_logits_BxLxV is not None:
     chex.assert_equal_shape([teacher_logits_BxLxV, logits_BxLxV])
     t_prob_BxLxV = jax.nn.softmax(
         jax.lax.stop_gradient(teacher_logits_BxLxV).astype(jnp.float32), axis=-1)
     soft_BxL = -jnp.sum(t_prob_BxLxV * logp_BxLxV, axis=-1)
     alpha = jnp.asarray(alpha, jnp.float32)
-    loss = (1 - alpha) * loss + alpha * jnp.sum(m_BxL * soft_BxL) / denom
+    loss = (1 - alpha) * loss + alpha * global_mean(gather, jnp.sum(m_BxL * soft_BxL), count)
   hit_BxL = (jnp.argmax(logp_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
-  metrics = dict(loss_mlm=loss, mlm_acc=jnp.sum(m_BxL * hit_BxL) / denom)
+  metrics = dict(loss_mlm=loss, mlm_acc=global_mean(gather, jnp.sum(m_BxL * hit_BxL), count))
   return loss, metrics

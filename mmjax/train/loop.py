@@ -13,6 +13,7 @@ from tqdm import tqdm
 from mmjax import checkpoint as ckpt_lib
 from mmjax.models import zoo
 from mmjax.parallel import mesh as mesh_lib
+from mmjax.parallel.collective import PmapCollective, identity
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim, step as step_lib
 
@@ -35,16 +36,19 @@ class Setup:
             config.model.text_len = int(data.text_len)
             config.model.total_steps = int(config.train.steps)  # for momentum / ramp schedules
         self.family = zoo.build(config.model)
-        self.mesh = mesh_lib.make_mesh(config.parallel.get("mesh"))
+        self.mode = config.parallel.get("mode", "mesh")
+        # pmap keeps a replica of the state per device; its checkpoints use the
+        # replicated layout of a 1-D data mesh, so either mode can restore them.
+        self.mesh = mesh_lib.make_mesh(config.parallel.get("mesh") if self.mode == "mesh" else None)
         self.schedule = optim.learning_rate_schedule(config.train)
         self.optimizer = optim.make_optimizer(config.train)
         self.image_shape = (1, data.image_size, data.image_size, 3)
         self.text_shape = (1, data.text_len)
-        init = lambda rng: step_lib.init_state(self.family, self.optimizer, rng, self.image_shape, self.text_shape)
-        self._init = init
-        self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-        # Data parallel: every leaf of the state replicated over the mesh.
-        self.state_sharding = jax.tree_util.tree_map(lambda _: mesh_lib.replicated(self.mesh), self.abstract_state)
+        self._init, self.abstract_state, self.state_sharding = step_lib.state_plan(
+            self.family, self.optimizer, self.mesh, self.image_shape, self.text_shape)
+        if self.mode == "pmap":
+            self.state_sharding = jax.tree_util.tree_map(lambda _: mesh_lib.replicated(self.mesh),
+                                                         self.abstract_state)
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints),
             async_save=bool(config.train.get("async_checkpoints", True)),
@@ -89,13 +93,33 @@ class Setup:
         return out
 
     def fresh_state(self):
+        """The initial state, created sharded (pmap layout in pmap mode)."""
         init = jax.jit(self._init, out_shardings=self.state_sharding)
-        return init(jax.random.PRNGKey(int(self.config.seed)))
+        return self.to_run_layout(init(jax.random.PRNGKey(int(self.config.seed))))
 
-    def restore(self):
-        """(state, meta) from the latest checkpoint, or None."""
+    def restore(self, step=None):
+        """(state, meta) from the latest (or `step`'s) checkpoint, or None.
+
+        The checkpoint is read straight into this run's shardings, whatever mesh,
+        device count, process count or mode wrote it.
+        """
         target = ckpt_lib.abstract_with_shardings(self.abstract_state, self.state_sharding)
-        return self.checkpointer.restore(target)
+        restored = self.checkpointer.restore(target, step)
+        if restored is None:
+            return None
+        state, meta = restored
+        return self.to_run_layout(state), meta
+
+    def to_run_layout(self, state):
+        """Checkpoint layout -> what the compiled step takes."""
+        return mesh_lib.to_pmap(state) if self.mode == "pmap" else state
+
+    def to_checkpoint_layout(self, state):
+        """What the step returns -> checkpoint layout (global arrays on `self.mesh`)."""
+        return mesh_lib.from_pmap(state, self.mesh) if self.mode == "pmap" else state
+
+    def save(self, step: int, state, meta: dict):
+        self.checkpointer.save(step, self.to_checkpoint_layout(state), meta)
 
     def evaluator(self, split=None):
         from mmjax.eval.run import Evaluator
@@ -130,15 +154,17 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         state, meta = restored
         data_position = int(meta["data_position"])
         logging.info("resuming at step %d (data position %d)", int(state.step), data_position)
-    start_step = int(jax.device_get(state.step))
+    start_step = int(np.asarray(setup.to_checkpoint_layout(state).step.addressable_data(0)))
     total = int(tc.steps)
+    pmap = setup.mode == "pmap"
 
     n_proc = jax.process_count()
     n_dev = setup.mesh.devices.size
-    if tc.batch_size % n_dev or (tc.batch_size // tc.accum_steps) % n_dev:
+    n_shards = n_dev if pmap else mesh_lib.batch_shards(setup.mesh)
+    if tc.batch_size % n_shards or (tc.batch_size // tc.accum_steps) % n_shards:
         raise ValueError(
             f"train.batch_size={tc.batch_size} (micro-batch {tc.batch_size // tc.accum_steps}) "
-            f"must divide evenly over {n_dev} devices"
+            f"must divide evenly over {n_shards} batch shards (data x fsdp devices)"
         )
     local_batch = tc.batch_size // n_proc
     train_iter = pipeline.make_train_iterator(
@@ -156,11 +182,12 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         i = next((i for i, st in enumerate(stages) if step < st["until"]), len(stages) - 1)
         if i not in compiled:
             st = stages[i]
-            compiled[i] = step_lib.compile_step(
-                step_lib.make_train_step(st["family"], setup.optimizer, setup.schedule,
-                                         accum_steps=int(tc.accum_steps), trainable=st["trainable"]),
-                setup.state_sharding, batch_shard, metric_shard,
-            )
+            fn = step_lib.make_train_step(
+                st["family"], setup.optimizer, setup.schedule, accum_steps=int(tc.accum_steps),
+                trainable=st["trainable"], collective=PmapCollective(mesh_lib.DATA) if pmap else identity)
+            compiled[i] = (step_lib.compile_pmap_step(fn) if pmap else
+                           step_lib.compile_step(fn, setup.state_sharding, batch_shard, metric_shard,
+                                                 mesh=setup.mesh))
             if len(stages) > 1:
                 tqdm.write(f"[stage {st['name']}] from step {step}: tasks={st['tasks']} "
                            f"frozen={list(st['freeze'])}")
@@ -179,7 +206,7 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
     def run_eval(step):
         nonlocal last_eval
         t0 = time.time()
-        last_eval = evaluator(state.params)
+        last_eval = evaluator(setup.to_checkpoint_layout(state).params)
         last_eval["eval_seconds"] = time.time() - t0
         writer.write(step, "eval", last_eval)
         shown = ("i2t_r@1", "i2t_itm_r@1", "i2t_r@5", "t2i_r@1", "t2i_itm_r@1", "binding_acc", "zero_shot_top1",
@@ -196,12 +223,13 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         batch = {k: batch[k] for k in batch_keys if k in batch}
         if "id" in batch:  # int64 from tf.data; jax runs without x64
             batch["id"] = np.asarray(batch["id"]).astype(np.int32)
-        state, m = step_fn_for(step)(state, mesh_lib.global_batch(setup.mesh, batch))
+        batch = mesh_lib.pmap_batch(batch) if pmap else mesh_lib.global_batch(setup.mesh, batch)
+        state, m = step_fn_for(step)(state, batch)
         data_position += 1
         n_since += 1
         done = step + 1
         if done % int(tc.log_every) == 0 or done == total:
-            m = jax.device_get(m)
+            m = mesh_lib.unreplicate_metrics(m) if pmap else jax.device_get(m)
             dt = time.time() - t_last
             sps = n_since * tc.batch_size / max(dt, 1e-9)
             m["samples_per_s"] = sps
@@ -214,12 +242,12 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
             t_last, n_since = time.time(), 0
         bar.update(1)
         if tc.ckpt_every and done % int(tc.ckpt_every) == 0 and done != end:
-            setup.checkpointer.save(done, state, {"data_position": data_position})
+            setup.save(done, state, {"data_position": data_position})
         if config.eval.every and done % int(config.eval.every) == 0 and done != total:
             run_eval(done)
     bar.close()
     if end > start_step or setup.checkpointer.latest_step() is None:
-        setup.checkpointer.save(end, state, {"data_position": data_position})
+        setup.save(end, state, {"data_position": data_position})
     if evaluator is not None and config.eval.at_end and end == total:
         run_eval(total)
     setup.checkpointer.close()
@@ -231,5 +259,5 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
     result = dict(last_eval)
     result["step"] = end
     result["plot"] = plot_path
-    result["final_state"] = state
+    result["final_state"] = setup.to_checkpoint_layout(state)
     return result

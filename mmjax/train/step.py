@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax.parallel.mesh import identity_gather
+from mmjax.parallel import sharding as sharding_lib
+from mmjax.parallel.collective import Collective, identity
 from mmjax.train.state import TrainState
 
 
@@ -47,7 +48,7 @@ def _merge_micro(tree):
     return jax.tree_util.tree_map(merge, tree)
 
 
-def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: Callable = identity_gather,
+def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: Callable = identity,
                    teacher=None, queues=None, step=None):
     """Returns `(loss, metrics, updates), grads` over the whole batch.
 
@@ -93,8 +94,12 @@ def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: 
 
 
 def make_train_step(family, optimizer: optax.GradientTransformation, schedule=None, *, accum_steps: int = 1,
-                    gather: Callable = identity_gather, trainable=None):
+                    collective: Collective = identity, trainable=None):
     """Builds the pure step function (not yet compiled).
+
+    `collective`: `identity` for jit on a mesh (arrays are global), or
+    `PmapCollective('data')` under pmap: objectives gather the global batch through
+    it, and gradients, loss and metrics are averaged over devices with it.
 
     `trainable`: optional pytree of bools like the params (False = frozen, see
     `optim.trainable_mask`); frozen params get zero gradient and zero update, so
@@ -112,9 +117,10 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
     def train_step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
         (loss, metrics, extra), grads = loss_and_grads(
-            family, state.params, batch, step_rng, accum_steps=accum_steps, gather=gather,
+            family, state.params, batch, step_rng, accum_steps=accum_steps, gather=collective,
             teacher=state.ema_params, queues=state.queues, step=state.step,
         )
+        grads, loss, metrics = collective.average((grads, loss, dict(metrics)))
         grads = freeze(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, freeze(updates))
@@ -134,7 +140,8 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
 
 
 def init_state(family, optimizer, rng, image_shape, text_shape) -> TrainState:
-    """The initial state; call under `jax.jit(..., out_shardings=...)` so it is born sharded."""
+    """The initial state; call under `jax.jit(..., out_shardings=...)` so it is born sharded
+    (`state_plan` gives the function and the shardings)."""
     init_rng, state_rng = jax.random.split(rng)
     params = family.init_params(init_rng, image_shape, text_shape)
     extra = family.init_extra(params) if hasattr(family, "init_extra") else {}
@@ -148,11 +155,43 @@ def init_state(family, optimizer, rng, image_shape, text_shape) -> TrainState:
     )
 
 
-def compile_step(train_step, state_sharding, batch_sharding, metrics_sharding):
-    """jit with shardings and the state donated (its buffers are reused in place)."""
+def state_plan(family, optimizer, mesh, image_shape, text_shape):
+    """-> (init, abstract_state, state_shardings) for `mesh`.
+
+    `init(rng)` builds the state; `jax.jit(init, out_shardings=state_shardings)` creates
+    it already sharded (no full copy on one device). Shardings come from the params'
+    logical axis names through `sharding.RULES`.
+    """
+    init = lambda rng: init_state(family, optimizer, rng, image_shape, text_shape)
+    key = jax.random.PRNGKey(0)
+    abstract = jax.eval_shape(init, key)
+    boxed = jax.eval_shape(lambda r: family.init_params(r, image_shape, text_shape, boxed=True), key)
+    logical = sharding_lib.param_logical_axes(boxed)
+    return init, abstract, sharding_lib.state_shardings(abstract, logical, mesh)
+
+
+def compile_step(train_step, state_sharding, batch_sharding, metrics_sharding, mesh=None):
+    """jit with shardings and the state donated (its buffers are reused in place).
+
+    With `mesh`, activations named in the models (`sharding.constrain`) are pinned
+    to it while the step is traced.
+    """
+
+    def traced(state, batch):
+        if mesh is None:
+            return train_step(state, batch)
+        with sharding_lib.activation_sharding(mesh):
+            return train_step(state, batch)
+
     return jax.jit(
-        train_step,
+        traced,
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, metrics_sharding),
         donate_argnums=(0,),
     )
+
+
+def compile_pmap_step(train_step):
+    """The same step under `jax.pmap(axis_name='data')` (build it with
+    `collective=PmapCollective('data')`); state in `mesh.to_pmap` layout."""
+    return jax.pmap(train_step, axis_name="data", donate_argnums=(0,))

@@ -27,6 +27,8 @@ from mmjax.models.variants import parse_variant
 from mmjax.models.zoo.common import FeatureFamily
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
+from mmjax.parallel.collective import local
+from mmjax.parallel.sharding import dense_init, names
 from mmjax.objectives import (alpha_at, ema_update, enqueue, identity, init_queues, itc_distill_loss,
                               itm_loss, mask_tokens, mlm_loss, momentum_at, sample_hard_negatives)
 
@@ -61,11 +63,11 @@ class ALBEF(nn.Module):
     self.text_tower = BertTextEncoder(self.vocab_size, self.text_len, tx["width"], tx["depth"],
                                       tx["heads"], tx["mlp_dim"], fusion_from=self.fusion_from,
                                       remat=self.remat, **kw)
-    self.image_proj = nn.Dense(self.embed_dim, name="image_proj", **kw)
-    self.text_proj = nn.Dense(self.embed_dim, name="text_proj", **kw)
+    self.image_proj = nn.Dense(self.embed_dim, name="image_proj", **kw, **dense_init("embed", None))
+    self.text_proj = nn.Dense(self.embed_dim, name="text_proj", **kw, **dense_init("embed", None))
     self.itm_head = ItmHead(**kw)
     self.mlm_head = MlmHead(self.vocab_size, **kw)
-    self.temp = self.param("temp", nn.initializers.constant(0.07), (), jnp.float32)
+    self.temp = self.param("temp", names(nn.initializers.constant(0.07)), (), jnp.float32)
 
   def image_features(self, image_BxHxWx3):
     chex.assert_rank(image_BxHxWx3, 4)
@@ -137,11 +139,6 @@ class AlbefFamily(FeatureFamily):
         remat=bool(cfg.get("remat", False)), dtype=DTYPES[cfg.get("dtype", "float32")])
 
   # --- state -----------------------------------------------------------------
-  def init_params(self, rng, image_shape=None, text_shape=None):
-    image = jnp.zeros(tuple(image_shape or (1, self.image_size, self.image_size, 3)), jnp.float32)
-    text = jnp.zeros(tuple(text_shape or (1, self.text_len)), jnp.int32)
-    return self.model.init(rng, image, text)["params"]
-
   def init_extra(self, params):
     """The teacher starts as a copy of the student; the queues start empty."""
     return dict(ema_params=jax.tree_util.tree_map(jnp.array, params),
@@ -184,8 +181,8 @@ class AlbefFamily(FeatureFamily):
       ids_all = gather(ids)
       sim_i2t = jax.lax.stop_gradient(img_emb @ gather(txt_emb).T / temp)  # [b, B]
       sim_t2i = jax.lax.stop_gradient(txt_emb @ gather(img_emb).T / temp)
-      neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t, ids, ids_all)
-      neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i, ids, ids_all)
+      neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t, ids, ids_all, gather=gather)
+      neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i, ids, ids_all, gather=gather)
       stream_all, text_all, img_tok_all = gather(stream), gather(text_ids), gather(img_tok)
       b = image.shape[0]
       fused = self._apply(params, m.fuse,
@@ -196,19 +193,21 @@ class AlbefFamily(FeatureFamily):
       labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
       weights = jnp.concatenate([jnp.ones((b,), jnp.float32), has_t.astype(jnp.float32),
                                  has_i.astype(jnp.float32)])
-      l_itm, mi = itm_loss(logits, labels, weights)
+      l_itm, mi = itm_loss(logits, labels, weights, gather=gather)
       loss, metrics = loss + l_itm, {**metrics, **mi}
 
     if "mlm" in self.tasks:
-      masked, target = mask_tokens(rng_mlm, text_ids, vocab_size=m.vocab_size, mask_id=MASK_ID,
-                                   special_ids=SPECIAL_IDS, prob=self.mlm_prob,
-                                   first_random_id=FIRST_WORD_ID)
+      # Drawn for the global batch, then this call's rows: pmap == jit.
+      masked, target = local(gather, mask_tokens(
+          rng_mlm, gather(text_ids), vocab_size=m.vocab_size, mask_id=MASK_ID,
+          special_ids=SPECIAL_IDS, prob=self.mlm_prob, first_random_id=FIRST_WORD_ID))
       _, m_stream = self._apply(params, m.text_features, masked)
       logits = self._apply(params, m.mlm_logits, self._apply(params, m.fuse, m_stream, masked, img_tok))
       _, tm_stream = self._apply(teacher, m.text_features, masked)
       t_logits = self._apply(teacher, m.mlm_logits,
                              self._apply(teacher, m.fuse, tm_stream, masked, t_img_tok))
-      l_mlm, mi = mlm_loss(logits, text_ids, target, teacher_logits_BxLxV=t_logits, alpha=alpha)
+      l_mlm, mi = mlm_loss(logits, text_ids, target, teacher_logits_BxLxV=t_logits, alpha=alpha,
+                           gather=gather)
       loss, metrics = loss + l_mlm, {**metrics, **mi}
 
     new_queues = enqueue(queues, gather(t_img), gather(t_txt), gather(ids))

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 from mmjax.models.text import TextEncoder
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
+from mmjax.models.zoo.common import Family
 from mmjax.objectives import identity, itc_loss, sigmoid_loss
+from mmjax.parallel.sharding import dense_init, names
 
 Dtype = Any
 LOSSES = ("softmax", "sigmoid")
@@ -63,13 +65,13 @@ class CLIP(nn.Module):
     self.text_tower = TextEncoder(self.vocab_size, self.text_len, tx["width"],
                                   tx["depth"], tx["heads"], tx["mlp_dim"],
                                   remat=self.remat, **kw)
-    proj = lambda name: nn.Dense(self.embed_dim, use_bias=False, name=name, **kw)
+    proj = lambda name: nn.Dense(self.embed_dim, use_bias=False, name=name, **kw, **dense_init("embed", None))
     self.image_proj = proj("image_proj")
     self.text_proj = proj("text_proj")
     init_t = math.log(1 / 0.07) if self.loss == "softmax" else math.log(10.0)
-    self.t = self.param("t", nn.initializers.constant(init_t), (), jnp.float32)
+    self.t = self.param("t", names(nn.initializers.constant(init_t)), (), jnp.float32)
     if self.loss == "sigmoid":
-      self.b = self.param("b", nn.initializers.constant(-10.0), (), jnp.float32)
+      self.b = self.param("b", names(nn.initializers.constant(-10.0)), (), jnp.float32)
 
   def encode_image(self, image_BxHxWx3):
     """[B, H, W, 3] float32 -> (emb [B, E] float32, L2-normalised; aux)."""
@@ -92,7 +94,7 @@ class CLIP(nn.Module):
     return img_BxE, txt_BxE, dict(image=img_aux, text=txt_aux)
 
 
-class ClipFamily:
+class ClipFamily(Family):
   """CLIP / SigLIP for the generic train step and evaluation.
 
   `model_config` fields: family, image ('mu/8'), text ('mu'), image_overrides,
@@ -122,18 +124,6 @@ class ClipFamily:
         text_len=self.text_len, loss=loss, pool=cfg.get("pool", "cls"),
         posemb=cfg.get("posemb", "learn"),
         remat=bool(cfg.get("remat", False)), dtype=DTYPES[dtype_name])
-
-  def init_params(self, rng, image_shape=None, text_shape=None):
-    """Params from dummy zeros; shapes are static tuples (eval_shape-friendly).
-
-    image_shape: (B, H, W, 3), default (1, image_size, image_size, 3);
-    text_shape: (B, L), default (1, text_len).
-    """
-    image_shape = tuple(image_shape or (1, self.image_size, self.image_size, 3))
-    text_shape = tuple(text_shape or (1, self.text_len))
-    image = jnp.zeros(image_shape, jnp.float32)
-    text = jnp.zeros(text_shape, jnp.int32)
-    return self.model.init(rng, image, text)["params"]
 
   def embed(self, params, batch, rng=None):
     """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}.

@@ -1,8 +1,31 @@
-"""What the fusion families (ALBEF, VLMo, BEiT-3) share: applying one method of
-their linen module, and the evaluator's view of them."""
+"""What the families share: param init (with logical axis names), and for the fusion
+families (ALBEF, VLMo, BEiT-3) applying one method of their linen module and the
+evaluator's view of them."""
+import flax.linen as nn
+import jax.numpy as jnp
 
 
-class FeatureFamily:
+class Family:
+  """`init_params` from dummy inputs of the family's image size and text length."""
+  model = None
+  image_size = 224
+  text_len = 77
+
+  def init_params(self, rng, image_shape=None, text_shape=None, *, boxed=False):
+    """Params from dummy zeros; shapes are static tuples (eval_shape-friendly).
+
+    image_shape: (B, H, W, 3), default (1, image_size, image_size, 3);
+    text_shape: (B, L), default (1, text_len). `boxed=True` keeps each param in its
+    `nn.LogicallyPartitioned` box (its logical axis names, for sharding); the
+    default returns plain arrays.
+    """
+    image = jnp.zeros(tuple(image_shape or (1, self.image_size, self.image_size, 3)), jnp.float32)
+    text = jnp.zeros(tuple(text_shape or (1, self.text_len)), jnp.int32)
+    params = self.model.init(rng, image, text)["params"]
+    return params if boxed else nn.unbox(params)
+
+
+class FeatureFamily(Family):
   """Base of families whose `.model` has `image_features(image) -> (emb, tokens)` and
   `text_features(ids) -> (emb, tokens)`; the subclass adds `itm_scores`.
 

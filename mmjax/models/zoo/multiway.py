@@ -37,6 +37,8 @@ from mmjax.models.multiway import MultiwayEncoder
 from mmjax.models.variants import parse_variant
 from mmjax.models.zoo.common import FeatureFamily
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
+from mmjax.parallel.collective import local
+from mmjax.parallel.sharding import dense_init, names
 from mmjax.objectives import (blockwise_mask, identity, itc_loss, itm_loss, mask_tokens, mdm_loss,
                               mlm_loss, patch_targets, sample_hard_negatives)
 
@@ -63,20 +65,21 @@ class Multiway(nn.Module):
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch {s['patch']}")
     n = (self.image_size // s["patch"]) ** 2
     self.patch_embed = PatchEmbed(s["patch"], s["width"], **kw)
-    self.image_cls = self.param("image_cls", nn.initializers.zeros, (1, 1, s["width"]), self.param_dtype)
-    self.image_pos = self.param("image_pos", nn.initializers.normal(0.02), (1, n + 1, s["width"]),
+    self.image_cls = self.param("image_cls", names(nn.initializers.zeros, None, None, "embed"), (1, 1, s["width"]),
                                 self.param_dtype)
-    self.mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, s["width"]),
+    self.image_pos = self.param("image_pos", names(nn.initializers.normal(0.02), None, None, "embed"), (1, n + 1, s["width"]),
+                                self.param_dtype)
+    self.mask_token = self.param("mask_token", names(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, s["width"]),
                                  self.param_dtype)
     self.word_embed = WordEmbed(self.vocab_size, s["width"], self.text_len, **kw)
     self.encoder = MultiwayEncoder(s["depth"], s["heads"], s["mlp_dim"], layout=self.layout,
                                    vl_from=self.vl_from, remat=self.remat, **kw)
-    self.image_proj = nn.Dense(self.embed_dim, use_bias=False, **kw)
-    self.text_proj = nn.Dense(self.embed_dim, use_bias=False, **kw)
+    self.image_proj = nn.Dense(self.embed_dim, use_bias=False, **kw, **dense_init("embed", None))
+    self.text_proj = nn.Dense(self.embed_dim, use_bias=False, **kw, **dense_init("embed", None))
     self.itm_head = ItmHead(**kw)
     self.mlm_head = MlmHead(self.vocab_size, **kw)
-    self.mdm_head = nn.Dense(s["patch"] ** 2 * 3, **kw)
-    self.t = self.param("t", nn.initializers.constant(math.log(1 / 0.07)), (), jnp.float32)
+    self.mdm_head = nn.Dense(s["patch"] ** 2 * 3, **kw, **dense_init("embed", None))
+    self.t = self.param("t", names(nn.initializers.constant(math.log(1 / 0.07))), (), jnp.float32)
 
   # Embedded inputs ----------------------------------------------------------------
   def image_tokens(self, image_BxHxWx3, patch_mask_BxN=None):
@@ -191,11 +194,6 @@ class MultiwayFamily(FeatureFamily):
                           remat=bool(cfg.get("remat", False)),
                           dtype=DTYPES[cfg.get("dtype", "float32")])
 
-  def init_params(self, rng, image_shape=None, text_shape=None):
-    image = jnp.zeros(tuple(image_shape or (1, self.image_size, self.image_size, 3)), jnp.float32)
-    text = jnp.zeros(tuple(text_shape or (1, self.text_len)), jnp.int32)
-    return self.model.init(rng, image, text)["params"]
-
 
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None,
                 gather=identity):
@@ -217,8 +215,8 @@ class MultiwayFamily(FeatureFamily):
       ids_all = gather(ids)
       sim_i2t = jax.lax.stop_gradient(scale * img_emb @ gather(txt_emb).T)
       sim_t2i = jax.lax.stop_gradient(scale * txt_emb @ gather(img_emb).T)
-      neg_txt, has_t = sample_hard_negatives(r_itm_i, sim_i2t, ids, ids_all)
-      neg_img, has_i = sample_hard_negatives(r_itm_t, sim_t2i, ids, ids_all)
+      neg_txt, has_t = sample_hard_negatives(r_itm_i, sim_i2t, ids, ids_all, gather=gather)
+      neg_img, has_i = sample_hard_negatives(r_itm_t, sim_t2i, ids, ids_all, gather=gather)
       txt_all, text_all, img_all = gather(txt_tok), gather(text), gather(img_tok)
       b = image.shape[0]
       _, _, pooled = self._apply(
@@ -228,31 +226,33 @@ class MultiwayFamily(FeatureFamily):
       logits = self._apply(params, m.itm_logits, pooled)
       labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
       weights = jnp.concatenate([jnp.ones((b,)), has_t.astype(jnp.float32), has_i.astype(jnp.float32)])
-      l, mi = itm_loss(logits, labels, weights)
+      l, mi = itm_loss(logits, labels, weights, gather=gather)
       loss, metrics = loss + l, {**metrics, **mi}
     if "mlm" in self.tasks:
-      masked, target = mask_tokens(r_mlm, text, vocab_size=m.vocab_size, mask_id=MASK_ID,
-                                   special_ids=SPECIAL_IDS, prob=self.mlm_prob,
-                                   first_random_id=FIRST_WORD_ID)
+      masked, target = local(gather, mask_tokens(  # global draw, local rows (pmap == jit)
+          r_mlm, gather(text), vocab_size=m.vocab_size, mask_id=MASK_ID, special_ids=SPECIAL_IDS,
+          prob=self.mlm_prob, first_random_id=FIRST_WORD_ID))
       img_tok = self._apply(params, m.image_tokens, image)
       _, y_txt, _ = self._apply(params, m.joint_pass, img_tok, self._apply(params, m.text_tokens, masked),
                                 masked)
-      l, mi = mlm_loss(self._apply(params, m.mlm_logits, y_txt), text, target)
+      l, mi = mlm_loss(self._apply(params, m.mlm_logits, y_txt), text, target, gather=gather)
       loss, metrics = loss + l, {**metrics, **mi}
     if "tmlm" in self.tasks:
-      masked, target = mask_tokens(r_tmlm, text, vocab_size=m.vocab_size, mask_id=MASK_ID,
-                                   special_ids=SPECIAL_IDS, prob=self.tmlm_prob,
-                                   first_random_id=FIRST_WORD_ID)
+      masked, target = local(gather, mask_tokens(
+          r_tmlm, gather(text), vocab_size=m.vocab_size, mask_id=MASK_ID, special_ids=SPECIAL_IDS,
+          prob=self.tmlm_prob, first_random_id=FIRST_WORD_ID))
       y = self._apply(params, m.text_pass, self._apply(params, m.text_tokens, masked), masked)
-      l, mi = mlm_loss(self._apply(params, m.mlm_logits, y), text, target)
+      l, mi = mlm_loss(self._apply(params, m.mlm_logits, y), text, target, gather=gather)
       loss = loss + l
       metrics = {**metrics, **{("loss_tmlm" if k == "loss_mlm" else "tmlm_acc" if k == "mlm_acc" else k): v
                                for k, v in mi.items()}}
     if "mdm" in self.tasks:
       grid = self.image_size // self.patch
-      pmask = blockwise_mask(r_mdm, image.shape[0], grid, grid, self.mdm_ratio)
+      n_global = gather(ids).shape[0]
+      pmask = local(gather, blockwise_mask(r_mdm, n_global, grid, grid, self.mdm_ratio))
       y = self._apply(params, m.image_pass, self._apply(params, m.image_tokens, image, pmask))
-      l, mi = mdm_loss(self._apply(params, m.mdm_pred, y), patch_targets(image, self.patch), pmask)
+      l, mi = mdm_loss(self._apply(params, m.mdm_pred, y), patch_targets(image, self.patch), pmask,
+                       gather=gather)
       loss, metrics = loss + l, {**metrics, **mi}
     metrics["loss"] = loss
     return loss, metrics, {}
