@@ -24,13 +24,15 @@ class Evaluator:
         self.rerank_k = int(rerank_k) if hasattr(family, "itm_scores") else 0
         n_dev = mesh.devices.size
         self.batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
-        rep, bat = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-        self._enc_img = jax.jit(family.encode_image, in_shardings=(rep, bat), out_shardings=rep)
-        self._enc_txt = jax.jit(family.encode_text, in_shardings=(rep, bat), out_shardings=rep)
+        # Inputs keep their shardings: params as the train state lays them out (FSDP,
+        # tensor), batches split over data x fsdp by `global_batch`.
+        rep = mesh_lib.replicated(mesh)
+        self._enc_img = jax.jit(family.encode_image, out_shardings=rep)
+        self._enc_txt = jax.jit(family.encode_text, out_shardings=rep)
         if self.rerank_k:
-            self._img_feat = jax.jit(family.image_features, in_shardings=(rep, bat), out_shardings=rep)
-            self._txt_feat = jax.jit(family.text_features, in_shardings=(rep, bat), out_shardings=rep)
-            self._itm = jax.jit(family.itm_scores, in_shardings=(rep, bat, bat, bat), out_shardings=rep)
+            self._img_feat = jax.jit(family.image_features, out_shardings=rep)
+            self._txt_feat = jax.jit(family.text_features, out_shardings=rep)
+            self._itm = jax.jit(family.itm_scores, out_shardings=rep)
 
     def _batched(self, fn, arrays: dict):
         """fn over whole padded batches of equally long numpy arrays -> numpy [N, ...]."""

@@ -3,7 +3,7 @@
 Objectives are written once, for a call that owns `b` rows of a global batch of `B`:
 
   gather(x)      [b, ...] -> [B, ...]: every row of the global batch.
-  local(x)       [B, ...] -> [b, ...]: this call's rows of a global array. Random
+  local(x)       [B, ...] -> [b, ...]: this call's rows of a global array (or tree). Random
                  draws (hard negatives, MLM and MDM masks) are made for the global
                  batch from the one replicated key and then sliced, so pmap and jit
                  draw exactly the same numbers.
@@ -58,11 +58,15 @@ class PmapCollective(Collective):
     def __call__(self, x):
         return jax.lax.all_gather(x, self.axis_name, tiled=True)
 
-    def local(self, x):
+    def local(self, tree):
         n = jax.lax.psum(1, self.axis_name)
-        b = x.shape[0] // n
-        start = jax.lax.axis_index(self.axis_name) * b
-        return jax.lax.dynamic_slice_in_dim(x, start, b, axis=0)
+        index = jax.lax.axis_index(self.axis_name)
+
+        def one(x):
+            b = x.shape[0] // n
+            return jax.lax.dynamic_slice_in_dim(x, index * b, b, axis=0)
+
+        return jax.tree_util.tree_map(one, tree)
 
     def count(self, n):
         return jax.lax.psum(n, self.axis_name)
