@@ -91,7 +91,11 @@ def get_config(arg=None):
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "mesh"
-    c.parallel.mesh = {"data": -1}
+    c.parallel.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # see docs/scaling.md
+    # Multi-process runs: bounded waits instead of hangs (docs/scaling.md).
+    c.parallel.init_timeout_s = 300       # a peer that never starts
+    c.parallel.heartbeat_timeout_s = 60   # a peer that dies
+    c.parallel.step_timeout_s = 0         # a peer that stalls (0 = no watchdog)
 
     if arg == "emoji":
         c.model.hard_negatives = 0  # emoji names have no swapped-attribute variants

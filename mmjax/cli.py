@@ -1,6 +1,8 @@
 """`mmjax train | eval | data` (the command line).
 
     mmjax train --config configs/demo.py --workdir DIR [--config.train.steps=100 ...]
+    mmjax train --config configs/clip_b16.py --workdir DIR --dry-run   (memory per device)
+    mmjax train ... --coordinator HOST:PORT --num-processes N --process-id I   (multi-process)
     mmjax eval  --workdir DIR [--split test]
     mmjax data prepare --config configs/demo.py
     mmjax data bench --config configs/demo.py:emoji --config.data.image_size=224
@@ -47,9 +49,16 @@ def _parser():
     t.add_argument("--config", required=True, help="path/to/config.py[:arg]")
     t.add_argument("--workdir", required=True)
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--dry-run", action="store_true",
+                   help="compile the step for the configured mesh, print bytes per device, do not train")
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     e.add_argument("--workdir", required=True)
     e.add_argument("--split", default=None)
+    for s in (t, e):
+        g = s.add_argument_group("multi-process (default: MMJAX_* env, SLURM / TPU VM detection, or one process)")
+        g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+        g.add_argument("--num-processes", type=int, default=None)
+        g.add_argument("--process-id", type=int, default=None)
     d = sub.add_parser("data", help="prepare a built-in dataset or measure the input pipeline")
     d.add_argument("action", choices=("prepare", "bench"))
     d.add_argument("--config", required=True)
@@ -71,6 +80,16 @@ def _print_result(result: dict, workdir: str):
     print(f"workdir: {workdir}")
 
 
+def _initialize(args, config):
+    """Multi-process start-up before any device is touched (a no-op for one process)."""
+    from mmjax.parallel import distributed
+
+    par = config.get("parallel", {})
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           init_timeout_s=int(par.get("init_timeout_s", 300)),
+                           heartbeat_timeout_s=int(par.get("heartbeat_timeout_s", 60)))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -82,6 +101,14 @@ def main(argv=None) -> int:
         args = _parser().parse_args(rest)
         if args.command == "train":
             config = config_lib.load(args.config, overrides)
+            if args.dry_run:
+                from mmjax import bench
+
+                plan = bench.memory_plan(config)
+                print(bench.format_plan(plan))
+                print(json.dumps(plan))
+                return 0
+            _initialize(args, config)
             from mmjax.train import loop
 
             result = loop.train(config, args.workdir, progress=not args.no_progress)
@@ -93,6 +120,7 @@ def main(argv=None) -> int:
             from mmjax.train import loop
 
             config = checkpoint.load_config_json(args.workdir)
+            _initialize(args, config)
             setup = loop.Setup(config, args.workdir)
             restored = setup.restore()
             if restored is None:

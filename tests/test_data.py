@@ -217,15 +217,25 @@ def test_hard_negatives_need_a_dataset_that_has_them(tmp_path, tok):
                               tok, 1, seed=0, hard_negatives=1)
 
 
-def test_train_sharding_disjoint(shapes_dir, tok):
+def test_train_sharding_disjoint_and_topology_free(shapes_dir, tok):
+    """Two processes decode disjoint rows, and together they give exactly the
+    one-process global batches (fresh and resumed): a run can move between topologies."""
     from mmjax.data import pipeline as P
     cfg = _cfg(shapes_dir)
-    ids = []
-    for p in range(2):
-        it = P.make_train_iterator(cfg, tok, 8, seed=0, process_index=p, process_count=2)
-        ids.append(set(np.concatenate([t["id"] for t in _take(it, 4)]).tolist()))
+    one = _take(P.make_train_iterator(cfg, tok, 16, seed=0), 6)
+    parts = [_take(P.make_train_iterator(cfg, tok, 8, seed=0, process_index=p, process_count=2), 6)
+             for p in range(2)]
+    resumed = [_take(P.make_train_iterator(cfg, tok, 8, seed=0, process_index=p, process_count=2,
+                                           start_batch=4), 2) for p in range(2)]
+    ids = [set(np.concatenate([t["id"] for t in part[:4]]).tolist()) for part in parts]
     assert len(ids[0]) == len(ids[1]) == 32
     assert not ids[0] & ids[1] and ids[0] | ids[1] == set(range(64))
+    for i, whole in enumerate(one):
+        for k in whole:
+            np.testing.assert_array_equal(np.concatenate([parts[0][i][k], parts[1][i][k]]), whole[k])
+            if i >= 4:
+                np.testing.assert_array_equal(
+                    np.concatenate([resumed[0][i - 4][k], resumed[1][i - 4][k]]), whole[k])
 
 
 def test_eval_iterator_covers_once(shapes_dir, tok):

@@ -276,8 +276,9 @@ class BatchIterator:
     """Python iterator over numpy batches; `.skipped` counts records dropped so far
     (missing files + undecodable images), `.batch_index` the next batch's index."""
 
-    def __init__(self, ds, finish, *, start_pos=0, skipped=0, total=None, batch_index=0):
+    def __init__(self, ds, finish, *, start_pos=0, skipped=0, total=None, batch_index=0, to_local=None):
         self._it = ds.as_numpy_iterator()
+        self._to_local = to_local  # stream position -> index among this process's records
         self._finish = finish
         self._expect = start_pos  # next stream position expected from tf.data
         self._total = total       # stream length (eval) to count trailing drops
@@ -290,6 +291,8 @@ class BatchIterator:
         return self
 
     def _count(self, pos):
+        if self._to_local is not None:
+            pos = self._to_local(np.asarray(pos))
         gaps = int(pos[0] - self._expect) + int(pos[-1] - pos[0] + 1 - len(pos))
         self._expect = int(pos[-1]) + 1
         self._add(gaps)
@@ -345,6 +348,12 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     Shuffled per epoch from `seed`, augmentation seeded by (seed, stream position).
     `start_batch=k` yields exactly the batches a fresh iterator yields after k batches
     (when no record is dropped as undecodable before that point).
+
+    Multi-process: every process walks the same shuffled record order, cut into
+    global batches of `batch_size * process_count`, and decodes only its rows
+    `[process_index * batch_size, (process_index + 1) * batch_size)` of each. The
+    global batch is therefore the same whatever the process count, and a run
+    resumes exactly on another topology (`start_batch` counts global batches).
     """
     import tensorflow as tf
     split = _get(data_config, "train_split", "train")
@@ -353,7 +362,7 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     if cache and _get(data_config, "name") not in ("shapes", "emoji"):
         raise ValueError(f"data.cache_decoded=True is for the built-in datasets (shapes, emoji), not "
                          f"{_get(data_config, 'name')!r}: a large or partly corrupt dataset must stream")
-    ds = load_records(data_config, split).shard(process_count, process_index)
+    ds = load_records(data_config, split)
     if cache:
         ds = _cache_decoded(data_config, ds)
     K = int(hard_negatives or 0)
@@ -362,8 +371,12 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
                          "hard_negatives feature (built-in: shapes); set model.hard_negatives=0")
     ds = ds.shuffle(int(_get(data_config, "shuffle_buffer", 10000)), seed=int(seed),
                     reshuffle_each_iteration=True).repeat()
-    start = int(start_batch) * int(batch_size)
+    b, n_proc, rank = int(batch_size), int(process_count), int(process_index)
+    global_b = b * n_proc
+    start = int(start_batch) * global_b
     ds = ds.enumerate().skip(start)
+    if n_proc > 1:  # this process's rows of every global batch, before any decoding
+        ds = ds.filter(lambda pos, rec: (pos % global_b) // b == rank)
     ds = ds.map(_train_map(data_config, int(seed), K), num_parallel_calls=_npc(data_config),
                 deterministic=True).ignore_errors()
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -381,8 +394,10 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
             out["hard_negatives"] = tokenizer.encode(negs, L).reshape(len(b["id"]), K, L)
         return out
 
-    return BatchIterator(ds, finish, start_pos=start, batch_index=int(start_batch),
-                         skipped=_initial_skips(data_config, split))
+    # Stream positions -> this process's own count, so skipped records are gaps in it.
+    to_local = (lambda pos: (pos // global_b) * b + pos % global_b - rank * b) if n_proc > 1 else None
+    return BatchIterator(ds, finish, start_pos=int(start_batch) * b, batch_index=int(start_batch),
+                         skipped=_initial_skips(data_config, split), to_local=to_local)
 
 
 def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from mmjax import checkpoint as ckpt_lib
 from mmjax.models import zoo
-from mmjax.parallel import mesh as mesh_lib
+from mmjax.parallel import distributed, mesh as mesh_lib
 from mmjax.parallel.collective import PmapCollective, identity
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim, step as step_lib
@@ -215,6 +215,11 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
 
     bar = tqdm(total=total, initial=start_step, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True)
+    # Hang guard: with parallel.step_timeout_s > 0, the loop waits for each step's
+    # loss one step behind (so one step stays in flight) and a watchdog exits the
+    # process when none finishes in time. It starts after the first (compiling) step.
+    step_timeout = float(config.parallel.get("step_timeout_s", 0) or 0)
+    watchdog, in_flight = None, None
     t_last, n_since = time.time(), 0
     step = start_step
     end = total if stop_at is None else min(total, int(stop_at))
@@ -225,6 +230,13 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
             batch["id"] = np.asarray(batch["id"]).astype(np.int32)
         batch = mesh_lib.pmap_batch(batch) if pmap else mesh_lib.global_batch(setup.mesh, batch)
         state, m = step_fn_for(step)(state, batch)
+        if step_timeout > 0:
+            if in_flight is not None:
+                jax.block_until_ready(in_flight)
+                if watchdog is None:
+                    watchdog = distributed.StepWatchdog(step_timeout)
+                watchdog.beat()
+            in_flight = m["loss"]
         data_position += 1
         n_since += 1
         done = step + 1
@@ -246,6 +258,8 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         if config.eval.every and done % int(config.eval.every) == 0 and done != total:
             run_eval(done)
     bar.close()
+    if watchdog is not None:
+        watchdog.close()
     if end > start_step or setup.checkpointer.latest_step() is None:
         setup.save(end, state, {"data_position": data_position})
     if evaluator is not None and config.eval.at_end and end == total:
