@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["mmjax", "mmjax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.4.35",
+        "jax>=0.6",
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.9",

@@ -49,6 +49,8 @@ def _parser():
     t.add_argument("--config", required=True, help="path/to/config.py[:arg]")
     t.add_argument("--workdir", required=True)
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--stop-at", type=int, default=None,
+                   help="leave after this step with a checkpoint, as a preempted job would")
     t.add_argument("--dry-run", action="store_true",
                    help="compile the step for the configured mesh, print bytes per device, do not train")
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
             _initialize(args, config)
             from mmjax.train import loop
 
-            result = loop.train(config, args.workdir, progress=not args.no_progress)
+            result = loop.train(config, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
             _print_result(result, args.workdir)
         elif args.command == "eval":
             if overrides:

@@ -7,7 +7,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
 
 
-def tiny_config(data_dir, **extra):
+def tiny_overrides(data_dir, **extra) -> dict:
+    """The `key: value` overrides that shrink configs/demo.py (also for CLI runs)."""
     overrides = {
         "data.data_dir": str(data_dir),
         "data.image_size": 16,
@@ -34,4 +35,8 @@ def tiny_config(data_dir, **extra):
         "eval.batch_size": 32,
     }
     overrides.update(extra)
-    return config_lib.load(DEMO, [f"{k}={v}" for k, v in overrides.items()])
+    return overrides
+
+
+def tiny_config(data_dir, **extra):
+    return config_lib.load(DEMO, [f"{k}={v}" for k, v in tiny_overrides(data_dir, **extra).items()])

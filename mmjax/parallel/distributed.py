@@ -5,8 +5,10 @@ touches a device:
 
 * explicit: `--coordinator host:port --num-processes N --process-id I` (or the env
   variables MMJAX_COORDINATOR, MMJAX_NUM_PROCESSES, MMJAX_PROCESS_ID);
-* SLURM (SLURM_JOB_ID, SLURM_NTASKS > 1, ...) and Cloud TPU VMs with several workers:
-  JAX detects the coordinator, process count and id itself;
+* SLURM (SLURM_JOB_ID, SLURM_NTASKS > 1, ...), Cloud TPU VMs with several workers,
+  or MMJAX_DISTRIBUTED=auto: JAX detects the coordinator, process count and id;
+  MMJAX_LOCAL_DEVICE_IDS=0,1,.. picks this process's accelerators (SLURM with one
+  process per node: JAX would otherwise keep only GPU SLURM_LOCALID);
 * otherwise a single process: nothing to do.
 
 On CPU the cross-process collectives are gloo's. Failures are bounded:
@@ -35,6 +37,8 @@ WATCHDOG_EXIT = 3
 
 def _cluster_env() -> bool:
     """True on a multi-process SLURM step or a multi-worker Cloud TPU VM slice."""
+    if os.environ.get("MMJAX_DISTRIBUTED", "").lower() == "auto":
+        return True
     if all(k in os.environ for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")):
         return int(os.environ.get("SLURM_NTASKS", "1")) > 1
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
@@ -69,6 +73,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # swallowed by JAX's preemption notifier; peers then fail on the heartbeat.
     jax.config.update("jax_enable_preemption_service", False)
     kw = dict(initialization_timeout=int(init_timeout_s), heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    if local_device_ids is None and env.get("MMJAX_LOCAL_DEVICE_IDS"):
+        local_device_ids = [int(x) for x in env["MMJAX_LOCAL_DEVICE_IDS"].split(",")]
     if local_device_ids is not None:
         kw["local_device_ids"] = local_device_ids
     if explicit:

@@ -27,9 +27,22 @@ class Setup:
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
         data = config.data
-        self.tokenizer = tok_lib.get_tokenizer(
-            data.tokenizer, workdir, lambda: pipeline.captions(data, data.train_split)
-        )
+        get_tokenizer = lambda: tok_lib.get_tokenizer(
+            data.tokenizer, workdir, lambda: pipeline.captions(data, data.train_split))
+        if jax.process_count() == 1:
+            self.tokenizer = get_tokenizer()
+        else:
+            # Process 0 builds the built-in data and trains the tokenizer (shared
+            # workdir); the others wait for it instead of racing to write the same files.
+            from jax.experimental import multihost_utils
+
+            if jax.process_index() == 0:
+                self.tokenizer = get_tokenizer()
+                for split in {data.train_split, data.eval_split}:
+                    pipeline.num_examples(data, split)
+            multihost_utils.sync_global_devices("mmjax: data and tokenizer ready")
+            if jax.process_index() != 0:
+                self.tokenizer = get_tokenizer()
         with config.unlocked():
             config.model.vocab_size = int(self.tokenizer.vocab_size)
             config.model.image_size = int(data.image_size)
