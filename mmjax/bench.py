@@ -125,7 +125,10 @@ def step_time(config, steps: int = 20, warmup: int = 3) -> dict:
     tc = config.train
     state = jax.jit(init, out_shardings=shard)(jax.random.PRNGKey(0))
     fn = _compiled_step(config, family, opt, mesh, trainable, shard)
-    batch = mesh_lib.global_batch(mesh, synthetic_batch(config, family, int(tc.batch_size)))
+    # Every process makes the same global batch and hands over its own rows.
+    full, n, i = synthetic_batch(config, family, int(tc.batch_size)), jax.process_count(), jax.process_index()
+    rows = int(tc.batch_size) // n
+    batch = mesh_lib.global_batch(mesh, {k: v[i * rows:(i + 1) * rows] for k, v in full.items()})
     t0 = time.perf_counter()
     state, m = fn(state, batch)
     jax.block_until_ready(m)
@@ -143,4 +146,5 @@ def step_time(config, steps: int = 20, warmup: int = 3) -> dict:
             "ms_per_step": 1000 * dt, "samples_per_s": int(tc.batch_size) / dt,
             "samples_per_s_per_device": int(tc.batch_size) / dt / mesh.devices.size,
             "compile_s": compile_s, "params": n_params, "devices": int(mesh.devices.size),
+            "processes": jax.process_count(),
             "platform": jax.devices()[0].platform, "loss": float(m["loss"])}

@@ -56,11 +56,6 @@ def _parser():
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     e.add_argument("--workdir", required=True)
     e.add_argument("--split", default=None)
-    for s in (t, e):
-        g = s.add_argument_group("multi-process (default: MMJAX_* env, SLURM / TPU VM detection, or one process)")
-        g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-        g.add_argument("--num-processes", type=int, default=None)
-        g.add_argument("--process-id", type=int, default=None)
     d = sub.add_parser("data", help="prepare a built-in dataset or measure the input pipeline")
     d.add_argument("action", choices=("prepare", "bench"))
     d.add_argument("--config", required=True)
@@ -71,6 +66,11 @@ def _parser():
     b.add_argument("--config", required=True, action="append", help="repeat to compare; the first is the reference")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--warmup", type=int, default=3)
+    for s in (t, e, b):
+        g = s.add_argument_group("multi-process (default: MMJAX_* env, SLURM / TPU VM detection, or one process)")
+        g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+        g.add_argument("--num-processes", type=int, default=None)
+        g.add_argument("--process-id", type=int, default=None)
     return p
 
 
@@ -144,12 +144,14 @@ def main(argv=None) -> int:
         elif args.command == "bench":
             from mmjax import bench
 
-            rows = [bench.step_time(config_lib.load(path, overrides), args.steps, args.warmup)
-                    for path in args.config]
+            configs = [config_lib.load(path, overrides) for path in args.config]
+            _initialize(args, configs[0])
+            rows = [bench.step_time(c, args.steps, args.warmup) for c in configs]
             for path, row in zip(args.config, rows):
                 row["config"] = path
                 row["ratio"] = row["ms_per_step"] / rows[0]["ms_per_step"]
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+                if row.get("processes", 1) == 1 or __import__("jax").process_index() == 0:
+                    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
         # ValueError: a variant name, a shape or a path a user gave; the message names it.
         if os.environ.get("MMJAX_DEBUG"):

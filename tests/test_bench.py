@@ -16,7 +16,10 @@ over = ["data.image_size=16", "data.text_len=12", "data.tokenizer.vocab_size=40"
         "model.image_overrides={}", "model.text_overrides={}", "model.embed_dim=16", "train.batch_size=8"]
 rows = [bench.step_time(config.load(ROOT + "/configs/" + name, over + extra), steps=2, warmup=1)
         for name, extra in (("demo.py", []), ("albef.py", ["model.queue_size=20"]))]
-print(json.dumps(rows))
+plans = [bench.memory_plan(config.load(ROOT + "/configs/albef.py", over + ["model.queue_size=64", "parallel.mesh=" + m]))
+         for m in ("{'data': 8}", "{'fsdp': 8}")]
+print(bench.format_plan(plans[1]))
+print(json.dumps([rows, plans]))
 """
 
 
@@ -25,9 +28,19 @@ def test_bench_runs_the_step_without_tensorflow():
     r = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + CODE], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    clip, albef = json.loads(r.stdout.strip().splitlines()[-1])
+    (clip, albef), (rep, fsdp) = json.loads(r.stdout.strip().splitlines()[-1])
     for row in (clip, albef):
         assert row["ms_per_step"] > 0 and row["batch_size"] == 8 and row["devices"] == 8
         assert row["loss"] == row["loss"]  # finite, not NaN
     assert (clip["family"], albef["family"]) == ("clip", "albef")
     assert albef["params"] > clip["params"]  # fusion layers and heads on top of the towers
+
+    # The dry-run memory plan (also without TensorFlow): FSDP over 8 devices keeps
+    # about 1/8 of the replicated state per device, in the state's shardings and in
+    # XLA's compiled argument sizes.
+    assert "optimizer state" in r.stdout and "XLA temp" in r.stdout
+    assert rep["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1} and fsdp["mesh"]["fsdp"] == 8
+    for key in ("param_bytes", "opt_bytes", "ema_bytes", "queue_bytes"):
+        assert 1 / 8 <= fsdp[key] / rep[key] < 0.2, key
+    assert fsdp["xla_argument_bytes"] / rep["xla_argument_bytes"] < 0.3
+    assert rep["state_bytes"] == rep["param_bytes"] + rep["opt_bytes"] + rep["ema_bytes"] + rep["queue_bytes"]
