@@ -2,6 +2,7 @@
 runtime (`mmjax.parallel.distributed.initialize`, gloo collectives): the code path of
 a pod. A run started on 2 processes x 4 devices resumes on 1 process x 8 devices with
 another mesh and ends where an uninterrupted run ends; a dead peer ends the job."""
+import json
 import os
 import signal
 import socket
@@ -65,10 +66,19 @@ def test_two_processes_then_one_process_other_mesh(tmp_path, data_dir):
     checkpoint; the params equal a 20-step run on 1 process x 8 devices (data=8)."""
     common = {"train.steps": 20, "train.ckpt_every": 10, "eval.at_end": False}
     procs = _launch(tmp_path / "a", data_dir, 2, ["--stop-at", "10"],
-                    **common, **{"parallel.mesh": "{'data': 4, 'fsdp': 2, 'tensor': 1}"})
+                    **common, **{"parallel.mesh": "{'data': 4, 'fsdp': 2, 'tensor': 1}", "eval.every": 10})
     codes, outs = _wait(procs, timeout=600)
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert os.path.isdir(tmp_path / "a" / "checkpoints" / "10")
+    # The 2-process evaluation at step 10 equals a 1-process evaluation of that checkpoint.
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    two = next(r for r in rows if r["kind"] == "eval" and r["step"] == 10)
+    setup = loop.Setup(tiny_config(data_dir, **common), str(tmp_path / "a"))
+    state, _ = setup.restore(step=10)
+    one = setup.evaluator()(state.params)
+    setup.checkpointer.close()
+    for k in ("i2t_r@1", "i2t_r@5", "t2i_r@1"):
+        assert abs(two[k] - one[k]) < 1e-6, (k, two[k], one[k])
     resumed = loop.train(tiny_config(data_dir, **common, **{"parallel.mesh": "{'data': 2, 'fsdp': 2, 'tensor': 2}"}),
                          str(tmp_path / "a"), progress=False)
     straight = loop.train(tiny_config(data_dir, **common, **{"parallel.mesh": "{'data': 8, 'fsdp': 1, 'tensor': 1}"}),

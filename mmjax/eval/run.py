@@ -34,6 +34,15 @@ class Evaluator:
             self._txt_feat = jax.jit(family.text_features, out_shardings=rep)
             self._itm = jax.jit(family.itm_scores, out_shardings=rep)
 
+    def _global(self, batch: dict) -> dict:
+        """A whole global batch (the same numpy arrays on every process) -> global jax
+        arrays: each process hands over its own rows. Every process reads the whole
+        (small) eval split, so each holds the captions, ids and masks of all rows and
+        the metrics come out the same everywhere."""
+        n, i = jax.process_count(), jax.process_index()
+        rows = self.batch_size // n
+        return mesh_lib.global_batch(self.mesh, {k: np.asarray(v)[i * rows:(i + 1) * rows] for k, v in batch.items()})
+
     def _batched(self, fn, arrays: dict):
         """fn over whole padded batches of equally long numpy arrays -> numpy [N, ...]."""
         n = len(next(iter(arrays.values())))
@@ -43,7 +52,7 @@ class Evaluator:
             pad = self.batch_size - len(next(iter(chunk.values())))
             if pad:
                 chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in chunk.items()}
-            res = fn(mesh_lib.global_batch(self.mesh, chunk))
+            res = fn(self._global(chunk))
             out.append(np.asarray(res)[: self.batch_size - pad])
         return np.concatenate(out)
 
@@ -66,23 +75,20 @@ class Evaluator:
             pad = self.batch_size - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            arr = mesh_lib.global_batch(self.mesh, {"text": chunk})["text"]
+            arr = self._global({"text": chunk})["text"]
             out.append(np.asarray(self._enc_txt(params, arr))[: self.batch_size - pad])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def __call__(self, params) -> dict:
         from mmjax.data import pipeline  # lazy: TensorFlow lives behind this import
 
-        it = pipeline.make_eval_iterator(
-            self.data_config, self.tokenizer, self.split, self.batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )
+        it = pipeline.make_eval_iterator(self.data_config, self.tokenizer, self.split, self.batch_size)
         imgs, txts, caps, labels, negs, neg_valid = [], [], [], [], [], []
         img_toks, streams, text_ids = [], [], []
         seen = 0
         for batch in it:
             valid = np.asarray(batch["valid"], bool)
-            arrays = mesh_lib.global_batch(self.mesh, {"image": batch["image"], "text": batch["text"]})
+            arrays = self._global({"image": batch["image"], "text": batch["text"]})
             if self.rerank_k:
                 emb, tok = self._img_feat(params, arrays["image"])
                 imgs.append(np.asarray(emb)[valid])
