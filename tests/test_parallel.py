@@ -81,7 +81,7 @@ def test_modes_match_single_device(kind, mode, tmp_data):
     else:
         loss, state, shard = run(family, tc, batches, "mesh", MESHES[mode])
         # The params really are split as the rules say (not replicated everywhere).
-        specs = {sharding._path(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shard.params)[0]}
+        specs = {sharding.path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shard.params)[0]}
         if "fsdp" in mode:
             assert any("fsdp" in str(s) for s in specs.values())
         if "tensor" in mode:
@@ -89,17 +89,21 @@ def test_modes_match_single_device(kind, mode, tmp_data):
     assert ref_loss[0] > 0 and np.all(np.isfinite(loss))
     np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, atol=2e-5)
     flat_ref = jax.tree_util.tree_leaves_with_path(ref_state)
-    flat = dict((sharding._path(p), v) for p, v in jax.tree_util.tree_leaves_with_path(state))
+    flat = dict((sharding.path_str(p), v) for p, v in jax.tree_util.tree_leaves_with_path(state))
     for p, v in flat_ref:
-        np.testing.assert_allclose(flat[sharding._path(p)], v, rtol=1e-4, atol=2e-5,
-                                   err_msg=sharding._path(p))
+        np.testing.assert_allclose(flat[sharding.path_str(p)], v, rtol=1e-4, atol=2e-5,
+                                   err_msg=sharding.path_str(p))
     moved = np.abs(ref_state.params["t"] if "t" in ref_state.params else ref_state.params["temp"])
     assert np.all(np.isfinite(moved))
 
 
-@pytest.mark.parametrize("kind", ["clip", "albef"])
+@pytest.mark.parametrize("kind", ["clip", "albef", "vlmo", "beit3"])
 def test_every_param_has_logical_names(kind, tmp_data):
-    family, _, _ = _setup(kind, str(tmp_data))
+    if kind in ("vlmo", "beit3"):
+        from test_vlmo import tiny
+        family = _family(tiny(kind, str(tmp_data)))
+    else:
+        family, _, _ = _setup(kind, str(tmp_data))
     boxed = jax.eval_shape(lambda r: family.init_params(r, (1, 16, 16, 3), (1, 16), boxed=True),
                            jax.random.PRNGKey(0))
     assert sharding.unnamed_params(boxed) == []

@@ -83,14 +83,8 @@ def mesh_axes(logical, shape, mesh, rules=RULES) -> P:
     return P(*out)
 
 
-def logical_specs(boxed_tree):
-    """Tree of logical-name tuples (None for unnamed leaves) from a boxed init."""
-    return jax.tree_util.tree_map(
-        lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None,
-        boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
-def _path(path) -> str:
+def path_str(path) -> str:
+    """A jax key path -> 'image_tower/encoder/block00/attn/qkv/kernel'."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -102,17 +96,13 @@ def state_shardings(abstract_state, param_logical, mesh, rules=RULES):
     that param's sharding; queue features shard their slots over `queue`; everything
     else (step, rng, counters, scalars) is replicated.
     """
-    flat = {}
-    for path, names_ in param_logical.items():
-        flat[path] = names_
-
     def one(path, leaf):
-        keys = _path(path).split("/")
+        keys = path_str(path).split("/")
         shape = tuple(getattr(leaf, "shape", ()))
         if keys and keys[0] == "queues" and len(shape) >= 1:
             return NamedSharding(mesh, mesh_axes(("queue",) + (None,) * (len(shape) - 1), shape, mesh, rules))
         for i in range(len(keys)):
-            logical = flat.get("/".join(keys[i:]))
+            logical = param_logical.get("/".join(keys[i:]))
             if logical is not None and len(logical) == len(shape):
                 return NamedSharding(mesh, mesh_axes(logical, shape, mesh, rules))
         return NamedSharding(mesh, P())
@@ -126,15 +116,15 @@ def param_logical_axes(boxed_params) -> dict:
     for path, leaf in jax.tree_util.tree_flatten_with_path(
             boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]:
         if isinstance(leaf, nn.LogicallyPartitioned):
-            out[_path(path)] = tuple(leaf.names)
+            out[path_str(path)] = tuple(leaf.names)
     return out
 
 
 def unnamed_params(boxed_params) -> list[str]:
     """Paths of params created without logical names (a test keeps this empty)."""
     named = set(param_logical_axes(boxed_params))
-    return [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(boxed_params))[0]
-            if _path(p) not in named]
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(boxed_params))[0]
+            if path_str(p) not in named]
 
 
 # ----------------------------------------------------------------- activation constraints

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from mmjax.parallel import sharding
+
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, cosine to `lr * end_lr_factor`."""
@@ -45,9 +47,7 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def param_path(path) -> str:
-    """A jax key path -> 'image_tower/encoder/block00/attn/qkv/kernel'."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+param_path = sharding.path_str  # a jax key path -> 'image_tower/encoder/block00/attn/qkv/kernel'
 
 
 def trainable_mask(params, freeze=()):
