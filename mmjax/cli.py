@@ -3,6 +3,8 @@
     mmjax train --config configs/demo.py --workdir DIR [--config.train.steps=100 ...]
     mmjax train --config configs/clip_b16.py --workdir DIR --dry-run   (memory per device)
     mmjax train ... --coordinator HOST:PORT --num-processes N --process-id I   (multi-process)
+    mmjax finetune --config configs/finetune_shapes.py:linear --init-from DIR --workdir OUT
+    mmjax embed --workdir DIR --images a.png b.jpg --texts captions.txt --out emb.npz
     mmjax eval  --workdir DIR [--split test]
     mmjax data prepare --config configs/demo.py
     mmjax data bench --config configs/demo.py:emoji --config.data.image_size=224
@@ -53,6 +55,19 @@ def _parser():
                    help="leave after this step with a checkpoint, as a preempted job would")
     t.add_argument("--dry-run", action="store_true",
                    help="compile the step for the configured mesh, print bytes per device, do not train")
+    f = sub.add_parser("finetune", help="train a recipe starting from a pretraining checkpoint")
+    f.add_argument("--config", required=True, help="path/to/config.py[:arg], e.g. configs/finetune_shapes.py:linear")
+    f.add_argument("--init-from", required=True, help="a pretraining workdir or WORKDIR/checkpoints/STEP")
+    f.add_argument("--weights", choices=("student", "ema"), default=None,
+                   help="the student params or the EMA teacher (default: the config's finetune.weights)")
+    f.add_argument("--workdir", required=True)
+    f.add_argument("--no-progress", action="store_true")
+    m = sub.add_parser("embed", help="embeddings of your images and texts from a workdir's checkpoint (.npz)")
+    m.add_argument("--workdir", required=True)
+    m.add_argument("--images", nargs="*", default=(), help="image files")
+    m.add_argument("--texts", default=None, help="a text file, one text per line")
+    m.add_argument("--out", required=True, help="output .npz")
+    m.add_argument("--weights", choices=("student", "ema"), default="student")
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     e.add_argument("--workdir", required=True)
     e.add_argument("--split", default=None)
@@ -66,7 +81,7 @@ def _parser():
     b.add_argument("--config", required=True, action="append", help="repeat to compare; the first is the reference")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--warmup", type=int, default=3)
-    for s in (t, e, b):
+    for s in (t, f, e, b):
         g = s.add_argument_group("multi-process (default: MMJAX_* env, SLURM / TPU VM detection, or one process)")
         g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
         g.add_argument("--num-processes", type=int, default=None)
@@ -115,6 +130,32 @@ def main(argv=None) -> int:
 
             result = loop.train(config, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
             _print_result(result, args.workdir)
+        elif args.command == "finetune":
+            config = config_lib.load(args.config, overrides)
+            if not os.path.isdir(args.init_from):
+                raise FileNotFoundError(f"--init-from {args.init_from!r} is not a directory")
+            import ml_collections
+
+            with config.unlocked():
+                if "finetune" not in config:
+                    config.finetune = ml_collections.ConfigDict({"init_from": None, "weights": "student"})
+                config.finetune.init_from = os.path.abspath(args.init_from)
+                if args.weights:
+                    config.finetune.weights = args.weights
+            _initialize(args, config)
+            from mmjax.train import loop
+
+            result = loop.train(config, args.workdir, progress=not args.no_progress)
+            _print_result(result, args.workdir)
+        elif args.command == "embed":
+            if overrides:
+                raise config_lib.ConfigError("mmjax embed takes no --config overrides")
+            if not args.images and not args.texts:
+                raise config_lib.ConfigError("mmjax embed needs --images and/or --texts")
+            from mmjax.eval.embed import embed
+
+            print(json.dumps(embed(args.workdir, images=args.images, texts_file=args.texts, out=args.out,
+                                   weights=args.weights)))
         elif args.command == "eval":
             if overrides:
                 raise config_lib.ConfigError("mmjax eval takes no --config overrides")

@@ -20,10 +20,13 @@ class ConfigError(ValueError):
 
 # Keys whose values must come from a fixed set: dotted key -> choices.
 CHOICES = {
-    "model.family": ("clip", "albef", "vlmo", "beit3"),
+    "model.family": ("clip", "albef", "vlmo", "beit3", "classifier"),
+    "finetune.weights": ("student", "ema"),
     "model.loss": ("softmax", "sigmoid"),
     "model.pool": ("cls", "gap"),
     "model.posemb": ("learn", "sincos2d"),
+    "model.act": ("gelu_tanh", "gelu", "quick_gelu"),
+    "model.text_pool": ("last", "argmax", "eos"),
     "model.dtype": ("float32", "bfloat16"),
     "parallel.mode": ("mesh", "pmap"),
 }

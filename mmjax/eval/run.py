@@ -137,3 +137,44 @@ class Evaluator:
         if skipped:
             metrics["skipped_records"] = int(skipped)
         return metrics
+
+
+class ClassificationEvaluator:
+    """Top-1 / top-5 accuracy of a classifier family on a labelled split (every
+    process reads the whole split and hands its rows to the global batch)."""
+
+    def __init__(self, family, data_config, mesh, *, split: str, batch_size: int):
+        self.family, self.data_config, self.mesh, self.split = family, data_config, mesh, split
+        n_dev = mesh.devices.size
+        self.batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
+        self._logits = jax.jit(family.logits, out_shardings=mesh_lib.replicated(mesh))
+
+    def __call__(self, params) -> dict:
+        from mmjax.data import pipeline
+
+        n, i = jax.process_count(), jax.process_index()
+        rows = self.batch_size // n
+        tokenizer = _NoText()
+        correct1 = correct5 = seen = 0
+        for batch in pipeline.make_eval_iterator(self.data_config, tokenizer, self.split, self.batch_size):
+            if "label" not in batch:
+                raise ValueError(f"split {self.split!r} of {self.data_config.name!r} has no labels to classify")
+            image = mesh_lib.global_batch(self.mesh, {"image": batch["image"][i * rows:(i + 1) * rows]})["image"]
+            logits = np.asarray(self._logits(params, image))
+            valid = np.asarray(batch["valid"], bool)
+            labels = np.asarray(batch["label"])[valid]
+            top5 = np.argsort(-logits[valid], axis=-1)[:, :5]
+            correct1 += int(np.sum(top5[:, 0] == labels))
+            correct5 += int(np.sum(np.any(top5 == labels[:, None], axis=-1)))
+            seen += int(valid.sum())
+        if seen == 0:
+            return {"num_images": 0}
+        return {"top1": correct1 / seen, "top5": correct5 / seen, "num_images": seen,
+                "num_classes": int(self.family.num_classes)}
+
+
+class _NoText:
+    """The eval iterator tokenizes captions; a classifier does not read them."""
+
+    def encode(self, texts, length):
+        return np.zeros((len(texts), length), np.int32)

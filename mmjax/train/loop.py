@@ -27,6 +27,9 @@ class Setup:
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
         data = config.data
+        self.init_from = config.get("finetune", {}).get("init_from", None)
+        if self.init_from:
+            self._prepare_finetune()
         get_tokenizer = lambda: tok_lib.get_tokenizer(
             data.tokenizer, workdir, lambda: pipeline.captions(data, data.train_split))
         if jax.process_count() == 1:
@@ -105,10 +108,53 @@ class Setup:
                             trainable=trainable))
         return out
 
+    def _prepare_finetune(self):
+        """Before anything is built: the source's tokenizer (the text tower must read the
+        same ids) and, for a classifier without one, the source's model as backbone."""
+        from mmjax import checkpoint
+        from mmjax.train import finetune
+
+        src_workdir, _ = finetune._source(self.init_from)
+        src_config = checkpoint.load_config_json(src_workdir)
+        src_tok = os.path.join(src_workdir, "tokenizer.model")
+        dst_tok = os.path.join(self.workdir, "tokenizer.model")
+        if not self.config.data.tokenizer.get("path") and os.path.exists(src_tok) and not os.path.exists(dst_tok):
+            if jax.process_index() == 0:
+                import shutil
+                shutil.copyfile(src_tok, dst_tok + ".tmp")
+                os.replace(dst_tok + ".tmp", dst_tok)
+        model = self.config.model
+        if model.get("family") == "classifier":  # the backbone is what the checkpoint holds
+            with self.config.unlocked():
+                model.backbone = src_config.model.to_dict()
+
     def fresh_state(self):
-        """The initial state, created sharded (pmap layout in pmap mode)."""
+        """The initial state, created sharded (pmap layout in pmap mode); with
+        `finetune.init_from`, the params come from that checkpoint (`train.finetune`)."""
         init = jax.jit(self._init, out_shardings=self.state_sharding)
-        return self.to_run_layout(init(jax.random.PRNGKey(int(self.config.seed))))
+        state = init(jax.random.PRNGKey(int(self.config.seed)))
+        if self.init_from:
+            state = self._load_pretrained(state)
+        return self.to_run_layout(state)
+
+    def _load_pretrained(self, state):
+        from mmjax.train import finetune
+
+        weights = self.config.finetune.get("weights", "student")
+        _, pretrained = finetune.pretrained_params(self.init_from, weights)
+        prefix = "backbone/" if self.config.model.family == "classifier" else ""
+        params, report = finetune.transplant(jax.device_get(state.params), pretrained, prefix)
+        logging.info("init from %s (%s): %d params loaded, %d left behind, resized %s, fresh %s",
+                     self.init_from, weights, report["loaded"], report["unused"], report["resized"],
+                     report["kept_init"])
+        family, optimizer = self.family, self.optimizer
+
+        def rebuild(params, rng):
+            extra = family.init_extra(params) if hasattr(family, "init_extra") else {}
+            return state.replace(params=params, opt_state=optimizer.init(params), rng=rng,
+                                 ema_params=extra.get("ema_params"), queues=extra.get("queues"))
+
+        return jax.jit(rebuild, out_shardings=self.state_sharding)(params, state.rng)
 
     def restore(self, step=None):
         """(state, meta) from the latest (or `step`'s) checkpoint, or None.
@@ -135,9 +181,13 @@ class Setup:
         self.checkpointer.save(step, self.to_checkpoint_layout(state), meta)
 
     def evaluator(self, split=None):
-        from mmjax.eval.run import Evaluator
+        from mmjax.eval.run import ClassificationEvaluator, Evaluator
 
         ev = self.config.eval
+        if hasattr(self.family, "logits"):
+            return ClassificationEvaluator(self.family, self.config.data, self.mesh,
+                                           split=split or self.config.data.eval_split,
+                                           batch_size=int(ev.batch_size))
         return Evaluator(
             self.family, self.config.data, self.tokenizer, self.mesh,
             split=split or self.config.data.eval_split, batch_size=int(ev.batch_size),
@@ -223,7 +273,7 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         last_eval["eval_seconds"] = time.time() - t0
         writer.write(step, "eval", last_eval)
         shown = ("i2t_r@1", "i2t_itm_r@1", "i2t_r@5", "t2i_r@1", "t2i_itm_r@1", "binding_acc", "zero_shot_top1",
-                 "i2t_chance@1")
+                 "i2t_chance@1", "top1", "top5")
         tqdm.write(f"[eval step {step}] " + _format(last_eval, shown))
 
     bar = tqdm(total=total, initial=start_step, disable=not progress or jax.process_index() != 0,

@@ -1,6 +1,8 @@
 """AdamW with linear warmup + cosine decay, decay mask, clipping."""
 from __future__ import annotations
 
+import re
+
 import jax
 import optax
 
@@ -34,6 +36,7 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
     parts = []
     if train_config.get("grad_clip", 0.0):
         parts.append(optax.clip_by_global_norm(float(train_config.grad_clip)))
+    layer_decay = float(train_config.get("layer_decay", 1.0) or 1.0)
     parts.append(
         optax.adamw(
             schedule,
@@ -44,7 +47,46 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
             mask=decay_mask,
         )
     )
+    if layer_decay != 1.0:
+        parts.append(scale_by_layer(layer_decay))
     return optax.chain(*parts)
+
+
+_BLOCK = re.compile(r"(?:^|/)(?:block|text_blocks_|fusion_blocks_|blocks_)(\d+)(?:/|$)")
+_EMBED = re.compile(r"(?:^|/)(patch_embed|cls|pos_embedding|ln_pre|embed|image_cls|image_pos|mask_token)(?:/|$)")
+
+
+def layer_ids(params) -> tuple[dict, int]:
+    """{param path: layer id}: 0 for embeddings, i + 1 for transformer block i, L + 1
+    for everything above the blocks (final norms, projections, heads); and L."""
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    blocks = [int(m.group(1)) for m in map(_BLOCK.search, paths) if m]
+    top = (max(blocks) + 1 if blocks else 0) + 1
+    ids = {}
+    for path in paths:
+        m = _BLOCK.search(path)
+        ids[path] = int(m.group(1)) + 1 if m else (0 if _EMBED.search(path) else top)
+    return ids, top - 1
+
+
+def scale_by_layer(decay: float) -> optax.GradientTransformation:
+    """Layer-wise learning-rate decay (BEiT / ELECTRA fine-tuning): the update of a
+    param in layer i is scaled by decay ** (L + 1 - i), so the head moves at the full
+    lr and the embeddings at decay ** (L + 1). Placed after AdamW, it scales the
+    weight decay step too, exactly like a per-layer learning rate."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        ids, num_layers = layer_ids(updates)
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda p, u: u * (decay ** (num_layers + 1 - ids[param_path(p)])), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 param_path = sharding.path_str  # a jax key path -> 'image_tower/encoder/block00/attn/qkv/kernel'

@@ -1,0 +1,37 @@
+"""Images and texts from a user's files, prepared exactly as the eval pipeline
+prepares them (decode, resize with antialiasing to data.image_size, normalise with
+the dataset mean/std): for `mmjax embed` and other inference entry points."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def load_images(data_config, paths) -> tuple[np.ndarray, list[str]]:
+    """-> (images [N, S, S, 3] float32, the paths that decoded). An unreadable or
+    undecodable file is skipped with a warning, never a crash."""
+    import tensorflow as tf
+
+    from mmjax.data import pipeline
+
+    size = int(pipeline._get(data_config, "image_size", 224))
+    out, ok = [], []
+    for path in paths:
+        try:
+            img = pipeline._decode({"image_path": tf.constant(str(path))})
+            img = tf.image.resize(img, [size, size], antialias=True)
+            out.append(pipeline._normalize(img).numpy().astype(np.float32))
+            ok.append(str(path))
+        except (tf.errors.OpError, ValueError) as e:
+            log.warning("skipping %s: %s", path, str(e).splitlines()[0][:200])
+    empty = np.zeros((0, size, size, 3), np.float32)
+    return (np.stack(out) if out else empty), ok
+
+
+def read_texts(path: str) -> list[str]:
+    """One text per non-empty line of a UTF-8 file."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]

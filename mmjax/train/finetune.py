@@ -1,0 +1,112 @@
+"""Starting a run from a pretraining checkpoint: `mmjax finetune --init-from SRC`.
+
+`pretrained_params(src, weights)` reads the student params or the EMA teacher of a
+workdir's latest checkpoint (or of `WORKDIR/checkpoints/STEP`). `transplant(init,
+pretrained, prefix)` fills a new model's params from them: every leaf of the new
+tree is taken from the same path of the pretrained tree (under `prefix`, e.g. the
+classifier's `backbone/`), position embeddings are resized when the image size or
+patch grid changed, and leaves the new model has but the checkpoint lacks (a new
+head) keep their fresh init. What the checkpoint has but the task does not need
+(text tower for an image classifier, ITM/MLM heads, queues, teacher, optimizer
+state) is left behind.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.parallel.sharding import path_str
+
+log = logging.getLogger(__name__)
+POSEMB = re.compile(r"(^|/)(pos_embedding|image_pos)$")
+
+
+def _source(src: str) -> tuple[str, int | None]:
+    """'WORKDIR' or 'WORKDIR/checkpoints/STEP' -> (workdir, step or None)."""
+    src = os.path.abspath(os.path.expanduser(src))
+    head, tail = os.path.split(src)
+    if tail.isdigit() and os.path.basename(head) == "checkpoints":
+        return os.path.dirname(head), int(tail)
+    return src, None
+
+
+def pretrained_params(src: str, weights: str = "student"):
+    """(model config, params) of a pretraining workdir's checkpoint (host numpy)."""
+    from mmjax import checkpoint
+    from mmjax.train import loop
+
+    if weights not in ("student", "ema"):
+        raise ValueError(f"finetune weights {weights!r}; valid choices: student, ema")
+    workdir, step = _source(src)
+    config = checkpoint.load_config_json(workdir)
+    setup = loop.Setup(config, workdir)
+    restored = setup.restore(step)
+    setup.checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints" + (f" at step {step}" if step else ""))
+    state, _ = restored
+    tree = state.params if weights == "student" else state.ema_params
+    if tree is None:
+        raise ValueError(f"--weights ema: the {config.model.family} run in {workdir} has no EMA teacher; "
+                         "use --weights student")
+    log.info("init from %s step %d (%s weights)", workdir, int(np.asarray(state.step)), weights)
+    return config.model, jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def interpolate_posemb(table, new_len: int):
+    """[1, (1+)g0*g0, D] -> [1, (1+)g1*g1, D]: the patch grid resized (bicubic), the
+    [CLS] position (if the lengths say there is one) kept. Same length: unchanged."""
+    table = np.asarray(table)
+    old_len = table.shape[1]
+    if old_len == new_len:
+        return table
+    cls = 0 if math.isqrt(old_len) ** 2 == old_len and math.isqrt(new_len) ** 2 == new_len else 1
+    g0, g1 = math.isqrt(old_len - cls), math.isqrt(new_len - cls)
+    if g0 * g0 != old_len - cls or g1 * g1 != new_len - cls:
+        raise ValueError(f"position table of length {old_len} cannot become {new_len}: not a square patch grid")
+    grid = table[:, cls:].reshape(1, g0, g0, -1)
+    resized = jax.image.resize(jnp.asarray(grid, jnp.float32), (1, g1, g1, grid.shape[-1]), "bicubic")
+    out = np.concatenate([table[:, :cls], np.asarray(resized, table.dtype).reshape(1, g1 * g1, -1)], axis=1)
+    log.info("position embedding resized from a %dx%d to a %dx%d grid", g0, g0, g1, g1)
+    return out
+
+
+def transplant(init_params, pretrained, prefix: str = ""):
+    """New params filled from `pretrained` (see the module docstring).
+
+    Returns (params, report) with report = {'loaded': n, 'resized': [...], 'kept_init': [...],
+    'unused': n}. A leaf whose shape differs (other than a position table) is an error
+    naming the path and both shapes.
+    """
+    flat_pre = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+    used, resized, kept = set(), [], []
+
+    def one(path, leaf):
+        key = path_str(path)
+        src = key[len(prefix):] if prefix and key.startswith(prefix) else (None if prefix else key)
+        if src is None or src not in flat_pre:
+            kept.append(key)
+            return leaf
+        value = flat_pre[src]
+        used.add(src)
+        if tuple(value.shape) != tuple(leaf.shape):
+            if POSEMB.search(key) and value.ndim == 3 and value.shape[2] == leaf.shape[2]:
+                value = interpolate_posemb(value, leaf.shape[1])
+                resized.append(key)
+            else:
+                raise ValueError(f"pretrained {src} has shape {tuple(value.shape)} but the new model's {key} "
+                                 f"has {tuple(leaf.shape)}; only position tables are resized")
+        return jnp.asarray(value, leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(one, init_params)
+    report = {"loaded": len(used), "resized": resized, "kept_init": kept, "unused": len(flat_pre) - len(used)}
+    if not used:
+        raise ValueError(f"no pretrained param matches the new model (prefix {prefix!r}); "
+                         f"pretrained paths look like {list(flat_pre)[:3]}")
+    return params, report
