@@ -131,6 +131,13 @@ def test_finetune_command(pretrained, tmp_path, capsys):
     assert rc == 2 and "no EMA teacher" in capsys.readouterr().err
     with pytest.raises(config_lib.ConfigError, match="valid choices"):
         config_lib.load(FT + ":linear", ["finetune.weights=teacher"])
+    # Retrieval fine-tuning continues the pretraining objective from the checkpoint.
+    tiny = {k: v for k, v in tiny_overrides(d).items()}
+    tiny.update({"train.steps": 2, "train.log_every": 1, "train.ckpt_every": 0, "train.batch_size": 16})
+    rc = cli.main(["finetune", "--config", f"{ROOT}/configs/finetune_retrieval.py:clip", "--init-from", str(work),
+                   "--workdir", str(tmp_path / "ret"), "--no-progress", *[f"--config.{k}={v}" for k, v in tiny.items()]])
+    assert rc == 0 and '"i2t_r@1"' in capsys.readouterr().out
+    assert config_lib.load(f"{ROOT}/configs/finetune_retrieval.py:albef").model.tasks == ("itc", "itm")
 
 
 def test_embed_command(pretrained, tmp_path, capsys):
