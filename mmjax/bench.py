@@ -33,6 +33,8 @@ def synthetic_batch(config, family, batch_size: int, seed: int = 0) -> dict:
     text[np.arange(batch_size), lengths - 1] = 3
     batch = {"image": rng.normal(size=(batch_size, s, s, 3)).astype(np.float32),
              "text": text.astype(np.int32), "id": np.arange(batch_size, dtype=np.int32)}
+    if hasattr(family, "num_classes"):
+        batch["label"] = rng.integers(0, family.num_classes, size=batch_size).astype(np.int32)
     keys = getattr(family, "batch_keys", ("image", "text"))
     return {k: v for k, v in batch.items() if k in keys}
 

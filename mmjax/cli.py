@@ -5,6 +5,8 @@
     mmjax train ... --coordinator HOST:PORT --num-processes N --process-id I   (multi-process)
     mmjax finetune --config configs/finetune_shapes.py:linear --init-from DIR --workdir OUT
     mmjax embed --workdir DIR --images a.png b.jpg --texts captions.txt --out emb.npz
+    mmjax export --workdir DIR --format safetensors|stablehlo|hf-clip --out OUT [--weights ema]
+    mmjax convert --from hf-clip --src HF_DIR --workdir DIR
     mmjax eval  --workdir DIR [--split test]
     mmjax data prepare --config configs/demo.py
     mmjax data bench --config configs/demo.py:emoji --config.data.image_size=224
@@ -68,6 +70,20 @@ def _parser():
     m.add_argument("--texts", default=None, help="a text file, one text per line")
     m.add_argument("--out", required=True, help="output .npz")
     m.add_argument("--weights", choices=("student", "ema"), default="student")
+    x = sub.add_parser("export", help="write a workdir's params as safetensors, StableHLO encoders or an HF CLIP dir")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--format", required=True, choices=("safetensors", "stablehlo", "hf-clip"))
+    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--weights", choices=("student", "ema"), default="student")
+    x.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    x.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="safetensors: cast params")
+    x.add_argument("--platforms", default="cpu,cuda", help="stablehlo: comma-separated platforms")
+    x.add_argument("--precision", choices=("default", "highest"), default="default",
+                   help="stablehlo: matmul precision (highest: no TF32 on GPUs)")
+    c = sub.add_parser("convert", help="make an mmjax workdir from a transformers CLIP directory")
+    c.add_argument("--from", dest="source_format", required=True, choices=("hf-clip",))
+    c.add_argument("--src", required=True, help="a directory with config.json and model weights")
+    c.add_argument("--workdir", required=True)
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     e.add_argument("--workdir", required=True)
     e.add_argument("--split", default=None)
@@ -156,6 +172,29 @@ def main(argv=None) -> int:
 
             print(json.dumps(embed(args.workdir, images=args.images, texts_file=args.texts, out=args.out,
                                    weights=args.weights)))
+        elif args.command == "export":
+            if overrides:
+                raise config_lib.ConfigError("mmjax export takes no --config overrides")
+            if args.format == "hf-clip":
+                from mmjax.export import hf
+
+                path = hf.export_workdir(args.workdir, args.out, args.weights, step=args.step)
+                print(json.dumps({"format": "hf-clip", "out": path, "weights": args.weights}))
+            else:
+                from mmjax.export import formats
+
+                summary = formats.export_workdir(
+                    args.workdir, args.out, args.format, args.weights, step=args.step, dtype=args.dtype,
+                    platforms=tuple(p for p in args.platforms.split(",") if p),
+                    precision=None if args.precision == "default" else args.precision)
+                print(json.dumps(summary, default=str))
+        elif args.command == "convert":
+            if overrides:
+                raise config_lib.ConfigError("mmjax convert takes no --config overrides")
+            from mmjax.export import hf
+
+            hf.convert_to_workdir(args.src, args.workdir)
+            print(json.dumps({"workdir": args.workdir, "from": args.source_format, "src": args.src}))
         elif args.command == "eval":
             if overrides:
                 raise config_lib.ConfigError("mmjax eval takes no --config overrides")

@@ -3,22 +3,49 @@
 All modules take `dtype` (compute, e.g. bfloat16) and `param_dtype` (storage,
 float32). Shape letters: B batch, L length, D width, F mlp width.
 """
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.models.attention import MultiHeadAttention
 from mmjax.parallel.sharding import constrain, dense_init, norm_init
 
 Dtype = Any
+LN_EPS = 1e-6  # flax's LayerNorm default; transformers' CLIP uses 1e-5 (model.ln_eps)
+
+
+def gelu_exact(x):
+  """GELU with the exact erf (torch's `nn.GELU()`, transformers' 'gelu')."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+  """OpenAI CLIP's `x * sigmoid(1.702 x)` (transformers' 'quick_gelu')."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# model.act -> function. 'gelu_tanh' (flax's nn.gelu, the tanh approximation) is the
+# default of every mmjax model; 'gelu' and 'quick_gelu' match transformers' CLIP.
+ACTIVATIONS = {"gelu_tanh": nn.gelu, "gelu": gelu_exact, "quick_gelu": quick_gelu}
+
+
+def activation(act: Union[str, Callable]) -> Callable:
+  """A name from ACTIVATIONS (or a function, returned as is) -> the function."""
+  if callable(act):
+    return act
+  if act not in ACTIVATIONS:
+    raise ValueError(f"activation {act!r}; valid choices: {', '.join(ACTIVATIONS)}")
+  return ACTIVATIONS[act]
 
 
 class Mlp(nn.Module):
-  """`[B, L, D] -> Dense(F) -> act -> Dense(D) -> [B, L, D]`."""
+  """`[B, L, D] -> Dense(F) -> act -> Dense(D) -> [B, L, D]`; act: a name from
+  ACTIVATIONS or a function."""
   mlp_dim: int
-  act: Callable = nn.gelu
+  act: Union[str, Callable] = "gelu_tanh"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -27,7 +54,7 @@ class Mlp(nn.Module):
     width = x_BxLxD.shape[-1]
     h_BxLxF = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="fc1", **dense_init("embed", "mlp"))(x_BxLxD)
-    h_BxLxF = constrain(self.act(h_BxLxF), ("batch", "length", "mlp"))
+    h_BxLxF = constrain(activation(self.act)(h_BxLxF), ("batch", "length", "mlp"))
     return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="fc2", **dense_init("mlp", "embed"))(h_BxLxF)
 
@@ -36,10 +63,13 @@ class Block(nn.Module):
   """Pre-LN block: x + Attn(LN(x)), then x + Mlp(LN(x)).
 
   `__call__(x: [B, L, D], mask: [B, 1|Hh, L, L] bool | None) -> [B, L, D]`.
+  `act`: the MLP activation (a name from ACTIVATIONS); `ln_eps`: the LayerNorms' epsilon.
   """
   num_heads: int
   mlp_dim: int
   fused_qkv: bool = True
+  act: str = "gelu_tanh"
+  ln_eps: float = LN_EPS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -48,12 +78,12 @@ class Block(nn.Module):
     chex.assert_rank(x_BxLxD, 3)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
-    h = nn.LayerNorm(name="ln1", **kw, **norm_init())(x_BxLxD)
+    h = nn.LayerNorm(epsilon=self.ln_eps, name="ln1", **kw, **norm_init())(x_BxLxD)
     h = MultiHeadAttention(self.num_heads, fused_qkv=self.fused_qkv,
                            name="attn", **kw)(h, mask=mask)
     x_BxLxD = x_BxLxD + h
-    h = nn.LayerNorm(name="ln2", **kw, **norm_init())(x_BxLxD)
-    h = Mlp(self.mlp_dim, name="mlp", **kw)(h)
+    h = nn.LayerNorm(epsilon=self.ln_eps, name="ln2", **kw, **norm_init())(x_BxLxD)
+    h = Mlp(self.mlp_dim, act=self.act, name="mlp", **kw)(h)
     return x_BxLxD + h
 
 
@@ -62,13 +92,16 @@ class Encoder(nn.Module):
 
   `__call__(x: [B, L, D], mask) -> (y: [B, L, D], aux)`; aux holds each block's
   output as `aux['block00']`, ... (unused entries are removed by XLA under jit).
-  `remat=True` recomputes block activations in the backward pass.
+  `remat=True` recomputes block activations in the backward pass. `act` and
+  `ln_eps` go to every Block (and `ln_eps` to the final LayerNorm).
   """
   depth: int
   num_heads: int
   mlp_dim: int
   final_norm: bool = True
   fused_qkv: bool = True
+  act: str = "gelu_tanh"
+  ln_eps: float = LN_EPS
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -80,10 +113,10 @@ class Encoder(nn.Module):
     aux = {}
     for i in range(self.depth):
       x_BxLxD = block_cls(self.num_heads, self.mlp_dim, fused_qkv=self.fused_qkv,
-                          dtype=self.dtype, param_dtype=self.param_dtype,
+                          act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                           name=f"block{i:02d}")(x_BxLxD, mask)
       aux[f"block{i:02d}"] = x_BxLxD
     if self.final_norm:
-      x_BxLxD = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+      x_BxLxD = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                              name="ln_final", **norm_init())(x_BxLxD)
     return x_BxLxD, aux

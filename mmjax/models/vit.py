@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.embed import PatchEmbed
-from mmjax.models.transformer import Encoder
+from mmjax.models.transformer import LN_EPS, Encoder
 from mmjax.parallel.sharding import names, norm_init
 
 Dtype = Any
@@ -43,6 +43,8 @@ class ViT(nn.Module):
   pool='cls' takes the [CLS] token; pool='gap' averages the patch tokens (no
   [CLS] token is then added). `pre_norm` adds OpenAI CLIP's `ln_pre` after the
   position embedding; `patch_bias=False` matches OpenAI CLIP's bias-free conv.
+  `act` (MLP activation name) and `ln_eps` (every LayerNorm's epsilon) go to the
+  Encoder; transformers' CLIP needs act='quick_gelu' or 'gelu' and ln_eps=1e-5.
   """
   patch_size: int
   width: int
@@ -53,6 +55,8 @@ class ViT(nn.Module):
   posemb: str = "learn"  # 'learn' (a learned table) or 'sincos2d' (fixed)
   patch_bias: bool = True
   pre_norm: bool = False
+  act: str = "gelu_tanh"
+  ln_eps: float = LN_EPS
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -87,10 +91,10 @@ class ViT(nn.Module):
       raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}.")
     x_BxTxD = x_BxTxD + jnp.asarray(pos_1xTxD, self.dtype)
     if self.pre_norm:
-      x_BxTxD = nn.LayerNorm(**norm_init(), name="ln_pre", **kw)(x_BxTxD)
+      x_BxTxD = nn.LayerNorm(epsilon=self.ln_eps, **norm_init(), name="ln_pre", **kw)(x_BxTxD)
     x_BxTxD, enc_aux = Encoder(self.depth, self.num_heads, self.mlp_dim,
-                               final_norm=True, remat=self.remat,
-                               name="encoder", **kw)(x_BxTxD)
+                               final_norm=True, act=self.act, ln_eps=self.ln_eps,
+                               remat=self.remat, name="encoder", **kw)(x_BxTxD)
     if self.pool == "cls":
       pooled_BxD = x_BxTxD[:, 0]
     else:

@@ -47,7 +47,9 @@ class Setup:
             if jax.process_index() != 0:
                 self.tokenizer = get_tokenizer()
         with config.unlocked():
-            config.model.vocab_size = int(self.tokenizer.vocab_size)
+            # An imported model (mmjax convert) keeps its own vocabulary size.
+            keep = config.model.get("keep_vocab_size", False) and int(config.model.get("vocab_size", 0) or 0)
+            config.model.vocab_size = int(keep or self.tokenizer.vocab_size)
             config.model.image_size = int(data.image_size)
             config.model.text_len = int(data.text_len)
             config.model.total_steps = int(config.train.steps)  # for momentum / ramp schedules

@@ -6,6 +6,12 @@ Architecture follows OpenAI CLIP so that 'B/16' + text 'B' (224px, 77 tokens,
 vocab 49408, embed 512) has exactly OpenAI's 149,620,737 parameters: bias-free
 patch conv, [CLS] token, `ln_pre` before the image encoder, bias-free
 projections, and one logit scale `t`. The sigmoid loss adds the scalar bias `b`.
+
+`act`, `ln_eps` and `text_pool` / `eos_id` (config keys model.act, model.ln_eps,
+model.text_pool, model.eos_id) select the MLP activation, the LayerNorm epsilon and
+the text pooling rule; with act='quick_gelu' (or 'gelu'), ln_eps=1e-5 and
+text_pool='argmax' (or 'eos') the model computes what transformers' CLIPModel does
+(see mmjax.export.hf).
 """
 import math
 from typing import Any
@@ -15,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.text import TextEncoder
+from mmjax.models.text import POOLS as TEXT_POOLS, TextEncoder
+from mmjax.models.transformer import ACTIVATIONS, LN_EPS
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.common import Family
@@ -40,7 +47,8 @@ class CLIP(nn.Module):
    -> (img_emb: [B, E] float32, txt_emb: [B, E] float32, aux)`, both
   L2-normalised. aux: {'image': ViT aux, 'text': text aux}. Params `t`
   (log logit scale) and, for loss='sigmoid', `b` (logit bias) are created at
-  init by `__call__`.
+  init by `__call__`. `project_image` / `project_text` give the projected features
+  before the normalisation (transformers' `get_image_features` / `get_text_features`).
   """
   image: Any            # parse_variant(..., kind='image') dict, frozen by flax
   text: Any             # parse_variant(..., kind='text') dict
@@ -50,6 +58,10 @@ class CLIP(nn.Module):
   loss: str = "softmax"
   pool: str = "cls"
   posemb: str = "learn"
+  act: str = "gelu_tanh"       # MLP activation of both towers (transformer.ACTIVATIONS)
+  ln_eps: float = LN_EPS       # every LayerNorm's epsilon
+  text_pool: str = "last"      # text pooling rule (text.POOLS)
+  eos_id: Any = None           # the eos id, for text_pool='eos'
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -61,10 +73,11 @@ class CLIP(nn.Module):
     im, tx = self.image, self.text
     self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"],
                            im["mlp_dim"], pool=self.pool, posemb=self.posemb, patch_bias=False,
-                           pre_norm=True, remat=self.remat, **kw)
+                           pre_norm=True, act=self.act, ln_eps=self.ln_eps, remat=self.remat, **kw)
     self.text_tower = TextEncoder(self.vocab_size, self.text_len, tx["width"],
                                   tx["depth"], tx["heads"], tx["mlp_dim"],
-                                  remat=self.remat, **kw)
+                                  pool=self.text_pool, eos_id=self.eos_id, act=self.act,
+                                  ln_eps=self.ln_eps, remat=self.remat, **kw)
     proj = lambda name: nn.Dense(self.embed_dim, use_bias=False, name=name, **kw, **dense_init("embed", None))
     self.image_proj = proj("image_proj")
     self.text_proj = proj("text_proj")
@@ -73,19 +86,33 @@ class CLIP(nn.Module):
     if self.loss == "sigmoid":
       self.b = self.param("b", names(nn.initializers.constant(-10.0)), (), jnp.float32)
 
-  def encode_image(self, image_BxHxWx3):
-    """[B, H, W, 3] float32 -> (emb [B, E] float32, L2-normalised; aux)."""
+  def _image(self, image_BxHxWx3):
     chex.assert_rank(image_BxHxWx3, 4)
     pooled, aux = self.image_tower(image_BxHxWx3)
-    emb_BxE = l2_normalize(self.image_proj(pooled))
-    return emb_BxE, aux
+    return self.image_proj(pooled), aux
+
+  def _text(self, text_BxL):
+    chex.assert_rank(text_BxL, 2)
+    pooled, aux = self.text_tower(text_BxL)
+    return self.text_proj(pooled), aux
+
+  def encode_image(self, image_BxHxWx3):
+    """[B, H, W, 3] float32 -> (emb [B, E] float32, L2-normalised; aux)."""
+    feat_BxE, aux = self._image(image_BxHxWx3)
+    return l2_normalize(feat_BxE), aux
 
   def encode_text(self, text_BxL):
     """[B, L] int32 -> (emb [B, E] float32, L2-normalised; aux)."""
-    chex.assert_rank(text_BxL, 2)
-    pooled, aux = self.text_tower(text_BxL)
-    emb_BxE = l2_normalize(self.text_proj(pooled))
-    return emb_BxE, aux
+    feat_BxE, aux = self._text(text_BxL)
+    return l2_normalize(feat_BxE), aux
+
+  def project_image(self, image_BxHxWx3):
+    """[B, H, W, 3] -> [B, E]: the projected image features, not normalised."""
+    return self._image(image_BxHxWx3)[0]
+
+  def project_text(self, text_BxL):
+    """[B, L] int32 -> [B, E]: the projected text features, not normalised."""
+    return self._text(text_BxL)[0]
 
   def __call__(self, image, text):
     img_BxE, img_aux = self.encode_image(image)
@@ -100,7 +127,9 @@ class ClipFamily(Family):
   `model_config` fields: family, image ('mu/8'), text ('mu'), image_overrides,
   text_overrides, embed_dim, image_size, text_len, vocab_size, loss
   ('softmax'|'sigmoid'), pool ('cls'|'gap'), dtype ('float32'|'bfloat16'),
-  optional remat (bool), max_logit_scale (float, softmax only, default 100).
+  optional remat (bool), max_logit_scale (float, softmax only, default 100),
+  act ('gelu_tanh'|'gelu'|'quick_gelu', default 'gelu_tanh'), ln_eps (default
+  1e-6), text_pool ('last'|'argmax'|'eos', default 'last'), eos_id (for 'eos').
   """
 
   def __init__(self, model_config):
@@ -117,12 +146,24 @@ class ClipFamily(Family):
     self.max_logit_scale = float(cfg.get("max_logit_scale", 100.0))
     self.image_size = int(cfg.get("image_size", 224))
     self.text_len = int(cfg.get("text_len", 77))
+    act = cfg.get("act", None) or "gelu_tanh"
+    if act not in ACTIVATIONS:
+      raise ValueError(f"model_config.act must be one of {list(ACTIVATIONS)}, got {act!r}.")
+    text_pool = cfg.get("text_pool", None) or "last"
+    if text_pool not in TEXT_POOLS:
+      raise ValueError(f"model_config.text_pool must be one of {list(TEXT_POOLS)}, got {text_pool!r}.")
+    eos_id = cfg.get("eos_id", None)
+    if text_pool == "eos" and eos_id is None:
+      raise ValueError("model_config.text_pool='eos' needs model_config.eos_id (the eos token id).")
+    ln_eps = cfg.get("ln_eps", None)
     self.model = CLIP(
         image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
         text=parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text"),
         embed_dim=int(cfg.embed_dim), vocab_size=int(cfg.vocab_size),
         text_len=self.text_len, loss=loss, pool=cfg.get("pool", "cls"),
-        posemb=cfg.get("posemb", "learn"),
+        posemb=cfg.get("posemb", "learn"), act=act,
+        ln_eps=LN_EPS if ln_eps is None else float(ln_eps), text_pool=text_pool,
+        eos_id=None if eos_id is None else int(eos_id),
         remat=bool(cfg.get("remat", False)), dtype=DTYPES[dtype_name])
 
   def embed(self, params, batch, rng=None):
