@@ -176,9 +176,9 @@ def main(argv=None) -> int:
             if overrides:
                 raise config_lib.ConfigError("mmjax export takes no --config overrides")
             if args.format == "hf-clip":
-                from mmjax.export import hf
+                from mmjax.export import hf_workdir
 
-                path = hf.export_workdir(args.workdir, args.out, args.weights, step=args.step)
+                path = hf_workdir.export_workdir(args.workdir, args.out, args.weights, step=args.step)
                 print(json.dumps({"format": "hf-clip", "out": path, "weights": args.weights}))
             else:
                 from mmjax.export import formats
@@ -191,9 +191,9 @@ def main(argv=None) -> int:
         elif args.command == "convert":
             if overrides:
                 raise config_lib.ConfigError("mmjax convert takes no --config overrides")
-            from mmjax.export import hf
+            from mmjax.export import hf_workdir
 
-            hf.convert_to_workdir(args.src, args.workdir)
+            hf_workdir.convert_to_workdir(args.src, args.workdir)
             print(json.dumps({"workdir": args.workdir, "from": args.source_format, "src": args.src}))
         elif args.command == "eval":
             if overrides:

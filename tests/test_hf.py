@@ -20,7 +20,7 @@ pytest.importorskip("safetensors")
 
 from mmjax import checkpoint as ckpt_lib  # noqa: E402
 from mmjax import config as config_lib  # noqa: E402
-from mmjax.export import hf, hf_parity  # noqa: E402
+from mmjax.export import hf, hf_parity, hf_workdir  # noqa: E402
 from mmjax.models import zoo  # noqa: E402
 from mmjax.models.transformer import ACTIVATIONS  # noqa: E402
 from mmjax.parallel import mesh as mesh_lib  # noqa: E402
@@ -190,7 +190,7 @@ def test_default_mmjax_clip_exports_with_first_eos(tmp_path):
 def test_convert_to_workdir_restores_and_matches(hf_dirs, tmp_path):
   src, hf_model = hf_dirs(EOS)
   wd = str(tmp_path / "wd")
-  config = hf.convert_to_workdir(src, wd)
+  config = hf_workdir.convert_to_workdir(src, wd)
   # The workdir's config is a valid mmjax recipe describing the imported model.
   saved = ckpt_lib.load_config_json(wd)
   config_lib.validate(saved)
@@ -218,13 +218,13 @@ def test_convert_to_workdir_restores_and_matches(hf_dirs, tmp_path):
   mu = [x for x in jax.tree_util.tree_leaves(state.opt_state) if x.shape == (257, 40)]
   assert mu and all(not np.any(np.asarray(x)) for x in mu)
   # And out again: the same state dict transformers started from.
-  out = hf.export_workdir(wd, str(tmp_path / "out"))
+  out = hf_workdir.export_workdir(wd, str(tmp_path / "out"))
   back = transformers.CLIPModel.from_pretrained(out).eval()
   _assert_same_state_dict(_state_dict(hf_model), _state_dict(back))
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
-    hf.convert_to_workdir(src, wd)
+    hf_workdir.convert_to_workdir(src, wd)
   with pytest.raises(ValueError, match="no EMA teacher"):
-    hf.export_workdir(wd, str(tmp_path / "ema"), weights="ema")
+    hf_workdir.export_workdir(wd, str(tmp_path / "ema"), weights="ema")
   # mmjax's own Setup restores it too (the imported vocabulary size is kept, not
   # replaced by the size of a tokenizer trained on the run's data).
   from mmjax.train import loop
@@ -245,7 +245,7 @@ def test_export_workdir_refuses_other_families(tmp_path):
   wd.mkdir()
   (wd / "config.json").write_text(json.dumps({"model": {"family": "albef"}}))
   with pytest.raises(ValueError, match="CLIP-family workdir.*'albef'"):
-    hf.export_workdir(str(wd), str(tmp_path / "out"))
+    hf_workdir.export_workdir(str(wd), str(tmp_path / "out"))
 
 
 # ------------------------------------------------------------------ what does not fit
@@ -304,3 +304,18 @@ def test_export_errors_name_the_mismatch(tmp_path):
   params = dict(params, image_proj={"kernel": np.zeros((32, 20), np.float32)})
   with pytest.raises(ValueError, match="projection dims differ"):
     hf.save_clip(family.model, {"params": params}, str(tmp_path / "proj"))
+
+
+def test_convert_and_export_commands(hf_dirs, tmp_path, capsys):
+  """`mmjax convert --from hf-clip` then `mmjax export --format hf-clip` give back the
+  state dict transformers started from; an ALBEF-style request fails with code 2."""
+  from mmjax import cli
+
+  src, hf_model = hf_dirs(EOS)
+  wd, out = str(tmp_path / "wd"), str(tmp_path / "out")
+  assert cli.main(["convert", "--from", "hf-clip", "--src", src, "--workdir", wd]) == 0
+  assert cli.main(["export", "--workdir", wd, "--format", "hf-clip", "--out", out]) == 0
+  back = transformers.CLIPModel.from_pretrained(out).eval()
+  _assert_same_state_dict(_state_dict(hf_model), _state_dict(back))
+  assert cli.main(["export", "--workdir", wd, "--format", "hf-clip", "--out", out, "--weights", "ema"]) == 2
+  assert "EMA" in capsys.readouterr().err

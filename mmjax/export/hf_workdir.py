@@ -1,0 +1,174 @@
+"""mmjax workdirs <-> transformers CLIP directories (`mmjax convert` / `mmjax export
+--format hf-clip`); the param mapping itself is `mmjax.export.hf`.
+
+    hf_workdir.convert_to_workdir(HF_DIR, WORKDIR)   # config.json + a step-0 checkpoint
+    hf_workdir.export_workdir(WORKDIR, OUT)          # a CLIP workdir's params -> HF_DIR
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from mmjax.export.hf import check_exportable, model_config, read_clip, save_clip
+
+
+def _default_base_config():
+  from mmjax import config as config_lib
+
+  import mmjax
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(mmjax.__file__))), "configs", "demo.py")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found (mmjax installed without its configs/): pass "
+                            "base_config='path/to/configs/demo.py'")
+  return config_lib.recipe(path)
+
+
+def convert_to_workdir(src_dir: str, workdir: str, *, base_config=None, seed: int = 0):
+  """An mmjax workdir from a transformers CLIPModel directory; returns its config.
+
+  Writes `workdir/config.json` (base_config, default configs/demo.py, with the model
+  section describing the imported CLIP and data.image_size / data.text_len set to its
+  sizes) and `workdir/checkpoints/0`: a TrainState at step 0 with the imported params,
+  a fresh optimizer state and the layout `mmjax.train.step.state_plan` gives.
+  base_config: a ConfigDict or 'path.py[:arg]'. Refuses a workdir that has checkpoints.
+  """
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from mmjax import checkpoint as ckpt_lib
+  from mmjax import config as config_lib
+  from mmjax.models import zoo
+  from mmjax.parallel import mesh as mesh_lib
+  from mmjax.train import optim, step as step_lib
+  from mmjax.train.state import TrainState
+
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    raise FileExistsError(f"{ckpt_dir} already holds checkpoints; convert into a new workdir")
+  spec, params = read_clip(src_dir)
+  if base_config is None:
+    config = _default_base_config()
+  elif isinstance(base_config, str):
+    path, _, arg = base_config.partition(":")
+    config = config_lib.recipe(path, arg or None)
+  else:
+    config = ml_collections.ConfigDict(base_config.to_dict())
+  with config.unlocked(), config.ignore_type():
+    # Every key that shapes the CLIP's params is set; the rest (dtype, remat, ...) stays.
+    for key, value in model_config(spec).items():
+      config.model[key] = value
+    config.data.image_size = spec["image_size"]
+    config.data.text_len = spec["text_len"]
+    config.seed = int(seed)
+    # The vocabulary is the HF tokenizer's, not one mmjax trains on the data: Setup
+    # keeps this vocab_size instead of taking its own tokenizer's.
+    config.model.keep_vocab_size = True
+  config_lib.validate(config)
+
+  family = zoo.build(config.model)
+  optimizer = optim.make_optimizer(config.train)
+  # One device: a checkpoint restores onto any mesh (Setup.restore), and orbax writes
+  # unsharded arrays without slicing each one per device.
+  mesh = mesh_lib.make_mesh(None, devices=jax.local_devices()[:1])
+  image_shape = (1, spec["image_size"], spec["image_size"], 3)
+  text_shape = (1, spec["text_len"])
+  _, abstract, shardings = step_lib.state_plan(family, optimizer, mesh, image_shape, text_shape)
+  shapes = lambda tree: {jax.tree_util.keystr(k): (tuple(v.shape), np.dtype(v.dtype))
+                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, got = shapes(abstract.params), shapes(params)
+  if want != got:
+    raise RuntimeError("the converted params do not match the tree mmjax's CLIP initialises "
+                       f"(a converter bug): {sorted(set(want.items()) ^ set(got.items()))[:6]}")
+
+  def make_state(p, rng):  # as step.init_state, with the imported params
+    _, state_rng = jax.random.split(rng)
+    p = jax.tree_util.tree_map(jnp.asarray, p)
+    extra = family.init_extra(p) if hasattr(family, "init_extra") else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                      ema_params=extra.get("ema_params"), queues=extra.get("queues"), rng=state_rng)
+
+  state = jax.jit(make_state, out_shardings=shardings)(params, jax.random.PRNGKey(int(seed)))
+  if jax.tree_util.tree_structure(state) != jax.tree_util.tree_structure(abstract):
+    raise RuntimeError("the converted state's structure differs from step.state_plan's")
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.save_config_json(config, workdir)
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=int(config.train.get("keep_checkpoints", 2)), async_save=False)
+  ckpt.save(0, state, {"data_position": 0, "source": "hf-clip", "src": os.path.abspath(src_dir)})
+  ckpt.close()
+  return config
+
+
+def read_workdir_params(workdir: str, weights: str = "student", step: int | None = None):
+  """(config, params as numpy) of a workdir's latest (or `step`'s) checkpoint.
+
+  Reads only the params (or the EMA teacher) onto one device with orbax, whatever
+  mesh wrote them; no tokenizer, data or optimizer needed.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+
+  from mmjax import checkpoint as ckpt_lib
+
+  if weights not in ("student", "ema"):
+    raise ValueError(f"weights {weights!r}; valid choices: student, ema")
+  config = ckpt_lib.load_config_json(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if step is None:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    steps = [s for s in steps if os.path.isdir(os.path.join(ckpt_dir, str(s), "state"))]
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    step = max(steps)
+  path = os.path.join(ckpt_dir, str(int(step)), "state")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}")
+  key = "params" if weights == "student" else "ema_params"
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  if tree.get(key) is None:
+    raise ValueError(f"weights={weights!r}: the {config.model.get('family')!r} checkpoint in {workdir} "
+                     "has no EMA teacher; use weights='student'")
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  target = {key: jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+                                        tree[key], is_leaf=is_leaf)}
+  restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  return config, jax.tree_util.tree_map(np.asarray, restored[key])
+
+
+def export_workdir(workdir: str, out_dir: str, weights: str = "student", *, step: int | None = None) -> str:
+  """A CLIP-family workdir's latest (or `step`'s) params -> transformers CLIPModel dir.
+
+  weights: 'student' or 'ema'. A workdir of another family, or a CLIP whose settings
+  or shapes transformers cannot express, raises ValueError naming the mismatch.
+  A model with mmjax's text_pool='last' is written with the eos id of the workdir's
+  tokenizer (tokenizer.model), pooling at the first eos.
+  """
+  from mmjax import checkpoint as ckpt_lib
+  from mmjax.models import zoo
+
+  config = ckpt_lib.load_config_json(workdir)
+  family = config.model.get("family")
+  if family != "clip":
+    raise ValueError(f"hf-clip export needs a CLIP-family workdir; {workdir} holds a {family!r} model, "
+                     "whose fusion / ITM layers transformers' CLIPModel has no place for")
+  clip = zoo.build(config.model).model
+  check_exportable(clip)  # before reading the checkpoint
+  _, params = read_workdir_params(workdir, weights, step)
+  return save_clip(clip, {"params": params}, out_dir, eos_id=_workdir_eos(workdir, config))
+
+
+def _workdir_eos(workdir, config):
+  """The eos id of a workdir's sentencepiece tokenizer (None: mmjax's default, 3)."""
+  path = config.data.get("tokenizer", {}).get("path") if "data" in config else None
+  path = os.path.expanduser(path) if path else os.path.join(workdir, "tokenizer.model")
+  if not os.path.isfile(path):
+    return None
+  from mmjax.data.tokenizer import Tokenizer
+
+  return int(Tokenizer(path).eos_id)
