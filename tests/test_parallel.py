@@ -93,8 +93,6 @@ def test_modes_match_single_device(kind, mode, tmp_data):
     for p, v in flat_ref:
         np.testing.assert_allclose(flat[sharding.path_str(p)], v, rtol=1e-4, atol=2e-5,
                                    err_msg=sharding.path_str(p))
-    moved = np.abs(ref_state.params["t"] if "t" in ref_state.params else ref_state.params["temp"])
-    assert np.all(np.isfinite(moved))
 
 
 @pytest.mark.parametrize("kind", ["clip", "albef", "vlmo", "beit3"])

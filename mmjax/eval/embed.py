@@ -29,27 +29,17 @@ def _batched(fn, mesh, arrays: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def embed(workdir: str, *, images=(), texts_file: str | None = None, out: str, weights: str = "student") -> dict:
-    from mmjax import checkpoint
     from mmjax.data import images as images_lib
     from mmjax.train import loop
 
-    config = checkpoint.load_config_json(workdir)
-    setup = loop.Setup(config, workdir)
-    restored = setup.restore()
-    setup.checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    state, _ = restored
-    params = state.params if weights == "student" else state.ema_params
-    if params is None:
-        raise ValueError(f"--weights ema: the {config.model.family} run in {workdir} has no EMA teacher")
-    family = setup.family
+    params, setup, step = loop.restore_params(workdir, weights)
+    config, family = setup.config, setup.family
     if not hasattr(family, "encode_image"):
         raise ValueError(f"family {config.model.family!r} has no image/text encoders to embed with")
     n_dev = setup.mesh.devices.size
     bs = max(n_dev, (int(config.eval.batch_size) // n_dev) * n_dev)
     rep = mesh_lib.replicated(setup.mesh)
-    result = {"step": np.int64(np.asarray(state.step))}
+    result = {"step": np.int64(step)}
     pixels, ok = images_lib.load_images(config.data, list(images))
     result["image_paths"] = np.asarray(ok, dtype=str)
     result["skipped"] = np.asarray(sorted(set(map(str, images)) - set(ok)), dtype=str)

@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 
 FORMATS = ("safetensors", "stablehlo")
-WEIGHTS = ("student", "ema")
 FORMAT_VERSION = "1"
 PARAMS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -72,32 +71,10 @@ def mmjax_version() -> str:
 
 def _restore(workdir: str, weights: str, step: int | None = None):
     """(params as host numpy, info) of a workdir's latest (or `step`'s) checkpoint."""
-    from mmjax import checkpoint
     from mmjax.train import loop
 
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights {weights!r}; valid choices: {', '.join(WEIGHTS)}")
-    config = checkpoint.load_config_json(workdir)
-    # Read the checkpoint onto a plain data mesh of this machine's devices, whatever
-    # mesh or mode (pmap) wrote it: the export needs the values, not the layout.
-    with config.unlocked():
-        config.parallel.mode = "mesh"
-        config.parallel.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-    setup = loop.Setup(config, workdir)
-    try:
-        if weights == "ema" and setup.abstract_state.ema_params is None:
-            raise ValueError(f"weights='ema': the {config.model.family!r} model of {workdir} has no "
-                             "EMA teacher (only ALBEF-style families keep one); use weights='student'")
-        step = setup.checkpointer.latest_step() if step is None else int(step)
-        restored = setup.restore(step) if step is not None else None
-        if restored is None:
-            raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}"
-                                    + (f" at step {step}" if step is not None else ""))
-    finally:
-        setup.checkpointer.close()
-    state = setup.to_checkpoint_layout(restored[0])
-    tree = state.params if weights == "student" else state.ema_params
-    params = jax.tree.map(np.asarray, jax.device_get(tree))
+    params, setup, step = loop.restore_params(workdir, weights, step)
+    config = setup.config
     info = dict(config=config, setup=setup, family=setup.family, step=int(step), weights=weights,
                 model_config=json.loads(config.model.to_json_best_effort()))
     return params, info

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 POSEMB = re.compile(r"(^|/)(pos_embedding|image_pos)$")
 
 
-def _source(src: str) -> tuple[str, int | None]:
+def source(src: str) -> tuple[str, int | None]:
     """'WORKDIR' or 'WORKDIR/checkpoints/STEP' -> (workdir, step or None)."""
     src = os.path.abspath(os.path.expanduser(src))
     head, tail = os.path.split(src)
@@ -37,26 +37,14 @@ def _source(src: str) -> tuple[str, int | None]:
 
 
 def pretrained_params(src: str, weights: str = "student"):
-    """(model config, params) of a pretraining workdir's checkpoint (host numpy)."""
-    from mmjax import checkpoint
+    """(model config, params) of a pretraining workdir's checkpoint (host numpy), read
+    on this machine's devices whatever topology wrote it (`loop.restore_params`)."""
     from mmjax.train import loop
 
-    if weights not in ("student", "ema"):
-        raise ValueError(f"finetune weights {weights!r}; valid choices: student, ema")
-    workdir, step = _source(src)
-    config = checkpoint.load_config_json(workdir)
-    setup = loop.Setup(config, workdir)
-    restored = setup.restore(step)
-    setup.checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints" + (f" at step {step}" if step else ""))
-    state, _ = restored
-    tree = state.params if weights == "student" else state.ema_params
-    if tree is None:
-        raise ValueError(f"--weights ema: the {config.model.family} run in {workdir} has no EMA teacher; "
-                         "use --weights student")
-    log.info("init from %s step %d (%s weights)", workdir, int(np.asarray(state.step)), weights)
-    return config.model, jax.tree.map(np.asarray, jax.device_get(tree))
+    workdir, step = source(src)
+    params, setup, step = loop.restore_params(workdir, weights, step)
+    log.info("init from %s step %d (%s weights)", workdir, step, weights)
+    return setup.config.model, params
 
 
 def interpolate_posemb(table, new_len: int):

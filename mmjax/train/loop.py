@@ -116,7 +116,7 @@ class Setup:
         from mmjax import checkpoint
         from mmjax.train import finetune
 
-        src_workdir, _ = finetune._source(self.init_from)
+        src_workdir, _ = finetune.source(self.init_from)
         src_config = checkpoint.load_config_json(src_workdir)
         src_tok = os.path.join(src_workdir, "tokenizer.model")
         dst_tok = os.path.join(self.workdir, "tokenizer.model")
@@ -195,6 +195,34 @@ class Setup:
             split=split or self.config.data.eval_split, batch_size=int(ev.batch_size),
             max_examples=ev.get("max_examples"), rerank_k=int(ev.get("rerank_k", 16)),
         )
+
+
+def restore_params(workdir: str, weights: str = "student", step: int | None = None):
+    """(params as host numpy, setup, step) of a workdir's latest (or `step`'s) checkpoint:
+    the student params or the EMA teacher. Read onto a plain data mesh of this
+    machine's devices, whatever mesh, device count or mode wrote it (fine-tuning,
+    export and `mmjax embed` need the values, not the layout)."""
+    if weights not in ("student", "ema"):
+        raise ValueError(f"weights {weights!r}; valid choices: student, ema")
+    config = ckpt_lib.load_config_json(workdir)
+    with config.unlocked():
+        config.parallel.mode = "mesh"
+        config.parallel.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    setup = Setup(config, workdir)
+    try:
+        if weights == "ema" and setup.abstract_state.ema_params is None:
+            raise ValueError(f"weights='ema': the {config.model.family!r} run in {workdir} has no EMA teacher "
+                             "(only ALBEF-style families keep one); use weights='student'")
+        step = setup.checkpointer.latest_step() if step is None else int(step)
+        restored = setup.restore(step) if step is not None else None
+        if restored is None:
+            raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}"
+                                    + (f" at step {step}" if step is not None else ""))
+    finally:
+        setup.checkpointer.close()
+    state = setup.to_checkpoint_layout(restored[0])
+    tree = state.params if weights == "student" else state.ema_params
+    return jax.tree.map(np.asarray, jax.device_get(tree)), setup, int(step)
 
 
 def _format(metrics: dict, keys) -> str:
