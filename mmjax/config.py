@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 # Keys whose values must come from a fixed set: dotted key -> choices.
 CHOICES = {
-    "model.family": ("clip", "albef", "vlmo", "beit3", "classifier"),
+    "model.family": ("clip", "albef", "vlmo", "beit3", "classifier", "vqa"),
+    "model.vqa_loss": ("softmax", "bce"),
     "finetune.weights": ("student", "ema"),
     "model.loss": ("softmax", "sigmoid"),
     "model.pool": ("cls", "gap"),
@@ -151,7 +152,7 @@ def get(config, dotted: str, default=None):
     return node
 
 
-BUILTIN_DATASETS = ("shapes", "emoji")
+BUILTIN_DATASETS = ("shapes", "shapes_vqa", "emoji")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

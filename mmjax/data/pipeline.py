@@ -25,6 +25,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_DATA_DIR = "~/.cache/mmjax/tensorflow_datasets"
 MAX_NEGATIVES = shapes_gen.MAX_NEGATIVES
+LOCAL_DATASETS = ("shapes", "shapes_vqa", "emoji")  # generated here, never downloaded
 
 
 def _get(cfg, dotted: str, default=None):
@@ -45,20 +46,22 @@ def data_dir(cfg) -> str:
 
 
 def _builder(cfg):
-    """Prepared TFDS builder for the locally generated datasets (shapes, emoji)."""
+    """Prepared TFDS builder for the locally generated datasets (shapes, shapes_vqa,
+    emoji). `shapes_vqa` takes its sizes and seed from `data.shapes` too."""
     name = _get(cfg, "name")
-    if name == "shapes":
-        from mmjax.data.shapes import MmjaxShapes, make_config
+    if name in ("shapes", "shapes_vqa"):
+        from mmjax.data.shapes import MmjaxShapes, MmjaxShapesVqa, make_config
+        cls = MmjaxShapes if name == "shapes" else MmjaxShapesVqa
         c = make_config(**{k: _get(cfg, "shapes." + k, d) for k, d in (
             ("image_size", 32), ("num_train", 20000), ("num_validation", 1000),
             ("num_test", 1000), ("seed", 0))})
-        known = c.name in MmjaxShapes.builder_configs  # the registered default
-        b = MmjaxShapes(config=c.name if known else c, data_dir=data_dir(cfg))
+        known = c.name in cls.builder_configs  # the registered default
+        b = cls(config=c.name if known else c, data_dir=data_dir(cfg))
     elif name == "emoji":
         from mmjax.data.emoji_ds import MmjaxEmoji
         b = MmjaxEmoji(data_dir=data_dir(cfg))
     else:
-        raise ValueError(f"not a local dataset: {name!r}")
+        raise ValueError(f"not a local dataset: {name!r}; valid choices: {', '.join(LOCAL_DATASETS)}")
     if not b.is_prepared():
         log.info("generating %s into %s", name, data_dir(cfg))
         b.download_and_prepare()
@@ -106,7 +109,7 @@ def load_records(data_config, split: str):
         if not rows:
             cols["image_path"] = cols["caption"] = np.zeros([0], object).astype(str)
         return tf.data.Dataset.from_tensor_slices(cols)
-    b = _builder(data_config) if name in ("shapes", "emoji") else _catalog_builder(data_config)
+    b = _builder(data_config) if name in LOCAL_DATASETS else _catalog_builder(data_config)
     feats = b.info.features
     ds = b.as_dataset(split=split, shuffle_files=False,
                       decoders={"image": tfds.decode.SkipDecoding()})
@@ -116,6 +119,8 @@ def load_records(data_config, split: str):
         out = {"image": r["image"]}
         if "caption" in feats:
             out["caption"] = r["caption"]
+        elif "question" in feats:  # VQA: the question is the text, the answer the label
+            out["caption"] = r["question"]
         elif "text" in feats:
             out["caption"] = r["text"]
         elif "captions" in feats:  # e.g. coco_captions: first caption
@@ -147,6 +152,8 @@ def label_names(data_config) -> list[str] | None:
     name = _get(data_config, "name")
     if name == "shapes":
         return list(shapes_gen.CLASS_NAMES)
+    if name == "shapes_vqa":
+        return list(shapes_gen.ANSWERS)
     if name == "emoji":
         return None
     if name == "files":
@@ -154,11 +161,16 @@ def label_names(data_config) -> list[str] | None:
     return _label_names_of(_catalog_builder(data_config).info.features)
 
 
+def answer_types(data_config) -> list[str] | None:
+    """The type of each label (VQA answer types: colour, shape, size, yes/no), or None."""
+    return list(shapes_gen.ANSWER_TYPES) if _get(data_config, "name") == "shapes_vqa" else None
+
+
 def num_examples(data_config, split: str) -> int:
     name = _get(data_config, "name")
     if name == "files":
         return len(_files_rows(data_config, split)[0])
-    b = _builder(data_config) if name in ("shapes", "emoji") else _catalog_builder(data_config)
+    b = _builder(data_config) if name in LOCAL_DATASETS else _catalog_builder(data_config)
     return int(b.info.splits[split].num_examples)
 
 
@@ -359,8 +371,8 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     split = _get(data_config, "train_split", "train")
     L = int(_get(data_config, "text_len", 32))
     cache = bool(_get(data_config, "cache_decoded", False))
-    if cache and _get(data_config, "name") not in ("shapes", "emoji"):
-        raise ValueError(f"data.cache_decoded=True is for the built-in datasets (shapes, emoji), not "
+    if cache and _get(data_config, "name") not in LOCAL_DATASETS:
+        raise ValueError(f"data.cache_decoded=True is for the built-in datasets {LOCAL_DATASETS}, not "
                          f"{_get(data_config, 'name')!r}: a large or partly corrupt dataset must stream")
     ds = load_records(data_config, split)
     if cache:

@@ -79,3 +79,34 @@ class MmjaxShapes(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": png_bytes(ex["image"]), "caption": ex["caption"],
                       "hard_negatives": ex["hard_negatives"], "label": ex["label"],
                       "id": i}
+
+
+class MmjaxShapesVqa(MmjaxShapes):
+    """`shapes` images with one question each (`shapes_gen.question_of`): the same
+    image as the `shapes` record of that split and index (so a VQA test image was
+    never a pretraining image), 'question' text and 'label' = the answer's class
+    (ClassLabel over shapes_gen.ANSWERS)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [make_config()]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s = self.builder_config.image_size
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(s, s, 3), encoding_format="png"),
+                "question": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=list(shapes_gen.ANSWERS)),
+                "question_type": tfds.features.ClassLabel(names=list(shapes_gen.QUESTION_TYPES)),
+                "id": np.int64,
+            }),
+            supervised_keys=("image", "question"),
+            disable_shuffling=True,
+        )
+
+    def _generate_examples(self, split, n):
+        c = self.builder_config
+        for i in range(n):
+            ex = shapes_gen.vqa_example(c.seed, split, i, c.image_size)
+            yield i, {"image": png_bytes(ex["image"]), "question": ex["question"], "label": ex["answer"],
+                      "question_type": ex["question_type"], "id": i}

@@ -144,3 +144,89 @@ def example(seed: int, split: str, index: int, image_size: int = 32) -> dict:
     """Example `index` of `split`, from default_rng([seed, split_index, index])."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     return generate(rng, image_size)
+
+
+# ------------------------------------------------------------------ questions (VQA)
+# Answer vocabulary of the `shapes_vqa` dataset: one class per answer, grouped by type
+# the way VQA reports accuracy (per answer type).
+ANSWERS = COLOURS + SHAPES + SIZES + ("yes", "no")
+ANSWER_TYPES = ("colour",) * len(COLOURS) + ("shape",) * len(SHAPES) + ("size",) * len(SIZES) + ("yes/no",) * 2
+QUESTION_TYPES = ("colour", "shape", "size", "relation", "exists")
+
+
+def _rel_from(target: int, rel: str) -> str:
+    """Relation of objects[target] to the other one (`rel` is objects[0]'s)."""
+    return rel if target == 0 else FLIP[rel]
+
+
+def question_of(objects, rel: str, rng: np.random.Generator) -> tuple[str, int, str]:
+    """One question about the scene with an unambiguous answer: (question, answer index
+    into ANSWERS, question type). `objects` / `rel` as `generate` returns them.
+
+    Types (uniform): colour / shape / size of one object, named by the fewest
+    attributes that single it out (falling back to its relation to the other one);
+    relation ("is the X left of the Y": half yes, half another relation) and
+    existence ("is there a red circle": half present, half absent, an absent one
+    being the other object's colour on this one's shape when that is absent, the
+    binding trap). No question mark: the pretraining tokenizer never saw one.
+    """
+    attrs = [tuple(o[:3]) for o in objects]
+    qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+    t = int(rng.integers(2))
+    o = 1 - t
+    (ct, st, zt), (co, so, zo) = attrs[t], attrs[o]
+    rt = _rel_from(t, rel)
+    if qtype == "colour":
+        if st != so:
+            q = f"what colour is the {SHAPES[st]}"
+        elif zt != zo:
+            q = f"what colour is the {SIZES[zt]} {SHAPES[st]}"
+        else:
+            q = f"what colour is the {SHAPES[st]} {rt} the other {SHAPES[so]}"
+        return q, ANSWERS.index(COLOURS[ct]), qtype
+    if qtype == "shape":
+        if ct != co:
+            q = f"what shape is the {COLOURS[ct]} object"
+        elif zt != zo:
+            q = f"what shape is the {SIZES[zt]} {COLOURS[ct]} object"
+        else:
+            q = f"what shape is the {COLOURS[ct]} object {rt} the other one"
+        return q, ANSWERS.index(SHAPES[st]), qtype
+    if qtype == "size":
+        if (ct, st) != (co, so):
+            q = f"how big is the {COLOURS[ct]} {SHAPES[st]}"
+        else:
+            q = f"how big is the {COLOURS[ct]} {SHAPES[st]} {rt} the other one"
+        return q, ANSWERS.index(SIZES[zt]), qtype
+
+    def name(k):
+        c, s, z = attrs[k]
+        same = attrs[k][:2] == attrs[1 - k][:2]
+        return f"{SIZES[z]} {COLOURS[c]} {SHAPES[s]}" if same else f"{COLOURS[c]} {SHAPES[s]}"
+
+    if qtype == "relation":
+        yes = bool(rng.integers(2))
+        r = rt if yes else [x for x in RELATIONS if x != rt][int(rng.integers(len(RELATIONS) - 1))]
+        return f"is the {name(t)} {r} the {name(o)}", ANSWERS.index("yes" if yes else "no"), qtype
+    present = {a[:2] for a in attrs}
+    if rng.integers(2):
+        c, s = ct, st
+    else:
+        swap = (co, st)
+        if swap not in present and rng.integers(2):
+            c, s = swap
+        else:
+            absent = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES)) if (c, s) not in present]
+            c, s = absent[int(rng.integers(len(absent)))]
+    ans = "yes" if (c, s) in present else "no"
+    return f"is there a {COLOURS[c]} {SHAPES[s]}", ANSWERS.index(ans), qtype
+
+
+def vqa_example(seed: int, split: str, index: int, image_size: int = 32) -> dict:
+    """`example(seed, split, index)` (the same image as the `shapes` record) plus
+    'question', 'answer' (index into ANSWERS) and 'question_type', drawn from
+    default_rng([seed, split_index, index, 1])."""
+    ex = example(seed, split, index, image_size)
+    rng = np.random.default_rng([seed, SPLITS.index(split), index, 1])
+    q, a, qt = question_of(ex["objects"], ex["relation"], rng)
+    return dict(ex, question=q, answer=a, question_type=qt)

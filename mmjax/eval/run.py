@@ -140,11 +140,17 @@ class Evaluator:
 
 
 class ClassificationEvaluator:
-    """Top-1 / top-5 accuracy of a classifier family on a labelled split (every
-    process reads the whole split and hands its rows to the global batch)."""
+    """Top-1 / top-5 accuracy of a classifier or VQA family on a labelled split, and
+    top-1 per answer type where the dataset has types (VQA's yes/no, colour, ...).
+    Every process reads the whole split and hands its rows to the global batch. A
+    family whose `batch_keys` hold "text" (VQA: the question) gets the tokenized text."""
 
-    def __init__(self, family, data_config, mesh, *, split: str, batch_size: int):
+    def __init__(self, family, data_config, mesh, *, split: str, batch_size: int, tokenizer=None):
         self.family, self.data_config, self.mesh, self.split = family, data_config, mesh, split
+        self.uses_text = "text" in getattr(family, "batch_keys", ())
+        if self.uses_text and tokenizer is None:
+            raise ValueError("this family reads text (the question): pass the run's tokenizer")
+        self.tokenizer = tokenizer if self.uses_text else _NoText()
         n_dev = mesh.devices.size
         self.batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
         self._logits = jax.jit(family.logits, out_shardings=mesh_lib.replicated(mesh))
@@ -154,23 +160,35 @@ class ClassificationEvaluator:
 
         n, i = jax.process_count(), jax.process_index()
         rows = self.batch_size // n
-        tokenizer = _NoText()
-        correct1 = correct5 = seen = 0
-        for batch in pipeline.make_eval_iterator(self.data_config, tokenizer, self.split, self.batch_size):
+        keys = ("image", "text") if self.uses_text else ("image",)
+        preds, labels = [], []
+        for batch in pipeline.make_eval_iterator(self.data_config, self.tokenizer, self.split, self.batch_size):
             if "label" not in batch:
                 raise ValueError(f"split {self.split!r} of {self.data_config.name!r} has no labels to classify")
-            image = mesh_lib.global_batch(self.mesh, {"image": batch["image"][i * rows:(i + 1) * rows]})["image"]
-            logits = np.asarray(self._logits(params, image))
+            inputs = mesh_lib.global_batch(self.mesh, {k: batch[k][i * rows:(i + 1) * rows] for k in keys})
+            logits = np.asarray(self._logits(params, *(inputs[k] for k in keys)))
             valid = np.asarray(batch["valid"], bool)
-            labels = np.asarray(batch["label"])[valid]
-            top5 = np.argsort(-logits[valid], axis=-1)[:, :5]
-            correct1 += int(np.sum(top5[:, 0] == labels))
-            correct5 += int(np.sum(np.any(top5 == labels[:, None], axis=-1)))
-            seen += int(valid.sum())
-        if seen == 0:
+            preds.append(np.argsort(-logits[valid], axis=-1)[:, :5])
+            labels.append(np.asarray(batch["label"])[valid])
+        if not labels or not sum(map(len, labels)):
             return {"num_images": 0}
-        return {"top1": correct1 / seen, "top5": correct5 / seen, "num_images": seen,
-                "num_classes": int(self.family.num_classes)}
+        return classification_metrics(np.concatenate(preds), np.concatenate(labels),
+                                      int(self.family.num_classes), pipeline.answer_types(self.data_config))
+
+
+def classification_metrics(top5, labels, num_classes: int, types=None) -> dict:
+    """top5 [N, k] predicted classes (best first), labels [N] -> top1, top5 and, with
+    `types` (a type name per class), top1_<type> over the examples of each type."""
+    hit1 = top5[:, 0] == labels
+    out = {"top1": float(np.mean(hit1)), "top5": float(np.mean(np.any(top5 == labels[:, None], axis=-1))),
+           "num_images": int(len(labels)), "num_classes": num_classes}
+    if types:
+        types = np.asarray(types)
+        for t in dict.fromkeys(types.tolist()):
+            sel = types[labels] == t
+            if sel.any():
+                out["top1_" + t.replace("/", "_")] = float(np.mean(hit1[sel]))
+    return out
 
 
 class _NoText:

@@ -6,7 +6,8 @@ pretrained, prefix)` fills a new model's params from them: every leaf of the new
 tree is taken from the same path of the pretrained tree (under `prefix`, e.g. the
 classifier's `backbone/`), position embeddings are resized when the image size or
 patch grid changed, and leaves the new model has but the checkpoint lacks (a new
-head) keep their fresh init. What the checkpoint has but the task does not need
+head) keep their fresh init; a text position table for a longer text keeps the
+pretrained rows and fresh ones past them. What the checkpoint has but the task does not need
 (text tower for an image classifier, ITM/MLM heads, queues, teacher, optimizer
 state) is left behind.
 """
@@ -65,6 +66,17 @@ def interpolate_posemb(table, new_len: int):
     return out
 
 
+def extend_text_posemb(table, fresh):
+    """A text position table [L0, D] for a new text length L1 (fresh: the new model's
+    init [L1, D]): the first min(L0, L1) rows are the pretrained ones, rows past L0
+    keep their fresh init (a 1-D text position has no neighbour to interpolate)."""
+    table, out = np.asarray(table), np.array(fresh, copy=True)
+    n = min(table.shape[0], out.shape[0])
+    out[:n] = table[:n]
+    log.info("text position table %d -> %d rows (%d pretrained)", table.shape[0], out.shape[0], n)
+    return out
+
+
 def transplant(init_params, pretrained, prefix: str = ""):
     """New params filled from `pretrained` (see the module docstring).
 
@@ -86,6 +98,9 @@ def transplant(init_params, pretrained, prefix: str = ""):
         if tuple(value.shape) != tuple(leaf.shape):
             if POSEMB.search(key) and value.ndim == 3 and value.shape[2] == leaf.shape[2]:
                 value = interpolate_posemb(value, leaf.shape[1])
+                resized.append(key)
+            elif POSEMB.search(key) and value.ndim == 2 and value.shape[1] == leaf.shape[1]:
+                value = extend_text_posemb(value, np.asarray(leaf))
                 resized.append(key)
             else:
                 raise ValueError(f"pretrained {src} has shape {tuple(value.shape)} but the new model's {key} "

@@ -112,7 +112,7 @@ class Setup:
 
     def _prepare_finetune(self):
         """Before anything is built: the source's tokenizer (the text tower must read the
-        same ids) and, for a classifier without one, the source's model as backbone."""
+        same ids) and, for a classifier or VQA model, the source's model as backbone."""
         from mmjax import checkpoint
         from mmjax.train import finetune
 
@@ -126,7 +126,7 @@ class Setup:
                 shutil.copyfile(src_tok, dst_tok + ".tmp")
                 os.replace(dst_tok + ".tmp", dst_tok)
         model = self.config.model
-        if model.get("family") == "classifier":  # the backbone is what the checkpoint holds
+        if model.get("family") in zoo.WRAPPERS:  # the backbone is what the checkpoint holds
             with self.config.unlocked():
                 model.backbone = src_config.model.to_dict()
 
@@ -144,7 +144,7 @@ class Setup:
 
         weights = self.config.finetune.get("weights", "student")
         _, pretrained = finetune.pretrained_params(self.init_from, weights)
-        prefix = "backbone/" if self.config.model.family == "classifier" else ""
+        prefix = "backbone/" if self.config.model.family in zoo.WRAPPERS else ""
         params, report = finetune.transplant(jax.device_get(state.params), pretrained, prefix)
         logging.info("init from %s (%s): %d params loaded, %d left behind, resized %s, fresh %s",
                      self.init_from, weights, report["loaded"], report["unused"], report["resized"],
@@ -189,7 +189,7 @@ class Setup:
         if hasattr(self.family, "logits"):
             return ClassificationEvaluator(self.family, self.config.data, self.mesh,
                                            split=split or self.config.data.eval_split,
-                                           batch_size=int(ev.batch_size))
+                                           batch_size=int(ev.batch_size), tokenizer=self.tokenizer)
         return Evaluator(
             self.family, self.config.data, self.tokenizer, self.mesh,
             split=split or self.config.data.eval_split, batch_size=int(ev.batch_size),

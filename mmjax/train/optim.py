@@ -49,23 +49,54 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
     )
     if layer_decay != 1.0:
         parts.append(scale_by_layer(layer_decay))
+    head_mult = float(train_config.get("head_lr_mult", 1.0) or 1.0)
+    if head_mult != 1.0:
+        parts.append(scale_matching(head_mult, train_config.get("head_pattern", None) or HEAD_PATTERN))
     return optax.chain(*parts)
 
 
+HEAD_PATTERN = r"^head/"  # the new head of a fine-tuning family (classifier, vqa)
+
+
+def scale_matching(mult: float, pattern: str) -> optax.GradientTransformation:
+    """Updates of params whose path matches `pattern` (re.search) times `mult`: a
+    larger learning rate for a freshly initialised task head (`train.head_lr_mult`;
+    VLMo 10x, BEiT-3 20x). Placed after AdamW, like `scale_by_layer`."""
+    pat = re.compile(pattern)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda p, u: u * mult if pat.search(param_path(p)) else u, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 _BLOCK = re.compile(r"(?:^|/)(?:block|text_blocks_|fusion_blocks_|blocks_)(\d+)(?:/|$)")
+_TEXT_BLOCK = re.compile(r"(?:^|/)text_blocks_(\d+)(?:/|$)")
 _EMBED = re.compile(r"(?:^|/)(patch_embed|cls|pos_embedding|ln_pre|embed|image_cls|image_pos|mask_token)(?:/|$)")
 
 
 def layer_ids(params) -> tuple[dict, int]:
     """{param path: layer id}: 0 for embeddings, i + 1 for transformer block i, L + 1
-    for everything above the blocks (final norms, projections, heads); and L."""
+    for everything above the blocks (final norms, projections, heads); and L.
+    ALBEF's fusion layers sit on top of its text layers: fusion block i counts as
+    block (number of text blocks) + i."""
     paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    blocks = [int(m.group(1)) for m in map(_BLOCK.search, paths) if m]
+    n_text = len({m.group(1) for m in map(_TEXT_BLOCK.search, paths) if m})
+
+    def block(path):
+        m = _BLOCK.search(path)
+        if not m:
+            return None
+        return int(m.group(1)) + (n_text if "fusion_blocks_" in m.group(0) else 0)
+
+    blocks = [b for b in map(block, paths) if b is not None]
     top = (max(blocks) + 1 if blocks else 0) + 1
     ids = {}
     for path in paths:
-        m = _BLOCK.search(path)
-        ids[path] = int(m.group(1)) + 1 if m else (0 if _EMBED.search(path) else top)
+        b = block(path)
+        ids[path] = b + 1 if b is not None else (0 if _EMBED.search(path) else top)
     return ids, top - 1
 
 

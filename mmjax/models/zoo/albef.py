@@ -43,7 +43,8 @@ class ALBEF(nn.Module):
   Methods (apply with `method=`): `image_features(image) -> (emb [B,E], tokens
   [B,T,Di])`, `text_features(ids) -> (emb [B,E], stream [B,L,D])`,
   `fuse(stream, ids, image_tokens) -> fused [B,L,D]`, `itm_logits(fused) -> [B,2]`,
-  `mlm_logits(fused) -> [B,L,V]`; `__call__(image, ids)` touches every param.
+  `mlm_logits(fused) -> [B,L,V]`, `fused_features(image, ids) -> [B,D]`;
+  `__call__(image, ids)` touches every param.
   """
   image: Any
   text: Any
@@ -85,6 +86,13 @@ class ALBEF(nn.Module):
 
   def itm_logits(self, fused_BxLxD):
     return self.itm_head(fused_BxLxD[:, 0]).astype(jnp.float32)
+
+  def fused_features(self, image_BxHxWx3, ids_BxL):
+    """The fused [CLS] of an image-text pass (what ITM reads; VQA heads too): [B, D].
+    Touches the towers and fusion layers only, not the projections or heads."""
+    _, img_aux = self.image_tower(image_BxHxWx3)
+    _, txt_aux = self.text_tower.encode_text(ids_BxL)
+    return self.fuse(txt_aux["tokens"], ids_BxL, img_aux["tokens"])[:, 0]
 
   def mlm_logits(self, fused_BxLxD):
     return self.mlm_head(fused_BxLxD, self.text_tower.attend)

@@ -37,26 +37,40 @@ class Classifier(nn.Module):
     return head(jnp.asarray(emb_BxE, jnp.float32) * self.feature_scale).astype(jnp.float32)
 
 
+def build_backbone(cfg, wrapper: str, allowed=None):
+  """(backbone family, its model config) from `cfg.backbone`, with the image size,
+  text length and vocabulary of the fine-tuning run (`cfg.image_size` etc., which
+  Setup fills from the data and tokenizer) replacing the checkpoint's."""
+  from mmjax.models import zoo
+
+  backbone_cfg = cfg.get("backbone", None)
+  if not backbone_cfg:
+    raise ValueError("model.backbone must hold the backbone's model config (e.g. the pretraining "
+                     "workdir's model section); `mmjax finetune --init-from` fills it in")
+  backbone_cfg = ml_collections.ConfigDict(dict(backbone_cfg))
+  with backbone_cfg.unlocked():  # sizes follow the fine-tuning data
+    for k in ("image_size", "text_len", "vocab_size"):
+      if cfg.get(k, None) is not None:
+        backbone_cfg[k] = cfg[k]
+  family = backbone_cfg.get("family")
+  if family in WRAPPERS:
+    raise ValueError(f"model.backbone cannot itself be a {family} (it wraps a pretraining family)")
+  if allowed is not None and family not in allowed:
+    raise ValueError(f"model.family={wrapper!r} needs a backbone with fused image-text features; "
+                     f"model.backbone.family={family!r}; valid choices: {', '.join(allowed)}")
+  return zoo.build(backbone_cfg), backbone_cfg
+
+
+WRAPPERS = ("classifier", "vqa")  # families whose params sit under `backbone/` + a head
+
+
 class ClassifierFamily(Family):
   """Softmax cross entropy on `label`; eval reports top-1 / top-5 accuracy."""
   batch_keys = ("image", "label")
 
   def __init__(self, model_config):
-    from mmjax.models import zoo
-
     cfg = model_config
-    backbone_cfg = cfg.get("backbone", None)
-    if not backbone_cfg:
-      raise ValueError("model.backbone must hold the backbone's model config (e.g. the pretraining "
-                       "workdir's model section); `mmjax finetune --init-from` fills it in")
-    backbone_cfg = ml_collections.ConfigDict(dict(backbone_cfg))
-    with backbone_cfg.unlocked():  # sizes follow the fine-tuning data
-      for k in ("image_size", "text_len", "vocab_size"):
-        if cfg.get(k, None) is not None:
-          backbone_cfg[k] = cfg[k]
-    if backbone_cfg.get("family") == "classifier":
-      raise ValueError("model.backbone cannot itself be a classifier")
-    self.backbone = zoo.build(backbone_cfg)
+    self.backbone, backbone_cfg = build_backbone(cfg, "classifier")
     self.num_classes = int(cfg.get("num_classes", 0) or 0)
     if self.num_classes < 2:
       raise ValueError(f"model.num_classes={self.num_classes}: need at least 2 classes")

@@ -146,6 +146,10 @@ class Multiway(nn.Module):
     tok = self.text_tokens(ids)
     return self.text_embedding(self.text_pass(tok, ids)), tok
 
+  def fused_features(self, image, ids):
+    """The pooled first token of an image-text pass (what ITM reads; VQA heads too): [B, D]."""
+    return self.joint_pass(self.image_tokens(image), self.text_tokens(ids), ids)[2]
+
   def __call__(self, image, ids):
     """Touches every param (init)."""
     img_emb, img_tok = self.image_features(image)
