@@ -62,6 +62,10 @@ def get_config(arg=None):
     c.model.text_pool = "last"  # last non-pad token; "argmax" / "eos" (with eos_id): HF CLIP's rules
     c.model.eos_id = None  # the eos token id, for text_pool="eos"
     c.model.dtype = "float32"
+    # Speed switches (their measured effects: docs/benchmarks.md). Each computes the
+    # same function (tests/test_speed_switches.py).
+    c.model.attention = "xla"  # or "cudnn" (GPU flash attention, bf16); "/16" pads lengths to a multiple of 16
+    c.model.remat = "none"  # or "full" (recompute each block in the backward pass), "dots" (keep matmul outputs)
     # NegCLIP-style: per image, K captions with the same words but attributes swapped
     # join its candidates in ITC (datasets with hard_negatives: shapes). 0 = plain CLIP.
     c.model.hard_negatives = 0
@@ -83,6 +87,7 @@ def get_config(arg=None):
     c.train.b1 = 0.9
     c.train.b2 = 0.98
     c.train.eps = 1e-6
+    c.train.mu_dtype = "float32"  # or "bfloat16": Adam's first moment in bf16 (optax mu_dtype)
     c.train.log_every = 25
     c.train.ckpt_every = 500
     c.train.keep_checkpoints = 2

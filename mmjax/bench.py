@@ -1,6 +1,7 @@
-"""Step-time benchmark on synthetic batches: no data pipeline, no TensorFlow.
+"""Step-time benchmark: synthetic batches (no TensorFlow) or the real input pipeline.
 
     mmjax bench --config configs/demo.py --config configs/albef.py [--steps 20]
+    mmjax bench --config configs/clip_b16.py --batch-size 256 --data pipeline
 
 Each config's train step (its last stage, i.e. the full objective) is compiled on
 the configured mesh and timed on one fixed random batch; the first config is the
@@ -104,6 +105,46 @@ def memory_plan(config) -> dict:
     return out
 
 
+def step_bytes(plan: dict) -> int:
+    """Device bytes the compiled step needs at its peak, from XLA's memory analysis:
+    inputs + outputs not aliased to donated inputs + temporaries."""
+    return (plan.get("xla_argument_bytes", 0) + plan.get("xla_output_bytes", 0)
+            - plan.get("xla_alias_bytes", 0) + plan.get("xla_temp_bytes", 0))
+
+
+def max_batch(config, limit_bytes: int | None = None, multiple: int = 8, upper: int = 1 << 16) -> dict:
+    """The largest global batch (a multiple of `multiple`) whose compiled train step
+    fits `limit_bytes` per device (default: the first device's memory limit), by
+    compiling, not running: doubling, then bisection. -> {'batch_size', 'bytes',
+    'next_bytes' (of batch_size + multiple), 'limit_bytes', 'probes'}."""
+    if limit_bytes is None:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats:
+            raise ValueError("this device reports no memory limit; pass limit_bytes (--memory-limit-gib)")
+        limit_bytes = int(stats["bytes_limit"])
+    seen = {}
+
+    def need(b):
+        if b not in seen:
+            c = config.copy_and_resolve_references()
+            with c.unlocked():
+                c.train.batch_size = int(b)
+            seen[b] = step_bytes(memory_plan(c))
+        return seen[b]
+
+    lo, hi = 0, multiple
+    while hi <= upper and need(hi) <= limit_bytes:
+        lo, hi = hi, hi * 2
+    hi = min(hi, upper + multiple)
+    while hi - lo > multiple:
+        mid = (lo + hi) // 2 // multiple * multiple
+        lo, hi = (mid, hi) if need(mid) <= limit_bytes else (lo, mid)
+    if lo == 0:
+        raise ValueError(f"batch {multiple} needs {need(multiple):,} bytes, over the limit {limit_bytes:,}")
+    return {"batch_size": lo, "bytes": need(lo), "next_bytes": need(lo + multiple),
+            "limit_bytes": int(limit_bytes), "probes": len(seen)}
+
+
 def format_plan(plan: dict) -> str:
     """A human-readable table of `memory_plan`'s bytes per device."""
     gib = lambda n: f"{n / 2**30:8.3f} GiB"
@@ -121,8 +162,106 @@ def format_plan(plan: dict) -> str:
     return "\n".join([head] + [f"  {label:<36}{gib(n)}" for label, n in rows])
 
 
-def step_time(config, steps: int = 20, warmup: int = 3) -> dict:
-    """Compiles the config's step and times `steps` calls after `warmup`."""
+def matmul_ceiling(n: int | None = None, dtype=None, reps: int = 10) -> dict:
+    """The measured matmul throughput of one device: an n x n @ n x n product in
+    `dtype` (default bf16, n = 8192 on accelerators; f32, n = 1024 on CPU), best of
+    `reps` timed calls. MFU is reported against this, not a datasheet figure."""
+    import jax.numpy as jnp
+
+    dev = jax.local_devices()[0]
+    cpu = dev.platform == "cpu"
+    n = int(n or (1024 if cpu else 8192))
+    dtype = dtype or (jnp.float32 if cpu else jnp.bfloat16)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.device_put(jax.random.normal(k1, (n, n), dtype), dev)
+    b = jax.device_put(jax.random.normal(k2, (n, n), dtype), dev)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, b))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        best = min(best, time.perf_counter() - t0)
+    return {"matmul_n": n, "matmul_dtype": jnp.dtype(dtype).name, "matmul_tflops": 2 * n ** 3 / best / 1e12}
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes in use on this process's first device since start (None where the
+    backend does not report it, e.g. CPU)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # not implemented on this backend
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _time_steps(fn, state, next_batch, steps: int, warmup: int):
+    """(state, metrics, compile seconds, seconds per step, seconds waiting for data per step)."""
+    t0 = time.perf_counter()
+    state, m = fn(state, next_batch())
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, m = fn(state, next_batch())
+    jax.block_until_ready(m)
+    wait = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tw = time.perf_counter()
+        batch = next_batch()
+        wait += time.perf_counter() - tw
+        state, m = fn(state, batch)
+    jax.block_until_ready(m)
+    return state, m, compile_s, (time.perf_counter() - t0) / steps, wait / steps
+
+
+def _pipeline_tokenizer(config):
+    """The tokenizer a run would train on the config's data (in a scratch dir)."""
+    import tempfile
+
+    from mmjax.data import pipeline, tokenizer as tok_lib
+
+    data = config.data
+    return tok_lib.get_tokenizer(data.tokenizer, tempfile.mkdtemp(prefix="mmjax-bench-"),
+                                 lambda: pipeline.captions(data, data.train_split))
+
+
+def _pipeline_batches(config, mesh, family, tok):
+    """Batches from the real input pipeline (TensorFlow; a built-in set is prepared
+    first), this process's rows of each global batch, as global arrays."""
+    from mmjax.data import pipeline
+
+    n = jax.process_count()
+    it = pipeline.make_train_iterator(config.data, tok, int(config.train.batch_size) // n, seed=0,
+                                      process_index=jax.process_index(), process_count=n,
+                                      hard_negatives=int(config.model.get("hard_negatives", 0) or 0))
+    keys = getattr(family, "batch_keys", ("image", "text"))
+
+    def next_batch():
+        b = next(it)
+        b = {k: (np.asarray(v).astype(np.int32) if k == "id" else v) for k, v in b.items() if k in keys}
+        return mesh_lib.global_batch(mesh, b)
+
+    return next_batch
+
+
+def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic", ceiling: bool = True) -> dict:
+    """Compiles the config's step and times `steps` calls after `warmup` on one fixed
+    synthetic batch; with data='pipeline' it then times the same step fed by the real
+    input pipeline (`pipeline_*` keys, and their ratio to the synthetic figure).
+
+    Reports compile time, step time, samples/s (per device), the analytic model
+    FLOPs (mmjax/flops.py) as TFLOP/s per device, MFU against the matmul ceiling
+    measured in the same process (`matmul_ceiling`), and peak device memory.
+    """
+    from mmjax import flops as flops_lib
+
+    if data not in ("synthetic", "pipeline"):
+        raise ValueError(f"bench data {data!r}; valid choices: synthetic, pipeline")
+    if data == "pipeline":  # the family's vocabulary is the trained tokenizer's
+        tok = _pipeline_tokenizer(config)
+        with config.unlocked():
+            config.data.tokenizer.vocab_size = int(tok.vocab_size)
     family, opt, mesh, trainable, init, abstract, shard = _prepare(config)
     tc = config.train
     state = jax.jit(init, out_shardings=shard)(jax.random.PRNGKey(0))
@@ -131,22 +270,30 @@ def step_time(config, steps: int = 20, warmup: int = 3) -> dict:
     full, n, i = synthetic_batch(config, family, int(tc.batch_size)), jax.process_count(), jax.process_index()
     rows = int(tc.batch_size) // n
     batch = mesh_lib.global_batch(mesh, {k: v[i * rows:(i + 1) * rows] for k, v in full.items()})
-    t0 = time.perf_counter()
-    state, m = fn(state, batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        state, m = fn(state, batch)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = fn(state, batch)
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / steps
+    state, m, compile_s, dt, _ = _time_steps(fn, state, lambda: batch, steps, warmup)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
-    return {"family": str(config.model.family), "batch_size": int(tc.batch_size),
-            "ms_per_step": 1000 * dt, "samples_per_s": int(tc.batch_size) / dt,
-            "samples_per_s_per_device": int(tc.batch_size) / dt / mesh.devices.size,
-            "compile_s": compile_s, "params": n_params, "devices": int(mesh.devices.size),
-            "processes": jax.process_count(),
-            "platform": jax.devices()[0].platform, "loss": float(m["loss"])}
+    n_dev = int(mesh.devices.size)
+    out = {"family": str(config.model.family), "batch_size": int(tc.batch_size),
+           "ms_per_step": 1000 * dt, "samples_per_s": int(tc.batch_size) / dt,
+           "samples_per_s_per_device": int(tc.batch_size) / dt / n_dev,
+           "compile_s": compile_s, "params": n_params, "devices": n_dev,
+           "processes": jax.process_count(), "platform": jax.devices()[0].platform,
+           "device_kind": jax.devices()[0].device_kind, "loss": float(m["loss"])}
+    try:
+        step_flops = flops_lib.train_step_flops(family.config, int(tc.batch_size))
+    except ValueError:  # a family without a formula (classifier, vqa)
+        step_flops = None
+    if step_flops:
+        out["gflops_per_sample"] = step_flops / int(tc.batch_size) / 1e9
+        out["model_tflops_per_device"] = step_flops / dt / n_dev / 1e12
+    if ceiling:
+        out.update(matmul_ceiling())
+        if step_flops:
+            out["mfu"] = out["model_tflops_per_device"] / out["matmul_tflops"]
+    if data == "pipeline":
+        next_batch = _pipeline_batches(config, mesh, family, tok)
+        state, m, _, pdt, wait = _time_steps(fn, state, next_batch, steps, warmup)
+        out.update({"pipeline_ms_per_step": 1000 * pdt, "pipeline_samples_per_s": int(tc.batch_size) / pdt,
+                    "pipeline_wait_ms_per_step": 1000 * wait, "pipeline_vs_synthetic": dt / pdt})
+    out["peak_memory_bytes"] = peak_memory_bytes()
+    return out

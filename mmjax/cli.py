@@ -97,6 +97,14 @@ def _parser():
     b.add_argument("--config", required=True, action="append", help="repeat to compare; the first is the reference")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--batch-size", type=int, default=None, help="global batch (default: train.batch_size)")
+    b.add_argument("--data", choices=("synthetic", "pipeline"), default="synthetic",
+                   help="pipeline: also time the step fed by the real input pipeline (needs TensorFlow)")
+    b.add_argument("--no-ceiling", action="store_true", help="skip the matmul-ceiling measurement (no MFU)")
+    b.add_argument("--max-batch", action="store_true",
+                   help="instead of timing: the largest global batch whose compiled step fits device memory")
+    b.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="with --max-batch: bytes per device to fit (default: the device's limit)")
     for s in (t, f, e, b):
         g = s.add_argument_group("multi-process (default: MMJAX_* env, SLURM / TPU VM detection, or one process)")
         g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
@@ -224,14 +232,27 @@ def main(argv=None) -> int:
         elif args.command == "bench":
             from mmjax import bench
 
+            if args.batch_size:
+                overrides = [*overrides, f"train.batch_size={args.batch_size}"]
             configs = [config_lib.load(path, overrides) for path in args.config]
             _initialize(args, configs[0])
-            rows = [bench.step_time(c, args.steps, args.warmup) for c in configs]
+            if args.max_batch:
+                limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None
+                import math
+
+                import jax
+
+                multiple = math.lcm(8, jax.device_count())  # whole batches per device
+                for path, c in zip(args.config, configs):
+                    print(json.dumps({"config": path, **bench.max_batch(c, limit, multiple=multiple)}))
+                return 0
+            rows = [bench.step_time(c, args.steps, args.warmup, data=args.data, ceiling=not args.no_ceiling)
+                    for c in configs]
             for path, row in zip(args.config, rows):
                 row["config"] = path
                 row["ratio"] = row["ms_per_step"] / rows[0]["ms_per_step"]
                 if row.get("processes", 1) == 1 or __import__("jax").process_index() == 0:
-                    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+                    print(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}))
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
         # ValueError: a variant name, a shape or a path a user gave; the message names it.
         if os.environ.get("MMJAX_DEBUG"):

@@ -29,6 +29,8 @@ CHOICES = {
     "model.act": ("gelu_tanh", "gelu", "quick_gelu"),
     "model.text_pool": ("last", "argmax", "eos"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "train.mu_dtype": ("float32", "bfloat16"),
     "parallel.mode": ("mesh", "pmap"),
 }
 
@@ -173,6 +175,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = get(config, key)
         if value is not None and value not in choices:
             raise ConfigError(f"bad value for config key {key!r}: {value!r}; valid choices: {', '.join(choices)}")
+    attention = get(config, "model.attention")
+    if attention is not None:
+        from mmjax.models.attention import parse_attention
+        try:
+            parse_attention(attention)
+        except ValueError as e:
+            raise ConfigError(f"bad value for config key 'model.attention': {e}") from None
     positive = ("train.batch_size", "train.steps", "data.image_size", "data.text_len")
     for key in positive:
         value = get(config, key)

@@ -45,6 +45,61 @@ def combine_masks(*masks):
   return out
 
 
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def parse_attention(spec: str) -> tuple[str, int]:
+  """model.attention 'IMPL' or 'IMPL/N' -> (implementation, pad multiple; 0 = none).
+
+  'xla' is XLA's own softmax(q k^T) v; 'cudnn' is cuDNN's fused flash attention
+  (GPU, bf16/fp16 only). '/N' pads the query and key lengths to a multiple of N
+  (e.g. 197 ViT-B/16 tokens -> 208 with '/16'), the padded keys masked out and the
+  padded query rows dropped, so the result is unchanged.
+  """
+  impl, _, pad = str(spec).partition("/")
+  if impl not in IMPLEMENTATIONS or (pad and (not pad.isdigit() or int(pad) < 1)):
+    raise ValueError(f"model.attention={spec!r}; valid choices: {', '.join(IMPLEMENTATIONS)}, "
+                     "optionally with '/N' to pad lengths to a multiple of N (e.g. 'cudnn/16')")
+  return impl, int(pad or 0)
+
+
+def _pad_to(x, axis, length):
+  if x.shape[axis] == length:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def attend(q_BxLqxHhxDh, k_BxLkxHhxDh, v_BxLkxHhxDh, mask=None, attention: str = "xla"):
+  """softmax(q k^T / sqrt(Dh)) v with `mask` (True = may attend), by the
+  implementation and padding `attention` names (parse_attention). A query row whose
+  mask is all False outputs 0 (not XLA's uniform average over masked keys)."""
+  impl, pad = parse_attention(attention)
+  q, k, v = q_BxLqxHhxDh, k_BxLkxHhxDh, v_BxLkxHhxDh
+  b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+  if mask is not None:
+    chex.assert_rank(mask, 4)
+    mask = mask.astype(bool)
+  kv_lengths = None
+  if pad:
+    lq_p, lk_p = -(-lq // pad) * pad, -(-lk // pad) * pad
+    q, k, v = _pad_to(q, 1, lq_p), _pad_to(k, 1, lk_p), _pad_to(v, 1, lk_p)
+    if mask is None:  # padding only: cuDNN takes it as sequence lengths
+      kv_lengths = jnp.full((b,), lk, jnp.int32)
+    else:
+      mask = jnp.broadcast_to(mask, mask.shape[:2] + (lq, lk))
+      mask = _pad_to(_pad_to(mask, 3, lk_p), 2, lq_p)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_lengths,
+                                     implementation=None if impl == "xla" else impl)
+  out = out[:, :lq]
+  if mask is not None:
+    # [B, 1|Hh, Lq, 1] -> [B, Lq, 1|Hh, 1], zero rows with nothing to attend.
+    any_BxHxLqx1 = jnp.any(mask[:, :, :lq], axis=-1, keepdims=True)
+    out = jnp.where(jnp.swapaxes(any_BxHxLqx1, 1, 2), out, 0)
+  return out
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention.
 
@@ -60,6 +115,7 @@ class MultiHeadAttention(nn.Module):
   num_heads: int
   fused_qkv: bool = True
   use_bias: bool = True
+  attention: str = "xla"  # parse_attention
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -85,15 +141,7 @@ class MultiHeadAttention(nn.Module):
       k = dense(hd, "key", "heads", "kv")(kv_in)
       v = dense(hd, "value", "heads", "kv")(kv_in)
     q, k, v = (constrain(t, ("batch", "length", "heads", "kv")) for t in (q, k, v))
-    if mask is not None:
-      chex.assert_rank(mask, 4)
-      mask = mask.astype(bool)
-    out_BxLqxHhxDh = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    if mask is not None:
-      # [B, 1|Hh, Lq, 1] -> [B, Lq, 1|Hh, 1], zero rows with nothing to attend.
-      any_BxHxLqx1 = jnp.any(mask, axis=-1, keepdims=True)
-      any_BxLqxHx1 = jnp.swapaxes(any_BxHxLqx1, 1, 2)
-      out_BxLqxHhxDh = jnp.where(any_BxLqxHx1, out_BxLqxHhxDh, 0)
+    out_BxLqxHhxDh = attend(q, k, v, mask, self.attention)
     out_BxLqxD = nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias,
                                  dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="out", **dense_init("heads", "kv", "embed"))(out_BxLqxHhxDh)

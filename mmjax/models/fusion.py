@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from mmjax.models.attention import (MultiHeadAttention, causal_mask, combine_masks,
                                     padding_mask)
 from mmjax.models.embed import WordEmbed
-from mmjax.models.transformer import Block, Mlp
+from mmjax.models.transformer import Block, Mlp, maybe_remat
 from mmjax.parallel.sharding import dense_init, names, norm_init
 
 Dtype = Any
@@ -46,6 +46,7 @@ class FusionBlock(nn.Module):
   """
   num_heads: int
   mlp_dim: int
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -54,13 +55,13 @@ class FusionBlock(nn.Module):
     chex.assert_rank(x_BxLxD, 3)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = nn.LayerNorm(**norm_init(), name="ln1", **kw)(x_BxLxD)
-    h = MultiHeadAttention(self.num_heads, name="attn", **kw)(h, mask=mask)
+    h = MultiHeadAttention(self.num_heads, attention=self.attention, name="attn", **kw)(h, mask=mask)
     x_BxLxD = x_BxLxD + h
     if image_BxNxDi is not None:
       chex.assert_rank(image_BxNxDi, 3)
       chex.assert_equal(image_BxNxDi.shape[0], x_BxLxD.shape[0])
       h = nn.LayerNorm(**norm_init(), name="ln_cross", **kw)(x_BxLxD)
-      h = MultiHeadAttention(self.num_heads, name="cross_attn", **kw)(
+      h = MultiHeadAttention(self.num_heads, attention=self.attention, name="cross_attn", **kw)(
           h, inputs_kv=image_BxNxDi, mask=image_mask)
       x_BxLxD = x_BxLxD + h
     h = nn.LayerNorm(**norm_init(), name="ln2", **kw)(x_BxLxD)
@@ -92,7 +93,8 @@ class BertTextEncoder(nn.Module):
   mlp_dim: int
   fusion_from: int
   causal: bool = False
-  remat: bool = False
+  remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
+  attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -102,11 +104,11 @@ class BertTextEncoder(nn.Module):
                        f"got {self.fusion_from}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed = WordEmbed(self.vocab_size, self.width, self.max_len, **kw)
-    block_cls = nn.remat(Block) if self.remat else Block
-    fusion_cls = nn.remat(FusionBlock) if self.remat else FusionBlock
-    self.text_blocks = [block_cls(self.num_heads, self.mlp_dim, **kw)
+    block_cls = maybe_remat(Block, self.remat)
+    fusion_cls = maybe_remat(FusionBlock, self.remat)
+    self.text_blocks = [block_cls(self.num_heads, self.mlp_dim, attention=self.attention, **kw)
                         for _ in range(self.fusion_from)]
-    self.fusion_blocks = [fusion_cls(self.num_heads, self.mlp_dim, **kw)
+    self.fusion_blocks = [fusion_cls(self.num_heads, self.mlp_dim, attention=self.attention, **kw)
                           for _ in range(self.depth - self.fusion_from)]
     self.ln_text = nn.LayerNorm(**norm_init(), **kw)
     self.ln_fused = nn.LayerNorm(**norm_init(), **kw)

@@ -50,8 +50,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.attention import MultiHeadAttention
-from mmjax.models.transformer import Mlp
+from mmjax.models.attention import MultiHeadAttention, attend
+from mmjax.models.transformer import Mlp, maybe_remat
 from mmjax.parallel.sharding import dense_init, norm_init
 
 Dtype = Any
@@ -119,6 +119,7 @@ class MultiwayAttention(nn.Module):
   num_heads: int
   experts: Tuple[str, ...] = ("image", "text")
   use_bias: bool = True
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -139,13 +140,7 @@ class MultiwayAttention(nn.Module):
     used = {m for m, _ in spans}
     qkv_BxLx3xHhxDh = _per_span(qkv, x_BxLxD, spans)
     q, k, v = (qkv_BxLx3xHhxDh[:, :, i] for i in range(3))
-    if mask is not None:
-      chex.assert_rank(mask, 4)
-      mask = mask.astype(bool)
-    o_BxLxHhxDh = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    if mask is not None:
-      any_BxHxLx1 = jnp.any(mask, axis=-1, keepdims=True)
-      o_BxLxHhxDh = jnp.where(jnp.swapaxes(any_BxHxLx1, 1, 2), o_BxLxHhxDh, 0)
+    o_BxLxHhxDh = attend(q, k, v, mask, self.attention)
     y_BxLxD = _per_span(out, o_BxLxHhxDh, spans)
     _touch_unused(self, qkv, used, jnp.zeros((1, 1, width), self.dtype))
     _touch_unused(self, out, used, jnp.zeros((1, 1) + hd, self.dtype))
@@ -171,6 +166,7 @@ class MultiwayBlock(nn.Module):
   layout: str = "vlmo"
   experts: Tuple[str, ...] = ("image", "text")
   vl_expert: bool = False
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -195,12 +191,12 @@ class MultiwayBlock(nn.Module):
     # Attention.
     if self.layout == "vlmo":
       h_BxLxD = nn.LayerNorm(**norm_init(), name="ln1", **kw)(x_BxLxD)
-      h_BxLxD = MultiHeadAttention(self.num_heads, name="attn", **kw)(h_BxLxD, mask=mask)
+      h_BxLxD = MultiHeadAttention(self.num_heads, attention=self.attention, name="attn", **kw)(h_BxLxD, mask=mask)
     else:
       ln1 = {m: nn.LayerNorm(**norm_init(), name=f"ln1_{m}", **kw) for m in self.experts}
       h_BxLxD = _per_span(ln1, x_BxLxD, spans)
       _touch_unused(self, ln1, used, dummy_1x1xD)
-      h_BxLxD = MultiwayAttention(self.num_heads, experts=tuple(self.experts),
+      h_BxLxD = MultiwayAttention(self.num_heads, experts=tuple(self.experts), attention=self.attention,
                                   name="attn", **kw)(h_BxLxD, mask, spans)
     x_BxLxD = x_BxLxD + h_BxLxD
 
@@ -247,7 +243,8 @@ class MultiwayEncoder(nn.Module):
   experts: Tuple[str, ...] = ("image", "text")
   vl_from: Optional[int] = None
   final_norm: bool = True
-  remat: bool = False
+  remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
+  attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -262,12 +259,12 @@ class MultiwayEncoder(nn.Module):
     spans = normalize_spans(spans, length, self.experts)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # spans (argument 3 counting `self`) is static: it decides the slicing.
-    block_cls = nn.remat(MultiwayBlock, static_argnums=(3,)) if self.remat else MultiwayBlock
+    block_cls = maybe_remat(MultiwayBlock, self.remat, static_argnums=(3,))
     aux = {}
     for i in range(self.depth):
       vl = self.vl_from is not None and i >= self.vl_from
       x_BxLxD = block_cls(self.num_heads, self.mlp_dim, layout=self.layout,
-                          experts=tuple(self.experts), vl_expert=vl,
+                          experts=tuple(self.experts), vl_expert=vl, attention=self.attention,
                           name=f"block{i:02d}", **kw)(x_BxLxD, mask, spans)
       aux[f"block{i:02d}"] = x_BxLxD
     if self.final_norm:

@@ -68,7 +68,8 @@ class TextEncoder(nn.Module):
   eos_id: Any = None   # int, for pool='eos'
   act: str = "gelu_tanh"
   ln_eps: float = LN_EPS
-  remat: bool = False
+  remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
+  attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -81,7 +82,7 @@ class TextEncoder(nn.Module):
       raise ValueError("text pool 'eos' needs eos_id (model.eos_id), got None.")
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim,
                            final_norm=True, act=self.act, ln_eps=self.ln_eps,
-                           remat=self.remat, **kw)
+                           remat=self.remat, attention=self.attention, **kw)
 
   def __call__(self, ids_BxL):
     chex.assert_rank(ids_BxL, 2)

@@ -59,6 +59,31 @@ class Mlp(nn.Module):
                     name="fc2", **dense_init("mlp", "embed"))(h_BxLxF)
 
 
+# Activation checkpointing of a block (config key model.remat): what the backward
+# pass may keep from the forward instead of recomputing it.
+REMAT_POLICIES = {
+    "none": None,  # no remat: everything is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def remat_mode(value) -> str:
+  """model.remat (False / True / 'none' / 'full' / 'dots') -> a REMAT_POLICIES key."""
+  mode = {False: "none", True: "full", None: "none"}.get(value, value) if not isinstance(value, str) else value
+  if mode not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={value!r}; valid choices: {', '.join(REMAT_POLICIES)} (or a bool)")
+  return mode
+
+
+def maybe_remat(block_cls, remat, **kw):
+  """`block_cls` wrapped in nn.remat with the policy of `remat` (unchanged for 'none')."""
+  mode = remat_mode(remat)
+  if mode == "none":
+    return block_cls
+  return nn.remat(block_cls, policy=REMAT_POLICIES[mode], **kw)
+
+
 class Block(nn.Module):
   """Pre-LN block: x + Attn(LN(x)), then x + Mlp(LN(x)).
 
@@ -70,6 +95,7 @@ class Block(nn.Module):
   fused_qkv: bool = True
   act: str = "gelu_tanh"
   ln_eps: float = LN_EPS
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -79,7 +105,7 @@ class Block(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
     h = nn.LayerNorm(epsilon=self.ln_eps, name="ln1", **kw, **norm_init())(x_BxLxD)
-    h = MultiHeadAttention(self.num_heads, fused_qkv=self.fused_qkv,
+    h = MultiHeadAttention(self.num_heads, fused_qkv=self.fused_qkv, attention=self.attention,
                            name="attn", **kw)(h, mask=mask)
     x_BxLxD = x_BxLxD + h
     h = nn.LayerNorm(epsilon=self.ln_eps, name="ln2", **kw, **norm_init())(x_BxLxD)
@@ -92,7 +118,8 @@ class Encoder(nn.Module):
 
   `__call__(x: [B, L, D], mask) -> (y: [B, L, D], aux)`; aux holds each block's
   output as `aux['block00']`, ... (unused entries are removed by XLA under jit).
-  `remat=True` recomputes block activations in the backward pass. `act` and
+  `remat` recomputes block activations in the backward pass ('full' / True: all
+  of them; 'dots': all but the matmul outputs; see REMAT_POLICIES). `act` and
   `ln_eps` go to every Block (and `ln_eps` to the final LayerNorm).
   """
   depth: int
@@ -102,17 +129,18 @@ class Encoder(nn.Module):
   fused_qkv: bool = True
   act: str = "gelu_tanh"
   ln_eps: float = LN_EPS
-  remat: bool = False
+  remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
+  attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxLxD, mask=None):
     chex.assert_rank(x_BxLxD, 3)
-    block_cls = nn.remat(Block) if self.remat else Block
+    block_cls = maybe_remat(Block, self.remat)
     aux = {}
     for i in range(self.depth):
-      x_BxLxD = block_cls(self.num_heads, self.mlp_dim, fused_qkv=self.fused_qkv,
+      x_BxLxD = block_cls(self.num_heads, self.mlp_dim, fused_qkv=self.fused_qkv, attention=self.attention,
                           act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                           name=f"block{i:02d}")(x_BxLxD, mask)
       aux[f"block{i:02d}"] = x_BxLxD

@@ -57,7 +57,8 @@ class ViT(nn.Module):
   pre_norm: bool = False
   act: str = "gelu_tanh"
   ln_eps: float = LN_EPS
-  remat: bool = False
+  remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
+  attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -94,7 +95,7 @@ class ViT(nn.Module):
       x_BxTxD = nn.LayerNorm(epsilon=self.ln_eps, **norm_init(), name="ln_pre", **kw)(x_BxTxD)
     x_BxTxD, enc_aux = Encoder(self.depth, self.num_heads, self.mlp_dim,
                                final_norm=True, act=self.act, ln_eps=self.ln_eps,
-                               remat=self.remat, name="encoder", **kw)(x_BxTxD)
+                               remat=self.remat, attention=self.attention, name="encoder", **kw)(x_BxTxD)
     if self.pool == "cls":
       pooled_BxD = x_BxTxD[:, 0]
     else:

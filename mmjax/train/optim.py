@@ -45,6 +45,7 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
             eps=float(train_config.get("eps", 1e-6)),
             weight_decay=float(train_config.weight_decay),
             mask=decay_mask,
+            mu_dtype=train_config.get("mu_dtype", None) if train_config.get("mu_dtype", None) != "float32" else None,
         )
     )
     if layer_decay != 1.0:

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead
+from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
-from mmjax.models.zoo.common import FeatureFamily
+from mmjax.models.zoo.common import FeatureFamily, attention_spec
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
 from mmjax.parallel.collective import local
@@ -52,7 +53,8 @@ class ALBEF(nn.Module):
   embed_dim: int
   vocab_size: int
   text_len: int
-  remat: bool = False
+  remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
+  attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -60,10 +62,10 @@ class ALBEF(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     im, tx = self.image, self.text
     self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"], im["mlp_dim"],
-                           pool="cls", posemb="learn", remat=self.remat, **kw)
+                           pool="cls", posemb="learn", remat=self.remat, attention=self.attention, **kw)
     self.text_tower = BertTextEncoder(self.vocab_size, self.text_len, tx["width"], tx["depth"],
                                       tx["heads"], tx["mlp_dim"], fusion_from=self.fusion_from,
-                                      remat=self.remat, **kw)
+                                      remat=self.remat, attention=self.attention, **kw)
     self.image_proj = nn.Dense(self.embed_dim, name="image_proj", **kw, **dense_init("embed", None))
     self.text_proj = nn.Dense(self.embed_dim, name="text_proj", **kw, **dense_init("embed", None))
     self.itm_head = ItmHead(**kw)
@@ -80,6 +82,10 @@ class ALBEF(nn.Module):
     cls_BxD, aux = self.text_tower.encode_text(ids_BxL)
     return l2_normalize(self.text_proj(cls_BxD)), aux["tokens"]
 
+  def text_stream(self, ids_BxL):
+    """The text-only layers' output [B, L, D] alone (no projection): what MLM fuses."""
+    return self.text_tower.encode_text(ids_BxL)[1]["tokens"]
+
   def fuse(self, stream_BxLxD, ids_BxL, image_BxTxDi):
     fused_BxLxD, _ = self.text_tower.fuse(stream_BxLxD, ids_BxL, image_BxTxDi)
     return fused_BxLxD
@@ -91,8 +97,7 @@ class ALBEF(nn.Module):
     """The fused [CLS] of an image-text pass (what ITM reads; VQA heads too): [B, D].
     Touches the towers and fusion layers only, not the projections or heads."""
     _, img_aux = self.image_tower(image_BxHxWx3)
-    _, txt_aux = self.text_tower.encode_text(ids_BxL)
-    return self.fuse(txt_aux["tokens"], ids_BxL, img_aux["tokens"])[:, 0]
+    return self.fuse(self.text_stream(ids_BxL), ids_BxL, img_aux["tokens"])[:, 0]
 
   def mlm_logits(self, fused_BxLxD):
     return self.mlm_head(fused_BxLxD, self.text_tower.attend)
@@ -144,7 +149,7 @@ class AlbefFamily(FeatureFamily):
         image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
         text=text, fusion_from=self.fusion_from, embed_dim=self.embed_dim,
         vocab_size=int(cfg.vocab_size), text_len=self.text_len,
-        remat=bool(cfg.get("remat", False)), dtype=DTYPES[cfg.get("dtype", "float32")])
+        remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg), dtype=DTYPES[cfg.get("dtype", "float32")])
 
   # --- state -----------------------------------------------------------------
   def init_extra(self, params):
@@ -209,9 +214,9 @@ class AlbefFamily(FeatureFamily):
       masked, target = local(gather, mask_tokens(
           rng_mlm, gather(text_ids), vocab_size=m.vocab_size, mask_id=MASK_ID,
           special_ids=SPECIAL_IDS, prob=self.mlm_prob, first_random_id=FIRST_WORD_ID))
-      _, m_stream = self._apply(params, m.text_features, masked)
+      m_stream = self._apply(params, m.text_stream, masked)
       logits = self._apply(params, m.mlm_logits, self._apply(params, m.fuse, m_stream, masked, img_tok))
-      _, tm_stream = self._apply(teacher, m.text_features, masked)
+      tm_stream = self._apply(teacher, m.text_stream, masked)
       t_logits = self._apply(teacher, m.mlm_logits,
                              self._apply(teacher, m.fuse, tm_stream, masked, t_img_tok))
       l_mlm, mi = mlm_loss(logits, text_ids, target, teacher_logits_BxLxV=t_logits, alpha=alpha,

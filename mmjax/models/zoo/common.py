@@ -52,3 +52,12 @@ class FeatureFamily(Family):
   def text_features(self, params, text):
     """-> (emb [B, E], text tokens the family's ITM consumes)."""
     return self._apply(params, self.model.text_features, text)
+
+
+def attention_spec(model_config) -> str:
+  """model.attention (default 'xla'), validated: 'xla' | 'cudnn', optionally '/N'."""
+  from mmjax.models.attention import parse_attention
+
+  spec = str(model_config.get("attention", None) or "xla")
+  parse_attention(spec)
+  return spec

@@ -34,8 +34,9 @@ from mmjax.models.attention import padding_mask
 from mmjax.models.embed import PatchEmbed, WordEmbed
 from mmjax.models.fusion import ItmHead, MlmHead
 from mmjax.models.multiway import MultiwayEncoder
+from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
-from mmjax.models.zoo.common import FeatureFamily
+from mmjax.models.zoo.common import FeatureFamily, attention_spec
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
 from mmjax.parallel.collective import local
 from mmjax.parallel.sharding import dense_init, names
@@ -55,7 +56,8 @@ class Multiway(nn.Module):
   embed_dim: int
   layout: str = "vlmo"
   vl_from: Any = None
-  remat: bool = False
+  remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
+  attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -73,7 +75,7 @@ class Multiway(nn.Module):
                                  self.param_dtype)
     self.word_embed = WordEmbed(self.vocab_size, s["width"], self.text_len, **kw)
     self.encoder = MultiwayEncoder(s["depth"], s["heads"], s["mlp_dim"], layout=self.layout,
-                                   vl_from=self.vl_from, remat=self.remat, **kw)
+                                   vl_from=self.vl_from, remat=self.remat, attention=self.attention, **kw)
     self.image_proj = nn.Dense(self.embed_dim, use_bias=False, **kw, **dense_init("embed", None))
     self.text_proj = nn.Dense(self.embed_dim, use_bias=False, **kw, **dense_init("embed", None))
     self.itm_head = ItmHead(**kw)
@@ -195,7 +197,7 @@ class MultiwayFamily(FeatureFamily):
     self.model = Multiway(size=size, image_size=self.image_size, vocab_size=int(cfg.vocab_size),
                           text_len=self.text_len, embed_dim=int(cfg.embed_dim), layout=layout,
                           vl_from=None if vl_from is None else int(vl_from),
-                          remat=bool(cfg.get("remat", False)),
+                          remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
                           dtype=DTYPES[cfg.get("dtype", "float32")])
 
 

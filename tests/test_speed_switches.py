@@ -1,0 +1,161 @@
+"""Speed switches compute the same function: attention padding (and, on a GPU,
+cuDNN flash attention), remat policies, bf16 Adam moments; and `mmjax bench`'s
+report and largest-batch search."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import bench, cli, config as config_lib
+from mmjax.models.attention import MultiHeadAttention, attend, causal_mask, combine_masks, padding_mask
+from tiny import ROOT
+
+TINY = ["data.image_size=16", "data.text_len=12", "data.tokenizer.vocab_size=50", "train.batch_size=8",
+        "model.image_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}"]
+
+
+def _reference_attention(q, k, v, mask):
+    """numpy softmax(q k^T / sqrt(d)) v, rows with nothing to attend -> 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    m = np.broadcast_to(np.asarray(mask), s.shape) if mask is not None else np.ones(s.shape, bool)
+    s = np.where(m, s, -np.inf)
+    mx = np.max(np.where(m, s, -1e30), axis=-1, keepdims=True)
+    p = np.where(m, np.exp(s - mx), 0.0)
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("spec", ["xla", "xla/16", "xla/5"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_padded_attention_equals_numpy(spec, masked):
+    rng = np.random.default_rng(0)
+    b, lq, lk, h, d = 2, 11, 13, 2, 4
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((b, lq, h, d), (b, lk, h, d), (b, lk, h, d)))
+    mask = None
+    if masked:
+        valid = np.arange(lk)[None] < np.array([[9], [13]])
+        mask = jnp.asarray(valid)[:, None, None, :] & jnp.asarray(rng.random((1, 1, lq, lk)) > 0.2)
+        mask = mask.at[0, 0, 3].set(False)  # a query row with nothing to attend
+    got = attend(q, k, v, mask, spec)
+    assert got.shape == (b, lq, h, d)
+    np.testing.assert_allclose(np.asarray(got), _reference_attention(q, k, v, mask), atol=2e-5)
+
+
+def _loss_and_grads(cfg_name, extra, seed=0):
+    small = {"demo": ["model.text_overrides={'width': 32, 'depth': 1, 'heads': 2, 'mlp_dim': 64}"],
+             "albef": ["model.text_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
+                       "model.fusion_from=1", "model.queue_size=16"],
+             "vlmo": ["model.vl_from=1"], "beit3": []}[cfg_name]
+    cfg = config_lib.load(f"{ROOT}/configs/{cfg_name}.py", TINY + small + extra)
+    fam, *_ = bench._prepare(cfg)
+    batch = {k: jnp.asarray(v) for k, v in bench.synthetic_batch(cfg, fam, 8, seed).items()}
+    params = fam.init_params(jax.random.PRNGKey(seed))
+    kw = {}
+    if hasattr(fam, "init_extra"):
+        ex = fam.init_extra(params)
+        kw = dict(teacher=ex["ema_params"], queues=ex["queues"], step=jnp.zeros((), jnp.int32))
+
+    def f(p):
+        return fam.objective(p, batch, jax.random.PRNGKey(1), **kw)[0]
+
+    return jax.jit(jax.value_and_grad(f))(params)
+
+
+@pytest.mark.parametrize("name", ["demo", "albef", "vlmo", "beit3"])
+def test_switches_give_the_same_loss_and_gradients(name):
+    """Padding attention lengths to 16 and each remat policy change nothing but speed
+    and memory: same loss, same gradients as the plain model (float32)."""
+    loss0, g0 = _loss_and_grads(name, [])
+    for extra in (["model.attention=xla/16", "model.remat=full"], ["model.remat=dots"]):
+        loss, g = _loss_and_grads(name, extra)
+        np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-5, err_msg=str(extra))
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-6, err_msg=str(extra))
+
+
+def test_remat_policies_are_in_the_program():
+    """'full' recomputes the forward (more matmuls in the compiled backward), 'dots'
+    keeps the matmul outputs (no recomputed matmuls), so they are not no-ops."""
+    from mmjax import flops
+
+    def count(extra):
+        cfg = config_lib.load(f"{ROOT}/configs/demo.py", TINY + extra)
+        fam, *_ = bench._prepare(cfg)
+        batch = bench.synthetic_batch(cfg, fam, 8)
+        params = fam.init_params(jax.random.PRNGKey(0))
+        return flops.count_dot_flops(jax.grad(lambda p: fam.objective(p, batch, jax.random.PRNGKey(1))[0]), params)
+
+    none, full, dots = count([]), count(["model.remat=full"]), count(["model.remat=dots"])
+    assert full > none  # the recomputed forward shows up as extra matmuls in the jaxpr
+    assert none <= dots <= full
+
+
+def test_bf16_adam_moments():
+    cfg = config_lib.load(f"{ROOT}/configs/demo.py", TINY + ["train.mu_dtype=bfloat16"])
+    fam, opt, mesh, trainable, init, abstract, shard = bench._prepare(cfg)
+    mus = [x for x in jax.tree.leaves(abstract.opt_state) if x.ndim >= 2]
+    assert mus and any(x.dtype == jnp.bfloat16 for x in mus) and any(x.dtype == jnp.float32 for x in mus)
+    # One step agrees with the float32-moment step to bf16 precision.
+    ref = config_lib.load(f"{ROOT}/configs/demo.py", TINY)
+    out = []
+    for c in (cfg, ref):
+        fam, opt, mesh, trainable, init, abstract, shard = bench._prepare(c)
+        state = jax.jit(init, out_shardings=shard)(jax.random.PRNGKey(0))
+        fn = bench._compiled_step(c, fam, opt, mesh, trainable, shard)
+        batch = bench.synthetic_batch(c, fam, 8)
+        from mmjax.parallel import mesh as mesh_lib
+        state, m = fn(state, mesh_lib.global_batch(mesh, batch))
+        state, m = fn(state, mesh_lib.global_batch(mesh, batch))
+        out.append(float(m["loss"]))
+    assert out[0] == pytest.approx(out[1], rel=1e-2)
+
+
+def test_attention_spec_errors():
+    with pytest.raises(config_lib.ConfigError, match="model.attention"):
+        config_lib.load(f"{ROOT}/configs/demo.py", ["model.attention=cudnn/0"])
+    with pytest.raises(config_lib.ConfigError, match="valid choices: none, full, dots"):
+        config_lib.load(f"{ROOT}/configs/demo.py", ["model.remat=some"])
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_attention_matches_xla_on_gpu():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 197, 64)), jnp.bfloat16)
+    valid = jnp.asarray(np.arange(197)[None] < np.array([[197], [150], [90], [197]]))
+    mask = combine_masks(padding_mask(valid), causal_mask(197))
+    for m in (None, mask):
+        mha = lambda spec: MultiHeadAttention(4, attention=spec, dtype=jnp.bfloat16)
+        params = mha("xla").init(jax.random.PRNGKey(0), x, mask=m)
+        want = mha("xla").apply(params, x, mask=m)
+        got = mha("cudnn/16").apply(params, x, mask=m)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
+
+
+def test_bench_reports_flops_mfu_and_max_batch(capsys):
+    rc = cli.main(["bench", "--config", f"{ROOT}/configs/demo.py", "--steps", "2", "--warmup", "1",
+                   "--batch-size", "16", *[f"--config.{o}" for o in TINY if not o.startswith("train.batch")]])
+    assert rc == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["batch_size"] == 16
+    want_tflops = row["gflops_per_sample"] * 1e9 * 16 / (row["ms_per_step"] / 1000) / row["devices"] / 1e12
+    assert row["model_tflops_per_device"] == pytest.approx(want_tflops, rel=1e-3)
+    assert row["mfu"] == pytest.approx(row["model_tflops_per_device"] / row["matmul_tflops"], rel=1e-4)
+    assert 0 < row["mfu"] < 2 and row["matmul_tflops"] > 0 and row["compile_s"] > 0
+    # The largest batch whose compiled step fits a memory limit (compiled, not run):
+    # the batch found fits and the next multiple does not.
+    cfg = config_lib.load(f"{ROOT}/configs/demo.py", TINY)
+
+    def need(b):
+        c = cfg.copy_and_resolve_references()
+        with c.unlocked():
+            c.train.batch_size = b
+        return bench.step_bytes(bench.memory_plan(c))
+
+    limit = (need(32) + need(64)) // 2
+    assert need(32) < limit < need(64)
+    got = bench.max_batch(cfg, limit_bytes=limit, multiple=8, upper=256)
+    assert 32 <= got["batch_size"] < 64
+    assert got["bytes"] <= limit < got["next_bytes"]
