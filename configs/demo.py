@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.data.image_size = 32
     c.data.text_len = 12  # a shapes caption is 11-12 tokens with bos/eos (128-piece tokenizer)
     c.data.num_parallel_calls = -1
+    c.data.prefetch_to_device = 2  # batches converted and copied to the devices ahead of the step (0 = inline)
     c.data.shuffle_buffer = 25_000
     # Decode the (small, built-in) dataset once and keep the pixels in memory; on a
     # 2-core machine the per-step decode otherwise competes with the train step.
@@ -66,6 +67,7 @@ def get_config(arg=None):
     # same function (tests/test_speed_switches.py).
     c.model.attention = "xla"  # or "cudnn" (GPU flash attention, bf16); "/16" pads lengths to a multiple of 16
     c.model.remat = "none"  # or "full" (recompute each block in the backward pass), "dots" (keep matmul outputs)
+    c.model.scan_layers = False  # nn.scan over ViT / CLIP text blocks (params stacked under encoder/blocks)
     # NegCLIP-style: per image, K captions with the same words but attributes swapped
     # join its candidates in ITC (datasets with hard_negatives: shapes). 0 = plain CLIP.
     c.model.hard_negatives = 0

@@ -245,6 +245,30 @@ def _pipeline_batches(config, mesh, family, tok):
     return next_batch
 
 
+def _teacher_cost(family, state, batch_size: int, steps: int, step_s: float) -> dict:
+    """Time of the EMA teacher update and the queue write of one step, run alone on
+    the same (sharded) state: an upper bound of their share of the step, where XLA
+    fuses them with the optimizer update."""
+    from mmjax.objectives import enqueue
+
+    def ema_and_queues(state, img, txt, ids):
+        ema = family.teacher_update(state.ema_params, state.params, state.step)
+        return ema, enqueue(state.queues, img, txt, ids) if state.queues is not None else None
+
+    fn = jax.jit(ema_and_queues)
+    e = getattr(family, "embed_dim", 256)
+    rng = np.random.default_rng(0)
+    img, txt = (rng.normal(size=(batch_size, e)).astype(np.float32) for _ in range(2))
+    ids = np.arange(batch_size, dtype=np.int32)
+    jax.block_until_ready(fn(state, img, txt, ids))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        r = fn(state, img, txt, ids)
+    jax.block_until_ready(r)
+    ms = 1000 * (time.perf_counter() - t0) / steps
+    return {"ema_queue_ms": ms, "ema_queue_fraction": ms / (1000 * step_s)}
+
+
 def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic", ceiling: bool = True) -> dict:
     """Compiles the config's step and times `steps` calls after `warmup` on one fixed
     synthetic batch; with data='pipeline' it then times the same step fed by the real
@@ -252,7 +276,9 @@ def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic",
 
     Reports compile time, step time, samples/s (per device), the analytic model
     FLOPs (mmjax/flops.py) as TFLOP/s per device, MFU against the matmul ceiling
-    measured in the same process (`matmul_ceiling`), and peak device memory.
+    measured in the same process (`matmul_ceiling`), and peak device memory; for
+    families with an EMA teacher, the teacher update + queue write timed alone
+    (`ema_queue_ms`, `ema_queue_fraction` of the step).
     """
     from mmjax import flops as flops_lib
 
@@ -290,6 +316,8 @@ def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic",
         out.update(matmul_ceiling())
         if step_flops:
             out["mfu"] = out["model_tflops_per_device"] / out["matmul_tflops"]
+    if state.ema_params is not None:
+        out.update(_teacher_cost(family, state, int(tc.batch_size), steps, dt))
     if data == "pipeline":
         next_batch = _pipeline_batches(config, mesh, family, tok)
         state, m, _, pdt, wait = _time_steps(fn, state, next_batch, steps, warmup)

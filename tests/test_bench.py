@@ -34,6 +34,11 @@ def test_bench_runs_the_step_without_tensorflow():
         assert row["loss"] == row["loss"]  # finite, not NaN
     assert (clip["family"], albef["family"]) == ("clip", "albef")
     assert albef["params"] > clip["params"]  # fusion layers and heads on top of the towers
+    # The EMA teacher and queue write, timed alone, for the family that has them.
+    assert "ema_queue_ms" not in clip and albef["ema_queue_ms"] > 0
+    assert albef["ema_queue_fraction"] == albef["ema_queue_ms"] / albef["ms_per_step"]
+    for row in (clip, albef):  # analytic FLOPs and MFU against the measured ceiling
+        assert row["gflops_per_sample"] > 0 and 0 < row["mfu"] == row["model_tflops_per_device"] / row["matmul_tflops"]
 
     # The dry-run memory plan (also without TensorFlow): FSDP over 8 devices keeps
     # about 1/8 of the replicated state per device, in the state's shardings and in

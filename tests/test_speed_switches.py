@@ -159,3 +159,73 @@ def test_bench_reports_flops_mfu_and_max_batch(capsys):
     got = bench.max_batch(cfg, limit_bytes=limit, multiple=8, upper=256)
     assert 32 <= got["batch_size"] < 64
     assert got["bytes"] <= limit < got["next_bytes"]
+
+
+def test_scanned_layers_compute_the_unrolled_model():
+    """model.scan_layers=True: params stacked under encoder/blocks (named 'layers' for
+    sharding); with the unrolled params stacked, the same loss and gradients; a
+    checkpoint moves between the layouts (transplant) and exports to HF unrolled."""
+    from mmjax.export import hf
+    from mmjax.models.transformer import stack_blocks
+    from mmjax.parallel.sharding import unnamed_params
+    from mmjax.train import finetune
+
+    base = TINY + ["model.text_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}"]
+    cfgs = [config_lib.load(f"{ROOT}/configs/demo.py", base + [f"model.scan_layers={s}"]) for s in ("false", "true")]
+    fams = [bench._prepare(c)[0] for c in cfgs]
+    unrolled = fams[0].init_params(jax.random.PRNGKey(0))
+    boxed = fams[1].init_params(jax.random.PRNGKey(0), boxed=True)
+    assert not unnamed_params(boxed)
+    stacked = jax.tree.map(lambda x: x, unrolled)
+    for tower, depth in (("image_tower", 2), ("text_tower", 2)):
+        enc = stacked[tower]["encoder"]
+        stacked[tower]["encoder"] = stack_blocks(enc, depth)
+    shapes = lambda t: jax.tree.map(lambda x: x.shape, t)
+    assert shapes(stacked) == shapes(jax.tree.map(lambda x: x, __import__("flax").linen.unbox(boxed)))
+    batch = {k: jnp.asarray(v) for k, v in bench.synthetic_batch(cfgs[0], fams[0], 8).items()}
+    outs = [jax.jit(jax.value_and_grad(lambda p, f=f: f.objective(p, batch, jax.random.PRNGKey(1))[0]))(p)
+            for f, p in zip(fams, (unrolled, stacked))]
+    np.testing.assert_allclose(float(outs[1][0]), float(outs[0][0]), rtol=1e-5)
+    g_unrolled = dict(outs[0][1])
+    for tower in ("image_tower", "text_tower"):
+        g_unrolled[tower] = dict(g_unrolled[tower], encoder=stack_blocks(outs[0][1][tower]["encoder"], 2))
+    for a, b in zip(jax.tree.leaves(g_unrolled), jax.tree.leaves(outs[1][1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-6)
+    # Layout conversion both ways, and HF export of the scanned tree equals the unrolled one's.
+    moved, report = finetune.transplant(fams[1].init_params(jax.random.PRNGKey(5)), unrolled)
+    assert not report["kept_init"]
+    for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(stacked)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back, report = finetune.transplant(fams[0].init_params(jax.random.PRNGKey(5)), stacked)
+    assert not report["kept_init"]
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(unrolled)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert hf._flat(stacked).keys() == hf._flat(unrolled).keys()
+
+
+def test_prefetch_to_device_keeps_order_and_errors():
+    from mmjax.parallel.mesh import prefetch_to_device
+
+    calls = []
+    put = lambda b: (calls.append(b), b * 10)[1]
+    for size in (0, 1, 3):
+        calls.clear()
+        assert list(prefetch_to_device(iter(range(7)), put, size)) == [0, 10, 20, 30, 40, 50, 60]
+        assert calls == list(range(7))
+
+    def broken():
+        yield 1
+        yield 2
+        raise RuntimeError("bad record")
+
+    it = prefetch_to_device(broken(), put, 2)
+    assert next(it) == 10 and next(it) == 20
+    with pytest.raises(RuntimeError, match="bad record"):
+        next(it)
+    calls.clear()
+    it = prefetch_to_device(iter(range(100)), put, 2)
+    assert next(it) == 0
+    it.close()  # the thread stops: one taken, two queued, at most one more in flight
+    import time
+    time.sleep(0.5)
+    assert len(calls) <= 4

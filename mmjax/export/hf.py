@@ -44,6 +44,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from mmjax.models.zoo.clip import CLIP
@@ -320,7 +321,12 @@ def _flat(params) -> dict:
 
   def walk(node, prefix):
     for k, v in node.items():
-      if isinstance(v, Mapping):
+      if k == "blocks" and prefix.endswith("encoder/") and isinstance(v, Mapping):
+        # Scanned layers (model.scan_layers): leaves stacked on a leading axis.
+        depth = int(np.asarray(jax.tree_util.tree_leaves(v)[0]).shape[0])
+        for i in range(depth):
+          walk(jax.tree_util.tree_map(lambda x: np.asarray(x)[i], v), prefix + f"block{i:02d}/")
+      elif isinstance(v, Mapping):
         walk(v, prefix + str(k) + "/")
       else:
         out[prefix + str(k)] = np.asarray(v)

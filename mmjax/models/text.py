@@ -70,6 +70,7 @@ class TextEncoder(nn.Module):
   ln_eps: float = LN_EPS
   remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
   attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
+  scan: bool = False  # nn.scan over the blocks (transformer.Encoder)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -82,7 +83,7 @@ class TextEncoder(nn.Module):
       raise ValueError("text pool 'eos' needs eos_id (model.eos_id), got None.")
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim,
                            final_norm=True, act=self.act, ln_eps=self.ln_eps,
-                           remat=self.remat, attention=self.attention, **kw)
+                           remat=self.remat, attention=self.attention, scan=self.scan, **kw)
 
   def __call__(self, ids_BxL):
     chex.assert_rank(ids_BxL, 2)

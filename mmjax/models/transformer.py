@@ -113,13 +113,24 @@ class Block(nn.Module):
     return x_BxLxD + h
 
 
+class ScanBlock(Block):
+  """A Block as an `nn.scan` body: `(x, mask) -> (x', None)`."""
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask=None):
+    return super().__call__(x_BxLxD, mask), None
+
+
 class Encoder(nn.Module):
   """A stack of `depth` pre-LN Blocks, then an optional final LayerNorm.
 
   `__call__(x: [B, L, D], mask) -> (y: [B, L, D], aux)`; aux holds each block's
   output as `aux['block00']`, ... (unused entries are removed by XLA under jit).
   `remat` recomputes block activations in the backward pass ('full' / True: all
-  of them; 'dots': all but the matmul outputs; see REMAT_POLICIES). `act` and
+  of them; 'dots': all but the matmul outputs; see REMAT_POLICIES). `scan=True`
+  runs the blocks as one `nn.scan` (one compiled layer, params stacked on a
+  leading 'layers' axis under `blocks/`; `stack_blocks` / `unstack_blocks` convert
+  the param trees) and returns no per-block outputs in aux. `act` and
   `ln_eps` go to every Block (and `ln_eps` to the final LayerNorm).
   """
   depth: int
@@ -131,15 +142,23 @@ class Encoder(nn.Module):
   ln_eps: float = LN_EPS
   remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
   attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxLxD, mask=None):
     chex.assert_rank(x_BxLxD, 3)
-    block_cls = maybe_remat(Block, self.remat)
     aux = {}
-    for i in range(self.depth):
+    if self.scan:
+      layers = nn.scan(maybe_remat(ScanBlock, self.remat, prevent_cse=False), variable_axes={"params": 0},
+                       split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, _ = layers(self.num_heads, self.mlp_dim, fused_qkv=self.fused_qkv, attention=self.attention,
+                          act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="blocks")(x_BxLxD, mask)
+    block_cls = maybe_remat(Block, self.remat)
+    for i in range(0 if self.scan else self.depth):
       x_BxLxD = block_cls(self.num_heads, self.mlp_dim, fused_qkv=self.fused_qkv, attention=self.attention,
                           act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                           name=f"block{i:02d}")(x_BxLxD, mask)
@@ -148,3 +167,21 @@ class Encoder(nn.Module):
       x_BxLxD = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                              name="ln_final", **norm_init())(x_BxLxD)
     return x_BxLxD, aux
+
+
+def stack_blocks(encoder_params, depth: int):
+  """Unrolled Encoder params ({'block00': ..., 'ln_final': ...}) -> the scanned layout
+  ({'blocks': leaves stacked on a leading axis, 'ln_final': ...})."""
+  blocks = [encoder_params[f"block{i:02d}"] for i in range(depth)]
+  out = {k: v for k, v in encoder_params.items() if not k.startswith("block")}
+  out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return out
+
+
+def unstack_blocks(encoder_params):
+  """The scanned layout -> the unrolled one (inverse of `stack_blocks`)."""
+  out = {k: v for k, v in encoder_params.items() if k != "blocks"}
+  depth = jax.tree.leaves(encoder_params["blocks"])[0].shape[0]
+  for i in range(depth):
+    out[f"block{i:02d}"] = jax.tree.map(lambda x: x[i], encoder_params["blocks"])
+  return out

@@ -59,6 +59,7 @@ class ViT(nn.Module):
   ln_eps: float = LN_EPS
   remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
   attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
+  scan: bool = False  # nn.scan over the blocks (transformer.Encoder)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -95,7 +96,7 @@ class ViT(nn.Module):
       x_BxTxD = nn.LayerNorm(epsilon=self.ln_eps, **norm_init(), name="ln_pre", **kw)(x_BxTxD)
     x_BxTxD, enc_aux = Encoder(self.depth, self.num_heads, self.mlp_dim,
                                final_norm=True, act=self.act, ln_eps=self.ln_eps,
-                               remat=self.remat, attention=self.attention, name="encoder", **kw)(x_BxTxD)
+                               remat=self.remat, attention=self.attention, scan=self.scan, name="encoder", **kw)(x_BxTxD)
     if self.pool == "cls":
       pooled_BxD = x_BxTxD[:, 0]
     else:

@@ -126,3 +126,66 @@ def from_pmap(tree, mesh: Mesh):
 def unreplicate_metrics(metrics):
     """Per-device metrics of a pmapped step (equal after pmean) -> one value each."""
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], metrics)
+
+
+# ------------------------------------------------------------------- prefetch
+
+class prefetch_to_device:
+    """Iterator of `put(b)` for each `b` of `batches`, with up to `size` batches
+    converted and transferred ahead by a background thread, so the host-to-device
+    copy of batch k+1 overlaps step k. `size=0`: no thread, `put` inline.
+
+    Order is preserved; an exception in `batches` or `put` is raised by `next` at
+    the position it happened; exhaustion ends the iteration. Batches prefetched
+    but never taken are dropped (a resumed run restarts from its data position).
+    """
+
+    _END = object()
+
+    def __init__(self, batches, put, size: int = 2):
+        import queue
+        import threading
+
+        self._batches, self._put, self._size = iter(batches), put, int(size)
+        if self._size > 0:
+            self._queue = queue.Queue(maxsize=self._size)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._fill, name="mmjax-prefetch", daemon=True)
+            self._thread.start()
+
+    def _fill(self):
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                item = (self._put(next(self._batches)), None)
+            except StopIteration:
+                item = (self._END, None)
+            except BaseException as e:  # re-raised in the consumer
+                item = (None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] is self._END or item[1] is not None:
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._size <= 0:
+            return self._put(next(self._batches))
+        value, err = self._queue.get()
+        if err is not None:
+            raise err
+        if value is self._END:
+            raise StopIteration
+        return value
+
+    def close(self):
+        """Stops the background thread (it may hold one batch in flight)."""
+        if self._size > 0:
+            self._stop.set()

@@ -42,6 +42,7 @@ RULES = (
     ("length", ()),                # sequence positions
     ("act_embed", ()),             # activation width (activations are batch-sharded)
     ("norm", ()),                  # LayerNorm scales and biases: small, replicated
+    ("layers", ()),                # the stacked layer axis of scanned blocks (model.scan_layers)
 )
 _RULES = dict(RULES)
 

@@ -77,6 +77,28 @@ def extend_text_posemb(table, fresh):
     return out
 
 
+def match_layer_layout(pretrained, init_params, prefix: str = ""):
+    """Pretrained params with each transformer encoder in the new model's layout:
+    stacked (`encoder/blocks`, model.scan_layers=True) or unrolled (`encoder/block00`,
+    ...), converting where the two differ, so a checkpoint moves either way."""
+    from mmjax.models.transformer import stack_blocks, unstack_blocks
+
+    target = init_params
+    for part in [p for p in prefix.split("/") if p]:
+        target = target.get(part, {}) if hasattr(target, "get") else {}
+
+    def walk(pre, tgt):
+        if not hasattr(pre, "items") or not hasattr(tgt, "items"):
+            return pre
+        if "blocks" in tgt and "block00" in pre:
+            pre = stack_blocks(pre, len([k for k in pre if k.startswith("block") and k[5:].isdigit()]))
+        elif "block00" in tgt and "blocks" in pre:
+            pre = unstack_blocks(pre)
+        return {k: walk(v, tgt.get(k, {})) for k, v in pre.items()}
+
+    return walk(pretrained, target)
+
+
 def transplant(init_params, pretrained, prefix: str = ""):
     """New params filled from `pretrained` (see the module docstring).
 
@@ -84,6 +106,7 @@ def transplant(init_params, pretrained, prefix: str = ""):
     'unused': n}. A leaf whose shape differs (other than a position table) is an error
     naming the path and both shapes.
     """
+    pretrained = match_layer_layout(pretrained, init_params, prefix)
     flat_pre = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
     used, resized, kept = set(), [], []
 

@@ -316,12 +316,17 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
     t_last, n_since = time.time(), 0
     step = start_step
     end = total if stop_at is None else min(total, int(stop_at))
-    for step in range(start_step, end):
-        batch = next(train_iter)
+    def to_device(batch):
         batch = {k: batch[k] for k in batch_keys if k in batch}
         if "id" in batch:  # int64 from tf.data; jax runs without x64
             batch["id"] = np.asarray(batch["id"]).astype(np.int32)
-        batch = mesh_lib.pmap_batch(batch) if pmap else mesh_lib.global_batch(setup.mesh, batch)
+        return mesh_lib.pmap_batch(batch) if pmap else mesh_lib.global_batch(setup.mesh, batch)
+
+    # Host->device copies run ahead of the step on a thread (data.prefetch_to_device).
+    device_batches = mesh_lib.prefetch_to_device(train_iter, to_device,
+                                                 int(config.data.get("prefetch_to_device", 2) or 0))
+    for step in range(start_step, end):
+        batch = next(device_batches)
         state, m = step_fn_for(step)(state, batch)
         if step_timeout > 0:
             if in_flight is not None:
@@ -351,6 +356,7 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         if config.eval.every and done % int(config.eval.every) == 0 and done != total:
             run_eval(done)
     bar.close()
+    device_batches.close()
     if watchdog is not None:
         watchdog.close()
     if end > start_step or setup.checkpointer.latest_step() is None:

@@ -84,6 +84,9 @@ def layer_ids(params) -> tuple[dict, int]:
     ALBEF's fusion layers sit on top of its text layers: fusion block i counts as
     block (number of text blocks) + i."""
     paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if any(re.search(r"(^|/)encoder/blocks/", p) for p in paths):
+        raise ValueError("train.layer_decay needs one param per layer; with model.scan_layers=True the "
+                         "layers are stacked (set model.scan_layers=False to fine-tune with layer decay)")
     n_text = len({m.group(1) for m in map(_TEXT_BLOCK.search, paths) if m})
 
     def block(path):

@@ -55,6 +55,7 @@ class ALBEF(nn.Module):
   text_len: int
   remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
   attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
+  scan: bool = False  # nn.scan over the blocks (the image tower's transformer.Encoder)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -62,7 +63,7 @@ class ALBEF(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     im, tx = self.image, self.text
     self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"], im["mlp_dim"],
-                           pool="cls", posemb="learn", remat=self.remat, attention=self.attention, **kw)
+                           pool="cls", posemb="learn", remat=self.remat, attention=self.attention, scan=self.scan, **kw)
     self.text_tower = BertTextEncoder(self.vocab_size, self.text_len, tx["width"], tx["depth"],
                                       tx["heads"], tx["mlp_dim"], fusion_from=self.fusion_from,
                                       remat=self.remat, attention=self.attention, **kw)
@@ -149,7 +150,8 @@ class AlbefFamily(FeatureFamily):
         image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
         text=text, fusion_from=self.fusion_from, embed_dim=self.embed_dim,
         vocab_size=int(cfg.vocab_size), text_len=self.text_len,
-        remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg), dtype=DTYPES[cfg.get("dtype", "float32")])
+        remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
+        scan=bool(cfg.get("scan_layers", False)), dtype=DTYPES[cfg.get("dtype", "float32")])
 
   # --- state -----------------------------------------------------------------
   def init_extra(self, params):

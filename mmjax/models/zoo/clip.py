@@ -65,6 +65,7 @@ class CLIP(nn.Module):
   eos_id: Any = None           # the eos id, for text_pool='eos'
   remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
   attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
+  scan: bool = False  # nn.scan over the blocks (transformer.Encoder)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -75,11 +76,11 @@ class CLIP(nn.Module):
     im, tx = self.image, self.text
     self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"],
                            im["mlp_dim"], pool=self.pool, posemb=self.posemb, patch_bias=False,
-                           pre_norm=True, act=self.act, ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, **kw)
+                           pre_norm=True, act=self.act, ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, scan=self.scan, **kw)
     self.text_tower = TextEncoder(self.vocab_size, self.text_len, tx["width"],
                                   tx["depth"], tx["heads"], tx["mlp_dim"],
                                   pool=self.text_pool, eos_id=self.eos_id, act=self.act,
-                                  ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, **kw)
+                                  ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, scan=self.scan, **kw)
     proj = lambda name: nn.Dense(self.embed_dim, use_bias=False, name=name, **kw, **dense_init("embed", None))
     self.image_proj = proj("image_proj")
     self.text_proj = proj("text_proj")
@@ -166,7 +167,8 @@ class ClipFamily(Family):
         posemb=cfg.get("posemb", "learn"), act=act,
         ln_eps=LN_EPS if ln_eps is None else float(ln_eps), text_pool=text_pool,
         eos_id=None if eos_id is None else int(eos_id),
-        remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg), dtype=DTYPES[dtype_name])
+        remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
+        scan=bool(cfg.get("scan_layers", False)), dtype=DTYPES[dtype_name])
 
   def embed(self, params, batch, rng=None):
     """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}.
