@@ -62,7 +62,8 @@ def get_config(arg=None):
     c.model.ln_eps = 1e-6  # LayerNorm epsilon (HF CLIP: 1e-5)
     c.model.text_pool = "last"  # last non-pad token; "argmax" / "eos" (with eos_id): HF CLIP's rules
     c.model.eos_id = None  # the eos token id, for text_pool="eos"
-    c.model.dtype = "float32"
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+    c.model.param_dtype = "float32"  # or "bfloat16": params (and so Adam's moments) stored in bf16
     # Speed switches (their measured effects: docs/benchmarks.md). Each computes the
     # same function (tests/test_speed_switches.py).
     c.model.attention = "xla"  # or "cudnn" (GPU flash attention, bf16); "/16" pads lengths to a multiple of 16

@@ -29,6 +29,7 @@ CHOICES = {
     "model.act": ("gelu_tanh", "gelu", "quick_gelu"),
     "model.text_pool": ("last", "argmax", "eos"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "train.mu_dtype": ("float32", "bfloat16"),
     "parallel.mode": ("mesh", "pmap"),

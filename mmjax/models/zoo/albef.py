@@ -151,7 +151,8 @@ class AlbefFamily(FeatureFamily):
         text=text, fusion_from=self.fusion_from, embed_dim=self.embed_dim,
         vocab_size=int(cfg.vocab_size), text_len=self.text_len,
         remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
-        scan=bool(cfg.get("scan_layers", False)), dtype=DTYPES[cfg.get("dtype", "float32")])
+        scan=bool(cfg.get("scan_layers", False)), dtype=DTYPES[cfg.get("dtype", "float32")],
+        param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
 
   # --- state -----------------------------------------------------------------
   def init_extra(self, params):

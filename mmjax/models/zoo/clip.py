@@ -168,7 +168,8 @@ class ClipFamily(Family):
         ln_eps=LN_EPS if ln_eps is None else float(ln_eps), text_pool=text_pool,
         eos_id=None if eos_id is None else int(eos_id),
         remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
-        scan=bool(cfg.get("scan_layers", False)), dtype=DTYPES[dtype_name])
+        scan=bool(cfg.get("scan_layers", False)), dtype=DTYPES[dtype_name],
+        param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
 
   def embed(self, params, batch, rng=None):
     """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}.

@@ -198,7 +198,8 @@ class MultiwayFamily(FeatureFamily):
                           text_len=self.text_len, embed_dim=int(cfg.embed_dim), layout=layout,
                           vl_from=None if vl_from is None else int(vl_from),
                           remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
-                          dtype=DTYPES[cfg.get("dtype", "float32")])
+                          dtype=DTYPES[cfg.get("dtype", "float32")],
+                          param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
 
 
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None,
