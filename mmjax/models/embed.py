@@ -62,15 +62,17 @@ class WordEmbed(nn.Module):
     self.pos = self.param("pos_embedding", names(nn.initializers.normal(0.01), None, "embed"),
                           (self.max_len, self.width), self.param_dtype)
 
-  def __call__(self, ids_BxL):
+  def __call__(self, ids_BxL, positions_L=None):
+    """`positions_L` ([L] int, default 0..L-1): the positions of the given tokens
+    (a decoder feeding one token at a time passes its step)."""
     chex.assert_rank(ids_BxL, 2)
     length = ids_BxL.shape[1]
     if length > self.max_len:
       raise ValueError(f"text length {length} exceeds max_len {self.max_len} "
                        "(model_config.text_len).")
     x_BxLxD = self.token(ids_BxL)
-    pos_1xLxD = jnp.asarray(self.pos[None, :length], self.dtype)
-    return x_BxLxD + pos_1xLxD
+    pos_LxD = self.pos[:length] if positions_L is None else jnp.take(self.pos, positions_L, axis=0)
+    return x_BxLxD + jnp.asarray(pos_LxD, self.dtype)[None]
 
   def attend(self, x):
     """Logits over the vocabulary: `x: [..., D] -> [..., V]` (tied weights)."""

@@ -1,0 +1,175 @@
+"""A causal text decoder with cross-attention to image or video tokens, and its
+KV-cached greedy decoding (issue 7: the captioning half of CoCa and BLIP).
+
+Shape letters: B batch, L text length, S memory (image / video) tokens, Dm memory
+width, D width, H heads, Dh head width, V vocabulary.
+
+`TextDecoder.__call__(ids [B, L], memory [B, S, Dm], memory_valid [B, S] | None)
+-> logits [B, L, V]`: word + position embeddings, `depth` pre-LN blocks of causal
+self-attention, cross-attention to the memory and an MLP, a final LayerNorm and the
+tied output embedding (+ a bias). Position i sees tokens 0..i only.
+
+With `decode=True` the self-attention keeps its keys and values in the `cache`
+collection: call it once on a [B, max_len] input to create the cache (zeros), then
+feed one token per call with `positions=[i]` and `mutable=["cache"]`.
+`greedy_decode(..., use_cache=True|False)` runs either way under jit; both give the
+same tokens (tested), the cached one in O(L) instead of O(L^2) token passes.
+"""
+from functools import partial
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.attention import MultiHeadAttention, attend, causal_mask, combine_masks, padding_mask
+from mmjax.models.embed import WordEmbed
+from mmjax.models.transformer import Mlp
+from mmjax.parallel.sharding import dense_init, names, norm_init
+
+Dtype = Any
+PAD_ID = 0
+
+
+class CachedSelfAttention(nn.Module):
+  """Causal self-attention with fused q/k/v (params `qkv`, `out`, as MultiHeadAttention).
+
+  decode=False: `(x [B, L, D], mask) -> [B, L, D]`. decode=True: the first call
+  (init, any L) creates `cache/{key,value}` [B, L, H, Dh] and `cache/index`; later
+  calls take x [B, 1, D], write its key and value at `index` and attend to 0..index.
+  """
+  num_heads: int
+  decode: bool = False
+  attention: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask=None):
+    chex.assert_rank(x_BxLxD, 3)
+    b, length, width = x_BxLxD.shape
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by heads {self.num_heads}.")
+    hd = (self.num_heads, width // self.num_heads)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv = nn.DenseGeneral((3,) + hd, name="qkv", **kw,
+                          **dense_init("embed", None, "heads", "kv", bias_names=(None, "heads", "kv")))(x_BxLxD)
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    if self.decode:
+      stepping = self.has_variable("cache", "key")
+      ck = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+      cv = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+      ci = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      if stepping:
+        if length != 1:
+          raise ValueError(f"a decoding step takes one token, got {length}")
+        i = ci.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+        ci.value = i + 1
+        k, v = ck.value, cv.value
+        mask = (jnp.arange(k.shape[1]) <= i)[None, None, None, :]
+    out = attend(q, k, v, mask, self.attention)
+    return nn.DenseGeneral(width, axis=(-2, -1), name="out", **kw, **dense_init("heads", "kv", "embed"))(out)
+
+
+class DecoderBlock(nn.Module):
+  """x + SelfAttn(LN(x)) [causal]; x + CrossAttn(LN(x), memory); x + Mlp(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  decode: bool = False
+  attention: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, self_mask, memory_BxSxDm, memory_mask):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.LayerNorm(name="ln1", **kw, **norm_init())(x_BxLxD)
+    x_BxLxD = x_BxLxD + CachedSelfAttention(self.num_heads, self.decode, self.attention, name="attn", **kw)(
+        h, self_mask)
+    h = nn.LayerNorm(name="ln_cross", **kw, **norm_init())(x_BxLxD)
+    x_BxLxD = x_BxLxD + MultiHeadAttention(self.num_heads, attention=self.attention, name="cross_attn", **kw)(
+        h, inputs_kv=memory_BxSxDm, mask=memory_mask)
+    h = nn.LayerNorm(name="ln2", **kw, **norm_init())(x_BxLxD)
+    return x_BxLxD + Mlp(self.mlp_dim, name="mlp", **kw)(h)
+
+
+class TextDecoder(nn.Module):
+  """See the module docstring. Params: `embed` (token/embedding, pos_embedding),
+  `block<i>` (ln1, attn, ln_cross, cross_attn, ln2, mlp), `ln_final`, `bias` [V]."""
+  vocab_size: int
+  max_len: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  decode: bool = False
+  attention: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed = WordEmbed(self.vocab_size, self.width, self.max_len, **kw)
+    self.blocks = [DecoderBlock(self.num_heads, self.mlp_dim, self.decode, self.attention, name=f"block{i:02d}", **kw)
+                   for i in range(self.depth)]
+    self.ln_final = nn.LayerNorm(**kw, **norm_init())
+    self.bias = self.param("bias", names(nn.initializers.zeros, "vocab"), (self.vocab_size,), self.param_dtype)
+
+  def __call__(self, ids_BxL, memory_BxSxDm, memory_valid_BxS=None, positions_L=None):
+    chex.assert_rank(ids_BxL, 2)
+    chex.assert_rank(memory_BxSxDm, 3)
+    x = self.embed(ids_BxL, positions_L)
+    self_mask = None
+    if not self.decode or positions_L is None:  # training / the cache-creating call
+      self_mask = combine_masks(padding_mask(ids_BxL != PAD_ID), causal_mask(ids_BxL.shape[1]))
+    memory_mask = None if memory_valid_BxS is None else padding_mask(memory_valid_BxS)
+    for block in self.blocks:
+      x = block(x, self_mask, memory_BxSxDm, memory_mask)
+    x = self.ln_final(x)
+    return (self.embed.attend(x) + jnp.asarray(self.bias, x.dtype)[None, None]).astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "use_cache"))
+def greedy_decode(model: TextDecoder, params, memory_BxSxDm, memory_valid_BxS=None, *, max_len: int,
+                  bos_id: int, eos_id: int, use_cache: bool = True):
+  """Greedy captions: [B, max_len] int32 starting with bos; after eos, PAD.
+
+  `model` is the training-mode TextDecoder (decode=False); with use_cache the
+  decode=True clone of it keeps keys and values, otherwise every step re-runs the
+  whole prefix through the causal decoder."""
+  b = memory_BxSxDm.shape[0]
+  tokens = jnp.zeros((b, max_len), jnp.int32).at[:, 0].set(bos_id)
+  done = jnp.zeros((b,), bool)
+
+  def pick(logits_BxV, done):
+    logits_BxV = logits_BxV.at[:, PAD_ID].set(-jnp.inf)  # a caption never emits padding
+    nxt = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    nxt = jnp.where(done, PAD_ID, nxt)
+    return nxt, done | (nxt == eos_id)
+
+  if use_cache:
+    dec = model.clone(decode=True)
+    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), tokens, memory_BxSxDm, memory_valid_BxS))
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+    def step(carry, i):
+      cache, tokens, done = carry
+      logits, mut = dec.apply({"params": params, "cache": cache}, jax.lax.dynamic_slice_in_dim(tokens, i, 1, 1),
+                              memory_BxSxDm, memory_valid_BxS, i[None], mutable=["cache"])
+      nxt, done = pick(logits[:, 0], done)
+      return (mut["cache"], tokens.at[:, i + 1].set(nxt), done), None
+
+    (_, tokens, _), _ = jax.lax.scan(step, (cache, tokens, done), jnp.arange(max_len - 1))
+    return tokens
+
+  def step(carry, i):
+    tokens, done = carry
+    logits = model.apply({"params": params}, tokens, memory_BxSxDm, memory_valid_BxS)
+    nxt, done = pick(jax.lax.dynamic_index_in_dim(logits, i, 1, keepdims=False), done)
+    return (tokens.at[:, i + 1].set(nxt), done), None
+
+  (tokens, _), _ = jax.lax.scan(step, (tokens, done), jnp.arange(max_len - 1))
+  return tokens
