@@ -325,3 +325,32 @@ def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic",
                     "pipeline_wait_ms_per_step": 1000 * wait, "pipeline_vs_synthetic": dt / pdt})
     out["peak_memory_bytes"] = peak_memory_bytes()
     return out
+
+
+def decode_speed(width: int = 256, depth: int = 4, heads: int = 4, mlp_dim: int = 1024, vocab: int = 8000,
+                 max_len: int = 32, memory_len: int = 65, batch: int = 64, reps: int = 3, beams: int = 4) -> dict:
+    """Captions per second of one randomly initialised TextDecoder, greedy with and
+    without the KV cache and beam search (cached), compiled once, best of `reps`."""
+    import jax.numpy as jnp
+
+    from mmjax.models.decoder import TextDecoder, beam_search, greedy_decode
+
+    m = TextDecoder(vocab, max_len, width, depth, heads, mlp_dim)
+    memory = jax.random.normal(jax.random.PRNGKey(1), (batch, memory_len, width))
+    params = m.init(jax.random.PRNGKey(0), jnp.full((batch, max_len), 2, jnp.int32), memory)["params"]
+    runs = {"greedy_cached": lambda: greedy_decode(m, params, memory, max_len=max_len, bos_id=2, eos_id=3),
+            "greedy_uncached": lambda: greedy_decode(m, params, memory, max_len=max_len, bos_id=2, eos_id=3,
+                                                     use_cache=False),
+            f"beam{beams}_cached": lambda: beam_search(m, params, memory, max_len=max_len, bos_id=2, eos_id=3,
+                                                       beams=beams)[0]}
+    out = {"batch": batch, "max_len": max_len, "width": width, "depth": depth, "platform": jax.devices()[0].platform}
+    for name, fn in runs.items():
+        jax.block_until_ready(fn())
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            best = min(best, time.perf_counter() - t0)
+        out[name + "_captions_per_s"] = batch / best
+    out["cache_speedup"] = out["greedy_cached_captions_per_s"] / out["greedy_uncached_captions_per_s"]
+    return out

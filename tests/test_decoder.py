@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.models.decoder import TextDecoder, greedy_decode
+from mmjax.models.decoder import TextDecoder, beam_search, greedy_decode
 from mmjax.objectives import lm_loss
 
 V, L, S, DM = 30, 10, 7, 12
@@ -84,3 +84,58 @@ def test_lm_loss_matches_numpy(smoothing):
             hits += int(np.argmax(z) == t)
     np.testing.assert_allclose(float(loss), total / n, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["lm_acc"]), hits / n, rtol=1e-6)
+
+
+def _sequence_logprob(m, params, memory, seqs):
+    """Summed log-probability of each candidate (bos + tokens, PAD after eos) and its
+    generated length, scored by the training-mode decoder."""
+    logits = m.apply({"params": params}, seqs, memory)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+    seqs = np.asarray(seqs)
+    out, lens = [], []
+    for r in range(len(seqs)):
+        total, n = 0.0, 0
+        for i in range(seqs.shape[1] - 1):
+            t = seqs[r, i + 1]
+            if t == 0:
+                break
+            total += logp[r, i, t]
+            n += 1
+            if t == 3:
+                break
+        out.append(total)
+        lens.append(n)
+    return np.array(out), np.array(lens)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_search_with_enough_beams_is_exhaustive(alpha):
+    """Vocabulary 6 (PAD 0, bos 2, eos 3), 3 generated tokens: 36 beams keep every
+    prefix, so the beam's answer must be the best of all sequences scored one by one
+    (length-normalised by length ** alpha); and one beam is greedy decoding."""
+    import itertools
+
+    v, max_len = 6, 4
+    m = TextDecoder(v, max_len, width=16, depth=2, num_heads=2, mlp_dim=32)
+    rng = np.random.default_rng(3)
+    memory = jnp.asarray(rng.normal(size=(2, S, DM)), jnp.float32)
+    params = m.init(jax.random.PRNGKey(4), jnp.full((2, max_len), 2, jnp.int32), memory)["params"]
+    params = jax.tree.map(lambda x: x * 3.0, params)
+    tokens, score = beam_search(m, params, memory, max_len=max_len, bos_id=2, eos_id=3, beams=36,
+                                length_penalty=alpha)
+    cands = set()
+    for seq in itertools.product([1, 2, 3, 4, 5], repeat=max_len - 1):
+        seq = list(seq)
+        if 3 in seq:
+            seq = seq[:seq.index(3) + 1] + [0] * (len(seq) - seq.index(3) - 1)
+        cands.add((2, *seq))
+    cands = np.array(sorted(cands), np.int32)
+    for b in range(2):
+        lp, n = _sequence_logprob(m, params, jnp.repeat(memory[b:b + 1], len(cands), 0), jnp.asarray(cands))
+        norm = lp / np.maximum(n, 1) ** alpha
+        best = int(np.argmax(norm))
+        np.testing.assert_array_equal(np.asarray(tokens[b]), cands[best])
+        np.testing.assert_allclose(float(score[b]), norm[best], rtol=1e-4)
+    greedy = greedy_decode(m, params, memory, max_len=max_len, bos_id=2, eos_id=3)
+    one, _ = beam_search(m, params, memory, max_len=max_len, bos_id=2, eos_id=3, beams=1, length_penalty=alpha)
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(greedy))

@@ -173,3 +173,60 @@ def greedy_decode(model: TextDecoder, params, memory_BxSxDm, memory_valid_BxS=No
 
   (tokens, _), _ = jax.lax.scan(step, (tokens, done), jnp.arange(max_len - 1))
   return tokens
+
+
+def _length_normalized(score, length, alpha: float):
+  """score / length ** alpha (alpha = 0: raw log-probability; 1: per token)."""
+  return score / jnp.maximum(length.astype(jnp.float32), 1.0) ** alpha
+
+
+@partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "beams", "length_penalty"))
+def beam_search(model: TextDecoder, params, memory_BxSxDm, memory_valid_BxS=None, *, max_len: int, bos_id: int,
+                eos_id: int, beams: int = 4, length_penalty: float = 0.6):
+  """KV-cached beam search. -> (tokens [B, max_len] of the best beam, its score).
+
+  Each step extends every live beam by every token (PAD excluded), keeps the
+  `beams` best by summed log-probability, and reorders the cache to follow them;
+  a beam that emitted eos stays finished (only PAD follows, at no cost). The
+  answer is the beam with the best summed log-probability / length **
+  `length_penalty`, length counting the generated tokens up to and including eos.
+  """
+  b, k = memory_BxSxDm.shape[0], int(beams)
+  rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)  # [B, ...] -> [B*K, ...]
+  memory, valid = rep(memory_BxSxDm), rep(memory_valid_BxS)
+  tokens = jnp.zeros((b, k, max_len), jnp.int32).at[:, :, 0].set(bos_id)
+  scores = jnp.full((b, k), -jnp.inf).at[:, 0].set(0.0)  # one live beam at the start
+  done = jnp.zeros((b, k), bool)
+  lengths = jnp.zeros((b, k), jnp.int32)
+  dec = model.clone(decode=True)
+  shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), tokens.reshape(b * k, max_len), memory, valid))
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+  def step(carry, i):
+    cache, tokens, scores, done, lengths = carry
+    logits, mut = dec.apply({"params": params, "cache": cache},
+                            jax.lax.dynamic_slice_in_dim(tokens.reshape(b * k, max_len), i, 1, 1),
+                            memory, valid, i[None], mutable=["cache"])
+    v = logits.shape[-1]
+    logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1).reshape(b, k, v)
+    logp = logp.at[:, :, PAD_ID].set(-jnp.inf)
+    finished = jnp.full((v,), -jnp.inf).at[PAD_ID].set(0.0)
+    logp = jnp.where(done[:, :, None], finished, logp)
+    cand = (scores[:, :, None] + logp).reshape(b, k * v)
+    scores, idx = jax.lax.top_k(cand, k)
+    src, tok = idx // v, (idx % v).astype(jnp.int32)
+    take = lambda x: jnp.take_along_axis(x, src.reshape((b, k) + (1,) * (x.ndim - 2)), axis=1)
+    tokens = take(tokens).at[:, :, i + 1].set(tok)
+    was_done = take(done)
+    lengths = take(lengths) + (~was_done).astype(jnp.int32)
+    done = was_done | (tok == eos_id)
+    flat_src = (jnp.arange(b)[:, None] * k + src).reshape(-1)
+    cache = jax.tree.map(lambda c: c[flat_src] if c.ndim else c, mut["cache"])
+    return (cache, tokens, scores, done, lengths), None
+
+  (_, tokens, scores, done, lengths), _ = jax.lax.scan(
+      step, (cache, tokens, scores, done, lengths), jnp.arange(max_len - 1))
+  final = _length_normalized(scores, lengths, length_penalty)
+  best = jnp.argmax(final, axis=1)
+  pick = lambda x: jnp.take_along_axis(x, best.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+  return pick(tokens), pick(final)
