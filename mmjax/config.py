@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 # Keys whose values must come from a fixed set: dotted key -> choices.
 CHOICES = {
-    "model.family": ("clip", "albef", "vlmo", "beit3", "classifier", "vqa"),
+    "model.family": ("clip", "albef", "vlmo", "beit3", "coca", "classifier", "vqa"),
     "model.vqa_loss": ("softmax", "bce"),
     "finetune.weights": ("student", "ema"),
     "model.loss": ("softmax", "sigmoid"),

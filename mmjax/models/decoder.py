@@ -75,61 +75,86 @@ class CachedSelfAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """x + SelfAttn(LN(x)) [causal]; x + CrossAttn(LN(x), memory); x + Mlp(LN(x))."""
+  """x + SelfAttn(LN(x)) [causal]; x + CrossAttn(LN(x), memory) [if cross];
+  x + Mlp(LN(x)). `cross=False` is a unimodal (text-only) causal block."""
   num_heads: int
   mlp_dim: int
   decode: bool = False
   attention: str = "xla"
+  cross: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD, self_mask, memory_BxSxDm, memory_mask):
+  def __call__(self, x_BxLxD, self_mask, memory_BxSxDm=None, memory_mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = nn.LayerNorm(name="ln1", **kw, **norm_init())(x_BxLxD)
     x_BxLxD = x_BxLxD + CachedSelfAttention(self.num_heads, self.decode, self.attention, name="attn", **kw)(
         h, self_mask)
-    h = nn.LayerNorm(name="ln_cross", **kw, **norm_init())(x_BxLxD)
-    x_BxLxD = x_BxLxD + MultiHeadAttention(self.num_heads, attention=self.attention, name="cross_attn", **kw)(
-        h, inputs_kv=memory_BxSxDm, mask=memory_mask)
+    if self.cross:
+      h = nn.LayerNorm(name="ln_cross", **kw, **norm_init())(x_BxLxD)
+      x_BxLxD = x_BxLxD + MultiHeadAttention(self.num_heads, attention=self.attention, name="cross_attn", **kw)(
+          h, inputs_kv=memory_BxSxDm, mask=memory_mask)
     h = nn.LayerNorm(name="ln2", **kw, **norm_init())(x_BxLxD)
     return x_BxLxD + Mlp(self.mlp_dim, name="mlp", **kw)(h)
 
 
 class TextDecoder(nn.Module):
   """See the module docstring. Params: `embed` (token/embedding, pos_embedding),
-  `block<i>` (ln1, attn, ln_cross, cross_attn, ln2, mlp), `ln_final`, `bias` [V]."""
+  `block<i>` (ln1, attn, [ln_cross, cross_attn,] ln2, mlp), `ln_final`, `bias` [V].
+
+  Blocks below `cross_from` are unimodal (no cross-attention): CoCa's text-only
+  lower half. `embed_tokens`, `run_blocks` and `logits` are the pieces of
+  `__call__` (CoCa runs the unimodal blocks with a [CLS] token appended).
+  """
   vocab_size: int
   max_len: int
   width: int
   depth: int
   num_heads: int
   mlp_dim: int
+  cross_from: int = 0
   decode: bool = False
   attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
+    if not 0 <= self.cross_from <= self.depth:
+      raise ValueError(f"cross_from={self.cross_from} must lie in [0, depth={self.depth}]")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed = WordEmbed(self.vocab_size, self.width, self.max_len, **kw)
-    self.blocks = [DecoderBlock(self.num_heads, self.mlp_dim, self.decode, self.attention, name=f"block{i:02d}", **kw)
+    self.blocks = [DecoderBlock(self.num_heads, self.mlp_dim, self.decode, self.attention,
+                                cross=i >= self.cross_from, name=f"block{i:02d}", **kw)
                    for i in range(self.depth)]
     self.ln_final = nn.LayerNorm(**kw, **norm_init())
     self.bias = self.param("bias", names(nn.initializers.zeros, "vocab"), (self.vocab_size,), self.param_dtype)
 
-  def __call__(self, ids_BxL, memory_BxSxDm, memory_valid_BxS=None, positions_L=None):
+  def embed_tokens(self, ids_BxL, positions_L=None):
     chex.assert_rank(ids_BxL, 2)
-    chex.assert_rank(memory_BxSxDm, 3)
-    x = self.embed(ids_BxL, positions_L)
-    self_mask = None
-    if not self.decode or positions_L is None:  # training / the cache-creating call
-      self_mask = combine_masks(padding_mask(ids_BxL != PAD_ID), causal_mask(ids_BxL.shape[1]))
+    return self.embed(ids_BxL, positions_L)
+
+  def self_mask(self, ids_BxL, positions_L=None):
+    """Causal + key padding; None for a cached decoding step (the cache masks)."""
+    if self.decode and positions_L is not None:
+      return None
+    return combine_masks(padding_mask(ids_BxL != PAD_ID), causal_mask(ids_BxL.shape[1]))
+
+  def run_blocks(self, x_BxLxD, self_mask, memory_BxSxDm=None, memory_valid_BxS=None, start=0, stop=None):
     memory_mask = None if memory_valid_BxS is None else padding_mask(memory_valid_BxS)
-    for block in self.blocks:
-      x = block(x, self_mask, memory_BxSxDm, memory_mask)
-    x = self.ln_final(x)
+    for block in self.blocks[start:stop]:
+      x_BxLxD = block(x_BxLxD, self_mask, memory_BxSxDm, memory_mask)
+    return x_BxLxD
+
+  def logits(self, x_BxLxD):
+    x = self.ln_final(x_BxLxD)
     return (self.embed.attend(x) + jnp.asarray(self.bias, x.dtype)[None, None]).astype(jnp.float32)
+
+  def __call__(self, ids_BxL, memory_BxSxDm, memory_valid_BxS=None, positions_L=None):
+    chex.assert_rank(memory_BxSxDm, 3)
+    x = self.embed_tokens(ids_BxL, positions_L)
+    x = self.run_blocks(x, self.self_mask(ids_BxL, positions_L), memory_BxSxDm, memory_valid_BxS)
+    return self.logits(x)
 
 
 @partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "use_cache"))

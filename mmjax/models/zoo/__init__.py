@@ -9,11 +9,12 @@ A family has `.model` (the linen module), `init_params`, `objective`,
 from mmjax.models.zoo.albef import ALBEF, AlbefFamily
 from mmjax.models.zoo.classifier import WRAPPERS, Classifier, ClassifierFamily
 from mmjax.models.zoo.clip import CLIP, ClipFamily
+from mmjax.models.zoo.coca import CoCa, CocaFamily
 from mmjax.models.zoo.multiway import Multiway, MultiwayFamily
 from mmjax.models.zoo.vqa import AnswerClassifier, VqaFamily
 
 FAMILIES = {"clip": ClipFamily, "albef": AlbefFamily, "vlmo": MultiwayFamily, "beit3": MultiwayFamily,
-            "classifier": ClassifierFamily, "vqa": VqaFamily}
+            "classifier": ClassifierFamily, "vqa": VqaFamily, "coca": CocaFamily}
 
 
 def build(model_config):
@@ -30,4 +31,4 @@ def build_module(model_config):
   return build(model_config).model
 
 
-__all__ = ["AnswerClassifier", "VqaFamily", "Classifier", "ClassifierFamily", "ALBEF", "AlbefFamily", "CLIP", "ClipFamily", "Multiway", "MultiwayFamily", "FAMILIES", "WRAPPERS", "build", "build_module"]
+__all__ = ["CoCa", "CocaFamily", "AnswerClassifier", "VqaFamily", "Classifier", "ClassifierFamily", "ALBEF", "AlbefFamily", "CLIP", "ClipFamily", "Multiway", "MultiwayFamily", "FAMILIES", "WRAPPERS", "build", "build_module"]
