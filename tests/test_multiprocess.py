@@ -110,7 +110,10 @@ def test_dead_peer_ends_the_job(tmp_path, data_dir):
                 p.kill()
     assert procs[0].returncode != 0
     assert time.time() - killed < heartbeat + 60
-    assert "heartbeat" in out or "unhealthy" in out or "Socket closed" in out, out[-2000:]
+    # How the survivor learns of it depends on where the peer died: JAX's heartbeat,
+    # a closed socket, or gloo reading the dead peer's half-sent message.
+    signs = ("heartbeat", "unhealthy", "Socket closed", "gloo::EnforceNotMet")
+    assert any(s in out for s in signs), out[-2000:]
 
 
 def test_watchdog_exits_when_steps_stop():

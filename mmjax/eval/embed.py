@@ -56,3 +56,25 @@ def embed(workdir: str, *, images=(), texts_file: str | None = None, out: str, w
     np.savez(out, **result)
     return {"out": out, "images": len(ok), "skipped": len(result["skipped"]),
             "texts": len(result.get("texts", [])), "step": int(result["step"])}
+
+
+def caption(workdir: str, *, images=(), weights: str = "student", beams: int = 1, max_len: int | None = None,
+            length_penalty: float = 0.6) -> list[dict]:
+    """Captions of image files from a captioning workdir (CoCa): [{'image', 'caption'}],
+    greedy or beam search; files that do not decode are skipped with a warning."""
+    from mmjax.data import images as images_lib
+    from mmjax.train import loop
+
+    params, setup, _ = loop.restore_params(workdir, weights)
+    config, family = setup.config, setup.family
+    if not hasattr(family, "caption"):
+        raise ValueError(f"family {config.model.family!r} does not caption; captioning families: coca")
+    n_dev = setup.mesh.devices.size
+    bs = max(n_dev, (int(config.eval.batch_size) // n_dev) * n_dev)
+    pixels, ok = images_lib.load_images(config.data, list(images))
+    if not len(pixels):
+        return []
+    fn = jax.jit(lambda x: family.caption(params, x, max_len=max_len, beams=int(beams), length_penalty=length_penalty),
+                 out_shardings=mesh_lib.replicated(setup.mesh))
+    ids = _batched(fn, setup.mesh, pixels, bs)
+    return [{"image": path, "caption": setup.tokenizer.decode(row)} for path, row in zip(ok, ids)]

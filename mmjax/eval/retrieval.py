@@ -112,3 +112,24 @@ def class_embeddings(encode_text, tokenize, names, templates=PROMPT_TEMPLATES) -
         embs.append(e)
     mean = np.mean(embs, axis=0)
     return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+
+
+def caption_metrics(predicted: list[str], references: list[str]) -> dict:
+    """Greedy captions against one reference each: exact-match rate, BLEU-4 and CIDEr
+    (pycocoevalcap's pure-Python scorers; CIDEr's document frequencies come from the
+    references of this set, as in COCO's evaluation). Text is compared lower-cased
+    and whitespace-split."""
+    norm = lambda t: " ".join(str(t).lower().split())
+    pred, ref = [norm(p) for p in predicted], [norm(r) for r in references]
+    out = {"caption_exact": float(np.mean([p == r for p, r in zip(pred, ref)])) if ref else 0.0,
+           "num_captions_scored": len(ref)}
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError:  # an accelerator image without the data extra
+        return out
+    gts = {i: [r] for i, r in enumerate(ref)}
+    res = {i: [p if p else "<empty>"] for i, p in enumerate(pred)}
+    out["caption_bleu4"] = float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    out["caption_cider"] = float(Cider().compute_score(gts, res)[0])
+    return out

@@ -29,6 +29,9 @@ class Evaluator:
         rep = mesh_lib.replicated(mesh)
         self._enc_img = jax.jit(family.encode_image, out_shardings=rep)
         self._enc_txt = jax.jit(family.encode_text, out_shardings=rep)
+        if hasattr(family, "caption"):  # CoCa / BLIP: greedy captions of the eval images
+            self._caption = jax.jit(lambda p, x: family.caption(p, x, max_len=int(data_config.text_len)),
+                                    out_shardings=rep)
         if self.rerank_k:
             self._img_feat = jax.jit(family.image_features, out_shardings=rep)
             self._txt_feat = jax.jit(family.text_features, out_shardings=rep)
@@ -83,7 +86,7 @@ class Evaluator:
         from mmjax.data import pipeline  # lazy: TensorFlow lives behind this import
 
         it = pipeline.make_eval_iterator(self.data_config, self.tokenizer, self.split, self.batch_size)
-        imgs, txts, caps, labels, negs, neg_valid = [], [], [], [], [], []
+        imgs, txts, caps, labels, negs, neg_valid, generated = [], [], [], [], [], [], []
         img_toks, streams, text_ids = [], [], []
         seen = 0
         for batch in it:
@@ -101,6 +104,9 @@ class Evaluator:
                 imgs.append(np.asarray(self._enc_img(params, arrays["image"]))[valid])
                 txts.append(np.asarray(self._enc_txt(params, arrays["text"]))[valid])
             caps.extend(np.asarray(batch["caption"])[valid].tolist())
+            if hasattr(self, "_caption"):
+                generated.extend(self.tokenizer.decode(row) for row in
+                                 np.asarray(self._caption(params, arrays["image"]))[valid])
             if "label" in batch:
                 labels.append(np.asarray(batch["label"])[valid])
             if "hard_negatives" in batch:
@@ -133,6 +139,10 @@ class Evaluator:
                 names,
             )
             metrics.update(retrieval.zero_shot_accuracy(img, class_txt, np.concatenate(labels)))
+        if generated:
+            metrics.update(retrieval.caption_metrics(generated, caps))
+            for g, c in zip(generated[:3], caps[:3]):
+                logging.info("caption: %r (reference %r)", g, c)
         skipped = getattr(it, "skipped", 0)
         if skipped:
             metrics["skipped_records"] = int(skipped)

@@ -303,7 +303,7 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         last_eval["eval_seconds"] = time.time() - t0
         writer.write(step, "eval", last_eval)
         shown = ("i2t_r@1", "i2t_itm_r@1", "i2t_r@5", "t2i_r@1", "t2i_itm_r@1", "binding_acc", "zero_shot_top1",
-                 "i2t_chance@1", "top1", "top5")
+                 "i2t_chance@1", "top1", "top5", "caption_exact", "caption_cider")
         tqdm.write(f"[eval step {step}] " + _format(last_eval, shown))
 
     bar = tqdm(total=total, initial=start_step, disable=not progress or jax.process_index() != 0,
