@@ -90,6 +90,10 @@ def attend(q_BxLqxHhxDh, k_BxLkxHhxDh, v_BxLkxHhxDh, mask=None, attention: str =
     else:
       mask = jnp.broadcast_to(mask, mask.shape[:2] + (lq, lk))
       mask = _pad_to(_pad_to(mask, 3, lk_p), 2, lq_p)
+      # Padded query rows (dropped below) attend to the real keys, so no row of the
+      # fused kernel is fully masked (a NaN there would reach the backward pass).
+      pad_row = (jnp.arange(lq_p) >= lq)[:, None] & (jnp.arange(lk_p) < lk)[None, :]
+      mask = mask | pad_row[None, None]
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_lengths,
                                      implementation=None if impl == "xla" else impl)
   out = out[:, :lq]
