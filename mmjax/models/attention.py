@@ -110,7 +110,9 @@ class MultiHeadAttention(nn.Module):
   `__call__(x: [B, Lq, D], inputs_kv: [B, Lk, Dkv] | None, mask: [B,1|Hh,Lq,Lk] bool)
   -> [B, Lq, D]`. With `inputs_kv=None` it is self-attention; `fused_qkv=True`
   then uses one Dense for q, k, v (OpenAI CLIP's `in_proj`). Cross-attention
-  (inputs_kv given) always uses separate q / k / v projections.
+  (inputs_kv given) always uses separate q / k / v projections; with `decode=True`
+  the first call that may write the `cache` collection stores the memory's keys and
+  values there and later calls reuse them (captioning decoders).
 
   A query row whose mask is all False attends nowhere; its output is set to 0
   (rather than XLA's uniform average over masked keys), so it is finite and
@@ -120,6 +122,7 @@ class MultiHeadAttention(nn.Module):
   fused_qkv: bool = True
   use_bias: bool = True
   attention: str = "xla"  # parse_attention
+  decode: bool = False  # cross-attention: keep the memory's keys / values in `cache`
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -142,8 +145,15 @@ class MultiHeadAttention(nn.Module):
       kv_in = x_BxLqxD if inputs_kv is None else inputs_kv
       chex.assert_rank(kv_in, 3)
       q = dense(hd, "query", "heads", "kv")(x_BxLqxD)
-      k = dense(hd, "key", "heads", "kv")(kv_in)
-      v = dense(hd, "value", "heads", "kv")(kv_in)
+      if self.decode and inputs_kv is not None and self.has_variable("cache", "cross_key"):
+        # A decoding step: the memory's keys and values were computed once, at prefill.
+        k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+      else:
+        k = dense(hd, "key", "heads", "kv")(kv_in)
+        v = dense(hd, "value", "heads", "kv")(kv_in)
+        if self.decode and inputs_kv is not None and self.is_mutable_collection("cache"):
+          self.put_variable("cache", "cross_key", k)
+          self.put_variable("cache", "cross_value", v)
     q, k, v = (constrain(t, ("batch", "length", "heads", "kv")) for t in (q, k, v))
     out_BxLqxHhxDh = attend(q, k, v, mask, self.attention)
     out_BxLqxD = nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias,

@@ -10,8 +10,9 @@ self-attention, cross-attention to the memory and an MLP, a final LayerNorm and 
 tied output embedding (+ a bias). Position i sees tokens 0..i only.
 
 With `decode=True` the self-attention keeps its keys and values in the `cache`
-collection: call it once on a [B, max_len] input to create the cache (zeros), then
-feed one token per call with `positions=[i]` and `mutable=["cache"]`.
+collection: call it once on a [B, max_len] input with `mutable=["cache"]` to create
+the cache (empty self-attention keys / values, and the memory's cross-attention
+keys / values, computed once), then feed one token per call with `positions=[i]`.
 `greedy_decode(..., use_cache=True|False)` runs either way under jit; both give the
 same tokens (tested), the cached one in O(L) instead of O(L^2) token passes.
 """
@@ -93,7 +94,8 @@ class DecoderBlock(nn.Module):
         h, self_mask)
     if self.cross:
       h = nn.LayerNorm(name="ln_cross", **kw, **norm_init())(x_BxLxD)
-      x_BxLxD = x_BxLxD + MultiHeadAttention(self.num_heads, attention=self.attention, name="cross_attn", **kw)(
+      x_BxLxD = x_BxLxD + MultiHeadAttention(self.num_heads, attention=self.attention, decode=self.decode,
+                                             name="cross_attn", **kw)(
           h, inputs_kv=memory_BxSxDm, mask=memory_mask)
     h = nn.LayerNorm(name="ln2", **kw, **norm_init())(x_BxLxD)
     return x_BxLxD + Mlp(self.mlp_dim, name="mlp", **kw)(h)
@@ -157,6 +159,13 @@ class TextDecoder(nn.Module):
     return self.logits(x)
 
 
+def _prefill(dec, params, tokens_BxL, memory_BxSxDm, memory_valid_BxS):
+  """The decoding cache: empty self-attention keys / values for `tokens`' length,
+  and the cross-attention keys / values of the memory, computed once here."""
+  _, mut = dec.apply({"params": params}, tokens_BxL, memory_BxSxDm, memory_valid_BxS, mutable=["cache"])
+  return mut["cache"]
+
+
 @partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "use_cache"))
 def greedy_decode(model: TextDecoder, params, memory_BxSxDm, memory_valid_BxS=None, *, max_len: int,
                   bos_id: int, eos_id: int, use_cache: bool = True):
@@ -177,8 +186,7 @@ def greedy_decode(model: TextDecoder, params, memory_BxSxDm, memory_valid_BxS=No
 
   if use_cache:
     dec = model.clone(decode=True)
-    shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), tokens, memory_BxSxDm, memory_valid_BxS))
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+    cache = _prefill(dec, params, tokens, memory_BxSxDm, memory_valid_BxS)
 
     def step(carry, i):
       cache, tokens, done = carry
@@ -224,8 +232,7 @@ def beam_search(model: TextDecoder, params, memory_BxSxDm, memory_valid_BxS=None
   done = jnp.zeros((b, k), bool)
   lengths = jnp.zeros((b, k), jnp.int32)
   dec = model.clone(decode=True)
-  shapes = jax.eval_shape(lambda: dec.init(jax.random.PRNGKey(0), tokens.reshape(b * k, max_len), memory, valid))
-  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+  cache = _prefill(dec, params, tokens.reshape(b * k, max_len), memory, valid)
 
   def step(carry, i):
     cache, tokens, scores, done, lengths = carry
@@ -246,7 +253,10 @@ def beam_search(model: TextDecoder, params, memory_BxSxDm, memory_valid_BxS=None
     lengths = take(lengths) + (~was_done).astype(jnp.int32)
     done = was_done | (tok == eos_id)
     flat_src = (jnp.arange(b)[:, None] * k + src).reshape(-1)
-    cache = jax.tree.map(lambda c: c[flat_src] if c.ndim else c, mut["cache"])
+    # Self-attention keys / values follow their beam; the memory's cross-attention
+    # keys / values are the same for every beam of a caption, so they stay put.
+    cache = jax.tree_util.tree_map_with_path(
+        lambda path, c: c if (not c.ndim or "cross_" in jax.tree_util.keystr(path)) else c[flat_src], mut["cache"])
     return (cache, tokens, scores, done, lengths), None
 
   (_, tokens, scores, done, lengths), _ = jax.lax.scan(
