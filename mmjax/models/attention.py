@@ -110,9 +110,10 @@ class MultiHeadAttention(nn.Module):
   `__call__(x: [B, Lq, D], inputs_kv: [B, Lk, Dkv] | None, mask: [B,1|Hh,Lq,Lk] bool)
   -> [B, Lq, D]`. With `inputs_kv=None` it is self-attention; `fused_qkv=True`
   then uses one Dense for q, k, v (OpenAI CLIP's `in_proj`). Cross-attention
-  (inputs_kv given) always uses separate q / k / v projections; with `decode=True`
-  the first call that may write the `cache` collection stores the memory's keys and
-  values there and later calls reuse them (captioning decoders).
+  (inputs_kv given) always uses separate q / k / v projections. With `decode=True`
+  (captioning decoders) self-attention keeps a KV cache (`_self_cache`), and
+  cross-attention stores the memory's keys and values in the `cache` collection on
+  the first call that may write it; later calls reuse them.
 
   A query row whose mask is all False attends nowhere; its output is set to 0
   (rather than XLA's uniform average over masked keys), so it is finite and
@@ -122,9 +123,28 @@ class MultiHeadAttention(nn.Module):
   fused_qkv: bool = True
   use_bias: bool = True
   attention: str = "xla"  # parse_attention
-  decode: bool = False  # cross-attention: keep the memory's keys / values in `cache`
+  decode: bool = False  # keep keys / values in the `cache` collection (see above)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def _self_cache(self, k, v, mask):
+    """Self-attention KV cache (decode=True). The first call (any length L) creates
+    `cache/{key,value}` [B, L, Hh, Dh] (zeros) and `cache/index` and attends as
+    usual; later calls take one token, write its key and value at `index` and
+    attend to positions 0..index."""
+    stepping = self.has_variable("cache", "key")
+    ck = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+    cv = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+    ci = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not stepping:
+      return k, v, mask
+    if k.shape[1] != 1:
+      raise ValueError(f"a decoding step takes one token, got {k.shape[1]}")
+    i = ci.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+    ci.value = i + 1
+    return ck.value, cv.value, (jnp.arange(ck.value.shape[1]) <= i)[None, None, None, :]
 
   @nn.compact
   def __call__(self, x_BxLqxD, inputs_kv=None, mask=None):
@@ -155,6 +175,8 @@ class MultiHeadAttention(nn.Module):
           self.put_variable("cache", "cross_key", k)
           self.put_variable("cache", "cross_value", v)
     q, k, v = (constrain(t, ("batch", "length", "heads", "kv")) for t in (q, k, v))
+    if self.decode and inputs_kv is None:
+      k, v, mask = self._self_cache(k, v, mask)
     out_BxLqxHhxDh = attend(q, k, v, mask, self.attention)
     out_BxLqxD = nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias,
                                  dtype=self.dtype, param_dtype=self.param_dtype,

@@ -24,55 +24,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.attention import MultiHeadAttention, attend, causal_mask, combine_masks, padding_mask
+from mmjax.models.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
 from mmjax.models.embed import WordEmbed
 from mmjax.models.transformer import Mlp
-from mmjax.parallel.sharding import dense_init, names, norm_init
+from mmjax.parallel.sharding import names, norm_init
 
 Dtype = Any
 PAD_ID = 0
-
-
-class CachedSelfAttention(nn.Module):
-  """Causal self-attention with fused q/k/v (params `qkv`, `out`, as MultiHeadAttention).
-
-  decode=False: `(x [B, L, D], mask) -> [B, L, D]`. decode=True: the first call
-  (init, any L) creates `cache/{key,value}` [B, L, H, Dh] and `cache/index`; later
-  calls take x [B, 1, D], write its key and value at `index` and attend to 0..index.
-  """
-  num_heads: int
-  decode: bool = False
-  attention: str = "xla"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxLxD, mask=None):
-    chex.assert_rank(x_BxLxD, 3)
-    b, length, width = x_BxLxD.shape
-    if width % self.num_heads:
-      raise ValueError(f"width {width} is not divisible by heads {self.num_heads}.")
-    hd = (self.num_heads, width // self.num_heads)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = nn.DenseGeneral((3,) + hd, name="qkv", **kw,
-                          **dense_init("embed", None, "heads", "kv", bias_names=(None, "heads", "kv")))(x_BxLxD)
-    q, k, v = (qkv[:, :, i] for i in range(3))
-    if self.decode:
-      stepping = self.has_variable("cache", "key")
-      ck = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
-      cv = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
-      ci = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-      if stepping:
-        if length != 1:
-          raise ValueError(f"a decoding step takes one token, got {length}")
-        i = ci.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
-        ci.value = i + 1
-        k, v = ck.value, cv.value
-        mask = (jnp.arange(k.shape[1]) <= i)[None, None, None, :]
-    out = attend(q, k, v, mask, self.attention)
-    return nn.DenseGeneral(width, axis=(-2, -1), name="out", **kw, **dense_init("heads", "kv", "embed"))(out)
 
 
 class DecoderBlock(nn.Module):
@@ -90,8 +48,8 @@ class DecoderBlock(nn.Module):
   def __call__(self, x_BxLxD, self_mask, memory_BxSxDm=None, memory_mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = nn.LayerNorm(name="ln1", **kw, **norm_init())(x_BxLxD)
-    x_BxLxD = x_BxLxD + CachedSelfAttention(self.num_heads, self.decode, self.attention, name="attn", **kw)(
-        h, self_mask)
+    x_BxLxD = x_BxLxD + MultiHeadAttention(self.num_heads, attention=self.attention, decode=self.decode,
+                                           name="attn", **kw)(h, mask=self_mask)
     if self.cross:
       h = nn.LayerNorm(name="ln_cross", **kw, **norm_init())(x_BxLxD)
       x_BxLxD = x_BxLxD + MultiHeadAttention(self.num_heads, attention=self.attention, decode=self.decode,
