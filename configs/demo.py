@@ -44,6 +44,13 @@ def get_config(arg=None):
     c.data.shapes.num_validation = 1000
     c.data.shapes.num_test = 500
     c.data.shapes.seed = 0
+    # Video (configs/video_clip.py): data.num_frames > 0 makes every record a clip of
+    # that many frames, sampled per data.frame_sampling ("random": a random frame of
+    # each segment; eval always takes the segment centres).
+    c.data.num_frames = 0
+    c.data.frame_sampling = "random"
+    c.data.moving_shapes = ml_collections.ConfigDict(dict(image_size=32, num_frames=8, num_train=10_000,
+                                                          num_validation=1000, num_test=500, seed=0))
     c.data.tokenizer = ml_collections.ConfigDict()
     c.data.tokenizer.path = None  # a sentencepiece .model; else trained on the captions
     c.data.tokenizer.vocab_size = 128
@@ -72,6 +79,10 @@ def get_config(arg=None):
     # NegCLIP-style: per image, K captions with the same words but attributes swapped
     # join its candidates in ITC (datasets with hard_negatives: shapes). 0 = plain CLIP.
     c.model.hard_negatives = 0
+    c.model.num_frames = 0  # set from data.num_frames at run time (0: images)
+    c.model.temporal = "none"  # video: "none" (joint), "divided", "local", "mean" (models/video.py)
+    c.model.tubelet = 1  # video: frames per token (ViViT tubelets when > 1)
+    c.model.temporal_kernel = 3  # video, temporal="local": the temporal convolution's length
     c.model.image_size = 32  # set from data at run time
     c.model.text_len = 16
     c.model.vocab_size = 0  # set from the tokenizer at run time

@@ -24,7 +24,7 @@ def synthetic_batch(config, family, batch_size: int, seed: int = 0) -> dict:
     """A random batch with the fields the family reads: valid token layout
     (bos, words, eos, pad), unique ids."""
     rng = np.random.default_rng(seed)
-    s, length = int(config.data.image_size), int(config.data.text_len)
+    length = int(config.data.text_len)
     vocab = int(config.model.vocab_size)
     lengths = rng.integers(min(4, length), length + 1, size=batch_size)
     text = rng.integers(6, vocab, size=(batch_size, length))
@@ -32,7 +32,7 @@ def synthetic_batch(config, family, batch_size: int, seed: int = 0) -> dict:
     text = np.where(pos < lengths[:, None], text, 0)
     text[:, 0] = 2
     text[np.arange(batch_size), lengths - 1] = 3
-    batch = {"image": rng.normal(size=(batch_size, s, s, 3)).astype(np.float32),
+    batch = {"image": rng.normal(size=family.image_shape(batch_size)).astype(np.float32),
              "text": text.astype(np.int32), "id": np.arange(batch_size, dtype=np.int32)}
     if hasattr(family, "num_classes"):
         batch["label"] = rng.integers(0, family.num_classes, size=batch_size).astype(np.int32)
@@ -46,6 +46,7 @@ def _prepare(config):
     with config.unlocked():
         config.model.vocab_size = int(config.data.tokenizer.vocab_size)
         config.model.image_size = int(config.data.image_size)
+        config.model.num_frames = int(config.data.get("num_frames", 0) or 0)
         config.model.text_len = int(config.data.text_len)
         config.model.total_steps = int(config.train.steps)
     tc = config.train
@@ -62,7 +63,7 @@ def _prepare(config):
     family = zoo.build(model_cfg)
     mesh = mesh_lib.make_mesh(config.parallel.get("mesh"))
     opt = optim.make_optimizer(tc)
-    image_shape = (1, config.data.image_size, config.data.image_size, 3)
+    image_shape = family.image_shape()
     init, abstract, shard = step_lib.state_plan(family, opt, mesh, image_shape, (1, config.data.text_len))
     trainable = optim.trainable_mask(abstract.params, freeze)
     return family, opt, mesh, trainable, init, abstract, shard

@@ -20,9 +20,12 @@ class ConfigError(ValueError):
 
 # Keys whose values must come from a fixed set: dotted key -> choices.
 CHOICES = {
-    "model.family": ("clip", "albef", "vlmo", "beit3", "coca", "classifier", "vqa"),
+    "model.family": ("clip", "albef", "vlmo", "beit3", "coca", "blip", "classifier", "vqa"),
+    "model.temporal": ("none", "divided", "local", "mean"),  # models.video.TEMPORAL
+    "data.frame_sampling": ("uniform", "random"),  # data.video_io.SAMPLINGS
     "model.vqa_loss": ("softmax", "bce"),
     "finetune.weights": ("student", "ema"),
+    "finetune.inflation": ("central", "mean"),  # models.video.INFLATIONS
     "model.loss": ("softmax", "sigmoid"),
     "model.pool": ("cls", "gap"),
     "model.posemb": ("learn", "sincos2d"),
@@ -155,7 +158,7 @@ def get(config, dotted: str, default=None):
     return node
 
 
-BUILTIN_DATASETS = ("shapes", "shapes_vqa", "emoji")
+BUILTIN_DATASETS = ("shapes", "shapes_vqa", "moving_shapes", "emoji")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

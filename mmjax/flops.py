@@ -15,7 +15,8 @@ A transformer layer of width D and MLP width M over T tokens (self-attention):
                               tokens of width Ds)
 
 Towers: ViT = patch embedding 2*N*P^2*3*D + depth * layer(T) with T = N (+1 for a
-[CLS] token); a text tower = depth * layer(L). Heads: projection 2*D*E, ITM 2*D*2,
+[CLS] token), over a clip as `vision` says per temporal mode; a text tower = depth *
+layer(L). Heads: projection 2*D*E, ITM 2*D*2,
 MLM 2*L*(D^2 + D*V) (transform + tied decoder over every position), MDM 2*N*D*P^2*3.
 
 Per family, forward FLOPs per sample:
@@ -63,11 +64,57 @@ def _tokens(v, image_size, cls=True):
     return (image_size // v["patch"]) ** 2 + (1 if cls else 0)
 
 
+def _video(cfg):
+    """(frames T, token frames T', temporal) of a video model config; T = 0 for images."""
+    frames = int(cfg.get("num_frames", None) or 0)
+    return frames, frames // int(cfg.get("tubelet", None) or 1), cfg.get("temporal", None) or "none"
+
+
+def vision(cfg, v, cls=True):
+    """The vision tower's forward per sample: `vit` for an image; for a clip of T
+    frames (model.num_frames; T' = T / tubelet token frames, N patches, c = 1 with a
+    [CLS]) the patch (or tubelet) embedding 2*T*N*P^2*3*D plus, per block:
+      'none'     layer(T'N + c)                         one joint sequence
+      'mean'     (the whole tower) T x vit(image)       frames encoded alone
+      'divided'  spatial + 2T'N*4D^2 + 2*2*N*T'^2*D + 2T'N*D^2   temporal attention + projection
+      'local'    spatial + 2T'N*D*R + 2T'N*R*K + 2T'N*R*D        down, depthwise conv (K), up; R = D/4
+    with spatial = T'(2S*4D^2 + 2*2*S^2*D) + 2*2*(T'N + c)*D*M, S = N + c: attention
+    per frame, the [CLS] copied into each, then the MLP over every token."""
+    size = int(cfg.image_size)
+    frames, t, temporal = _video(cfg)
+    if not frames:
+        return vit(v, size, cls=cls)
+    if temporal == "mean":
+        return frames * vit(v, size, cls=cls)
+    n, c, d, m = (size // v["patch"]) ** 2, int(cls), v["width"], v["mlp_dim"]
+    embed = 2 * frames * n * v["patch"] ** 2 * 3 * d
+    if temporal == "none":
+        return embed + v["depth"] * layer(t * n + c, d, m)
+    s = n + c
+    spatial = t * (2 * s * 4 * d * d + 2 * 2 * s * s * d) + 2 * 2 * (t * n + c) * d * m
+    if temporal == "divided":
+        time = 2 * t * n * 4 * d * d + 2 * 2 * n * t * t * d + 2 * t * n * d * d
+    else:
+        r, k = max(d // 4, 1), int(cfg.get("temporal_kernel", None) or 3)
+        time = 2 * t * n * d * r + 2 * t * n * r * k + 2 * t * n * r * d
+    return embed + v["depth"] * (spatial + time)
+
+
+def vision_tokens(cfg, v, cls=True):
+    """The tokens a vision tower hands on (cross-attention memory): N + c for an image,
+    T'N + c for a clip, T(N + c) for 'mean'."""
+    frames, t, temporal = _video(cfg)
+    one = _tokens(v, int(cfg.image_size), cls)
+    if not frames:
+        return one
+    return frames * one if temporal == "mean" else t * (one - int(cls)) + int(cls)
+
+
 def clip_forward(cfg, batch: int) -> dict:
     im = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
     tx = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
     e, size, length = int(cfg.embed_dim), int(cfg.image_size), int(cfg.text_len)
-    image = vit(im, size, cls=cfg.get("pool", "cls") == "cls") + 2 * im["width"] * e
+    image = vision(cfg, im, cls=cfg.get("pool", "cls") == "cls") + 2 * im["width"] * e
     text = tx["depth"] * layer(length, tx["width"], tx["mlp_dim"]) + 2 * tx["width"] * e
     return {"student": image + text + 2 * 2 * batch * e, "teacher": 0}
 
@@ -80,8 +127,8 @@ def albef_forward(cfg, batch: int) -> dict:
     q = int(cfg.get("queue_size", 65536))
     tasks = tuple(cfg.get("tasks", None) or ("itc", "itm", "mlm"))
     d, m = tx["width"], tx["mlp_dim"]
-    t_img = _tokens(im, size)
-    image = vit(im, size) + 2 * im["width"] * e
+    t_img = vision_tokens(cfg, im)
+    image = vision(cfg, im) + 2 * im["width"] * e
     text = ff * layer(length, d, m) + 2 * d * e
     fusion = (tx["depth"] - ff) * cross_layer(length, d, m, t_img, im["width"])
     mlm_head = 2 * length * (d * d + d * vocab)

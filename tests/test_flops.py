@@ -3,6 +3,7 @@ matmuls actually traced in each family's objective, and the counter against hand
 counts."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from mmjax import bench, config as config_lib, flops
@@ -27,17 +28,22 @@ def test_counter_on_hand_counted_programs():
     assert flops.count_dot_flops(jax.grad(loss, argnums=(0, 1)), x, w) == 3 * 2 * 4 * 8 * 16
 
 
+VIDEO = ["data.num_frames=4", "data.name=moving_shapes"]
 CASES = [("demo", []), ("demo", ["model.loss=sigmoid", "model.pool=gap"]), ("albef", []),
-         ("albef", ["model.tasks=('itc', 'mlm')"]), ("vlmo", []), ("beit3", [])]
+         ("albef", ["model.tasks=('itc', 'mlm')"]), ("vlmo", []), ("beit3", []),
+         *[("video_clip:" + t, []) for t in ("none", "divided", "local", "mean")],
+         ("video_clip:divided", ["model.tubelet=2"]), ("video_clip:local", ["model.pool=gap"]),
+         ("video_albef:divided", []), ("video_albef:mean", []), ("albef", VIDEO + ["model.temporal=local"])]
 
 
-@pytest.mark.parametrize("name,extra", CASES, ids=[f"{n}{'-' + str(len(e)) if e else ''}" for n, e in CASES])
+@pytest.mark.parametrize("name,extra", CASES, ids=[f"{i}-{n}" for i, (n, _) in enumerate(CASES)])
 def test_formula_equals_the_traced_matmuls(name, extra):
     """The formula's per-sample forward (student + teacher) times the batch equals every
     dot_general / conv FLOP in the family's traced objective: nothing missed, nothing
     invented."""
     b = 8
-    cfg = config_lib.load(f"{ROOT}/configs/{name}.py", ["data.image_size=16", "data.text_len=12",
+    path, _, arg = name.partition(":")
+    cfg = config_lib.load(f"{ROOT}/configs/{path}.py" + (":" + arg if arg else ""), ["data.image_size=16", "data.text_len=12",
                                                         "data.tokenizer.vocab_size=50", f"train.batch_size={b}",
                                                         *extra])
     fam, *_ = bench._prepare(cfg)
@@ -54,7 +60,10 @@ def test_formula_equals_the_traced_matmuls(name, extra):
     counted = flops.count_dot_flops(objective, params, batch, extra_state)
     f = flops.forward_flops(cfg.model, b)
     assert counted == b * (f["student"] + f["teacher"]), (counted, f)
-    assert (f["teacher"] > 0) == (name == "albef")
+    assert (f["teacher"] > 0) == ("albef" in name)
+    if int(cfg.model.get("num_frames", 0) or 0):
+        image_only = flops.forward_flops(ml_collections.ConfigDict(dict(cfg.model.to_dict(), num_frames=0)), b)
+        assert f["student"] > image_only["student"]  # the clip costs more than one frame
 
 
 def test_clip_b16_is_the_issue_s_123_gflop_per_sample():

@@ -1,23 +1,29 @@
 """tf.data input pipeline, one per process. TensorFlow is imported lazily, in functions.
 
 Records (`load_records`) are dicts of still-encoded images ('image' bytes, or
-'image_path' for user lists), 'caption' (string), 'id' (int64) and, where the dataset
-has them, 'label' (int64) and 'hard_negatives' (string [n]). The iterators decode,
+'image_path' for user lists) or clips ('video': the PNG bytes of each frame [n], or
+'video_path' for user lists), 'caption' (string), 'id' (int64) and, where the dataset
+has them, 'label' (int64) and 'hard_negatives' (string [n]). With data.num_frames = T
+> 0 every record becomes a clip of T frames (`video_io.sample_indices`; an image is
+repeated T times) and batches hold 'image' [B, T, S, S, 3]. The iterators decode,
 augment and batch in tf.data and tokenize in python (deterministic), yielding dicts of
 numpy arrays; see docs/architecture.md for the batch contract.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import tempfile
 import time
+import weakref
 
 import numpy as np
 
 from mmjax.data import files as files_lib
 from mmjax.data import shapes_gen
+from mmjax.data import video_io
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_DATA_DIR = "~/.cache/mmjax/tensorflow_datasets"
 MAX_NEGATIVES = shapes_gen.MAX_NEGATIVES
-LOCAL_DATASETS = ("shapes", "shapes_vqa", "emoji")  # generated here, never downloaded
+LOCAL_DATASETS = ("shapes", "shapes_vqa", "moving_shapes", "emoji")  # generated here, never downloaded
 
 
 def _get(cfg, dotted: str, default=None):
@@ -57,6 +63,13 @@ def _builder(cfg):
             ("num_test", 1000), ("seed", 0))})
         known = c.name in cls.builder_configs  # the registered default
         b = cls(config=c.name if known else c, data_dir=data_dir(cfg))
+    elif name == "moving_shapes":
+        from mmjax.data.moving_shapes import MmjaxMovingShapes, make_config
+        c = make_config(**{k: _get(cfg, "moving_shapes." + k, d) for k, d in (
+            ("image_size", 32), ("num_frames", 8), ("num_train", None), ("num_validation", 1000),
+            ("num_test", 1000), ("seed", 0)) if _get(cfg, "moving_shapes." + k, d) is not None})
+        known = c.name in MmjaxMovingShapes.builder_configs
+        b = MmjaxMovingShapes(config=c.name if known else c, data_dir=data_dir(cfg))
     elif name == "emoji":
         from mmjax.data.emoji_ds import MmjaxEmoji
         b = MmjaxEmoji(data_dir=data_dir(cfg))
@@ -100,23 +113,25 @@ def load_records(data_config, split: str):
     name = _get(data_config, "name")
     if name == "files":
         rows, _, names = _files_rows(data_config, split)
-        cols = {"image_path": [r["image_path"] for r in rows],
+        key = files_lib.path_key(rows)
+        cols = {key: [r[key] for r in rows],
                 "caption": [r["caption"] for r in rows],
                 "id": np.array([r["id"] for r in rows], np.int64)}
         if names:
             idx = {n: i for i, n in enumerate(names)}
             cols["label"] = np.array([idx.get(r.get("label"), -1) for r in rows], np.int64)
         if not rows:
-            cols["image_path"] = cols["caption"] = np.zeros([0], object).astype(str)
+            cols[key] = cols["caption"] = np.zeros([0], object).astype(str)
         return tf.data.Dataset.from_tensor_slices(cols)
     b = _builder(data_config) if name in LOCAL_DATASETS else _catalog_builder(data_config)
     feats = b.info.features
+    media = "video" if "video" in feats else "image"
     ds = b.as_dataset(split=split, shuffle_files=False,
-                      decoders={"image": tfds.decode.SkipDecoding()})
+                      decoders={media: tfds.decode.SkipDecoding()})
     label_names_ = _label_names_of(feats)
 
     def select(r):
-        out = {"image": r["image"]}
+        out = {media: r[media]}
         if "caption" in feats:
             out["caption"] = r["caption"]
         elif "question" in feats:  # VQA: the question is the text, the answer the label
@@ -154,7 +169,7 @@ def label_names(data_config) -> list[str] | None:
         return list(shapes_gen.CLASS_NAMES)
     if name == "shapes_vqa":
         return list(shapes_gen.ANSWERS)
-    if name == "emoji":
+    if name in ("emoji", "moving_shapes"):
         return None
     if name == "files":
         return _files_rows(data_config, "all")[2]
@@ -194,6 +209,58 @@ def _decode(rec):
     return img
 
 
+def num_frames(data_config) -> int:
+    """data.num_frames: 0 for images, T > 0 for clips of T frames."""
+    t = int(_get(data_config, "num_frames", 0) or 0)
+    if t < 0:
+        raise ValueError(f"data.num_frames={t}: need 0 (images) or the frames per clip")
+    return t
+
+
+def _is_clip(rec) -> bool:
+    return "video" in rec or "video_path" in rec or ("pixels" in rec and rec["pixels"].shape.rank == 4)
+
+
+def _frame_indices(n, t: int, offsets):
+    """TensorFlow twin of `video_io.sample_indices`: [T] int32 indices into n frames."""
+    import tensorflow as tf
+    n_f = tf.cast(n, tf.float32)
+    idx = tf.floor((tf.range(t, dtype=tf.float32) + offsets) * n_f / float(t))
+    return tf.clip_by_value(tf.cast(idx, tf.int32), 0, tf.maximum(tf.cast(n, tf.int32) - 1, 0))
+
+
+def _decode_frames(encoded):
+    """Encoded frames [n] string -> uint8 [n, H, W, 3]."""
+    import tensorflow as tf
+    return tf.map_fn(lambda b: tf.io.decode_image(b, channels=3, expand_animations=False, dtype=tf.uint8),
+                     encoded, fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+
+
+def _decode_clip(rec, t: int, offsets):
+    """-> uint8 [T, H, W, 3]: frames floor((i + offsets[i]) n / T) of the record's clip
+    (decoded here; a user's file through PyAV), or its image repeated T times."""
+    import tensorflow as tf
+    if "pixels" in rec and rec["pixels"].shape.rank == 4:  # a cached clip
+        return tf.gather(rec["pixels"], _frame_indices(tf.shape(rec["pixels"])[0], t, offsets))
+    if "video" in rec:
+        return _decode_frames(tf.gather(rec["video"], _frame_indices(tf.shape(rec["video"])[0], t, offsets)))
+    if "video_path" in rec:
+        frames = tf.numpy_function(lambda path, u: video_io.read_frames(path.decode(), t, u),
+                                   [rec["video_path"], offsets], tf.uint8, stateful=False)
+        frames.set_shape([t, None, None, 3])
+        return frames
+    return tf.tile(_decode(rec)[None], [t, 1, 1, 1])
+
+
+def _decode_media(rec, t: int, offsets):
+    """uint8 [H, W, 3] (t = 0) or [T, H, W, 3] (t > 0)."""
+    if t:
+        return _decode_clip(rec, t, offsets)
+    if _is_clip(rec):
+        raise ValueError("this dataset holds videos: set data.num_frames (frames per clip)")
+    return _decode(rec)
+
+
 def _normalize(img):
     import tensorflow as tf
     return (img / 255.0 - tf.constant(MEAN)) / tf.constant(STD)
@@ -214,23 +281,36 @@ def _train_map(data_config, seed, hard_negatives: int = 0):
     scale = tuple(float(x) for x in _get(data_config, "augment.crop_scale", (0.5, 1.0)))
     ratio = tuple(float(x) for x in _get(data_config, "augment.aspect", (3 / 4, 4 / 3)))
     flip = bool(_get(data_config, "augment.flip", False))
+    t = num_frames(data_config)
+    sampling = video_io.check_sampling(_get(data_config, "frame_sampling", "random"))
 
     crop_is_identity = scale == (1.0, 1.0) and ratio == (1.0, 1.0)
 
     def fn(pos, rec):
-        s = tf.random.experimental.stateless_split(
-            tf.stack([tf.constant(seed, tf.int64), pos]), 3)
-        img = _decode(rec)
-        if crop_is_identity and img.shape[:2] == (size, size):
+        base = tf.stack([tf.constant(seed, tf.int64), pos])
+        s = tf.random.experimental.stateless_split(base, 3)
+        if t and sampling == "random":  # TSN: a random frame of each of T segments
+            offsets = tf.random.stateless_uniform([t], seed=tf.random.experimental.stateless_fold_in(base, 1))
+        else:
+            offsets = tf.fill([t], 0.5)
+        img = _decode_media(rec, t, offsets)  # [H, W, 3] or a clip [T, H, W, 3]: one crop and flip for all
+        hw = img.shape[-3:-1]
+        if crop_is_identity and hw == (size, size):
             img = tf.cast(img, tf.float32)  # nothing to crop or resize
         else:
             begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-                tf.shape(img), bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
+                tf.shape(img)[-3:], bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
                 min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
                 max_attempts=10, use_image_if_no_bounding_boxes=True)
-            img = tf.slice(img, begin, crop)
+            if t:
+                img = tf.slice(img, tf.concat([[0], begin], 0), tf.concat([[-1], crop], 0))
+            else:
+                img = tf.slice(img, begin, crop)
             img = tf.image.resize(img, [size, size], antialias=True)
-        if flip:
+        if flip and t:  # one coin for the whole clip
+            coin = tf.random.stateless_uniform([], seed=s[1]) < 0.5
+            img = tf.cond(coin, lambda: tf.reverse(img, [-2]), lambda: img)
+        elif flip:
             img = tf.image.stateless_random_flip_left_right(img, s[1])
         out = {"image": _normalize(img), "caption": rec["caption"], "id": rec["id"],
                "pos": pos}
@@ -246,8 +326,10 @@ def _eval_map(data_config):
     import tensorflow as tf
     size = int(_get(data_config, "image_size", 224))
 
+    t = num_frames(data_config)
+
     def fn(pos, rec):
-        img = tf.image.resize(_decode(rec), [size, size], antialias=True)
+        img = tf.image.resize(_decode_media(rec, t, tf.fill([t], 0.5)), [size, size], antialias=True)
         out = {"image": _normalize(img), "caption": rec["caption"], "id": rec["id"],
                "pos": pos}
         if "label" in rec:
@@ -284,12 +366,25 @@ def _initial_skips(data_config, split) -> int:
 
 # --------------------------------------------------------------------------- iterators
 
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_iterators():
+    """Drops every live tf.data iterator before the interpreter finalizes: one whose
+    threads are inside a Python decoder (PyAV, through tf.numpy_function) when the
+    interpreter shuts down otherwise hangs the exit."""
+    for it in list(_LIVE_ITERATORS):
+        it.close()
+
+
 class BatchIterator:
     """Python iterator over numpy batches; `.skipped` counts records dropped so far
     (missing files + undecodable images), `.batch_index` the next batch's index."""
 
     def __init__(self, ds, finish, *, start_pos=0, skipped=0, total=None, batch_index=0, to_local=None):
         self._it = ds.as_numpy_iterator()
+        _LIVE_ITERATORS.add(self)
         self._to_local = to_local  # stream position -> index among this process's records
         self._finish = finish
         self._expect = start_pos  # next stream position expected from tf.data
@@ -301,6 +396,10 @@ class BatchIterator:
 
     def __iter__(self):
         return self
+
+    def close(self):
+        """Releases the tf.data iterator and its threads; the iterator ends."""
+        self._it = iter(())
 
     def _count(self, pos):
         if self._to_local is not None:
@@ -337,11 +436,14 @@ def _cache_decoded(data_config, ds):
     size = int(_get(data_config, "image_size", 224))
 
     def decode(rec):
-        img = _decode(rec)
+        if "video" in rec:  # every frame: the sampling happens after the cache
+            img = _decode_frames(rec["video"])
+        else:
+            img = _decode(rec)
         img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [size, size], antialias=True)), 0, 255),
                       tf.uint8)
-        img.set_shape([size, size, 3])
-        out = {k: v for k, v in rec.items() if k != "image"}
+        img.set_shape(([None] if "video" in rec else []) + [size, size, 3])
+        out = {k: v for k, v in rec.items() if k not in ("image", "video")}
         out["pixels"] = img
         return out
 
@@ -353,7 +455,8 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
                         process_count: int = 1, threads=None,
                         hard_negatives: int = 0) -> BatchIterator:
     """Infinite iterator of per-process training batches:
-    image float32 [B, S, S, 3], text int32 [B, L], id int64 [B] (+ label int32 [B]),
+    image float32 [B, S, S, 3] (clips, with data.num_frames = T: [B, T, S, S, 3], frames
+    sampled by data.frame_sampling), text int32 [B, L], id int64 [B] (+ label int32 [B]),
     and with `hard_negatives=K` > 0 also hard_negatives int32 [B, K, L] (captions with
     attributes swapped, for NegCLIP-style training; the dataset must provide them).
 
@@ -417,7 +520,8 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
     """One ordered pass over this process's shard of `split`, no augmentation.
 
     Every process yields the same number of batches, ceil(ceil(N / P) / B), each of
-    fixed shape B; padding rows have `valid` False. Keys: image [B,S,S,3] f32,
+    fixed shape B; padding rows have `valid` False. Keys: image [B,S,S,3] f32 (clips:
+    [B,T,S,S,3], frames sampled 'uniform'),
     text [B,L] i32, id [B] i64 (-1 on padding), valid [B] bool, caption [B] object str,
     and where present label [B] i32, hard_negatives [B,K,L] i32, hard_negatives_valid
     [B,K] bool (K = 4).
@@ -425,6 +529,7 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
     import tensorflow as tf
     L = int(_get(data_config, "text_len", 32))
     S = int(_get(data_config, "image_size", 224))
+    clip = [num_frames(data_config)] if num_frames(data_config) else []
     n_total = num_examples(data_config, split)
     n_shard = len(range(process_index, n_total, process_count))
     num_batches = math.ceil(math.ceil(n_total / process_count) / batch_size)
@@ -443,7 +548,7 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
             raise StopIteration
         state["done"] += 1
         n = 0 if b is None else len(b["id"])
-        out = {"image": np.zeros([B, S, S, 3], np.float32),
+        out = {"image": np.zeros([B] + clip + [S, S, 3], np.float32),
                "text": np.zeros([B, L], np.int32),
                "id": np.full([B], -1, np.int64),
                "valid": np.arange(B) < n,

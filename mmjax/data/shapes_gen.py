@@ -106,6 +106,18 @@ def _place(rng, r1: float, r2: float, n: int):
     return np.array([r1 + 0.5, y]), np.array([n - r2 - 0.5, y])
 
 
+def background(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Float [n, n, 3] canvas of one dark colour (jittered per scene)."""
+    bg = np.array([18, 18, 28], np.float32) + rng.uniform(-6, 6, size=3).astype(np.float32)
+    return np.broadcast_to(bg, (n, n, 3)).copy()
+
+
+def add_noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Float [..., 3] -> uint8 with i.i.d. Gaussian pixel noise (std 6) added."""
+    img = img + rng.normal(0.0, 6.0, size=img.shape).astype(np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
 def generate(rng: np.random.Generator, image_size: int = 32) -> dict:
     """One scene: {'image': uint8 [S, S, 3], 'objects': [(c, s, z, cx, cy)] * 2,
     'caption': str, 'hard_negatives': list[str], 'label': int, 'relation': str}.
@@ -120,12 +132,10 @@ def generate(rng: np.random.Generator, image_size: int = 32) -> dict:
             break
     radii = [SIZE_FRAC[a[2]] * n / 2.0 for a in attrs]
     c1, c2 = _place(rng, radii[0], radii[1], n)
-    bg = np.array([18, 18, 28], np.float32) + rng.uniform(-6, 6, size=3).astype(np.float32)
-    img = np.broadcast_to(bg, (n, n, 3)).copy()
+    img = background(rng, n)
     for a, r, c in zip(attrs, radii, (c1, c2)):
         img[_mask(a[1], c[0], c[1], r, n)] = COLOUR_RGB[a[0]]
-    img += rng.normal(0.0, 6.0, size=img.shape).astype(np.float32)
-    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    img = add_noise(img, rng)
     a = attrs[0] + (float(c1[0]), float(c1[1]))
     b = attrs[1] + (float(c2[0]), float(c2[1]))
     rel = relation_of(c1, c2)

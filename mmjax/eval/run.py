@@ -130,7 +130,16 @@ class Evaluator:
             n, k, length = hn.shape
             hv = np.concatenate(neg_valid)
             neg_emb = self._encode_text(params, hn.reshape(n * k, length)).reshape(n, k, -1)
-            metrics.update(retrieval.binding_accuracy(img, txt, neg_emb, hv))
+            if pipeline.num_frames(self.data_config):
+                # Clips (moving_shapes): the negatives are the captions of the clip played
+                # backwards (first) and of its events in the other order. An order-blind
+                # model scores a clip and its reversal alike: the time probe's chance is 0.5.
+                probe = retrieval.binding_accuracy(img, txt, neg_emb[:, :1], hv[:, :1])
+                metrics["time_probe_acc"], metrics["time_probe_chance"] = probe["binding_acc"], probe["binding_chance"]
+                probe = retrieval.binding_accuracy(img, txt, neg_emb, hv)
+                metrics["order_probe_acc"], metrics["order_probe_chance"] = probe["binding_acc"], probe["binding_chance"]
+            else:
+                metrics.update(retrieval.binding_accuracy(img, txt, neg_emb, hv))
         names = pipeline.label_names(self.data_config)
         if labels and names:
             class_txt = retrieval.class_embeddings(

@@ -24,7 +24,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.parallel.sharding import dense_init, names
+from mmjax.models.attention import MultiHeadAttention
+from mmjax.models.transformer import LN_EPS, Mlp, maybe_remat
+from mmjax.parallel.sharding import dense_init, names, norm_init
 
 Dtype = Any
 MODES = ("frames", "tubelet")
@@ -88,3 +90,143 @@ def inflate_patch_kernel(kernel_PxPxCxD, tubelet: int, how: str = "central"):
   out = np.zeros((t,) + kernel.shape, kernel.dtype)
   out[t // 2] = kernel
   return out
+
+
+# ------------------------------------------------------------------ temporal modeling
+# model.temporal: how a video encoder mixes information across frames.
+#   'none'     no temporal module: the [CLS] and every frame's tokens attend jointly
+#              (one sequence of 1 + T'N tokens; the temporal embedding tells frames apart)
+#   'divided'  TimeSformer's divided space-time attention: in each block, attention over
+#              time (the tokens at one spatial position across frames), then attention
+#              over space (one frame's tokens and the [CLS]), then the MLP
+#   'local'    mPLUG-2's local temporal module: attention over space per frame, then a
+#              grouped (depthwise) temporal convolution over the tokens at one spatial
+#              position in neighbouring frames, then the MLP
+#   'mean'     no temporal modeling at all, the order-blind baseline (CLIP4Clip's mean
+#              pooling): every frame goes through the image encoder alone, no temporal
+#              embedding, and the clip embedding is the mean of the frame embeddings
+TEMPORAL = ("none", "divided", "local", "mean")
+
+
+def check_temporal(temporal: str) -> str:
+  if temporal not in TEMPORAL:
+    raise ValueError(f"model.temporal={temporal!r}; valid choices: {', '.join(TEMPORAL)}")
+  return temporal
+
+
+class LocalTemporal(nn.Module):
+  """mPLUG-2 / UniFormerV2 local temporal module, a residual bottleneck:
+  `x + Up(DWConv_t(Down(LN(x))))` on `x: [B, T, N, D]`, the convolution (kernel `kernel`
+  over T, 'SAME' padding, one group per channel) mixing each token with the tokens at
+  its spatial position in the neighbouring frames. `Up` starts at zero, so the module
+  starts as the identity (an image checkpoint continues unchanged)."""
+  kernel: int = 3
+  reduction: int = 4
+  ln_eps: float = LN_EPS
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxNxD):
+    chex.assert_rank(x_BxTxNxD, 4)
+    b, t, n, d = x_BxTxNxD.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    r = max(d // self.reduction, 1)
+    h = nn.LayerNorm(epsilon=self.ln_eps, name="ln", **kw, **norm_init())(x_BxTxNxD)
+    h = nn.Dense(r, name="down", **kw, **dense_init("embed", "mlp"))(h)
+    h_BNxTxR = h.transpose(0, 2, 1, 3).reshape(b * n, t, r)
+    h_BNxTxR = nn.Conv(r, (self.kernel,), padding="SAME", feature_group_count=r, name="conv", **kw,
+                       **dense_init(None, None, "mlp"))(h_BNxTxR)
+    h = h_BNxTxR.reshape(b, n, t, r).transpose(0, 2, 1, 3)
+    up = nn.Dense(d, name="up", kernel_init=names(nn.initializers.zeros, "mlp", "embed"),
+                  bias_init=names(nn.initializers.zeros, "embed"), **kw)
+    return x_BxTxNxD + up(h)
+
+
+class VideoBlock(nn.Module):
+  """A pre-LN block over a clip's tokens `x: [B, c + T'N, D]` (a [CLS] first if
+  `cls_token`, c = 1; then frame by frame), for temporal 'divided' or 'local' (see TEMPORAL; 'none' is the image
+  `Block` over the joint sequence). `num_frames` is T'.
+
+  Spatial attention runs per frame on [CLS; that frame's N tokens], the [CLS] copied
+  into every frame and its T' outputs averaged (TimeSformer). The params of an image
+  `Block` (`ln1`, `attn`, `ln2`, `mlp`) keep their names and roles; the temporal parts
+  (`ln_time`, `time_attn`, `time_proj` / `time_conv`) start as the identity
+  (`time_proj` and the local module's up-projection at zero), so with them at init an
+  image checkpoint computes on a one-frame clip exactly what it computes on the image.
+  """
+  num_heads: int
+  mlp_dim: int
+  num_frames: int
+  temporal: str = "divided"
+  temporal_kernel: int = 3
+  cls_token: bool = True  # the sequence starts with a [CLS] token
+  act: str = "gelu_tanh"
+  ln_eps: float = LN_EPS
+  attention: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxSxD):
+    chex.assert_rank(x_BxSxD, 3)
+    b, s, d = x_BxSxD.shape
+    t, c = self.num_frames, int(self.cls_token)
+    if self.temporal not in ("divided", "local") or (s - c) % t:
+      raise ValueError(f"VideoBlock: temporal={self.temporal!r} (need 'divided' or 'local') over "
+                       f"{s} tokens, which must be {c} + {t} frames x N")
+    n = (s - c) // t
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, name=name, **kw, **norm_init())
+    cls_Bx1xD, p_BxTxNxD = x_BxSxD[:, :c], x_BxSxD[:, c:].reshape(b, t, n, d)
+    if self.temporal == "divided":
+      p_BNxTxD = p_BxTxNxD.transpose(0, 2, 1, 3).reshape(b * n, t, d)
+      h = MultiHeadAttention(self.num_heads, attention=self.attention, name="time_attn", **kw)(
+          ln("ln_time")(p_BNxTxD))
+      h = nn.Dense(d, name="time_proj", kernel_init=names(nn.initializers.zeros, "embed", "embed"),
+                   bias_init=names(nn.initializers.zeros, "embed"), **kw)(h)
+      p_BxTxNxD = p_BxTxNxD + h.reshape(b, n, t, d).transpose(0, 2, 1, 3)
+    cls_BxTxcxD = jnp.broadcast_to(cls_Bx1xD[:, None], (b, t, c, d))
+    seq_BTxSfxD = jnp.concatenate([cls_BxTxcxD, p_BxTxNxD], axis=2).reshape(b * t, c + n, d)
+    h = MultiHeadAttention(self.num_heads, attention=self.attention, name="attn", **kw)(ln("ln1")(seq_BTxSfxD))
+    h_BxTxSfxD = h.reshape(b, t, c + n, d)
+    cls_Bx1xD = cls_Bx1xD + jnp.mean(h_BxTxSfxD[:, :, :c], axis=1)
+    p_BxTxNxD = p_BxTxNxD + h_BxTxSfxD[:, :, c:]
+    if self.temporal == "local":
+      p_BxTxNxD = LocalTemporal(self.temporal_kernel, ln_eps=self.ln_eps, name="time_conv", **kw)(p_BxTxNxD)
+    x_BxSxD = jnp.concatenate([cls_Bx1xD, p_BxTxNxD.reshape(b, t * n, d)], axis=1)
+    h = Mlp(self.mlp_dim, act=self.act, name="mlp", **kw)(ln("ln2")(x_BxSxD))
+    return x_BxSxD + h
+
+
+class VideoEncoder(nn.Module):
+  """`depth` VideoBlocks then a final LayerNorm, named like `transformer.Encoder`
+  (`block00`, ..., `ln_final`) so an image encoder's params load into it.
+  `__call__(x: [B, c + T'N, D]) -> (y, aux)` with aux['blockNN'] each block's output."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  num_frames: int
+  temporal: str = "divided"
+  temporal_kernel: int = 3
+  cls_token: bool = True
+  act: str = "gelu_tanh"
+  ln_eps: float = LN_EPS
+  remat: Any = False
+  attention: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxSxD):
+    block_cls = maybe_remat(VideoBlock, self.remat)
+    aux = {}
+    for i in range(self.depth):
+      x_BxSxD = block_cls(self.num_heads, self.mlp_dim, self.num_frames, temporal=self.temporal,
+                          temporal_kernel=self.temporal_kernel, cls_token=self.cls_token, act=self.act,
+                          ln_eps=self.ln_eps, attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=f"block{i:02d}")(x_BxSxD)
+      aux[f"block{i:02d}"] = x_BxSxD
+    x_BxSxD = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="ln_final", **norm_init())(x_BxSxD)
+    return x_BxSxD, aux

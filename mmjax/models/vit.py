@@ -1,7 +1,7 @@
 """ViT image encoder.
 
-Shape letters: B batch, H/W image size, C channels, N patches, T tokens
-(N + 1 with a [CLS] token, N without), D width.
+Shape letters: B batch, H/W image size, C channels, N patches per frame, T frames of
+a clip, L tokens (T N + 1 with a [CLS] token, T N without; T = 1 for an image), D width.
 """
 from typing import Any
 
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from mmjax.models.embed import PatchEmbed
 from mmjax.models.transformer import LN_EPS, Encoder
+from mmjax.models.video import FrameEmbed, VideoEncoder, check_temporal
 from mmjax.parallel.sharding import names, norm_init
 
 Dtype = Any
@@ -37,14 +38,22 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0):
 class ViT(nn.Module):
   """Patches + [CLS] (pool='cls' only) + learned positions + Encoder + final LN.
 
-  `__call__(images: [B, H, W, C] float32) -> (pooled: [B, D], aux)` with
-  aux['tokens']: [B, T, D] (after the final LN), aux['patch_grid']: (H/P, W/P),
-  and aux['encoder'] the per-block outputs.
+  `__call__(images: [B, H, W, C] float32 | clips [B, T, H, W, C]) -> (pooled: [B, D], aux)`
+  with aux['tokens']: [B, T, D] (after the final LN), aux['patch_grid']: (H/P, W/P),
+  aux['frames']: the token frames (1 for an image) and aux['encoder'] the per-block outputs.
   pool='cls' takes the [CLS] token; pool='gap' averages the patch tokens (no
   [CLS] token is then added). `pre_norm` adds OpenAI CLIP's `ln_pre` after the
   position embedding; `patch_bias=False` matches OpenAI CLIP's bias-free conv.
   `act` (MLP activation name) and `ln_eps` (every LayerNorm's epsilon) go to the
   Encoder; transformers' CLIP needs act='quick_gelu' or 'gelu' and ln_eps=1e-5.
+
+  Video (`num_frames` > 0, the longest clip; an image is then a one-frame clip): the
+  clip's frames become tokens through `video.FrameEmbed` (`tubelet` > 1: t x P x P
+  tubes), each token frame gets the spatial position embedding plus a temporal
+  embedding, and the blocks mix frames as `temporal` says (video.TEMPORAL: 'none'
+  joint attention, 'divided' space-time attention, 'local' temporal convolution,
+  'mean' frames encoded alone and averaged). The params of an image ViT keep their
+  names, so an image checkpoint loads and computes exactly the same on one frame.
   """
   patch_size: int
   width: int
@@ -60,48 +69,76 @@ class ViT(nn.Module):
   remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
   attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   scan: bool = False  # nn.scan over the blocks (transformer.Encoder)
+  num_frames: int = 0  # > 0: a video encoder for clips of up to this many frames
+  temporal: str = "none"  # video.TEMPORAL
+  tubelet: int = 1  # frames per token (video.FrameEmbed 'tubelet' mode when > 1)
+  temporal_kernel: int = 3  # the 'local' module's convolution length
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images_BxHxWxC):
-    chex.assert_rank(images_BxHxWxC, 4)
+  def __call__(self, images):
+    if images.ndim not in (4, 5):
+      raise ValueError(f"ViT takes images [B, H, W, C] or clips [B, T, H, W, C], got shape {images.shape}")
     if self.pool not in ("cls", "gap"):
       raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}.")
+    if images.ndim == 5 and not self.num_frames:
+      raise ValueError(f"a clip {images.shape} needs a video model: set model.num_frames (> 0)")
+    check_temporal(self.temporal)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    b, h, w, _ = images_BxHxWxC.shape
-    x_BxNxD = PatchEmbed(self.patch_size, self.width, use_bias=self.patch_bias,
-                         name="patch_embed", **kw)(images_BxHxWxC)
-    if self.pool == "cls":
+    video = self.num_frames > 0
+    x = images[:, None] if video and images.ndim == 4 else images  # an image: a one-frame clip
+    clips = x.shape[0]
+    if video and self.temporal == "mean":  # the order-blind baseline: frames as images
+      x = x.reshape((-1,) + x.shape[2:])
+      video = False
+    b, h, w = x.shape[0], x.shape[-3], x.shape[-2]
+    if video:
+      x_BxTxNxD = FrameEmbed(self.patch_size, self.width, self.num_frames,
+                             mode="tubelet" if self.tubelet > 1 else "frames", tubelet=self.tubelet,
+                             use_bias=self.patch_bias, name="patch_embed", **kw)(x)
+    else:
+      x_BxTxNxD = PatchEmbed(self.patch_size, self.width, use_bias=self.patch_bias,
+                             name="patch_embed", **kw)(x)[:, None]
+    _, t, n, _ = x_BxTxNxD.shape
+    x_BxTxNxD = x_BxTxNxD.astype(self.dtype)
+    cls = self.pool == "cls"
+    if cls:  # created before the position table, as always (param init order sets their values)
       cls_1x1xD = self.param("cls", names(nn.initializers.zeros, None, None, "embed"), (1, 1, self.width),
                              self.param_dtype)
-      cls_Bx1xD = jnp.broadcast_to(jnp.asarray(cls_1x1xD, self.dtype),
-                                   (b, 1, self.width))
-      x_BxTxD = jnp.concatenate([cls_Bx1xD, x_BxNxD.astype(self.dtype)], axis=1)
-    else:
-      x_BxTxD = x_BxNxD
-    t = x_BxTxD.shape[1]
     if self.posemb == "learn":
-      pos_1xTxD = self.param("pos_embedding", names(nn.initializers.normal(0.02), None, None, "embed"),
-                             (1, t, self.width), self.param_dtype)
+      pos_1xSxD = self.param("pos_embedding", names(nn.initializers.normal(0.02), None, None, "embed"),
+                             (1, n + cls, self.width), self.param_dtype)
     elif self.posemb == "sincos2d":
-      gh, gw = h // self.patch_size, w // self.patch_size
-      pos_1xTxD = posemb_sincos_2d(gh, gw, self.width)
-      if self.pool == "cls":  # the [CLS] token gets no position
-        pos_1xTxD = jnp.concatenate([jnp.zeros((1, 1, self.width)), pos_1xTxD], axis=1)
+      pos_1xSxD = posemb_sincos_2d(h // self.patch_size, w // self.patch_size, self.width)
+      if cls:  # the [CLS] token gets no position
+        pos_1xSxD = jnp.concatenate([jnp.zeros((1, 1, self.width)), pos_1xSxD], axis=1)
     else:
       raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}.")
-    x_BxTxD = x_BxTxD + jnp.asarray(pos_1xTxD, self.dtype)
+    pos_1xSxD = jnp.asarray(pos_1xSxD, self.dtype)
+    x_BxLxD = (x_BxTxNxD + pos_1xSxD[:, None, cls:]).reshape(b, t * n, self.width)
+    if cls:
+      cls_Bx1xD = jnp.broadcast_to(jnp.asarray(cls_1x1xD, self.dtype) + pos_1xSxD[:, :1], (b, 1, self.width))
+      x_BxLxD = jnp.concatenate([cls_Bx1xD, x_BxLxD], axis=1)
     if self.pre_norm:
-      x_BxTxD = nn.LayerNorm(epsilon=self.ln_eps, **norm_init(), name="ln_pre", **kw)(x_BxTxD)
-    x_BxTxD, enc_aux = Encoder(self.depth, self.num_heads, self.mlp_dim,
-                               final_norm=True, act=self.act, ln_eps=self.ln_eps,
-                               remat=self.remat, attention=self.attention, scan=self.scan, name="encoder", **kw)(x_BxTxD)
-    if self.pool == "cls":
-      pooled_BxD = x_BxTxD[:, 0]
+      x_BxLxD = nn.LayerNorm(epsilon=self.ln_eps, **norm_init(), name="ln_pre", **kw)(x_BxLxD)
+    if video and self.temporal in ("divided", "local"):
+      if self.scan:
+        raise ValueError(f"model.scan_layers works with model.temporal 'none' or 'mean', not {self.temporal!r}")
+      x_BxLxD, enc_aux = VideoEncoder(self.depth, self.num_heads, self.mlp_dim, t, temporal=self.temporal,
+                                      temporal_kernel=self.temporal_kernel, cls_token=cls, act=self.act,
+                                      ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, name="encoder", **kw)(x_BxLxD)
     else:
-      pooled_BxD = jnp.mean(x_BxTxD, axis=1)
-    chex.assert_shape(pooled_BxD, (b, self.width))
-    aux = dict(tokens=x_BxTxD, patch_grid=(h // self.patch_size, w // self.patch_size),
+      x_BxLxD, enc_aux = Encoder(self.depth, self.num_heads, self.mlp_dim,
+                                 final_norm=True, act=self.act, ln_eps=self.ln_eps,
+                                 remat=self.remat, attention=self.attention, scan=self.scan, name="encoder",
+                                 **kw)(x_BxLxD)
+    pooled_BxD = x_BxLxD[:, 0] if cls else jnp.mean(x_BxLxD, axis=1)
+    if b != clips:  # 'mean': the clip is the mean of its frames; its tokens are all frames' tokens
+      pooled_BxD = jnp.mean(pooled_BxD.reshape(clips, -1, self.width), axis=1)
+      x_BxLxD = x_BxLxD.reshape(clips, -1, self.width)
+      t = b // clips
+    chex.assert_shape(pooled_BxD, (clips, self.width))
+    aux = dict(tokens=x_BxLxD, patch_grid=(h // self.patch_size, w // self.patch_size), frames=t,
                encoder=enc_aux, pooled=pooled_BxD)
     return pooled_BxD, aux

@@ -5,8 +5,12 @@ workdir's latest checkpoint (or of `WORKDIR/checkpoints/STEP`). `transplant(init
 pretrained, prefix)` fills a new model's params from them: every leaf of the new
 tree is taken from the same path of the pretrained tree (under `prefix`, e.g. the
 classifier's `backbone/`), position embeddings are resized when the image size or
-patch grid changed, and leaves the new model has but the checkpoint lacks (a new
-head) keep their fresh init; a text position table for a longer text keeps the
+patch grid changed, an image patch kernel [P, P, C, D] becomes a video model's
+tubelet kernel [t, P, P, C, D] (`video.inflate_patch_kernel`, finetune.inflation
+'central' or 'mean'), and leaves the new model has but the checkpoint lacks (a new
+head; a video model's temporal embedding and temporal layers, which start as the
+identity, so an image-text checkpoint continues on video where it stopped) keep their
+fresh init; a text position table for a longer text keeps the
 pretrained rows and fresh ones past them. What the checkpoint has but the task does not need
 (text tower for an image classifier, ITM/MLM heads, queues, teacher, optimizer
 state) is left behind.
@@ -99,7 +103,10 @@ def match_layer_layout(pretrained, init_params, prefix: str = ""):
     return walk(pretrained, target)
 
 
-def transplant(init_params, pretrained, prefix: str = ""):
+PATCH_KERNEL = re.compile(r"(^|/)patch_embed/conv/kernel$")
+
+
+def transplant(init_params, pretrained, prefix: str = "", inflation: str = "central"):
     """New params filled from `pretrained` (see the module docstring).
 
     Returns (params, report) with report = {'loaded': n, 'resized': [...], 'kept_init': [...],
@@ -125,9 +132,14 @@ def transplant(init_params, pretrained, prefix: str = ""):
             elif POSEMB.search(key) and value.ndim == 2 and value.shape[1] == leaf.shape[1]:
                 value = extend_text_posemb(value, np.asarray(leaf))
                 resized.append(key)
+            elif PATCH_KERNEL.search(key) and value.ndim == 4 and leaf.ndim == 5 and value.shape == leaf.shape[1:]:
+                from mmjax.models.video import inflate_patch_kernel
+                value = inflate_patch_kernel(value, leaf.shape[0], inflation)
+                resized.append(key)
             else:
                 raise ValueError(f"pretrained {src} has shape {tuple(value.shape)} but the new model's {key} "
-                                 f"has {tuple(leaf.shape)}; only position tables are resized")
+                                 f"has {tuple(leaf.shape)}; only position tables are resized and image "
+                                 "patch kernels inflated to tubelets")
         return jnp.asarray(value, leaf.dtype)
 
     params = jax.tree_util.tree_map_with_path(one, init_params)

@@ -51,6 +51,7 @@ class Setup:
             keep = config.model.get("keep_vocab_size", False) and int(config.model.get("vocab_size", 0) or 0)
             config.model.vocab_size = int(keep or self.tokenizer.vocab_size)
             config.model.image_size = int(data.image_size)
+            config.model.num_frames = int(data.get("num_frames", 0) or 0)  # 0: images; T: clips
             config.model.text_len = int(data.text_len)
             config.model.total_steps = int(config.train.steps)  # for momentum / ramp schedules
         self.family = zoo.build(config.model)
@@ -60,7 +61,7 @@ class Setup:
         self.mesh = mesh_lib.make_mesh(config.parallel.get("mesh") if self.mode == "mesh" else None)
         self.schedule = optim.learning_rate_schedule(config.train)
         self.optimizer = optim.make_optimizer(config.train)
-        self.image_shape = (1, data.image_size, data.image_size, 3)
+        self.image_shape = self.family.image_shape()
         self.text_shape = (1, data.text_len)
         self._init, self.abstract_state, self.state_sharding = step_lib.state_plan(
             self.family, self.optimizer, self.mesh, self.image_shape, self.text_shape)
@@ -145,7 +146,8 @@ class Setup:
         weights = self.config.finetune.get("weights", "student")
         _, pretrained = finetune.pretrained_params(self.init_from, weights)
         prefix = "backbone/" if self.config.model.family in zoo.WRAPPERS else ""
-        params, report = finetune.transplant(jax.device_get(state.params), pretrained, prefix)
+        params, report = finetune.transplant(jax.device_get(state.params), pretrained, prefix,
+                                             inflation=self.config.finetune.get("inflation", None) or "central")
         logging.info("init from %s (%s): %d params loaded, %d left behind, resized %s, fresh %s",
                      self.init_from, weights, report["loaded"], report["unused"], report["resized"],
                      report["kept_init"])
@@ -302,7 +304,7 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         last_eval = evaluator(setup.to_checkpoint_layout(state).params)
         last_eval["eval_seconds"] = time.time() - t0
         writer.write(step, "eval", last_eval)
-        shown = ("i2t_r@1", "i2t_itm_r@1", "i2t_r@5", "t2i_r@1", "t2i_itm_r@1", "binding_acc", "zero_shot_top1",
+        shown = ("i2t_r@1", "i2t_itm_r@1", "i2t_r@5", "t2i_r@1", "t2i_itm_r@1", "binding_acc", "time_probe_acc", "zero_shot_top1",
                  "i2t_chance@1", "top1", "top5", "caption_exact", "caption_cider")
         tqdm.write(f"[eval step {step}] " + _format(last_eval, shown))
 

@@ -7,6 +7,7 @@ A family has `.model` (the linen module), `init_params`, `objective`,
 `image_features` + `text_features` + `itm_scores` (ITM re-ranking in the eval).
 """
 from mmjax.models.zoo.albef import ALBEF, AlbefFamily
+from mmjax.models.zoo.blip import BLIP, BlipFamily
 from mmjax.models.zoo.classifier import WRAPPERS, Classifier, ClassifierFamily
 from mmjax.models.zoo.clip import CLIP, ClipFamily
 from mmjax.models.zoo.coca import CoCa, CocaFamily
@@ -14,7 +15,8 @@ from mmjax.models.zoo.multiway import Multiway, MultiwayFamily
 from mmjax.models.zoo.vqa import AnswerClassifier, VqaFamily
 
 FAMILIES = {"clip": ClipFamily, "albef": AlbefFamily, "vlmo": MultiwayFamily, "beit3": MultiwayFamily,
-            "classifier": ClassifierFamily, "vqa": VqaFamily, "coca": CocaFamily}
+            "classifier": ClassifierFamily, "vqa": VqaFamily, "coca": CocaFamily,
+            "blip": BlipFamily}
 
 
 def build(model_config):
@@ -31,4 +33,4 @@ def build_module(model_config):
   return build(model_config).model
 
 
-__all__ = ["CoCa", "CocaFamily", "AnswerClassifier", "VqaFamily", "Classifier", "ClassifierFamily", "ALBEF", "AlbefFamily", "CLIP", "ClipFamily", "Multiway", "MultiwayFamily", "FAMILIES", "WRAPPERS", "build", "build_module"]
+__all__ = ["BLIP", "BlipFamily", "CoCa", "CocaFamily", "AnswerClassifier", "VqaFamily", "Classifier", "ClassifierFamily", "ALBEF", "AlbefFamily", "CLIP", "ClipFamily", "Multiway", "MultiwayFamily", "FAMILIES", "WRAPPERS", "build", "build_module"]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
-from mmjax.models.zoo.common import FeatureFamily, attention_spec
+from mmjax.models.zoo.common import FeatureFamily, attention_spec, video_options
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
 from mmjax.parallel.collective import local
@@ -56,6 +56,7 @@ class ALBEF(nn.Module):
   remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
   attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   scan: bool = False  # nn.scan over the blocks (the image tower's transformer.Encoder)
+  video: Any = None  # ViT video keywords (common.video_options); None: an image model
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -63,7 +64,8 @@ class ALBEF(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     im, tx = self.image, self.text
     self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"], im["mlp_dim"],
-                           pool="cls", posemb="learn", remat=self.remat, attention=self.attention, scan=self.scan, **kw)
+                           pool="cls", posemb="learn", remat=self.remat, attention=self.attention, scan=self.scan,
+                           **dict(self.video or {}), **kw)
     self.text_tower = BertTextEncoder(self.vocab_size, self.text_len, tx["width"], tx["depth"],
                                       tx["heads"], tx["mlp_dim"], fusion_from=self.fusion_from,
                                       remat=self.remat, attention=self.attention, **kw)
@@ -74,7 +76,7 @@ class ALBEF(nn.Module):
     self.temp = self.param("temp", names(nn.initializers.constant(0.07)), (), jnp.float32)
 
   def image_features(self, image_BxHxWx3):
-    chex.assert_rank(image_BxHxWx3, 4)
+    chex.assert_rank(image_BxHxWx3, {4, 5})  # images, or clips [B, T, H, W, 3]
     pooled, aux = self.image_tower(image_BxHxWx3)
     return l2_normalize(self.image_proj(pooled)), aux["tokens"]
 
@@ -127,6 +129,7 @@ class AlbefFamily(FeatureFamily):
     self.config = cfg
     self.image_size = int(cfg.get("image_size", 256))
     self.text_len = int(cfg.get("text_len", 25))
+    self.num_frames = video_options(cfg)["num_frames"]
     text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
     self.fusion_from = int(cfg.get("fusion_from", text["depth"] // 2))
     if not 0 <= self.fusion_from <= text["depth"]:
@@ -151,7 +154,8 @@ class AlbefFamily(FeatureFamily):
         text=text, fusion_from=self.fusion_from, embed_dim=self.embed_dim,
         vocab_size=int(cfg.vocab_size), text_len=self.text_len,
         remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
-        scan=bool(cfg.get("scan_layers", False)), dtype=DTYPES[cfg.get("dtype", "float32")],
+        scan=bool(cfg.get("scan_layers", False)), video=video_options(cfg),
+        dtype=DTYPES[cfg.get("dtype", "float32")],
         param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
 
   # --- state -----------------------------------------------------------------

@@ -26,7 +26,7 @@ from mmjax.models.transformer import ACTIVATIONS, LN_EPS
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
-from mmjax.models.zoo.common import Family, attention_spec
+from mmjax.models.zoo.common import Family, attention_spec, video_options
 from mmjax.objectives import identity, itc_loss, sigmoid_loss
 from mmjax.parallel.sharding import dense_init, names
 
@@ -66,6 +66,7 @@ class CLIP(nn.Module):
   remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
   attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   scan: bool = False  # nn.scan over the blocks (transformer.Encoder)
+  video: Any = None  # ViT video keywords (common.video_options); None: an image model
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -76,7 +77,8 @@ class CLIP(nn.Module):
     im, tx = self.image, self.text
     self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"],
                            im["mlp_dim"], pool=self.pool, posemb=self.posemb, patch_bias=False,
-                           pre_norm=True, act=self.act, ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, scan=self.scan, **kw)
+                           pre_norm=True, act=self.act, ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, scan=self.scan,
+                           **dict(self.video or {}), **kw)
     self.text_tower = TextEncoder(self.vocab_size, self.text_len, tx["width"],
                                   tx["depth"], tx["heads"], tx["mlp_dim"],
                                   pool=self.text_pool, eos_id=self.eos_id, act=self.act,
@@ -90,7 +92,7 @@ class CLIP(nn.Module):
       self.b = self.param("b", names(nn.initializers.constant(-10.0)), (), jnp.float32)
 
   def _image(self, image_BxHxWx3):
-    chex.assert_rank(image_BxHxWx3, 4)
+    chex.assert_rank(image_BxHxWx3, {4, 5})  # images, or clips [B, T, H, W, 3]
     pooled, aux = self.image_tower(image_BxHxWx3)
     return self.image_proj(pooled), aux
 
@@ -132,7 +134,9 @@ class ClipFamily(Family):
   ('softmax'|'sigmoid'), pool ('cls'|'gap'), dtype ('float32'|'bfloat16'),
   optional remat (bool), max_logit_scale (float, softmax only, default 100),
   act ('gelu_tanh'|'gelu'|'quick_gelu', default 'gelu_tanh'), ln_eps (default
-  1e-6), text_pool ('last'|'argmax'|'eos', default 'last'), eos_id (for 'eos').
+  1e-6), text_pool ('last'|'argmax'|'eos', default 'last'), eos_id (for 'eos'), and
+  for video CLIP num_frames, temporal, tubelet, temporal_kernel (common.video_options;
+  the batch's 'image' is then a clip [B, T, H, W, 3]).
   """
 
   def __init__(self, model_config):
@@ -149,6 +153,7 @@ class ClipFamily(Family):
     self.max_logit_scale = float(cfg.get("max_logit_scale", 100.0))
     self.image_size = int(cfg.get("image_size", 224))
     self.text_len = int(cfg.get("text_len", 77))
+    self.num_frames = video_options(cfg)["num_frames"]
     act = cfg.get("act", None) or "gelu_tanh"
     if act not in ACTIVATIONS:
       raise ValueError(f"model_config.act must be one of {list(ACTIVATIONS)}, got {act!r}.")
@@ -168,7 +173,7 @@ class ClipFamily(Family):
         ln_eps=LN_EPS if ln_eps is None else float(ln_eps), text_pool=text_pool,
         eos_id=None if eos_id is None else int(eos_id),
         remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
-        scan=bool(cfg.get("scan_layers", False)), dtype=DTYPES[dtype_name],
+        scan=bool(cfg.get("scan_layers", False)), video=video_options(cfg), dtype=DTYPES[dtype_name],
         param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
 
   def embed(self, params, batch, rng=None):

@@ -27,7 +27,7 @@ from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
-from mmjax.models.zoo.common import Family, attention_spec
+from mmjax.models.zoo.common import Family, attention_spec, video_options
 from mmjax.objectives import identity, itc_loss, lm_loss
 from mmjax.parallel.sharding import dense_init, names, norm_init
 
@@ -70,6 +70,7 @@ class CoCa(nn.Module):
   cap_queries: int = 16
   remat: Any = False
   attention: str = "xla"
+  video: Any = None  # ViT video keywords (common.video_options); None: an image model
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -77,7 +78,7 @@ class CoCa(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     im, tx = self.image, self.text
     self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"], im["mlp_dim"], pool="gap",
-                           remat=self.remat, attention=self.attention, **kw)
+                           remat=self.remat, attention=self.attention, **dict(self.video or {}), **kw)
     self.con_pool = AttentionalPooler(1, im["heads"], **kw)
     self.cap_pool = AttentionalPooler(self.cap_queries, im["heads"], **kw)
     self.image_proj = nn.Dense(self.embed_dim, use_bias=False, **kw, **dense_init("embed", None))
@@ -130,6 +131,8 @@ class CocaFamily(Family):
     self.config = cfg
     self.image_size = int(cfg.get("image_size", 224))
     self.text_len = int(cfg.get("text_len", 76))
+    video = video_options(cfg)
+    self.num_frames = video["num_frames"]
     text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
     image = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
     self.unimodal_layers = int(cfg.get("unimodal_layers", None) or text["depth"] // 2)
@@ -143,7 +146,7 @@ class CocaFamily(Family):
     self.model = CoCa(image=image, text=text, embed_dim=int(cfg.embed_dim), vocab_size=int(cfg.vocab_size),
                       text_len=self.text_len, unimodal_layers=self.unimodal_layers,
                       cap_queries=int(cfg.get("cap_queries", 16)), remat=remat_mode(cfg.get("remat", False)),
-                      attention=attention_spec(cfg), dtype=DTYPES[cfg.get("dtype", "float32")],
+                      attention=attention_spec(cfg), video=video, dtype=DTYPES[cfg.get("dtype", "float32")],
                       param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
     m = self.model
     self.decoder = TextDecoder(m.vocab_size, m.text_len, text["width"], text["depth"], text["heads"],
