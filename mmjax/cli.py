@@ -4,7 +4,7 @@
     mmjax train --config configs/clip_b16.py --workdir DIR --dry-run   (memory per device)
     mmjax train ... --coordinator HOST:PORT --num-processes N --process-id I   (multi-process)
     mmjax finetune --config configs/finetune_shapes.py:linear --init-from DIR --workdir OUT
-    mmjax caption --workdir DIR --images a.png b.jpg [--beams 4]
+    mmjax caption --workdir DIR --images a.png b.jpg [--beams 4]   (or --videos a.mp4)
     mmjax embed --workdir DIR --images a.png b.jpg --texts captions.txt --out emb.npz
     mmjax export --workdir DIR --format safetensors|stablehlo|hf-clip --out OUT [--weights ema]
     mmjax convert --from hf-clip --src HF_DIR --workdir DIR
@@ -68,12 +68,14 @@ def _parser():
     m = sub.add_parser("embed", help="embeddings of your images and texts from a workdir's checkpoint (.npz)")
     m.add_argument("--workdir", required=True)
     m.add_argument("--images", nargs="*", default=(), help="image files")
+    m.add_argument("--videos", nargs="*", default=(), help="video files (a video model; PyAV decodes them)")
     m.add_argument("--texts", default=None, help="a text file, one text per line")
     m.add_argument("--out", required=True, help="output .npz")
     m.add_argument("--weights", choices=("student", "ema"), default="student")
-    cp = sub.add_parser("caption", help="captions of your images from a captioning workdir (CoCa)")
+    cp = sub.add_parser("caption", help="captions of your images or videos from a captioning workdir (CoCa, BLIP)")
     cp.add_argument("--workdir", required=True)
-    cp.add_argument("--images", nargs="+", required=True, help="image files")
+    cp.add_argument("--images", nargs="+", default=(), help="image files")
+    cp.add_argument("--videos", nargs="+", default=(), help="video files (a video model; PyAV decodes them)")
     cp.add_argument("--beams", type=int, default=1, help="1 = greedy; more = beam search")
     cp.add_argument("--max-len", type=int, default=None, help="tokens incl. bos (default: the model's text length)")
     cp.add_argument("--length-penalty", type=float, default=0.6, help="beam score / length ** this")
@@ -182,18 +184,21 @@ def main(argv=None) -> int:
         elif args.command == "embed":
             if overrides:
                 raise config_lib.ConfigError("mmjax embed takes no --config overrides")
-            if not args.images and not args.texts:
-                raise config_lib.ConfigError("mmjax embed needs --images and/or --texts")
+            if not args.images and not args.videos and not args.texts:
+                raise config_lib.ConfigError("mmjax embed needs --images (or --videos) and/or --texts")
             from mmjax.eval.embed import embed
 
-            print(json.dumps(embed(args.workdir, images=args.images, texts_file=args.texts, out=args.out,
-                                   weights=args.weights)))
+            print(json.dumps(embed(args.workdir, images=args.images, videos=args.videos, texts_file=args.texts,
+                                   out=args.out, weights=args.weights)))
         elif args.command == "caption":
             if overrides:
                 raise config_lib.ConfigError("mmjax caption takes no --config overrides")
+            if not args.images and not args.videos:
+                raise config_lib.ConfigError("mmjax caption needs --images or --videos")
             from mmjax.eval.embed import caption
 
-            for row in caption(args.workdir, images=args.images, weights=args.weights, beams=args.beams,
+            for row in caption(args.workdir, images=args.images, videos=args.videos, weights=args.weights,
+                               beams=args.beams,
                                max_len=args.max_len, length_penalty=args.length_penalty):
                 print(f"{row['image']}\t{row['caption']}")
         elif args.command == "export":

@@ -129,3 +129,13 @@ def test_caption_metrics_against_hand_counts():
     # second), brevity penalty 1, geometric mean.
     want = (18 / 19 * 15 / 17 * 12 / 15 * 9 / 13) ** 0.25
     assert abs(one_off["caption_bleu4"] - want) < 1e-6
+
+
+def test_coca_base_size():
+    """CoCa-Base as configured: ViT-B/16 + a 24-layer 768-wide decoder (12 unimodal) with
+    tied 64k embeddings and 256 captioning queries. The paper's 383M counts an untied
+    output projection (64,000 x 768 = 49M)."""
+    cfg = config_lib.load(f"{ROOT}/configs/coca_base.py", [])
+    fam, *_ = bench._prepare(cfg)
+    shapes = jax.eval_shape(lambda: fam.init_params(jax.random.PRNGKey(0)))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes)) == 339_698_945

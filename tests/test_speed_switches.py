@@ -48,8 +48,11 @@ def _loss_and_grads(cfg_name, extra, seed=0):
     small = {"demo": ["model.text_overrides={'width': 32, 'depth': 1, 'heads': 2, 'mlp_dim': 64}"],
              "albef": ["model.text_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
                        "model.fusion_from=1", "model.queue_size=16"],
-             "vlmo": ["model.vl_from=1"], "beit3": []}[cfg_name]
-    cfg = config_lib.load(f"{ROOT}/configs/{cfg_name}.py", TINY + small + extra)
+             "vlmo": ["model.vl_from=1"], "beit3": [],
+             "blip": ["model.text_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}", "model.queue_size=16"],
+             "video_clip:divided": ["data.num_frames=2"]}[cfg_name]
+    path, _, arg = cfg_name.partition(":")
+    cfg = config_lib.load(f"{ROOT}/configs/{path}.py" + (f":{arg}" if arg else ""), TINY + small + extra)
     fam, *_ = bench._prepare(cfg)
     batch = {k: jnp.asarray(v) for k, v in bench.synthetic_batch(cfg, fam, 8, seed).items()}
     params = fam.init_params(jax.random.PRNGKey(seed))
@@ -64,7 +67,7 @@ def _loss_and_grads(cfg_name, extra, seed=0):
     return jax.jit(jax.value_and_grad(f))(params)
 
 
-@pytest.mark.parametrize("name", ["demo", "albef", "vlmo", "beit3"])
+@pytest.mark.parametrize("name", ["demo", "albef", "vlmo", "beit3", "blip", "video_clip:divided"])
 def test_switches_give_the_same_loss_and_gradients(name):
     """Padding attention lengths to 16 and each remat policy change nothing but speed
     and memory: same loss, same gradients as the plain model (float32)."""

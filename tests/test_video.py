@@ -1,5 +1,6 @@
-"""Video building blocks (issue 7, in progress): FrameEmbed and the inflation of
-image patch kernels."""
+"""Video: FrameEmbed and the inflation of image patch kernels, the temporal modeling
+of the video ViT (against frame-by-frame references), image checkpoints continuing on
+video, frame sampling and the reader of a user's video files."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,3 +88,159 @@ def test_frame_embed_errors():
         FrameEmbed(P, D, max_frames=8, mode="3d").init(jax.random.PRNGKey(0), clip)
     with pytest.raises(ValueError, match="valid choices: central, mean"):
         inflate_patch_kernel(np.zeros((P, P, C, D)), 2, "edge")
+
+
+# ------------------------------------------------------------------ the video ViT
+from mmjax.models.attention import MultiHeadAttention  # noqa: E402
+from mmjax.models.transformer import Mlp  # noqa: E402
+from mmjax.models.video import LocalTemporal, VideoBlock  # noqa: E402
+from mmjax.models.vit import ViT  # noqa: E402
+from mmjax.train import finetune  # noqa: E402
+
+VIT = dict(patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32)
+TEMPORAL_MODES = ("none", "divided", "local", "mean")
+
+
+def _jiggle(params, seed=5, scale=0.2):
+    """Every leaf moved off its init (zero-initialised temporal parts included)."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _video_from_image(pool, temporal, frames=4, tubelet=1, inflation="central"):
+    """(image ViT, its params moved off init, video ViT, the video params transplanted
+    from the image ones as `mmjax finetune` does)."""
+    image_vit = ViT(**VIT, pool=pool)
+    img_params = _jiggle(nn.unbox(image_vit.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]))
+    video_vit = ViT(**VIT, pool=pool, num_frames=frames, temporal=temporal, tubelet=tubelet)
+    fresh = nn.unbox(video_vit.init(jax.random.PRNGKey(1), jnp.zeros((1, frames, 16, 16, 3)))["params"])
+    params, report = finetune.transplant(fresh, img_params, inflation=inflation)
+    assert report["unused"] == 0 and all("time" in k or "temporal" in k for k in report["kept_init"])
+    return image_vit, img_params, video_vit, params
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap"])
+@pytest.mark.parametrize("temporal", TEMPORAL_MODES)
+def test_an_image_checkpoint_continues_on_video(temporal, pool):
+    """Loaded into a video ViT, an image ViT's params compute on a one-frame clip
+    exactly what they compute on the image, and on a clip of that frame repeated the
+    same pooled feature: the temporal parts start as the identity, and joint attention
+    over T copies of the patch tokens weighs each copy alike. (Not with 'none' and a
+    [CLS] token: there the one [CLS] key gets 1/T of its image weight.)"""
+    image_vit, img_params, video_vit, params = _video_from_image(pool, temporal)
+    image = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3))
+    want, want_aux = image_vit.apply({"params": img_params}, image)
+    got, aux = video_vit.apply({"params": params}, image[:, None])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(aux["tokens"]), np.asarray(want_aux["tokens"]))
+    still, _ = video_vit.apply({"params": params}, jnp.repeat(image[:, None], 4, axis=1))
+    if (temporal, pool) != ("none", "cls"):
+        np.testing.assert_allclose(np.asarray(still), np.asarray(want), rtol=2e-5, atol=2e-5)
+    else:
+        assert np.abs(np.asarray(still) - np.asarray(want)).max() > 1e-3
+
+
+@pytest.mark.parametrize("how", ["central", "mean"])
+def test_tubelet_video_model_from_an_image_checkpoint(how):
+    """`finetune.transplant` inflates the image patch kernel into the tubelet kernel:
+    a still clip then pools like the image."""
+    image_vit, img_params, video_vit, params = _video_from_image("cls", "divided", frames=4, tubelet=2, inflation=how)
+    assert params["patch_embed"]["conv"]["kernel"].shape == (2, 4, 4, 3, 16)
+    image = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3))
+    want, _ = image_vit.apply({"params": img_params}, image)
+    got, aux = video_vit.apply({"params": params}, jnp.repeat(image[:, None], 4, axis=1))
+    assert aux["frames"] == 2 and aux["tokens"].shape == (2, 1 + 2 * 16, 16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+def _apply(module, params, *args):
+    return module.apply({"params": params}, *args)
+
+
+def _reference_video_block(p, x, t, temporal, heads=2, kernel=3):
+    """VideoBlock written frame by frame and position by position (loops, no reshapes)."""
+    ln = lambda name, v: _apply(nn.LayerNorm(epsilon=1e-6), p[name], v)
+    attn = lambda name, v: _apply(MultiHeadAttention(heads), p[name], v)
+    b, s, d = x.shape
+    n = (s - 1) // t
+    cls, frames = x[:, :1], [x[:, 1 + f * n:1 + (f + 1) * n] for f in range(t)]
+    if temporal == "divided":
+        new = [f.copy() for f in frames]
+        for i in range(n):  # one spatial position across the frames
+            seq = jnp.stack([f[:, i] for f in frames], axis=1)  # [B, T, D]
+            h = _apply(nn.Dense(d), p["time_proj"], attn("time_attn", ln("ln_time", seq)))
+            for f in range(t):
+                new[f] = new[f].at[:, i].add(h[:, f])
+        frames = new
+    outs = [attn("attn", ln("ln1", jnp.concatenate([cls, f], axis=1))) for f in frames]
+    cls = cls + sum(o[:, :1] for o in outs) / t
+    frames = [f + o[:, 1:] for f, o in zip(frames, outs)]
+    if temporal == "local":
+        q = p["time_conv"]
+        down = [_apply(nn.Dense(d // 4), q["down"], ln_f) for ln_f in
+                [_apply(nn.LayerNorm(epsilon=1e-6), q["ln"], f) for f in frames]]
+        w, bias = np.asarray(q["conv"]["kernel"]), np.asarray(q["conv"]["bias"])  # [K, 1, R], [R]
+        for f in range(t):
+            mixed = bias[None, None] + sum(w[j, 0][None, None] * down[f + j - kernel // 2]
+                                           for j in range(kernel) if 0 <= f + j - kernel // 2 < t)
+            frames[f] = frames[f] + _apply(nn.Dense(d), q["up"], mixed)
+    y = jnp.concatenate([cls] + frames, axis=1)
+    return y + _apply(Mlp(32), p["mlp"], ln("ln2", y))
+
+
+@pytest.mark.parametrize("temporal", ["divided", "local"])
+def test_video_block_matches_a_frame_by_frame_reference(temporal):
+    t, n, d = 3, 5, 16
+    block = VideoBlock(2, 32, t, temporal=temporal)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 1 + t * n, d))
+    params = _jiggle(nn.unbox(block.init(jax.random.PRNGKey(0), x)["params"]))
+    got = _apply(block, params, x)
+    want = _reference_video_block(params, x, t, temporal)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_local_module_mixes_only_neighbouring_frames():
+    """Through one 'local' block, frame 3 of 5 depends on frames 2-4 and the [CLS]
+    only: changing frame 0 leaves it unchanged, changing frame 2 does not."""
+    t, n, d = 5, 4, 16
+    block = VideoBlock(2, 32, t, temporal="local")
+    x = jax.random.normal(jax.random.PRNGKey(3), (1, 1 + t * n, d))
+    params = _jiggle(nn.unbox(block.init(jax.random.PRNGKey(0), x)["params"]))
+    frame = lambda y, f: np.asarray(y[:, 1 + f * n:1 + (f + 1) * n])
+    base = _apply(block, params, x)
+    noise = jax.random.normal(jax.random.PRNGKey(6), (1, n, d))
+    far = _apply(block, params, x.at[:, 1:1 + n].add(noise))  # frame 0
+    near = _apply(block, params, x.at[:, 1 + 2 * n:1 + 3 * n].add(noise))  # frame 2
+    np.testing.assert_array_equal(frame(far, 3), frame(base, 3))
+    assert np.abs(frame(near, 3) - frame(base, 3)).max() > 1e-3
+    assert np.abs(frame(far, 1) - frame(base, 1)).max() > 1e-3
+    lt = LocalTemporal()
+    y = jax.random.normal(jax.random.PRNGKey(4), (1, t, n, d))
+    np.testing.assert_array_equal(np.asarray(_apply(lt, nn.unbox(lt.init(jax.random.PRNGKey(0), y)["params"]), y)),
+                                  np.asarray(y))  # the identity at init
+
+
+@pytest.mark.parametrize("temporal", TEMPORAL_MODES)
+def test_only_the_mean_baseline_is_blind_to_frame_order(temporal):
+    vit = ViT(**VIT, num_frames=4, temporal=temporal)
+    clip = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 16, 16, 3))
+    params = _jiggle(nn.unbox(vit.init(jax.random.PRNGKey(0), clip)["params"]))
+    fwd, _ = vit.apply({"params": params}, clip)
+    back, _ = vit.apply({"params": params}, clip[:, ::-1])
+    if temporal == "mean":
+        np.testing.assert_allclose(np.asarray(back), np.asarray(fwd), rtol=1e-5, atol=1e-5)
+    else:
+        assert np.abs(np.asarray(back) - np.asarray(fwd)).max() > 1e-3
+
+
+def test_video_vit_errors():
+    with pytest.raises(ValueError, match="model.num_frames"):
+        ViT(**VIT).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 16, 16, 3)))
+    with pytest.raises(ValueError, match="valid choices: none, divided, local, mean"):
+        ViT(**VIT, num_frames=2, temporal="3d").init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 16, 16, 3)))
+    with pytest.raises(ValueError, match="scan_layers"):
+        ViT(**VIT, num_frames=2, temporal="divided", scan=True).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 16, 16, 3)))
+    from mmjax.models.zoo.common import video_options
+    with pytest.raises(ValueError, match="multiple of model.tubelet"):
+        video_options({"num_frames": 5, "tubelet": 2})

@@ -1,6 +1,7 @@
-"""Images and texts from a user's files, prepared exactly as the eval pipeline
-prepares them (decode, resize with antialiasing to data.image_size, normalise with
-the dataset mean/std): for `mmjax embed` and other inference entry points."""
+"""Images, videos and texts from a user's files, prepared exactly as the eval pipeline
+prepares them (decode; for a video the data.num_frames segment-centre frames; resize
+with antialiasing to data.image_size, normalise with the dataset mean/std): for
+`mmjax embed`, `mmjax caption` and other inference entry points."""
 from __future__ import annotations
 
 import logging
@@ -35,3 +36,27 @@ def read_texts(path: str) -> list[str]:
     """One text per non-empty line of a UTF-8 file."""
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def load_videos(data_config, paths) -> tuple[np.ndarray, list[str]]:
+    """-> (clips [N, T, S, S, 3] float32 with T = data.num_frames, the paths that
+    decoded). An unreadable video is skipped with a warning, never a crash."""
+    import tensorflow as tf
+
+    from mmjax.data import pipeline, video_io
+
+    size, t = int(pipeline._get(data_config, "image_size", 224)), pipeline.num_frames(data_config)
+    if not t:
+        raise ValueError("this model reads images, not videos (its data.num_frames is 0)")
+    out, ok = [], []
+    for path in paths:
+        try:
+            frames = video_io.read_frames(str(path), t)
+        except video_io.VideoDecodeError as e:
+            log.warning("skipping %s: %s", path, str(e).splitlines()[0][:200])
+            continue
+        clip = tf.image.resize(tf.constant(frames), [size, size], antialias=True)
+        out.append(pipeline._normalize(clip).numpy().astype(np.float32))
+        ok.append(str(path))
+    empty = np.zeros((0, t, size, size, 3), np.float32)
+    return (np.stack(out) if out else empty), ok

@@ -28,7 +28,22 @@ def _batched(fn, mesh, arrays: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def embed(workdir: str, *, images=(), texts_file: str | None = None, out: str, weights: str = "student") -> dict:
+def _load_media(config, images=(), videos=()):
+    """(pixels [N, (T,) S, S, 3], the paths that decoded): images, or videos for a video model."""
+    from mmjax.data import images as images_lib
+
+    if images and videos:
+        raise ValueError("give --images or --videos, not both")
+    if videos:
+        return images_lib.load_videos(config.data, list(videos))
+    if int(config.data.get("num_frames", 0) or 0):  # a video model takes an image as a still clip
+        pixels, ok = images_lib.load_images(config.data, list(images))
+        return np.repeat(pixels[:, None], int(config.data.num_frames), axis=1), ok
+    return images_lib.load_images(config.data, list(images))
+
+
+def embed(workdir: str, *, images=(), videos=(), texts_file: str | None = None, out: str,
+          weights: str = "student") -> dict:
     from mmjax.data import images as images_lib
     from mmjax.train import loop
 
@@ -40,9 +55,9 @@ def embed(workdir: str, *, images=(), texts_file: str | None = None, out: str, w
     bs = max(n_dev, (int(config.eval.batch_size) // n_dev) * n_dev)
     rep = mesh_lib.replicated(setup.mesh)
     result = {"step": np.int64(step)}
-    pixels, ok = images_lib.load_images(config.data, list(images))
+    pixels, ok = _load_media(config, images, videos)
     result["image_paths"] = np.asarray(ok, dtype=str)
-    result["skipped"] = np.asarray(sorted(set(map(str, images)) - set(ok)), dtype=str)
+    result["skipped"] = np.asarray(sorted(set(map(str, tuple(images) + tuple(videos))) - set(ok)), dtype=str)
     if len(pixels):
         enc = jax.jit(lambda x: family.encode_image(params, x), out_shardings=rep)
         result["image_emb"] = _batched(enc, setup.mesh, pixels, bs).astype(np.float32)
@@ -58,20 +73,20 @@ def embed(workdir: str, *, images=(), texts_file: str | None = None, out: str, w
             "texts": len(result.get("texts", [])), "step": int(result["step"])}
 
 
-def caption(workdir: str, *, images=(), weights: str = "student", beams: int = 1, max_len: int | None = None,
-            length_penalty: float = 0.6) -> list[dict]:
-    """Captions of image files from a captioning workdir (CoCa): [{'image', 'caption'}],
-    greedy or beam search; files that do not decode are skipped with a warning."""
-    from mmjax.data import images as images_lib
+def caption(workdir: str, *, images=(), videos=(), weights: str = "student", beams: int = 1,
+            max_len: int | None = None, length_penalty: float = 0.6) -> list[dict]:
+    """Captions of image (or, for a video model, video) files from a captioning workdir
+    (CoCa, BLIP): [{'image', 'caption'}], greedy or beam search; files that do not
+    decode are skipped with a warning."""
     from mmjax.train import loop
 
     params, setup, _ = loop.restore_params(workdir, weights)
     config, family = setup.config, setup.family
     if not hasattr(family, "caption"):
-        raise ValueError(f"family {config.model.family!r} does not caption; captioning families: coca")
+        raise ValueError(f"family {config.model.family!r} does not caption; captioning families: coca, blip")
     n_dev = setup.mesh.devices.size
     bs = max(n_dev, (int(config.eval.batch_size) // n_dev) * n_dev)
-    pixels, ok = images_lib.load_images(config.data, list(images))
+    pixels, ok = _load_media(config, images, videos)
     if not len(pixels):
         return []
     fn = jax.jit(lambda x: family.caption(params, x, max_len=max_len, beams=int(beams), length_penalty=length_penalty),

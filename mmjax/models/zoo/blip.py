@@ -48,7 +48,7 @@ from mmjax.models.transformer import Mlp, maybe_remat, remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
-from mmjax.models.zoo.common import FeatureFamily, attention_spec
+from mmjax.models.zoo.common import FeatureFamily, attention_spec, video_options
 from mmjax.objectives import (alpha_at, ema_update, enqueue, identity, init_queues, itc_distill_loss, itm_loss,
                               lm_loss, momentum_at, sample_hard_negatives)
 from mmjax.parallel.sharding import constrain, dense_init, names, norm_init
@@ -179,6 +179,7 @@ class BLIP(nn.Module):
   remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
   attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
   scan: bool = False  # nn.scan over the image tower's blocks
+  video: Any = None  # ViT video keywords (common.video_options); None: an image model
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -186,7 +187,8 @@ class BLIP(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     im, tx = self.image, self.text
     self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"], im["mlp_dim"], pool="cls",
-                           posemb="learn", remat=self.remat, attention=self.attention, scan=self.scan, **kw)
+                           posemb="learn", remat=self.remat, attention=self.attention, scan=self.scan,
+                           **dict(self.video or {}), **kw)
     self.text_tower = BlipText(self.vocab_size, self.text_len, tx["width"], tx["depth"], tx["heads"], tx["mlp_dim"],
                                remat=remat_mode(self.remat), attention=self.attention, **kw)
     self.image_proj = nn.Dense(self.embed_dim, name="image_proj", **kw, **dense_init("embed", None))
@@ -195,7 +197,7 @@ class BLIP(nn.Module):
     self.temp = self.param("temp", names(nn.initializers.constant(0.07)), (), jnp.float32)
 
   def image_features(self, image_BxHxWx3):
-    chex.assert_rank(image_BxHxWx3, 4)
+    chex.assert_rank(image_BxHxWx3, {4, 5})  # images, or clips [B, T, H, W, 3]
     pooled, aux = self.image_tower(image_BxHxWx3)
     return l2_normalize(self.image_proj(pooled)), aux["tokens"]
 
@@ -233,6 +235,7 @@ class BlipFamily(FeatureFamily):
     self.config = cfg
     self.image_size = int(cfg.get("image_size", 224))
     self.text_len = int(cfg.get("text_len", 30))
+    self.num_frames = video_options(cfg)["num_frames"]
     self.queue_size = int(cfg.get("queue_size", 57600))
     self.momentum = float(cfg.get("momentum", 0.995))
     self.momentum_final = cfg.get("momentum_final", None)
@@ -263,7 +266,8 @@ class BlipFamily(FeatureFamily):
               param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
     self.model = BLIP(image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"), text=text,
                       embed_dim=self.embed_dim, vocab_size=int(cfg.vocab_size), text_len=self.text_len,
-                      remat=remat_mode(cfg.get("remat", False)), scan=bool(cfg.get("scan_layers", False)), **kw)
+                      remat=remat_mode(cfg.get("remat", False)), scan=bool(cfg.get("scan_layers", False)),
+                      video=video_options(cfg), **kw)
     # The decoder mode alone (params: params['text_tower']), for cached captioning.
     self.decoder = BlipText(int(cfg.vocab_size), self.text_len, text["width"], text["depth"], text["heads"],
                             text["mlp_dim"], **kw)
