@@ -113,7 +113,7 @@ def vision_tokens(cfg, v, cls=True):
 def clip_forward(cfg, batch: int) -> dict:
     im = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
     tx = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
-    e, size, length = int(cfg.embed_dim), int(cfg.image_size), int(cfg.text_len)
+    e, length = int(cfg.embed_dim), int(cfg.text_len)
     image = vision(cfg, im, cls=cfg.get("pool", "cls") == "cls") + 2 * im["width"] * e
     text = tx["depth"] * layer(length, tx["width"], tx["mlp_dim"]) + 2 * tx["width"] * e
     return {"student": image + text + 2 * 2 * batch * e, "teacher": 0}
@@ -122,7 +122,7 @@ def clip_forward(cfg, batch: int) -> dict:
 def albef_forward(cfg, batch: int) -> dict:
     im = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
     tx = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
-    e, size, length, vocab = int(cfg.embed_dim), int(cfg.image_size), int(cfg.text_len), int(cfg.vocab_size)
+    e, length, vocab = int(cfg.embed_dim), int(cfg.text_len), int(cfg.vocab_size)
     ff = int(cfg.get("fusion_from", tx["depth"] // 2))
     q = int(cfg.get("queue_size", 65536))
     tasks = tuple(cfg.get("tasks", None) or ("itc", "itm", "mlm"))

@@ -47,7 +47,6 @@ from typing import Any, Optional, Sequence, Tuple
 
 import chex
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mmjax.models.attention import MultiHeadAttention, attend

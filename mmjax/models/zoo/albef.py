@@ -25,17 +25,15 @@ import jax.numpy as jnp
 from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
-from mmjax.models.zoo.common import FeatureFamily, attention_spec, video_options
+from mmjax.models.zoo.common import MomentumFamily, attention_spec, video_options
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
 from mmjax.parallel.collective import local
 from mmjax.parallel.sharding import dense_init, names
-from mmjax.objectives import (alpha_at, ema_update, enqueue, identity, init_queues, itc_distill_loss,
-                              itm_loss, mask_tokens, mlm_loss, momentum_at, sample_hard_negatives)
+from mmjax.objectives import alpha_at, enqueue, identity, itc_distill_loss, itm_loss, mask_tokens, mlm_loss
 
 Dtype = Any
 MASK_ID, SPECIAL_IDS, FIRST_WORD_ID = 4, (0, 1, 2, 3, 4, 5), 6  # mmjax tokenizer ids
-TEMP_RANGE = (0.001, 0.5)  # ALBEF's clamp; model.temp_range overrides it
 
 
 class ALBEF(nn.Module):
@@ -112,7 +110,7 @@ class ALBEF(nn.Module):
     return img_emb, txt_emb, self.itm_logits(fused), self.mlm_logits(fused)
 
 
-class AlbefFamily(FeatureFamily):
+class AlbefFamily(MomentumFamily):
   """ALBEF for the generic train step and the evaluator.
 
   model_config fields (besides CLIP's image/text/overrides/embed_dim/dtype):
@@ -135,19 +133,9 @@ class AlbefFamily(FeatureFamily):
     if not 0 <= self.fusion_from <= text["depth"]:
       raise ValueError(f"model.fusion_from={self.fusion_from} must lie in [0, text depth "
                        f"{text['depth']}]")
-    self.queue_size = int(cfg.get("queue_size", 65536))
-    self.momentum = float(cfg.get("momentum", 0.995))
-    self.momentum_final = cfg.get("momentum_final", None)
-    self.total_steps = int(cfg.get("total_steps", 0) or 0)
-    self.alpha = float(cfg.get("alpha", 0.4))
-    self.alpha_ramp_steps = int(cfg.get("alpha_ramp_steps", 0))
+    self._momentum_config(cfg, queue_size=65536)
     self.mlm_prob = float(cfg.get("mlm_prob", 0.15))
-    self.temp_range = tuple(float(x) for x in (cfg.get("temp_range", None) or TEMP_RANGE))
-    tasks = tuple(cfg.get("tasks", None) or self.TASKS)
-    bad = [t for t in tasks if t not in self.TASKS]
-    if bad:
-      raise ValueError(f"model.tasks {bad} unknown; valid choices: {', '.join(self.TASKS)}")
-    self.tasks = tasks
+    self.tasks = self._tasks(cfg)
     self.embed_dim = int(cfg.embed_dim)
     self.model = ALBEF(
         image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
@@ -157,20 +145,6 @@ class AlbefFamily(FeatureFamily):
         scan=bool(cfg.get("scan_layers", False)), video=video_options(cfg),
         dtype=DTYPES[cfg.get("dtype", "float32")],
         param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
-
-  # --- state -----------------------------------------------------------------
-  def init_extra(self, params):
-    """The teacher starts as a copy of the student; the queues start empty."""
-    return dict(ema_params=jax.tree_util.tree_map(jnp.array, params),
-                queues=init_queues(self.queue_size, self.embed_dim))
-
-  def teacher_update(self, ema_params, params, step):
-    m = momentum_at(step, self.momentum, self.momentum_final, self.total_steps or None)
-    return ema_update(ema_params, params, m)
-
-  # --- pieces ------------------------------------------------------------------
-  def temp(self, params):
-    return jnp.clip(params["temp"], *self.temp_range)
 
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None,
                 gather=identity):
@@ -182,7 +156,7 @@ class AlbefFamily(FeatureFamily):
     m = self.model
     image, ids, text_ids = batch["image"], batch["id"].astype(jnp.int32), batch["text"]
     step = jnp.zeros((), jnp.int32) if step is None else step
-    rng_mlm, rng_i2t, rng_t2i = jax.random.split(rng, 3)
+    rng_mlm, *rng_itm = jax.random.split(rng, 3)
     alpha = alpha_at(step, self.alpha, self.alpha_ramp_steps)
     temp = self.temp(params)
     img_emb, img_tok = self._apply(params, m.image_features, image)
@@ -198,21 +172,13 @@ class AlbefFamily(FeatureFamily):
       loss, metrics = loss + l_itc, {**metrics, **mi}
 
     if "itm" in self.tasks:
-      ids_all = gather(ids)
-      sim_i2t = jax.lax.stop_gradient(img_emb @ gather(txt_emb).T / temp)  # [b, B]
-      sim_t2i = jax.lax.stop_gradient(txt_emb @ gather(img_emb).T / temp)
-      neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t, ids, ids_all, gather=gather)
-      neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i, ids, ids_all, gather=gather)
+      neg_txt, neg_img, labels, weights = self.itm_pairs(rng_itm, img_emb, txt_emb, ids, temp, gather)
       stream_all, text_all, img_tok_all = gather(stream), gather(text_ids), gather(img_tok)
-      b = image.shape[0]
       fused = self._apply(params, m.fuse,
                           jnp.concatenate([stream, stream_all[neg_txt], stream]),
                           jnp.concatenate([text_ids, text_all[neg_txt], text_ids]),
                           jnp.concatenate([img_tok, img_tok, img_tok_all[neg_img]]))
       logits = self._apply(params, m.itm_logits, fused)
-      labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-      weights = jnp.concatenate([jnp.ones((b,), jnp.float32), has_t.astype(jnp.float32),
-                                 has_i.astype(jnp.float32)])
       l_itm, mi = itm_loss(logits, labels, weights, gather=gather)
       loss, metrics = loss + l_itm, {**metrics, **mi}
 

@@ -48,15 +48,13 @@ from mmjax.models.transformer import Mlp, maybe_remat, remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
-from mmjax.models.zoo.common import FeatureFamily, attention_spec, video_options
-from mmjax.objectives import (alpha_at, ema_update, enqueue, identity, init_queues, itc_distill_loss, itm_loss,
-                              lm_loss, momentum_at, sample_hard_negatives)
+from mmjax.models.zoo.common import MomentumFamily, attention_spec, video_options
+from mmjax.objectives import alpha_at, enqueue, identity, itc_distill_loss, itm_loss, lm_loss
 from mmjax.parallel.sharding import constrain, dense_init, names, norm_init
 
 Dtype = Any
 PAD_ID, BOS_ID, EOS_ID, CLS_ID = 0, 2, 3, 5  # mmjax tokenizer ids; bos = [Decode], <cls> = ITC's [CLS]
 MODES = ("text", "encode", "decode")
-TEMP_RANGE = (0.001, 0.5)  # BLIP's clamp of the learned temperature
 
 
 class BlipBlock(nn.Module):
@@ -217,7 +215,7 @@ class BLIP(nn.Module):
     return img_emb, txt_emb, self.itm_logits(img_tok, ids), self.lm_logits(img_tok, ids)
 
 
-class BlipFamily(FeatureFamily):
+class BlipFamily(MomentumFamily):
   """BLIP for the generic train step, the evaluator (ITC retrieval, ITM re-ranking,
   captions) and `mmjax caption`.
 
@@ -236,27 +234,12 @@ class BlipFamily(FeatureFamily):
     self.image_size = int(cfg.get("image_size", 224))
     self.text_len = int(cfg.get("text_len", 30))
     self.num_frames = video_options(cfg)["num_frames"]
-    self.queue_size = int(cfg.get("queue_size", 57600))
-    self.momentum = float(cfg.get("momentum", 0.995))
-    self.momentum_final = cfg.get("momentum_final", None)
-    self.total_steps = int(cfg.get("total_steps", 0) or 0)
-    self.alpha = float(cfg.get("alpha", 0.4))
-    self.alpha_ramp_steps = int(cfg.get("alpha_ramp_steps", 0))
-    self.temp_range = tuple(float(x) for x in (cfg.get("temp_range", None) or TEMP_RANGE))
+    self._momentum_config(cfg, queue_size=57600)
     self.label_smoothing = float(cfg.get("label_smoothing", 0.1))
     self.weights = {t: float(cfg.get(f"{t}_weight", 1.0)) for t in self.TASKS}
-    tasks = tuple(cfg.get("tasks", None) or self.TASKS)
-    bad = [t for t in tasks if t not in self.TASKS]
-    if bad:
-      raise ValueError(f"model.tasks {bad} unknown; valid choices: {', '.join(self.TASKS)}")
-    self.tasks = tasks
+    self.tasks = self._tasks(cfg)
     for key, value, ok, want in [
-        ("queue_size", self.queue_size, self.queue_size > 0, "a positive integer"),
-        ("momentum", self.momentum, 0 <= self.momentum <= 1, "in [0, 1]"),
-        ("alpha", self.alpha, 0 <= self.alpha <= 1, "in [0, 1]"),
         ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
-        ("temp_range", self.temp_range, len(self.temp_range) == 2 and 0 < self.temp_range[0] <= self.temp_range[1],
-         "(low, high) with 0 < low <= high"),
         *[(f"{t}_weight", w, w >= 0, "a non-negative number") for t, w in self.weights.items()]]:
       if not ok:
         raise ValueError(f"model.{key}={value!r}; expected {want}")
@@ -272,19 +255,6 @@ class BlipFamily(FeatureFamily):
     self.decoder = BlipText(int(cfg.vocab_size), self.text_len, text["width"], text["depth"], text["heads"],
                             text["mlp_dim"], **kw)
 
-  # --- state -----------------------------------------------------------------
-  def init_extra(self, params):
-    """The teacher starts as a copy of the student; the queues start empty."""
-    return dict(ema_params=jax.tree_util.tree_map(jnp.array, params),
-                queues=init_queues(self.queue_size, self.embed_dim))
-
-  def teacher_update(self, ema_params, params, step):
-    m = momentum_at(step, self.momentum, self.momentum_final, self.total_steps or None)
-    return ema_update(ema_params, params, m)
-
-  def temp(self, params):
-    return jnp.clip(params["temp"], *self.temp_range)
-
   # --- objective ----------------------------------------------------------------
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=identity):
     """-> (loss, metrics, updates={'queues': new queues} when ITC runs).
@@ -297,7 +267,6 @@ class BlipFamily(FeatureFamily):
     image, ids, text = batch["image"], batch["id"].astype(jnp.int32), batch["text"]
     step = jnp.zeros((), jnp.int32) if step is None else step
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    rng_i2t, rng_t2i = jax.random.split(rng)
     alpha = alpha_at(step, self.alpha, self.alpha_ramp_steps)
     temp = self.temp(params)
     img_emb, img_tok = self._apply(params, m.image_features, image)
@@ -317,19 +286,11 @@ class BlipFamily(FeatureFamily):
       updates["queues"] = enqueue(queues, gather(t_img), gather(t_txt), gather(ids))
 
     if "itm" in self.tasks:
-      ids_all = gather(ids)
-      sim_i2t = jax.lax.stop_gradient(img_emb @ gather(txt_emb).T / temp)  # [b, B]
-      sim_t2i = jax.lax.stop_gradient(txt_emb @ gather(img_emb).T / temp)
-      neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t, ids, ids_all, gather=gather)
-      neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i, ids, ids_all, gather=gather)
+      neg_txt, neg_img, labels, weights = self.itm_pairs(jax.random.split(rng), img_emb, txt_emb, ids, temp, gather)
       text_all, img_tok_all = gather(text), gather(img_tok)
-      b = image.shape[0]
       # Rows: (image, its text), (image, a hard negative text), (a hard negative image, text).
       logits = self._apply(params, m.itm_logits, jnp.concatenate([img_tok, img_tok, img_tok_all[neg_img]]),
                            jnp.concatenate([text, text_all[neg_txt], text]))
-      labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-      weights = jnp.concatenate([jnp.ones((b,), jnp.float32), has_t.astype(jnp.float32),
-                                 has_i.astype(jnp.float32)])
       l_itm, mi = itm_loss(logits, labels, weights, gather=gather)
       loss, metrics = loss + self.weights["itm"] * l_itm, {**metrics, **mi}
 

@@ -2,6 +2,7 @@
 families (ALBEF, VLMo, BEiT-3) applying one method of their linen module and the
 evaluator's view of them."""
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -60,6 +61,79 @@ class FeatureFamily(Family):
   def text_features(self, params, text):
     """-> (emb [B, E], text tokens the family's ITM consumes)."""
     return self._apply(params, self.model.text_features, text)
+
+
+class MomentumFamily(FeatureFamily):
+  """Base of the families with an EMA teacher and feature queues (ALBEF, BLIP): their
+  shared config keys, the state they add, and the pairs ITM scores.
+
+  Keys: queue_size, momentum, momentum_final (None = constant), total_steps (set by
+  the loop), alpha, alpha_ramp_steps, temp_range (clamp of the learned temperature,
+  default ALBEF's and BLIP's (0.001, 0.5)).
+  """
+  TEMP_RANGE = (0.001, 0.5)
+
+  def _momentum_config(self, cfg, queue_size: int):
+    """Reads the keys above (`queue_size`: the family's default) and checks them."""
+    self.queue_size = int(cfg.get("queue_size", queue_size))
+    self.momentum = float(cfg.get("momentum", 0.995))
+    self.momentum_final = cfg.get("momentum_final", None)
+    self.total_steps = int(cfg.get("total_steps", 0) or 0)
+    self.alpha = float(cfg.get("alpha", 0.4))
+    self.alpha_ramp_steps = int(cfg.get("alpha_ramp_steps", 0))
+    self.temp_range = tuple(float(x) for x in (cfg.get("temp_range", None) or self.TEMP_RANGE))
+    for key, value, ok, want in [
+        ("queue_size", self.queue_size, self.queue_size > 0, "a positive integer"),
+        ("momentum", self.momentum, 0 <= self.momentum <= 1, "in [0, 1]"),
+        ("alpha", self.alpha, 0 <= self.alpha <= 1, "in [0, 1]"),
+        ("temp_range", self.temp_range, len(self.temp_range) == 2 and 0 < self.temp_range[0] <= self.temp_range[1],
+         "(low, high) with 0 < low <= high")]:
+      if not ok:
+        raise ValueError(f"model.{key}={value!r}; expected {want}")
+
+  def _tasks(self, cfg):
+    tasks = tuple(cfg.get("tasks", None) or self.TASKS)
+    bad = [t for t in tasks if t not in self.TASKS]
+    if bad:
+      raise ValueError(f"model.tasks {bad} unknown; valid choices: {', '.join(self.TASKS)}")
+    return tasks
+
+  def init_extra(self, params):
+    """The teacher starts as a copy of the student; the queues start empty."""
+    from mmjax.objectives import init_queues
+
+    return dict(ema_params=jax.tree_util.tree_map(jnp.array, params),
+                queues=init_queues(self.queue_size, self.embed_dim))
+
+  def teacher_update(self, ema_params, params, step):
+    from mmjax.objectives import ema_update, momentum_at
+
+    m = momentum_at(step, self.momentum, self.momentum_final, self.total_steps or None)
+    return ema_update(ema_params, params, m)
+
+  def temp(self, params):
+    return jnp.clip(params["temp"], *self.temp_range)
+
+  def itm_pairs(self, rngs, img_emb, txt_emb, ids, temp, gather):
+    """The 3b pairs ITM scores, ALBEF's way: (image, its text), (image, a hard
+    negative text), (a hard negative image, text), the negatives drawn from the
+    softmax of the similarities over the global batch (same id never a negative);
+    `rngs` = (key for the texts, key for the images).
+
+    -> (neg_txt [b], neg_img [b]: rows of the gathered batch; labels [3b] int32;
+    weights [3b] float32, 0 where a row had no negative to draw)."""
+    from mmjax.objectives import sample_hard_negatives
+
+    rng_i2t, rng_t2i = rngs
+    ids_all = gather(ids)
+    sim_i2t = jax.lax.stop_gradient(img_emb @ gather(txt_emb).T / temp)  # [b, B]
+    sim_t2i = jax.lax.stop_gradient(txt_emb @ gather(img_emb).T / temp)
+    neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t, ids, ids_all, gather=gather)
+    neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i, ids, ids_all, gather=gather)
+    b = ids.shape[0]
+    labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+    weights = jnp.concatenate([jnp.ones((b,), jnp.float32), has_t.astype(jnp.float32), has_i.astype(jnp.float32)])
+    return neg_txt, neg_img, labels, weights
 
 
 def attention_spec(model_config) -> str:
