@@ -53,7 +53,7 @@ def read_list(path: str) -> tuple[list[dict], list[str]]:
     for i, row in enumerate(rows):
         row["id"] = i
     if missing:
-        log.warning("%s: skipped %d rows with missing image files (first: %s)",
+        log.warning("%s: skipped %d rows whose file is missing (first: %s)",
                     path, len(missing), missing[:5])
     return rows, missing
 
