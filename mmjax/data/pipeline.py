@@ -325,7 +325,6 @@ def _train_map(data_config, seed, hard_negatives: int = 0):
 def _eval_map(data_config):
     import tensorflow as tf
     size = int(_get(data_config, "image_size", 224))
-
     t = num_frames(data_config)
 
     def fn(pos, rec):
