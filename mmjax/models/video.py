@@ -1,4 +1,6 @@
-"""Video clips as tokens: frame embeddings and the inflation of image checkpoints.
+"""Video clips as tokens: frame embeddings, the inflation of image checkpoints, and
+the temporal modeling of a video ViT (`TEMPORAL`, `VideoBlock`, `LocalTemporal`;
+`vit.ViT` puts them together).
 
 Shape letters: B batch, T frames, H/W height/width, C channels, P patch size,
 t tubelet length (frames per token), T' = T / t token frames, N patches per frame
@@ -145,8 +147,8 @@ class LocalTemporal(nn.Module):
 
 class VideoBlock(nn.Module):
   """A pre-LN block over a clip's tokens `x: [B, c + T'N, D]` (a [CLS] first if
-  `cls_token`, c = 1; then frame by frame), for temporal 'divided' or 'local' (see TEMPORAL; 'none' is the image
-  `Block` over the joint sequence). `num_frames` is T'.
+  `cls_token`, c = 1; then frame by frame), for temporal 'divided' or 'local' (see
+  TEMPORAL; 'none' is the image `Block` over the joint sequence). `num_frames` is T'.
 
   Spatial attention runs per frame on [CLS; that frame's N tokens], the [CLS] copied
   into every frame and its T' outputs averaged (TimeSformer). The params of an image
