@@ -17,6 +17,8 @@ temporal embedding and temporal layers start as the identity; docs/models.md).
 """
 import os
 
+import ml_collections
+
 from mmjax import config as config_lib
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
@@ -42,6 +44,9 @@ def get_config(arg=None):
     # and with one negative drawn at random it learned the swaps (solvable from how
     # many frames show each state) but not the reversal.
     c.model.hard_negatives = 3
+    # `mmjax finetune --init-from IMAGE_WORKDIR`: the student or EMA weights, and how an
+    # image patch kernel becomes a tubelet kernel (model.tubelet > 1): "central" or "mean".
+    c.finetune = ml_collections.ConfigDict({"init_from": None, "weights": "student", "inflation": "central"})
     c.train.batch_size = 128
     c.train.steps = 1000
     c.train.ckpt_every = 500

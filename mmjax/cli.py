@@ -172,7 +172,8 @@ def main(argv=None) -> int:
 
             with config.unlocked():
                 if "finetune" not in config:
-                    config.finetune = ml_collections.ConfigDict({"init_from": None, "weights": "student"})
+                    config.finetune = ml_collections.ConfigDict({"init_from": None, "weights": "student",
+                                                                 "inflation": "central"})
                 config.finetune.init_from = os.path.abspath(args.init_from)
                 if args.weights:
                     config.finetune.weights = args.weights

@@ -203,3 +203,40 @@ def test_albef_init_from_ema_teacher(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), b)
         np.testing.assert_array_equal(np.asarray(c), b)
     assert int(np.max(np.asarray(state.queues["ids"]))) == -1
+
+
+@pytest.mark.parametrize("inflation", ["central", "mean"])
+def test_an_image_checkpoint_starts_a_video_model(pretrained, inflation):
+    """`mmjax finetune` from the tiny image CLIP into a tubelet video CLIP: every image
+    param is the checkpoint's array, the patch kernel is inflated as
+    `finetune.inflation` says, the temporal parts start fresh (as the identity), and a
+    still clip embeds like its frame under the checkpoint's image model."""
+    from mmjax.models.video import inflate_patch_kernel
+
+    d, work = pretrained
+    over = {k: v for k, v in tiny_overrides(d).items()}
+    over.update({"data.name": "moving_shapes", "data.num_frames": 4, "model.tubelet": 2,
+                 "model.temporal": "divided", "finetune.inflation": inflation,
+                 "data.moving_shapes": "{'image_size': 16, 'num_frames': 8, 'num_train': 16, 'num_validation': 4, "
+                                       "'num_test': 4, 'seed': 0}"})
+    cfg = config_lib.load(f"{ROOT}/configs/video_clip.py", [f"{k}={v}" for k, v in over.items()])
+    with cfg.unlocked():
+        cfg.finetune.init_from = str(work)
+    setup = loop.Setup(cfg, str(d / f"video_{inflation}"))
+    params = jax.device_get(setup.fresh_state().params)
+    _, pre = finetune.pretrained_params(str(work))
+    kernel = params["image_tower"]["patch_embed"]["conv"]["kernel"]
+    np.testing.assert_array_equal(kernel, inflate_patch_kernel(pre["image_tower"]["patch_embed"]["conv"]["kernel"],
+                                                                2, inflation))
+    flat = {finetune.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, v in jax.tree_util.tree_flatten_with_path(pre)[0]:
+        key = finetune.path_str(path)
+        if key != "image_tower/patch_embed/conv/kernel" and not key.endswith("pos_embedding"):
+            np.testing.assert_array_equal(flat[key], v, err_msg=key)
+    new = [k for k in flat if "time" in k or "temporal" in k]
+    assert new and all(not np.any(flat[k]) for k in new if k.endswith(("time_proj/kernel", "temporal_embedding")))
+    image_fam = zoo.build(finetune.pretrained_params(str(work))[0])
+    frame = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 3))
+    want = image_fam.encode_image(pre, frame)
+    got = setup.family.encode_image(params, jnp.repeat(frame[:, None], 4, axis=1))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)

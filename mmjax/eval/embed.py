@@ -42,17 +42,23 @@ def _load_media(config, images=(), videos=()):
     return images_lib.load_images(config.data, list(images))
 
 
-def embed(workdir: str, *, images=(), videos=(), texts_file: str | None = None, out: str,
-          weights: str = "student") -> dict:
-    from mmjax.data import images as images_lib
+def _restore(workdir: str, weights: str):
+    """(params, setup, step, batch size: eval.batch_size rounded to the device count)."""
     from mmjax.train import loop
 
     params, setup, step = loop.restore_params(workdir, weights)
+    n_dev = setup.mesh.devices.size
+    return params, setup, step, max(n_dev, (int(setup.config.eval.batch_size) // n_dev) * n_dev)
+
+
+def embed(workdir: str, *, images=(), videos=(), texts_file: str | None = None, out: str,
+          weights: str = "student") -> dict:
+    from mmjax.data import images as images_lib
+
+    params, setup, step, bs = _restore(workdir, weights)
     config, family = setup.config, setup.family
     if not hasattr(family, "encode_image"):
         raise ValueError(f"family {config.model.family!r} has no image/text encoders to embed with")
-    n_dev = setup.mesh.devices.size
-    bs = max(n_dev, (int(config.eval.batch_size) // n_dev) * n_dev)
     rep = mesh_lib.replicated(setup.mesh)
     result = {"step": np.int64(step)}
     pixels, ok = _load_media(config, images, videos)
@@ -78,14 +84,10 @@ def caption(workdir: str, *, images=(), videos=(), weights: str = "student", bea
     """Captions of image (or, for a video model, video) files from a captioning workdir
     (CoCa, BLIP): [{'image', 'caption'}], greedy or beam search; files that do not
     decode are skipped with a warning."""
-    from mmjax.train import loop
-
-    params, setup, _ = loop.restore_params(workdir, weights)
+    params, setup, _, bs = _restore(workdir, weights)
     config, family = setup.config, setup.family
     if not hasattr(family, "caption"):
         raise ValueError(f"family {config.model.family!r} does not caption; captioning families: coca, blip")
-    n_dev = setup.mesh.devices.size
-    bs = max(n_dev, (int(config.eval.batch_size) // n_dev) * n_dev)
     pixels, ok = _load_media(config, images, videos)
     if not len(pixels):
         return []
