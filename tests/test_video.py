@@ -244,3 +244,15 @@ def test_video_vit_errors():
     from mmjax.models.zoo.common import video_options
     with pytest.raises(ValueError, match="multiple of model.tubelet"):
         video_options({"num_frames": 5, "tubelet": 2})
+
+
+def test_config_choices_follow_the_code():
+    """mmjax/config.py lists the video choices without importing the models (it loads
+    before JAX); they must stay the code's."""
+    from mmjax import config as config_lib
+    from mmjax.data.video_io import SAMPLINGS
+    from mmjax.models.video import INFLATIONS, TEMPORAL
+
+    assert config_lib.CHOICES["model.temporal"] == TEMPORAL
+    assert config_lib.CHOICES["data.frame_sampling"] == SAMPLINGS
+    assert config_lib.CHOICES["finetune.inflation"] == INFLATIONS
