@@ -123,7 +123,11 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
         grads, loss, metrics = collective.average((grads, loss, dict(metrics)))
         grads = freeze(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, freeze(updates))
+        # Constrained params (a learned temperature or logit scale) are projected back
+        # into their range after the update, as ALBEF/BLIP (`temp.clamp_`) and open_clip
+        # (`logit_scale.clamp_`) do: clamping only the forward value would leave a
+        # parameter past its bound with zero gradient for ever.
+        params = family.project_params(optax.apply_updates(state.params, freeze(updates)))
         ema_params = state.ema_params
         if ema_params is not None:
             ema_params = family.teacher_update(ema_params, params, state.step)

@@ -28,6 +28,12 @@ class Family:
     params = self.model.init(rng, image, text)["params"]
     return params if boxed else nn.unbox(params)
 
+  def project_params(self, params):
+    """Params after an optimizer update -> params inside their constraints (e.g. a
+    learned temperature clamped to its range). The step calls it after every update;
+    the default is the identity."""
+    return params
+
   def image_shape(self, batch: int = 1) -> tuple:
     """The shape of an input batch: (B, S, S, 3), or (B, T, S, S, 3) for a video model."""
     frames = (self.num_frames,) if self.num_frames else ()
