@@ -20,6 +20,9 @@ setup(
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
         "safetensors>=0.4",  # mmjax export (safetensors, StableHLO params, HF CLIP)
+        # jax.export's (de)serialisation of the StableHLO encoders imports it; jax does
+        # not declare it ("ImportError: Please install 'flatbuffers'").
+        "flatbuffers>=24.3.25",
     ],
     extras_require={
         # TensorFlow is only imported inside mmjax.data (lazily), so an accelerator
@@ -34,6 +37,8 @@ setup(
             "av>=12",  # PyAV: FFmpeg's video decoders, for lists of your own videos
         ],
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # `tensorboard --logdir WORKDIR/tb` (mmjax writes the events with tensorboardX).
+        "viz": ["tensorboard>=2.16"],
         # Parity checks against transformers' CLIP (tests/test_hf.py); install torch
         # first, a CPU build (torch==2.13.0 resolves to one here), then this extra.
         "hf": ["transformers>=4.45"],

@@ -28,6 +28,7 @@ def get_config(arg=None):
     m.text_overrides = {}
     m.tasks = ("mlm", "tmlm", "mdm")
     m.mlm_prob = 0.5  # text of image-text pairs (BEiT-3)
+    m.mlm_weight = 1.0  # BEiT-3: one masked-data-modeling objective, unweighted (VLMo's release: 0.25)
     m.tmlm_prob = 0.15  # text alone (BEiT-3)
     m.mdm_ratio = 0.4  # block-wise image masking (BEiT-3)
     c.eval.rerank_k = 16

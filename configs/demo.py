@@ -79,10 +79,13 @@ def get_config(arg=None):
     # NegCLIP-style: per image, K captions with the same words but attributes swapped
     # join its candidates in ITC (datasets with hard_negatives: shapes). 0 = plain CLIP.
     c.model.hard_negatives = 0
+    # "batch": each image against all B*K hard captions of the batch (NegCLIP); "own": its own K.
+    c.model.hard_negatives_scope = "batch"
     c.model.num_frames = 0  # set from data.num_frames at run time (0: images)
     c.model.temporal = "none"  # video: "none" (joint), "divided", "local", "mean" (models/video.py)
     c.model.tubelet = 1  # video: frames per token (ViViT tubelets when > 1)
     c.model.temporal_kernel = 3  # video, temporal="local": the temporal convolution's length
+    c.model.local_temporal = "release"  # video, temporal="local": mPLUG-2's module, or "mmjax_v1" (models/video.py)
     c.model.image_size = 32  # set from data at run time
     c.model.text_len = 16
     c.model.vocab_size = 0  # set from the tokenizer at run time
@@ -106,12 +109,22 @@ def get_config(arg=None):
     c.train.ckpt_every = 500
     c.train.keep_checkpoints = 2
     c.train.async_checkpoints = True
+    # A step with a non-finite loss or gradient changes nothing (counted as bad_step);
+    # this many in a row stop the run with exit code 2 (docs/reliability.md).
+    c.train.max_bad_steps = 20
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 500
     c.eval.at_end = True
     c.eval.batch_size = 256
     c.eval.max_examples = None
+    # zero_shot_top1: prompts are templates with '{}' for the class name, averaged per
+    # class; None = the dataset's built-in ones (mmjax/eval/zero_shot.py; shapes: "a small
+    # {}", "a large {}"). Prompts are never cut: ones you set that do not fit data.text_len
+    # stop the run at its start; built-in ones that do not are reported and skipped.
+    c.eval.zero_shot = ml_collections.ConfigDict()
+    c.eval.zero_shot.templates = None  # e.g. ("a small {}", "a {}")
+    c.eval.zero_shot.class_names_file = None  # one name per line, in label order (None: the dataset's)
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "mesh"

@@ -4,8 +4,10 @@
 
 The argument picks the vision tower's temporal modeling (models/video.py TEMPORAL):
 'none' (frame tokens attend jointly), 'divided' (TimeSformer space-time attention,
-the default), 'local' (mPLUG-2's temporal convolution) or 'mean' (no temporal
-modeling: frames encoded alone and averaged, the order-blind baseline). The demo's
+the default), 'local' (mPLUG-2's local temporal module; `model.local_temporal`:
+'release', mPLUG-2's, or 'mmjax_v1', mmjax's first version, docs/models.md) or 'mean'
+(no temporal modeling: frames encoded alone and averaged, the order-blind baseline).
+The demo's
 towers and optimizer; 4 of each clip's 8 frames (a random frame per segment in
 training, the segment centres in eval). The eval reports video->text retrieval
 (i2t_r@k; the 'image' of a batch is the clip) and the time probe: the clip scored
@@ -36,6 +38,7 @@ def get_config(arg=None):
     d.frame_sampling = "random"  # training: a random frame of each of 4 segments (TSN); eval: their centres
     d.text_len = 16  # the longest caption is 15 tokens with bos/eos (128-piece tokenizer)
     c.model.temporal = temporal  # model.tubelet > 1: ViViT tubelets (demo.py lists the video keys)
+    c.model.local_temporal = "release"  # temporal 'local': mPLUG-2's module, or "mmjax_v1"
     # NegCLIP-style: each clip's candidates include the captions of the same events in
     # another order (the clip played backwards first; the events swapped, and that
     # reversed). A batch of random captions rarely asks for the order: retrieval is

@@ -8,6 +8,10 @@ Stages (train.stages; each ends at `until`):
                 (BEiT-style; mmjax regresses normalised pixels of 40% block-masked patches)
   2. text       text-only MLM trains L-FFN and text embeddings, attention and V-FFN frozen
   3. image-text ITC + ITM (hard negatives over the global batch) + MLM train everything
+Loss weights as VLMo's release (vlmo/modules/objectives.py): the image-text MLM x 0.25
+(model.mlm_weight) and ITC = (itc + itc_vlffn) / 2, the second ITC on the VL-FFN
+features of the image-only and text-only passes with its own projections and logit
+scale (model.itc_vlffn; False = one ITC, mmjax's earlier objective).
 `configs/vlmo.py:emoji` runs it on the Twemoji pairs.
 """
 import os
@@ -22,7 +26,7 @@ DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 TEXT_PARTS = (r"^word_embed/", r"_text/", r"^mlm_head/")
 IMAGE_PARTS = (r"^patch_embed/", r"^image_(cls|pos)$", r"_image/", r"^mask_token$", r"^mdm_head/")
 SHARED_ATTENTION = (r"^encoder/block\d+/(ln1|attn)/",)
-PAIR_PARTS = (r"_vl/", r"^(image_proj|text_proj|itm_head)/", r"^t$")
+PAIR_PARTS = (r"_vl/", r"^(vl_)?(image_proj|text_proj)/|^itm_head/", r"^t(_vl)?$")
 
 
 def get_config(arg=None):
@@ -34,6 +38,8 @@ def get_config(arg=None):
     m.vl_from = 3  # the top layer gets the VL expert (VLMo-base: layers 10-11 of 12)
     m.tasks = ("itc", "itm", "mlm")  # the default when no stage names its tasks
     m.mlm_prob = 0.15
+    m.mlm_weight = 0.25  # VLMo's release weights the image-text MLM by 0.25 (1.0: the plain sum)
+    m.itc_vlffn = True  # VLMo's release: + an ITC on VL-FFN features, (itc + itc_vlffn) / 2
     m.tmlm_prob = 0.15
     m.mdm_ratio = 0.4
     # `until` as a fraction of train.steps: 20% image, 20% text, 60% image-text.

@@ -6,9 +6,10 @@
     mmjax finetune --config configs/finetune_shapes.py:linear --init-from DIR --workdir OUT
     mmjax caption --workdir DIR --images a.png b.jpg [--beams 4]   (or --videos a.mp4)
     mmjax embed --workdir DIR --images a.png b.jpg --texts captions.txt --out emb.npz
+    mmjax classify --workdir DIR --images a.png b.jpg --classes "red circle,blue square" [--templates "a {}"]
     mmjax export --workdir DIR --format safetensors|stablehlo|hf-clip --out OUT [--weights ema]
     mmjax convert --from hf-clip --src HF_DIR --workdir DIR
-    mmjax eval  --workdir DIR [--split test]
+    mmjax eval  --workdir DIR [--split test] [--config.eval.max_examples=200 ...]
     mmjax data prepare --config configs/demo.py
     mmjax data bench --config configs/demo.py:emoji --config.data.image_size=224
     mmjax bench --config configs/demo.py --config configs/albef.py [--steps 20]
@@ -47,10 +48,27 @@ def _split_overrides(argv):
     return rest, overrides
 
 
+OVERRIDES_EPILOG = """\
+config overrides:
+  --config.KEY=VALUE (or --config.KEY VALUE) sets any key of the config file, typed as
+  the value it replaces, e.g. --config.train.steps=100 --config.model.loss=sigmoid
+  --config.data.augment.crop_scale="(0.5, 1.0)" --config.train.freeze=^image_tower/
+  (a bare string for a tuple of strings is a 1-tuple). An unknown key or a bad value
+  exits with code 2 and names the valid keys or choices. See docs/usage.md."""
+EVAL_EPILOG = """\
+config overrides:
+  --config.KEY=VALUE changes a key of the workdir's saved config for this evaluation:
+  eval.* (e.g. --config.eval.max_examples=200), data.* (e.g. --config.data.name=files
+  --config.data.path=test.csv), parallel.*, model.dtype, model.attention, model.remat.
+  Keys that shape the checkpoint (other model.*, train.*, data.image_size,
+  data.text_len, data.num_frames, data.tokenizer.*) are refused with code 2."""
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="mmjax", description="JAX/Flax multimodal pretraining")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="pretrain (or resume in an existing workdir)")
+    help_kw = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=OVERRIDES_EPILOG)
+    t = sub.add_parser("train", help="pretrain (or resume in an existing workdir)", **help_kw)
     t.add_argument("--config", required=True, help="path/to/config.py[:arg]")
     t.add_argument("--workdir", required=True)
     t.add_argument("--no-progress", action="store_true")
@@ -58,7 +76,7 @@ def _parser():
                    help="leave after this step with a checkpoint, as a preempted job would")
     t.add_argument("--dry-run", action="store_true",
                    help="compile the step for the configured mesh, print bytes per device, do not train")
-    f = sub.add_parser("finetune", help="train a recipe starting from a pretraining checkpoint")
+    f = sub.add_parser("finetune", help="train a recipe starting from a pretraining checkpoint", **help_kw)
     f.add_argument("--config", required=True, help="path/to/config.py[:arg], e.g. configs/finetune_shapes.py:linear")
     f.add_argument("--init-from", required=True, help="a pretraining workdir or WORKDIR/checkpoints/STEP")
     f.add_argument("--weights", choices=("student", "ema"), default=None,
@@ -80,6 +98,16 @@ def _parser():
     cp.add_argument("--max-len", type=int, default=None, help="tokens incl. bos (default: the model's text length)")
     cp.add_argument("--length-penalty", type=float, default=0.6, help="beam score / length ** this")
     cp.add_argument("--weights", choices=("student", "ema"), default="student")
+    zs = sub.add_parser("classify", help="zero-shot classes of your images from a workdir, with your class names")
+    zs.add_argument("--workdir", required=True)
+    zs.add_argument("--images", nargs="+", required=True, help="image files")
+    zs_names = zs.add_mutually_exclusive_group(required=True)
+    zs_names.add_argument("--classes", help='comma-separated class names, e.g. "cat,dog"')
+    zs_names.add_argument("--classes-file", help="a text file, one class name per line")
+    zs.add_argument("--templates", nargs="+", default=None,
+                    help="prompt templates with {} for the class name (default: the workdir's eval.zero_shot."
+                         "templates or its dataset's built-in ones); each prompt must fit data.text_len")
+    zs.add_argument("--weights", choices=("student", "ema"), default="student")
     x = sub.add_parser("export", help="write a workdir's params as safetensors, StableHLO encoders or an HF CLIP dir")
     x.add_argument("--workdir", required=True)
     x.add_argument("--format", required=True, choices=("safetensors", "stablehlo", "hf-clip"))
@@ -94,16 +122,17 @@ def _parser():
     c.add_argument("--from", dest="source_format", required=True, choices=("hf-clip",))
     c.add_argument("--src", required=True, help="a directory with config.json and model weights")
     c.add_argument("--workdir", required=True)
-    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
+    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_EPILOG)
     e.add_argument("--workdir", required=True)
     e.add_argument("--split", default=None)
-    d = sub.add_parser("data", help="prepare a built-in dataset or measure the input pipeline")
+    d = sub.add_parser("data", help="prepare a built-in dataset or measure the input pipeline", **help_kw)
     d.add_argument("action", choices=("prepare", "bench"))
     d.add_argument("--config", required=True)
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--batches", type=int, default=30)
     d.add_argument("--threads", type=int, default=None)
-    b = sub.add_parser("bench", help="time the train step of one or more configs on synthetic batches")
+    b = sub.add_parser("bench", help="time the train step of one or more configs on synthetic batches", **help_kw)
     b.add_argument("--config", required=True, action="append", help="repeat to compare; the first is the reference")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--warmup", type=int, default=3)
@@ -139,6 +168,38 @@ def _initialize(args, config):
     distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                            init_timeout_s=int(par.get("init_timeout_s", 300)),
                            heartbeat_timeout_s=int(par.get("heartbeat_timeout_s", 60)))
+
+
+def _os_error(e: OSError) -> str:
+    """'Not a directory: workdirs/x/wd (a path above it is a regular file)' and the like."""
+    hints = {NotADirectoryError: " (a path above it is a regular file, not a directory)",
+             IsADirectoryError: " (a directory where a file was expected)",
+             FileExistsError: " (a regular file where a directory was expected)",
+             PermissionError: " (no permission: a read-only workdir or file?)"}
+    if e.filename is None or not e.strerror:  # raised with mmjax's own message
+        return str(e)
+    hint = next((h for cls, h in hints.items() if isinstance(e, cls)), "")
+    return f"{e.strerror}: {e.filename}{hint}"
+
+
+# Packages of the `data` extra: a raw ModuleNotFoundError of one becomes one line.
+_EXTRA_MODULES = {"tensorflow": "TensorFlow", "tensorflow_datasets": "TensorFlow Datasets",
+                  "av": "PyAV (video decoding)"}
+
+
+def _missing_extra(e: ImportError, command) -> str | None:
+    """The one-line message for a missing `data` extra, or None for another ImportError."""
+    try:
+        from mmjax.data import MissingExtraError
+    except ImportError:
+        MissingExtraError = ()
+    if MissingExtraError and isinstance(e, MissingExtraError):
+        return str(e)
+    root = (e.name or "").split(".")[0]
+    if root not in _EXTRA_MODULES:
+        return None
+    what = f"mmjax {command}" if command else "this command"
+    return f"{what} needs {_EXTRA_MODULES[root]} ({e}): pip install -e '.[data]' (or pip install 'mmjax[data]')"
 
 
 def main(argv=None) -> int:
@@ -202,6 +263,19 @@ def main(argv=None) -> int:
                                beams=args.beams,
                                max_len=args.max_len, length_penalty=args.length_penalty):
                 print(f"{row['image']}\t{row['caption']}")
+        elif args.command == "classify":
+            if overrides:
+                raise config_lib.ConfigError("mmjax classify takes no --config overrides")
+            from mmjax.eval import zero_shot
+
+            names = (zero_shot.read_class_names(args.classes_file) if args.classes_file
+                     else zero_shot.split_class_names(args.classes))
+            rows = zero_shot.classify_files(args.workdir, args.images, names, templates=args.templates,
+                                            weights=args.weights)
+            if not rows:
+                raise ValueError(f"none of the {len(args.images)} --images could be read as an image")
+            for row in rows:
+                print(f"{row['image']}\t{row['class']}\t{row['score']:.4f}")
         elif args.command == "export":
             if overrides:
                 raise config_lib.ConfigError("mmjax export takes no --config overrides")
@@ -226,12 +300,12 @@ def main(argv=None) -> int:
             hf_workdir.convert_to_workdir(args.src, args.workdir)
             print(json.dumps({"workdir": args.workdir, "from": args.source_format, "src": args.src}))
         elif args.command == "eval":
-            if overrides:
-                raise config_lib.ConfigError("mmjax eval takes no --config overrides")
             from mmjax import checkpoint
             from mmjax.train import loop
 
             config = checkpoint.load_config_json(args.workdir)
+            if overrides:  # on the saved config; keys that shape the checkpoint are refused
+                config = config_lib.override_saved(config, overrides)
             _initialize(args, config)
             setup = loop.Setup(config, args.workdir)
             restored = setup.restore()
@@ -280,6 +354,18 @@ def main(argv=None) -> int:
         if os.environ.get("MMJAX_DEBUG"):
             raise
         print(f"mmjax: error: {e}", file=sys.stderr)
+        return 2
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+        # A path a user gave: a read-only workdir, a workdir under (or at) a regular file.
+        if os.environ.get("MMJAX_DEBUG"):
+            raise
+        print(f"mmjax: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        message = _missing_extra(e, argv[0] if argv else None)
+        if message is None or os.environ.get("MMJAX_DEBUG"):
+            raise
+        print(f"mmjax: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 CHOICES = {
     "model.family": ("clip", "albef", "vlmo", "beit3", "coca", "blip", "classifier", "vqa"),
     "model.temporal": ("none", "divided", "local", "mean"),  # models.video.TEMPORAL
+    "model.local_temporal": ("release", "mmjax_v1"),  # models.video.LOCAL_VARIANTS
     "data.frame_sampling": ("uniform", "random"),  # data.video_io.SAMPLINGS
     "model.vqa_loss": ("softmax", "bce"),
     "finetune.weights": ("student", "ema"),
@@ -43,11 +44,7 @@ def load(path_and_arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_c
     """Loads `path[:arg]`, applies `a.b=value` overrides and validates."""
     path, _, arg = path_and_arg.partition(":")
     config = _get_config(path, arg)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        set_key(config, key, value)
+    apply_overrides(config, overrides)
     validate(config)
     return config
 
@@ -59,10 +56,32 @@ def _get_config(path: str, arg=None) -> ml_collections.ConfigDict:
     name = "_mmjax_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:  # the file's own or one it imports: e.filename says which
+        raise ConfigError(f"config file {e.filename or path} line {e.lineno}: {e.msg}") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any error of the user's python, one line
+        raise ConfigError(f"config file {path}{_where(e, path)}: {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config(arg=None) function")
-    return module.get_config(arg or None)
+    try:
+        return module.get_config(arg or None)
+    except ConfigError:
+        raise  # a recipe it builds on (config.recipe) already named its file
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"config file {path}{_where(e, path)}: get_config({arg or None!r}) raised "
+                          f"{type(e).__name__}: {e}") from None
+
+
+def _where(error: BaseException, path: str) -> str:
+    """' line N' of the innermost frame of `error`'s traceback inside file `path`."""
+    import traceback
+
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(f.filename) == os.path.abspath(path)]
+    return f" line {lines[-1]}" if lines else ""
 
 
 def recipe(path: str, arg=None) -> ml_collections.ConfigDict:
@@ -84,12 +103,18 @@ def _parse_value(text: str, old):
         try:
             return int(text)
         except ValueError:
-            number = float(text)  # accepts 1e4; rejects 0.5 below
-            if not number.is_integer():
+            try:
+                number = float(text)  # accepts 1e4; rejects 0.5 below
+            except ValueError:
+                number = None
+            if number is None or not number.is_integer():
                 raise ValueError(f"expected an integer, got {text!r}") from None
             return int(number)
     if isinstance(old, float):
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
     if isinstance(old, str):
         return text
     if old is None:
@@ -100,7 +125,15 @@ def _parse_value(text: str, old):
         except (ValueError, SyntaxError):
             return text
     if isinstance(old, (tuple, list)):
-        value = ast.literal_eval(text)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            # A tuple of strings (train.freeze's regexes) takes a bare string as a
+            # 1-tuple: --config.train.freeze=^image_tower/. No splitting at commas (a
+            # regex may hold one); several values: a Python literal "('^a/', '^b/')".
+            if not all(isinstance(v, str) for v in old):
+                raise ValueError(f"expected a tuple like {tuple(old)!r}, got {text!r}") from None
+            value = text
         if not isinstance(value, (tuple, list)):
             value = (value,)
         return type(old)(value)
@@ -160,6 +193,50 @@ def get(config, dotted: str, default=None):
 
 BUILTIN_DATASETS = ("shapes", "shapes_vqa", "moving_shapes", "emoji")
 
+# Integer keys checked by `validate` when a config has them (a step count of 0 would
+# divide by zero in the loop, a keep-N of 0 would delete every checkpoint).
+POSITIVE_INTS = ("train.batch_size", "train.steps", "train.log_every", "train.keep_checkpoints",
+                 "train.accum_steps", "data.image_size", "data.text_len", "eval.batch_size",
+                 "eval.max_examples")
+NON_NEGATIVE_INTS = ("train.ckpt_every", "train.warmup_steps", "eval.every", "data.num_frames",
+                     "model.hard_negatives")
+
+# `mmjax eval --config.K=V` may change only keys that leave the checkpoint's shapes
+# and tree as they are: how and what to evaluate, the data, the mesh, compute dtype.
+EVAL_OVERRIDABLE = ("eval.", "data.", "parallel.", "model.dtype", "model.attention", "model.remat")
+EVAL_FIXED = ("data.image_size", "data.text_len", "data.num_frames", "data.tokenizer")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """Applies `a.b=value` overrides in place (typed as the value each replaces)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        set_key(config, key, value)
+    return config
+
+
+def override_saved(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """A workdir's saved config with `mmjax eval` overrides applied and validated.
+
+    Keys that would change the params' shapes or tree (model.*, data.image_size,
+    data.text_len, data.num_frames, data.tokenizer.*) or the optimizer (train.*)
+    are refused: the checkpoint could not be restored into them."""
+    for item in overrides:
+        key = item.partition("=")[0]
+        fixed = any(key == k or key.startswith(k + ".") for k in EVAL_FIXED)
+        allowed = any(key.startswith(k) if k.endswith(".") else key == k for k in EVAL_OVERRIDABLE)
+        if fixed or not allowed:
+            raise ConfigError(
+                f"mmjax eval cannot override {key!r}: the checkpoint was trained with the workdir's value "
+                f"and would not restore into another (shapes, vocabulary or optimizer). Overridable: "
+                f"eval.*, data.* (except {', '.join(EVAL_FIXED)}), parallel.*, model.dtype, "
+                "model.attention, model.remat")
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks choice-valued keys and basic numeric ranges.
@@ -186,11 +263,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             parse_attention(attention)
         except ValueError as e:
             raise ConfigError(f"bad value for config key 'model.attention': {e}") from None
-    positive = ("train.batch_size", "train.steps", "data.image_size", "data.text_len")
-    for key in positive:
+    for key in POSITIVE_INTS + NON_NEGATIVE_INTS:
         value = get(config, key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ConfigError(f"bad value for config key {key!r}: {value!r}; expected a positive integer")
+        low = 1 if key in POSITIVE_INTS else 0
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            what = "a positive integer" if low else "an integer >= 0"
+            raise ConfigError(f"bad value for config key {key!r}: {value!r}; expected {what}")
     accum = get(config, "train.accum_steps", 1)
     bs = get(config, "train.batch_size")
     if bs is not None and (accum < 1 or bs % accum):

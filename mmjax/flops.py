@@ -29,7 +29,8 @@ Per family, forward FLOPs per sample:
   masked text + the MLM head. The teacher: image tower, text layers, projections,
   and the MLM pass again.
 - VLMo / BEiT-3 (per task): itc: image-only and text-only passes + projections +
-  logits; itm: similarities + 3 joint passes over T+L tokens + head; mlm: a joint
+  logits (VLMo's VL-FFN ITC, `model.itc_vlffn`: the top depth - vl_from layers again
+  on both passes + two projections + logits); itm: similarities + 3 joint passes over T+L tokens + head; mlm: a joint
   pass + MLM head; tmlm: a text pass + MLM head; mdm: an image pass + MDM head.
   (Experts do not change the count: every token goes through one FFN.)
 
@@ -78,6 +79,8 @@ def vision(cfg, v, cls=True):
       'mean'     (the whole tower) T x vit(image)       frames encoded alone
       'divided'  spatial + 2T'N*4D^2 + 2*2*N*T'^2*D + 2T'N*D^2   temporal attention + projection
       'local'    spatial + 2T'N*D*R + 2T'N*R*K + 2T'N*R*D        down, depthwise conv (K), up; R = D/4
+                 (model.local_temporal='mmjax_v1'; 'release': two such modules, R = D/2,
+                 and the MLP over T'(N + c) tokens, each frame keeping its [CLS])
     with spatial = T'(2S*4D^2 + 2*2*S^2*D) + 2*2*(T'N + c)*D*M, S = N + c: attention
     per frame, the [CLS] copied into each, then the MLP over every token."""
     size = int(cfg.image_size)
@@ -94,9 +97,12 @@ def vision(cfg, v, cls=True):
     spatial = t * (2 * s * 4 * d * d + 2 * 2 * s * s * d) + 2 * 2 * (t * n + c) * d * m
     if temporal == "divided":
         time = 2 * t * n * 4 * d * d + 2 * 2 * n * t * t * d + 2 * t * n * d * d
-    else:
+    elif (cfg.get("local_temporal", None) or "release") == "mmjax_v1":
         r, k = max(d // 4, 1), int(cfg.get("temporal_kernel", None) or 3)
         time = 2 * t * n * d * r + 2 * t * n * r * k + 2 * t * n * r * d
+    else:  # the release: before and after attention; the MLP also over the T' - 1 extra [CLS]
+        r, k = max(d // 2, 1), int(cfg.get("temporal_kernel", None) or 3)
+        time = 2 * (2 * t * n * d * r + 2 * t * n * r * k + 2 * t * n * r * d) + 2 * 2 * (t - 1) * c * d * m
     return embed + v["depth"] * (spatial + time)
 
 
@@ -163,6 +169,10 @@ def multiway_forward(cfg, batch: int) -> dict:
         out += patch + img_pass + txt_pass + 2 * 2 * d * e
     if "itc" in tasks:
         out += 2 * 2 * batch * e
+        vl_from = cfg.get("vl_from", None) if family == "vlmo" else None
+        if vl_from is not None and cfg.get("itc_vlffn", None):  # VLMo's ITC on VL-FFN features
+            top = s["depth"] - int(vl_from)
+            out += top * (layer(t_img, d, m) + layer(length, d, m)) + 2 * 2 * d * e + 2 * 2 * batch * e
     if "itm" in tasks:
         out += 2 * 2 * batch * e + 3 * (joint + 2 * d * 2)
     if "mlm" in tasks:

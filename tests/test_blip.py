@@ -214,6 +214,8 @@ def test_blip_trains_evaluates_and_captions(tmp_path, capsys):
     result = loop.train(cfg, str(tmp_path / "blip"), progress=False)
     assert result["num_images"] == 64 and 0 <= result["i2t_r@1"] <= 1 and 0 <= result["i2t_itm_r@1"] <= 1
     assert result["rerank_k"] == 4 and "t2i_itm_r@1" in result
+    # BLIP's own re-ranking score (ITM + ITC) and the binding probe through the ITM head
+    assert 0 <= result["t2i_itm_itc_r@1"] <= 1 and 0 <= result["binding_acc_itm"] <= 1
     assert 0 <= result["caption_exact"] <= 1 and result["num_captions_scored"] == 64 and result["caption_cider"] >= 0
     rows = [json.loads(x) for x in open(tmp_path / "blip" / "metrics.jsonl") if '"train"' in x]
     assert rows[-1]["loss_lm"] < rows[0]["loss_lm"] and rows[-1]["loss"] < rows[0]["loss"]

@@ -37,7 +37,7 @@ def tok(tmp_path_factory):
 
 def test_data_modules_import_without_tensorflow():
     code = ("import sys, mmjax.data.tokenizer, mmjax.data.shapes_gen, mmjax.data.files, "
-            "mmjax.data.emoji_pairs, mmjax.data.pipeline; "
+            "mmjax.data.emoji_pairs, mmjax.data.pipeline, mmjax.data.images, mmjax.data.video_io; "
             "bad = [m for m in sys.modules if m.split('.')[0] in "
             "('tensorflow', 'tensorflow_datasets')]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
@@ -182,8 +182,10 @@ def test_cached_decoding_gives_the_streaming_batches(shapes_dir, tok, crop):
     resumed = _take(P.make_train_iterator(_cfg(shapes_dir, augment=aug, cache_decoded=True), tok, 8, seed=0,
                                           start_batch=9), 1)
     for u, v in zip(stream, cached):
+        assert u.pop("data_state") == v.pop("data_state")
         for k in u:
             np.testing.assert_allclose(u[k], v[k], atol=1e-5, err_msg=k)
+    resumed[0].pop("data_state")
     for k in stream[9]:
         np.testing.assert_allclose(stream[9][k], resumed[0][k], atol=1e-5, err_msg=k)
     with pytest.raises(ValueError, match="cache_decoded"):
@@ -210,8 +212,10 @@ def test_train_hard_negatives(shapes_dir, tok):
 
 def test_hard_negatives_need_a_dataset_that_has_them(tmp_path, tok):
     from mmjax.data import pipeline as P
+    from PIL import Image
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "one.png")
     csv = tmp_path / "list.csv"
-    csv.write_text("image_path,caption\nnope.png,a thing\n")
+    csv.write_text("image_path,caption\none.png,a thing\n")
     with pytest.raises(ValueError, match="hard_negatives"):
         P.make_train_iterator({"name": "files", "path": str(csv), "image_size": 16, "text_len": 16},
                               tok, 1, seed=0, hard_negatives=1)
@@ -232,6 +236,9 @@ def test_train_sharding_disjoint_and_topology_free(shapes_dir, tok):
     assert not ids[0] & ids[1] and ids[0] | ids[1] == set(range(64))
     for i, whole in enumerate(one):
         for k in whole:
+            if k == "data_state":  # per process: each one's position in the global stream
+                assert [p[i][k]["records"] for p in parts] == [16 * i + 8, 16 * i + 16]
+                continue
             np.testing.assert_array_equal(np.concatenate([parts[0][i][k], parts[1][i][k]]), whole[k])
             if i >= 4:
                 np.testing.assert_array_equal(

@@ -33,7 +33,8 @@ CASES = [("demo", []), ("demo", ["model.loss=sigmoid", "model.pool=gap"]), ("alb
          ("albef", ["model.tasks=('itc', 'mlm')"]), ("vlmo", []), ("beit3", []),
          *[("video_clip:" + t, []) for t in ("none", "divided", "local", "mean")],
          ("video_clip:divided", ["model.tubelet=2"]), ("video_clip:local", ["model.pool=gap"]),
-         ("video_albef:divided", []), ("video_albef:mean", []), ("albef", VIDEO + ["model.temporal=local"])]
+         ("video_albef:divided", []), ("video_albef:mean", []), ("albef", VIDEO + ["model.temporal=local"]),
+         ("video_clip:local", ["model.local_temporal=mmjax_v1"])]
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=[f"{i}-{n}" for i, (n, _) in enumerate(CASES)])

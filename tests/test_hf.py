@@ -319,3 +319,101 @@ def test_convert_and_export_commands(hf_dirs, tmp_path, capsys):
   _assert_same_state_dict(_state_dict(hf_model), _state_dict(back))
   assert cli.main(["export", "--workdir", wd, "--format", "hf-clip", "--out", out, "--weights", "ema"]) == 2
   assert "EMA" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ first contact (issue 14)
+
+@pytest.fixture(scope="module")
+def converted(hf_dirs, tmp_path_factory):
+  """(parent dir, 'wd'): a converted CLIP workdir with a sentencepiece tokenizer.model
+  in it, as a trained workdir has."""
+  from mmjax.data.tokenizer import train_tokenizer
+
+  src, _ = hf_dirs(EOS)
+  parent = tmp_path_factory.mktemp("first_contact")
+  wd = str(parent / "wd")
+  hf_workdir.convert_to_workdir(src, wd)
+  colors, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
+  train_tokenizer([f"a {c} {s} left of a {d} {t}" for c in colors for s in shapes for d in colors for t in shapes],
+                  wd, 40)
+  return parent, "wd"
+
+
+def test_export_command_with_a_relative_workdir(converted, hf_dirs, monkeypatch, capsys):
+  """`mmjax export --format hf-clip --workdir workdirs/demo` (relative, as the docs
+  write it) crashed in read_workdir_params: orbax reads no metadata from a relative path."""
+  from mmjax import cli
+
+  parent, wd = converted
+  monkeypatch.chdir(parent)
+  assert cli.main(["export", "--workdir", wd, "--format", "hf-clip", "--out", "rel_out"]) == 0, capsys.readouterr().err
+  transformers.CLIPModel.from_pretrained(str(parent / "rel_out"))
+  params = hf_workdir.read_workdir_params(wd)[1]  # the function itself, relative
+  assert jax.tree.leaves(params)
+  # Converting into it again: one line (FileExistsError), not a traceback.
+  capsys.readouterr()
+  assert cli.main(["convert", "--from", "hf-clip", "--src", hf_dirs(EOS)[0], "--workdir", wd]) == 2
+  err = capsys.readouterr().err
+  assert "already holds checkpoints" in err and "Traceback" not in err
+
+
+def test_hf_export_has_preprocessor_card_and_tokenizer(converted, tmp_path):
+  """Besides config.json + model.safetensors: preprocessor_config.json that
+  CLIPImageProcessor loads with the run's size and mmjax's mean/std (and prepares an
+  image as mmjax's eval pipeline does), the sentencepiece tokenizer.model, and a README
+  model card whose code runs."""
+  from PIL import Image
+
+  from mmjax.data import pipeline
+
+  parent, wd = converted
+  wd = str(parent / wd)
+  out = hf_workdir.export_workdir(wd, str(tmp_path / "out"))
+  assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json",
+                                     "tokenizer.model"]
+  config = ckpt_lib.load_config_json(wd)
+  size = int(config.data.image_size)
+  proc = transformers.CLIPImageProcessor.from_pretrained(out)
+  assert (proc.size["height"], proc.size["width"]) == (size, size) and not proc.do_center_crop
+  np.testing.assert_allclose(proc.image_mean, pipeline.MEAN)
+  np.testing.assert_allclose(proc.image_std, pipeline.STD)
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+  got = proc(images=x, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  np.testing.assert_allclose(got, (x / 255.0 - np.asarray(pipeline.MEAN)) / np.asarray(pipeline.STD), atol=1e-5)
+  # A larger image: the processor's resize (PIL) against mmjax's eval preprocessing (TF).
+  smooth = np.linspace(0, 1, 90)[None, :, None] * np.linspace(0, 1, 70)[:, None, None] * np.array([255, 128, 60])
+  big = str(tmp_path / "big.png")
+  Image.fromarray((smooth + rng.normal(0, 20, smooth.shape)).clip(0, 255).astype(np.uint8)).save(big)
+  try:
+    import tensorflow  # noqa: F401  mmjax's eval preprocessing (the `data` extra)
+  except ImportError:
+    pass
+  else:
+    from mmjax.data import images as images_lib
+    want, _ = images_lib.load_images(config.data, [big])
+    got = proc(images=Image.open(big), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    assert np.abs(got - want[0]).max() < 0.05  # ~1/255 of the pixel range: PIL vs TF resize
+  # The run's tokenizer, byte for byte; the card says how to use it, and its code runs.
+  assert open(os.path.join(out, "tokenizer.model"), "rb").read() == open(os.path.join(wd, "tokenizer.model"), "rb").read()
+  card = open(os.path.join(out, "README.md")).read()
+  for needle in ("library_name: transformers", "| family | CLIP", "step 0", "mmjax export --format hf-clip",
+                 "CLIPImageProcessor", "sentencepiece", "not a `CLIPTokenizer`", f"{size}x{size}", '"train_split"'):
+    assert needle in card, needle
+  Image.fromarray(x).save(os.path.join(out, "cat.png"))
+  blocks = [b.split("```", 1)[0] for b in card.split("```python\n")[1:]]
+  assert len(blocks) == 2
+  cwd = os.getcwd()
+  try:
+    os.chdir(out)
+    scope = {}
+    for block in blocks:
+      exec(block.replace('"OUT"', '"."'), scope)
+  finally:
+    os.chdir(cwd)
+  assert tuple(scope["image_features"].shape) == (1, config.model.embed_dim)
+  assert tuple(scope["text_features"].shape) == (1, config.model.embed_dim)
+  ids = scope["ids"].numpy()[0]
+  from mmjax.data.tokenizer import Tokenizer
+  np.testing.assert_array_equal(ids, Tokenizer(os.path.join(wd, "tokenizer.model")).encode(
+      ["a red circle left of a blue square"], int(config.data.text_len))[0])

@@ -70,11 +70,17 @@ def test_accuracy_perfect_and_zero():
 
 
 def test_scale_clamp_and_gradient(embeddings):
+  """The scale is used as it is (the families project t after each update, issue
+  14.1): trainable on both sides of 100. An explicit max_scale still clips the
+  forward value, with zero gradient beyond it."""
   img, txt = embeddings
   grad_t = jax.grad(lambda t: itc_loss(img, txt, t)[0])
-  assert abs(grad_t(jnp.log(50.0))) > 1e-6        # below the clamp: trainable
-  assert grad_t(jnp.log(200.0)) == 0.0              # above: clamped, no gradient
+  assert abs(grad_t(jnp.log(50.0))) > 1e-6        # trainable
+  assert abs(grad_t(jnp.log(200.0))) > 1e-6       # also past 100: no clamp in the forward
   _, m = itc_loss(img, txt, jnp.log(200.0))
+  np.testing.assert_allclose(m["logit_scale"], 200.0, rtol=1e-6)
+  assert jax.grad(lambda t: itc_loss(img, txt, t, max_scale=100.0)[0])(jnp.log(200.0)) == 0.0
+  _, m = itc_loss(img, txt, jnp.log(200.0), max_scale=100.0)
   np.testing.assert_allclose(m["logit_scale"], 100.0, rtol=1e-6)
   g_sig = jax.grad(lambda t, b: sigmoid_loss(img, txt, t, b)[0], argnums=(0, 1))
   assert all(abs(g) > 1e-6 for g in g_sig(jnp.log(10.0), -10.0))
@@ -130,8 +136,8 @@ def test_pmap_all_gather_equals_single_device(embeddings, name):
 
 
 def test_hard_negatives_match_numpy():
-  """NegCLIP: each image's K swapped-attribute captions join its i2t candidates
-  (softmax) or add z=-1 terms (sigmoid); checked against a loop in numpy."""
+  """NegCLIP, neg_scope='own': each image's K swapped-attribute captions join its i2t
+  candidates (softmax) or add z=-1 terms (sigmoid); checked against a loop in numpy."""
   rng = np.random.default_rng(3)
   b, k, d = 8, 3, 16
   img, txt = _unit(rng, b, d), _unit(rng, b, d)
@@ -145,11 +151,12 @@ def test_hard_negatives_match_numpy():
     col = (s * txt[i] @ img.T).astype(np.float64)
     t2i.append(_logsumexp(col[None])[0] - col[i])
   want = 0.5 * (np.mean(i2t) + np.mean(t2i))
-  got, _ = jax.jit(itc_loss)(img, txt, log_scale, txt_neg=neg)
+  own = functools.partial(itc_loss, neg_scope="own")  # each image's own K (the batch-wide rule: test_audit_models)
+  got, _ = jax.jit(own)(img, txt, log_scale, txt_neg=neg)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert got > jax.jit(itc_loss)(img, txt, log_scale)[0]  # more negatives, more loss
 
   hard = s * np.einsum("bd,bkd->bk", img, neg) + bias
   want_sig = np_sigmoid(img, txt, log_scale, bias) + np.mean(np.sum(np.log1p(np.exp(hard)), axis=1))
-  got_sig, _ = jax.jit(sigmoid_loss)(img, txt, log_scale, bias, txt_neg=neg)
+  got_sig, _ = jax.jit(functools.partial(sigmoid_loss, neg_scope="own"))(img, txt, log_scale, bias, txt_neg=neg)
   np.testing.assert_allclose(got_sig, want_sig, rtol=1e-5)

@@ -108,12 +108,13 @@ def _jiggle(params, seed=5, scale=0.2):
     return jax.tree_util.tree_unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-def _video_from_image(pool, temporal, frames=4, tubelet=1, inflation="central"):
+def _video_from_image(pool, temporal, frames=4, tubelet=1, inflation="central", local_temporal=None):
     """(image ViT, its params moved off init, video ViT, the video params transplanted
-    from the image ones as `mmjax finetune` does)."""
+    from the image ones as `mmjax finetune` does). local_temporal None: the default."""
     image_vit = ViT(**VIT, pool=pool)
     img_params = _jiggle(nn.unbox(image_vit.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]))
-    video_vit = ViT(**VIT, pool=pool, num_frames=frames, temporal=temporal, tubelet=tubelet)
+    variant = {} if local_temporal is None else dict(local_temporal=local_temporal)
+    video_vit = ViT(**VIT, pool=pool, num_frames=frames, temporal=temporal, tubelet=tubelet, **variant)
     fresh = nn.unbox(video_vit.init(jax.random.PRNGKey(1), jnp.zeros((1, frames, 16, 16, 3)))["params"])
     params, report = finetune.transplant(fresh, img_params, inflation=inflation)
     assert report["unused"] == 0 and all("time" in k or "temporal" in k for k in report["kept_init"])
@@ -121,14 +122,15 @@ def _video_from_image(pool, temporal, frames=4, tubelet=1, inflation="central"):
 
 
 @pytest.mark.parametrize("pool", ["cls", "gap"])
-@pytest.mark.parametrize("temporal", TEMPORAL_MODES)
+@pytest.mark.parametrize("temporal", TEMPORAL_MODES + ("local:mmjax_v1",))
 def test_an_image_checkpoint_continues_on_video(temporal, pool):
     """Loaded into a video ViT, an image ViT's params compute on a one-frame clip
     exactly what they compute on the image, and on a clip of that frame repeated the
     same pooled feature: the temporal parts start as the identity, and joint attention
     over T copies of the patch tokens weighs each copy alike. (Not with 'none' and a
     [CLS] token: there the one [CLS] key gets 1/T of its image weight.)"""
-    image_vit, img_params, video_vit, params = _video_from_image(pool, temporal)
+    temporal, _, variant = temporal.partition(":")
+    image_vit, img_params, video_vit, params = _video_from_image(pool, temporal, local_temporal=variant or None)
     image = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3))
     want, want_aux = image_vit.apply({"params": img_params}, image)
     got, aux = video_vit.apply({"params": params}, image[:, None])
@@ -189,7 +191,7 @@ def _reference_video_block(p, x, t, temporal, heads=2, kernel=3):
     return y + _apply(Mlp(32), p["mlp"], ln("ln2", y))
 
 
-@pytest.mark.parametrize("temporal", ["divided", "local"])
+@pytest.mark.parametrize("temporal", ["divided", "local"])  # 'local': mmjax_v1's block
 def test_video_block_matches_a_frame_by_frame_reference(temporal):
     t, n, d = 3, 5, 16
     block = VideoBlock(2, 32, t, temporal=temporal)
@@ -201,7 +203,7 @@ def test_video_block_matches_a_frame_by_frame_reference(temporal):
 
 
 def test_local_module_mixes_only_neighbouring_frames():
-    """Through one 'local' block, frame 3 of 5 depends on frames 2-4 and the [CLS]
+    """Through one mmjax_v1 'local' block, frame 3 of 5 depends on frames 2-4 and the [CLS]
     only: changing frame 0 leaves it unchanged, changing frame 2 does not."""
     t, n, d = 5, 4, 16
     block = VideoBlock(2, 32, t, temporal="local")
@@ -215,10 +217,10 @@ def test_local_module_mixes_only_neighbouring_frames():
     np.testing.assert_array_equal(frame(far, 3), frame(base, 3))
     assert np.abs(frame(near, 3) - frame(base, 3)).max() > 1e-3
     assert np.abs(frame(far, 1) - frame(base, 1)).max() > 1e-3
-    lt = LocalTemporal()
     y = jax.random.normal(jax.random.PRNGKey(4), (1, t, n, d))
-    np.testing.assert_array_equal(np.asarray(_apply(lt, nn.unbox(lt.init(jax.random.PRNGKey(0), y)["params"]), y)),
-                                  np.asarray(y))  # the identity at init
+    for lt in (LocalTemporal(), LocalTemporal(reduction=4, act=None)):  # the release's, mmjax_v1's
+        np.testing.assert_array_equal(np.asarray(_apply(lt, nn.unbox(lt.init(jax.random.PRNGKey(0), y)["params"]), y)),
+                                      np.asarray(y))  # the identity at init
 
 
 @pytest.mark.parametrize("temporal", TEMPORAL_MODES)
@@ -251,8 +253,133 @@ def test_config_choices_follow_the_code():
     before JAX); they must stay the code's."""
     from mmjax import config as config_lib
     from mmjax.data.video_io import SAMPLINGS
-    from mmjax.models.video import INFLATIONS, TEMPORAL
+    from mmjax.models.video import INFLATIONS, LOCAL_VARIANTS, TEMPORAL
 
     assert config_lib.CHOICES["model.temporal"] == TEMPORAL
+    assert config_lib.CHOICES["model.local_temporal"] == LOCAL_VARIANTS
     assert config_lib.CHOICES["data.frame_sampling"] == SAMPLINGS
     assert config_lib.CHOICES["finetune.inflation"] == INFLATIONS
+
+
+# ------------------------------------------------------------------ mPLUG-2's local temporal module
+def _quick_gelu(x):
+    return x / (1.0 + np.exp(-1.702 * x))
+
+
+def _np_layer_norm(p, x, eps=1e-6):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+
+def _np_local_temporal(q, frames, kernel=3):
+    """mPLUG-2's LocalTemporal (models/clip_video.py) in numpy, frame by frame: for each
+    frame f, LN -> 1x1 down (D -> D/2) -> depthwise conv over frames f-1, f, f+1 (zero
+    padding) -> QuickGELU -> 1x1 up; returned as the residual branch, one array per frame."""
+    down = [_np_layer_norm(q["ln"], f) @ np.asarray(q["down"]["kernel"]) + np.asarray(q["down"]["bias"])
+            for f in frames]
+    w, bias = np.asarray(q["conv"]["kernel"]), np.asarray(q["conv"]["bias"])  # [K, 1, D/2], [D/2]
+    t, out = len(frames), []
+    for f in range(t):
+        mixed = bias + sum(w[j, 0] * down[f + j - kernel // 2] for j in range(kernel) if 0 <= f + j - kernel // 2 < t)
+        out.append(_quick_gelu(mixed) @ np.asarray(q["up"]["kernel"]) + np.asarray(q["up"]["bias"]))
+    return out
+
+
+def _reference_release_encoder(p, x, t, heads=2):
+    """mPLUG-2's VideoFormer encoder written frame by frame: every frame its own copy
+    of the [CLS] through every block; in each block the local temporal module on the
+    patch tokens before attention (lmhra1), attention per frame over [its CLS; its
+    tokens], the module again after it (lmhra2), then the MLP; the frames' [CLS]
+    averaged only after the last block, then the final LayerNorm."""
+    x = np.asarray(x)
+    b, s, d = x.shape
+    n = (s - 1) // t
+    cls = [x[:, :1]] * t
+    frames = [x[:, 1 + f * n:1 + (f + 1) * n] for f in range(t)]
+    blocks = sorted(k for k in p if k.startswith("block"))
+    for name in blocks:
+        q = p[name]
+        assert np.asarray(q["time_conv1"]["down"]["kernel"]).shape == (d, d // 2)  # the release's D/2
+        frames = [f + h for f, h in zip(frames, _np_local_temporal(q["time_conv1"], frames))]
+        seqs = [np.concatenate([c, f], axis=1) for c, f in zip(cls, frames)]
+        seqs = [sq + np.asarray(_apply(MultiHeadAttention(heads), q["attn"], _np_layer_norm(q["ln1"], sq)))
+                for sq in seqs]
+        cls, frames = [sq[:, :1] for sq in seqs], [sq[:, 1:] for sq in seqs]
+        frames = [f + h for f, h in zip(frames, _np_local_temporal(q["time_conv2"], frames))]
+        seqs = [np.concatenate([c, f], axis=1) for c, f in zip(cls, frames)]
+        seqs = [sq + np.asarray(_apply(Mlp(32), q["mlp"], _np_layer_norm(q["ln2"], sq))) for sq in seqs]
+        cls, frames = [sq[:, :1] for sq in seqs], [sq[:, 1:] for sq in seqs]
+    y = np.concatenate([sum(cls) / t] + frames, axis=1)
+    return _np_layer_norm(p["ln_final"], y)
+
+
+def test_release_local_encoder_matches_a_frame_by_frame_reference():
+    """model.temporal='local' (default local_temporal='release') is mPLUG-2's module:
+    before and after attention, D/2, QuickGELU, a [CLS] per frame averaged at the end."""
+    from mmjax.models.video import VideoEncoder
+
+    t, n, d = 3, 5, 16
+    enc = VideoEncoder(2, 2, 32, t, temporal="local")
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 1 + t * n, d))
+    params = _jiggle(nn.unbox(enc.init(jax.random.PRNGKey(0), x)["params"]))
+    got, aux = _apply(enc, params, x)
+    want = _reference_release_encoder(params, x, t)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    assert aux["block01"].shape == (2, t, 1 + n, d)  # each frame with its own [CLS]
+
+
+def test_release_local_frames_meet_only_through_the_temporal_modules():
+    """With the temporal modules at init (the identity), the release's 'local' ViT is the
+    image ViT on every frame alone, the frames' [CLS] averaged once at the end:
+    pooled = ln_final(mean_f CLS_f). (mmjax_v1 averaged one shared [CLS] in every
+    block, so the frames met through it from the first block on.)"""
+    image_vit, img_params, video_vit, params = _video_from_image("cls", "local")
+    clip = jax.random.normal(jax.random.PRNGKey(7), (2, 4, 16, 16, 3))  # 4 different frames
+    got, aux = video_vit.apply({"params": params}, clip)
+    last = f"block{VIT['depth'] - 1:02d}"
+    cls, tokens = [], []
+    for f in range(4):
+        _, a = image_vit.apply({"params": img_params}, clip[:, f])
+        cls.append(np.asarray(a["encoder"][last][:, 0]))  # before ln_final
+        tokens.append(np.asarray(a["tokens"][:, 1:]))
+    want = _np_layer_norm(img_params["encoder"]["ln_final"], sum(cls) / 4)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(aux["tokens"][:, 1:]), np.concatenate(tokens, axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_release_local_module_reaches_two_frames_per_block():
+    """Two temporal convolutions (before and after attention) per block: through one
+    block, frame 4 of 6 depends on frames 2-5 and not on frame 1; its [CLS], which
+    sees the other frames only through its own frame's tokens in attention, on
+    frames 3-5 (through the first convolution) and not on frame 2."""
+    from mmjax.models.video import LocalTemporalBlock
+
+    t, n, d = 6, 4, 16
+    block = LocalTemporalBlock(2, 32)
+    x = jax.random.normal(jax.random.PRNGKey(3), (1, t, 1 + n, d))
+    params = _jiggle(nn.unbox(block.init(jax.random.PRNGKey(0), x)["params"]))
+    base = np.asarray(_apply(block, params, x))
+    noise = jax.random.normal(jax.random.PRNGKey(6), (1, 1 + n, d))
+    far = np.asarray(_apply(block, params, x.at[:, 1].add(noise)))
+    near = np.asarray(_apply(block, params, x.at[:, 2].add(noise)))
+    np.testing.assert_array_equal(far[:, 4], base[:, 4])
+    assert np.abs(near[:, 4] - base[:, 4]).max() > 1e-3
+    np.testing.assert_array_equal(near[:, 4, 0], base[:, 4, 0])
+    nearer = np.asarray(_apply(block, params, x.at[:, 3].add(noise)))
+    assert np.abs(nearer[:, 4, 0] - base[:, 4, 0]).max() > 1e-3
+
+
+def test_local_temporal_config_key():
+    """model.local_temporal reaches the ViT: 'release' by default, 'mmjax_v1' on request;
+    a bad value is one clear error."""
+    from mmjax.models.zoo.common import video_options
+
+    assert video_options({"num_frames": 4, "temporal": "local"})["local_temporal"] == "release"
+    assert video_options({"num_frames": 4, "temporal": "local", "local_temporal": "mmjax_v1"})["local_temporal"] == "mmjax_v1"
+    with pytest.raises(ValueError, match="model.local_temporal='v2'; valid choices: release, mmjax_v1"):
+        video_options({"num_frames": 4, "temporal": "local", "local_temporal": "v2"})
+    clip = jnp.zeros((1, 4, 16, 16, 3))
+    for variant, names in (("release", {"time_conv1", "time_conv2"}), ("mmjax_v1", {"time_conv"})):
+        vit = ViT(**VIT, num_frames=4, temporal="local", local_temporal=variant)
+        block = vit.init(jax.random.PRNGKey(0), clip)["params"]["encoder"]["block00"]
+        assert {k for k in block if "time" in k} == names

@@ -1,5 +1,41 @@
 """mmjax data layer: TFDS builders (shapes, emoji), file lists, tokenizer, tf.data pipeline.
 
 TensorFlow is imported lazily, inside functions of `pipeline` (and by the builder
-modules `shapes` / `emoji_ds`, which `pipeline` imports lazily).
+modules `shapes` / `emoji_ds`, which `pipeline` imports lazily). Those functions go
+through `require_tf()` / `require_tfds()` first, so an install without the `data`
+extra fails with one line saying what to install (`MissingExtraError`).
 """
+from __future__ import annotations
+
+import importlib
+import sys
+
+INSTALL_HINT = 'pip install -e ".[data]" (or pip install "mmjax[data]")'
+
+
+class MissingExtraError(ImportError):
+    """A package of the `data` extra (TensorFlow, TFDS, PyAV) is not installed."""
+
+
+def require(module: str, what: str | None = None):
+    """-> the imported `module`, or MissingExtraError naming the extra to install."""
+    mod = sys.modules.get(module)
+    if mod is not None:
+        return mod
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(
+            f"{what or module} is not installed ({e}); the data pipeline needs the `data` extra: "
+            f"{INSTALL_HINT}") from None
+
+
+def require_tf():
+    """-> the `tensorflow` module (MissingExtraError without the `data` extra)."""
+    return require("tensorflow", "TensorFlow")
+
+
+def require_tfds():
+    """-> the `tensorflow_datasets` module (MissingExtraError without the `data` extra)."""
+    require_tf()
+    return require("tensorflow_datasets", "TensorFlow Datasets")

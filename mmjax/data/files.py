@@ -5,10 +5,19 @@ CSV with a header `image_path,caption[,label]`, or JSONL lines
 instead of `image_path` (one kind per list). Relative paths are resolved against
 the list file's directory. Rows whose file is missing are skipped, counted and
 logged (undecodable images and videos are skipped later, by the pipeline).
+
+A list that cannot be read as meant is a ValueError of one line naming the file (and
+the line, `FILE:LINE: ...`, where there is one): not UTF-8, a CSV or JSON syntax
+error, a JSONL line that is not an object, the path or caption column missing, no
+rows, every listed file missing, or a CSV caption that runs over following lines
+that look like rows of the list (an unclosed quote). A CSV caption that spans lines
+otherwise, and captions far longer than `data.text_len` allows, are warnings that
+give their line numbers.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -16,28 +25,114 @@ import zlib
 
 log = logging.getLogger(__name__)
 PATH_KEYS = ("image_path", "video_path")
+EXPECTED = "image_path (or video_path), caption[, label]"
+_WARNED: set = set()  # (path, message) already logged: the list is read several times
 
 
-def read_list(path: str) -> tuple[list[dict], list[str]]:
+def _warn_once(path: str, msg: str, *args) -> None:
+    key = (path, msg % args)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg, *args)
+
+
+def _lines(spans, limit: int = 8) -> str:
+    """[(start, end)] -> 'lines 3-5, 9, ...' for a message."""
+    out = [f"{a}-{b}" if b > a else f"{a}" for a, b in spans[:limit]]
+    return "lines " + ", ".join(out) + (f", ... ({len(spans)} in all)" if len(spans) > limit else "")
+
+
+def _text(path: str) -> str:
+    """The file as UTF-8 text (a BOM is dropped), or ValueError FILE:LINE naming the byte."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
+                         "save the list as UTF-8") from None
+
+
+def _read_jsonl(path: str, text: str):
+    """-> (columns, [(line, line, dict)])."""
+    out, cols = [], set()
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object like "
+                             f'{{"image_path": ..., "caption": ...}}, got {type(obj).__name__}')
+        cols.update(obj)
+        out.append((n, n, obj))
+    return cols, out
+
+
+def _read_csv(path: str, text: str):
+    """-> (columns, [(first line, last line, dict)]); a row whose quoted caption swallows
+    lines that look like rows (an unclosed quote) is a ValueError."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        out, prev = [], reader.line_num
+        for fields in reader:
+            end = reader.line_num
+            if fields:
+                out.append((prev + 1, end, dict(zip(header, fields))))
+            prev = end
+    except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: CSV syntax error ({e})") from None
+    multiline = []
+    for start, end, r in out:
+        cap = r.get("caption") or ""
+        if "\n" not in cap and "\r" not in cap:
+            continue
+        rowlike = [ln for ln in cap.splitlines()[1:]
+                   if len(next(csv.reader([ln]), [])) >= max(len(header), 2) and ln.split(",")[0].strip()]
+        if rowlike:
+            raise ValueError(
+                f"{path}:{start}: the caption of the row at lines {start}-{end} runs over "
+                f"{len(rowlike)} line(s) that look like rows of the list (an unclosed quote?), e.g. "
+                f"{rowlike[0][:60]!r}; fix the quoting or remove the line breaks from the caption")
+        multiline.append((start, end))
+    if multiline:
+        _warn_once(path, "%s: %d caption(s) span several lines (%s); check the quoting",
+                   path, len(multiline), _lines(multiline))
+    return set(header), out
+
+
+def read_list(path: str, text_len: int | None = None) -> tuple[list[dict], list[str]]:
     """-> (rows, missing): rows are {'image_path' (or 'video_path'): abs str, 'caption': str,
     'id': int, ['label': str]} in file order (id = row index among kept rows); missing =
-    skipped paths."""
+    skipped paths. With `text_len` (tokens), captions of more than 2 * text_len words
+    (certainly cut by more than half) are reported with their line numbers."""
     path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.path: list file not found: {path}")
     base = os.path.dirname(os.path.abspath(path))
-    raw: list[dict] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.endswith((".jsonl", ".json")):
-            for line in f:
-                if line.strip():
-                    raw.append(json.loads(line))
-        else:
-            raw = list(csv.DictReader(f))
-    keys = {k for r in raw for k in PATH_KEYS if k in r}
+    text = _text(path)
+    jsonl = path.endswith((".jsonl", ".json"))
+    cols, raw = (_read_jsonl if jsonl else _read_csv)(path, text)
+    what = "keys" if jsonl else "columns"
+    found = ", ".join(sorted(cols)) or "none"
+    if not raw:
+        raise ValueError(f"{path}: the list has no rows (expected {what}: {EXPECTED})")
+    keys = [k for k in PATH_KEYS if k in cols]
     if len(keys) > 1:
-        raise ValueError(f"{path}: a list holds images or videos, not both (columns {sorted(keys)})")
-    key = keys.pop() if keys else "image_path"
-    rows, missing = [], []
-    for r in raw:
+        raise ValueError(f"{path}: a list holds images or videos, not both ({what} {keys})")
+    if not keys:
+        raise ValueError(f"{path}: no 'image_path' (or 'video_path') {what[:-1]}; found {what}: {found}; "
+                         f"expected: {EXPECTED}")
+    if "caption" not in cols:
+        raise ValueError(f"{path}: no 'caption' {what[:-1]}; found {what}: {found}; expected: {EXPECTED}")
+    key = keys[0]
+    rows, missing, long = [], [], []
+    for start, end, r in raw:
         p = str(r.get(key) or "").strip()
         if not p:
             missing.append("<empty>")
@@ -49,12 +144,24 @@ def read_list(path: str) -> tuple[list[dict], list[str]]:
         row = {key: p, "caption": str(r.get("caption") or "")}
         if r.get("label") not in (None, ""):
             row["label"] = str(r["label"])
+        if text_len and len(row["caption"].split()) > 2 * int(text_len):
+            long.append((start, end))
         rows.append(row)
     for i, row in enumerate(rows):
         row["id"] = i
+    if not rows:
+        named = [m for m in missing if m != "<empty>"]
+        if not named:
+            raise ValueError(f"{path}: every one of its {len(missing)} rows has an empty {key}")
+        raise ValueError(f"{path}: every file it lists is missing ({len(missing)} rows; e.g. {named[0]}); "
+                         f"relative paths are resolved against the list's directory {base}")
     if missing:
-        log.warning("%s: skipped %d rows whose file is missing (first: %s)",
-                    path, len(missing), missing[:5])
+        _warn_once(path, "%s: skipped %d rows whose file is missing (first: %s)",
+                   path, len(missing), missing[:5])
+    if long:
+        _warn_once(path, "%s: %d caption(s) far longer than data.text_len=%d tokens allows "
+                   "(more than %d words; %s) will be truncated", path, len(long), int(text_len),
+                   2 * int(text_len), _lines(long))
     return rows, missing
 
 
@@ -63,9 +170,22 @@ def path_key(rows: list[dict]) -> str:
     return "video_path" if rows and "video_path" in rows[0] else "image_path"
 
 
+def check_eval_fraction(eval_fraction) -> float:
+    """data.eval_fraction as a float in [0, 1), else ValueError."""
+    try:
+        f = float(eval_fraction)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not 0.0 <= f < 1.0:
+        raise ValueError(f"data.eval_fraction={eval_fraction!r}: need 0 <= f < 1 "
+                         "(the fraction of a file list held out as the test split)")
+    return f
+
+
 def split_rows(rows: list[dict], split: str, eval_fraction: float = 0.0) -> list[dict]:
     """'train'/'all' -> all rows, unless eval_fraction > 0: then a stable crc32 split of
     image paths into 'train' and 'test'/'validation'. Ids are re-numbered per split."""
+    eval_fraction = check_eval_fraction(eval_fraction)
     if split in ("all",) or (split == "train" and eval_fraction <= 0):
         out = rows
     else:

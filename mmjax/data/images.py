@@ -13,12 +13,14 @@ log = logging.getLogger(__name__)
 
 def load_images(data_config, paths) -> tuple[np.ndarray, list[str]]:
     """-> (images [N, S, S, 3] float32, the paths that decoded). An unreadable or
-    undecodable file is skipped with a warning, never a crash."""
-    import tensorflow as tf
-
+    undecodable file is skipped with a warning (the file and the decoder's reason), never
+    a crash. No paths: no TensorFlow needed (a text-only `mmjax embed`)."""
     from mmjax.data import pipeline
 
     size = int(pipeline._get(data_config, "image_size", 224))
+    if not paths:
+        return np.zeros((0, size, size, 3), np.float32), []
+    tf = pipeline.require_tf()
     out, ok = [], []
     for path in paths:
         try:
@@ -27,7 +29,7 @@ def load_images(data_config, paths) -> tuple[np.ndarray, list[str]]:
             out.append(pipeline._normalize(img).numpy().astype(np.float32))
             ok.append(str(path))
         except (tf.errors.OpError, ValueError) as e:
-            log.warning("skipping %s: %s", path, str(e).splitlines()[0][:200])
+            log.warning("skipping %s: %s", path, pipeline._tf_reason(e)[:200])
     empty = np.zeros((0, size, size, 3), np.float32)
     return (np.stack(out) if out else empty), ok
 
@@ -41,9 +43,9 @@ def read_texts(path: str) -> list[str]:
 def load_videos(data_config, paths) -> tuple[np.ndarray, list[str]]:
     """-> (clips [N, T, S, S, 3] float32 with T = data.num_frames, the paths that
     decoded). An unreadable video is skipped with a warning, never a crash."""
-    import tensorflow as tf
-
     from mmjax.data import pipeline, video_io
+
+    tf = pipeline.require_tf()
 
     size, t = int(pipeline._get(data_config, "image_size", 224)), pipeline.num_frames(data_config)
     if not t:

@@ -22,6 +22,7 @@ import weakref
 import numpy as np
 
 from mmjax.data import files as files_lib
+from mmjax.data import require_tf, require_tfds
 from mmjax.data import shapes_gen
 from mmjax.data import video_io
 
@@ -55,6 +56,7 @@ def _builder(cfg):
     """Prepared TFDS builder for the locally generated datasets (shapes, shapes_vqa,
     emoji). `shapes_vqa` takes its sizes and seed from `data.shapes` too."""
     name = _get(cfg, "name")
+    require_tfds()  # the builder modules import it at the top
     if name in ("shapes", "shapes_vqa"):
         from mmjax.data.shapes import MmjaxShapes, MmjaxShapesVqa, make_config
         cls = MmjaxShapes if name == "shapes" else MmjaxShapesVqa
@@ -82,13 +84,16 @@ def _builder(cfg):
 
 
 def _catalog_builder(cfg):
-    import tensorflow_datasets as tfds
+    tfds = require_tfds()
     name, dd = _get(cfg, "name"), data_dir(cfg)
     try:
         b = tfds.builder(name, data_dir=dd)
         ok = b.is_prepared()
     except Exception as e:  # unknown name, bad config, ...
-        raise FileNotFoundError(f"dataset {name!r} not available in data_dir={dd}: {e}")
+        if type(e).__name__ == "DatasetNotFoundError":  # its message lists the whole catalog
+            raise FileNotFoundError(_not_in_catalog(str(name), tfds)) from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise FileNotFoundError(f"dataset {name!r} not available in data_dir={dd}: {reason}") from None
     if not ok:
         raise FileNotFoundError(
             f"dataset {name!r} is not prepared in data_dir={dd} (mmjax does not download "
@@ -96,20 +101,37 @@ def _catalog_builder(cfg):
     return b
 
 
+def _not_in_catalog(name: str, tfds) -> str:
+    """One line for a name that is neither built in nor in the TFDS catalog, with the
+    closest names (difflib) instead of tfds's list of every dataset."""
+    import difflib
+    base = name.split(":")[0].split("/")[0]
+    try:
+        known = list(tfds.list_builders(with_community_datasets=False))
+    except TypeError:  # older tfds
+        known = list(tfds.list_builders())
+    except Exception:
+        known = []
+    close = difflib.get_close_matches(base, known + list(LOCAL_DATASETS) + ["files"], n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+        f"; built-in datasets: {', '.join(LOCAL_DATASETS)}, or 'files' for your own list"
+    return f"dataset {base!r} not found in the TFDS catalog{hint}"
+
+
 def _files_rows(cfg, split):
     path = _get(cfg, "path")
     if not path:
         raise ValueError("data.name='files' needs data.path (a CSV or JSONL list)")
-    rows, missing = files_lib.read_list(path)
+    frac = files_lib.check_eval_fraction(_get(cfg, "eval_fraction", 0.0))
+    rows, missing = files_lib.read_list(path, text_len=int(_get(cfg, "text_len", 32)))
     names = files_lib.label_names(rows)
-    return files_lib.split_rows(rows, split, float(_get(cfg, "eval_fraction", 0.0))), \
-        missing, names
+    return files_lib.split_rows(rows, split, frac), missing, names
 
 
 def load_records(data_config, split: str):
     """tf.data.Dataset of undecoded records of `split` (see module docstring)."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
+    tf = require_tf()
+    tfds = require_tfds()
     name = _get(data_config, "name")
     if name == "files":
         rows, _, names = _files_rows(data_config, split)
@@ -157,7 +179,7 @@ def load_records(data_config, split: str):
 
 
 def _label_names_of(feats):
-    import tensorflow_datasets as tfds
+    tfds = require_tfds()
     f = feats["label"] if "label" in feats else None
     return list(f.names) if isinstance(f, tfds.features.ClassLabel) else None
 
@@ -200,7 +222,7 @@ def captions(data_config, split: str) -> list[str]:
 # ----------------------------------------------------------------------------- decode
 
 def _decode(rec):
-    import tensorflow as tf
+    import tensorflow as tf  # traced inside tf.data: no importlib call here
     if "pixels" in rec:  # already decoded (data.cache_decoded)
         return rec["pixels"]
     data = tf.io.read_file(rec["image_path"]) if "image_path" in rec else rec["image"]
@@ -223,7 +245,7 @@ def _is_clip(rec) -> bool:
 
 def _frame_indices(n, t: int, offsets):
     """TensorFlow twin of `video_io.sample_indices`: [T] int32 indices into n frames."""
-    import tensorflow as tf
+    import tensorflow as tf  # traced inside tf.data: no importlib call here
     n_f = tf.cast(n, tf.float32)
     idx = tf.floor((tf.range(t, dtype=tf.float32) + offsets) * n_f / float(t))
     return tf.clip_by_value(tf.cast(idx, tf.int32), 0, tf.maximum(tf.cast(n, tf.int32) - 1, 0))
@@ -231,7 +253,7 @@ def _frame_indices(n, t: int, offsets):
 
 def _decode_frames(encoded):
     """Encoded frames [n] string -> uint8 [n, H, W, 3]."""
-    import tensorflow as tf
+    import tensorflow as tf  # traced inside tf.data: no importlib call here
     return tf.map_fn(lambda b: tf.io.decode_image(b, channels=3, expand_animations=False, dtype=tf.uint8),
                      encoded, fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
 
@@ -239,7 +261,7 @@ def _decode_frames(encoded):
 def _decode_clip(rec, t: int, offsets):
     """-> uint8 [T, H, W, 3]: frames floor((i + offsets[i]) n / T) of the record's clip
     (decoded here; a user's file through PyAV), or its image repeated T times."""
-    import tensorflow as tf
+    import tensorflow as tf  # traced inside tf.data: no importlib call here
     if "pixels" in rec and rec["pixels"].shape.rank == 4:  # a cached clip
         return tf.gather(rec["pixels"], _frame_indices(tf.shape(rec["pixels"])[0], t, offsets))
     if "video" in rec:
@@ -262,21 +284,24 @@ def _decode_media(rec, t: int, offsets):
 
 
 def _normalize(img):
-    import tensorflow as tf
+    import tensorflow as tf  # traced inside tf.data: no importlib call here
     return (img / 255.0 - tf.constant(MEAN)) / tf.constant(STD)
 
 
 def _pick_negatives(hn, k: int, seed):
     """k of a record's hard-negative captions, from a random start, cycling when it
-    has fewer than k (so every image gets exactly k): [n] str -> [k] str."""
-    import tensorflow as tf
+    has fewer than k (so every image gets exactly k): [n] str -> ([k] str, [k] bool).
+    The mask is True for the first min(n, k) picks, which are distinct; False marks a
+    repeat of an earlier pick (n < k) or, for a record with none, an empty padding text."""
+    import tensorflow as tf  # traced inside tf.data: no importlib call here
     n = tf.shape(hn)[0]
     start = tf.random.stateless_uniform([], seed=seed, maxval=tf.maximum(n, 1), dtype=tf.int32)
-    return tf.gather(hn, (start + tf.range(k)) % tf.maximum(n, 1))
+    idx = tf.where(n > 0, (start + tf.range(k)) % tf.maximum(n, 1), n)  # n: the padding text
+    return tf.gather(tf.concat([hn, [""]], 0), idx), tf.range(k) < n
 
 
 def _train_map(data_config, seed, hard_negatives: int = 0):
-    import tensorflow as tf
+    tf = require_tf()
     size = int(_get(data_config, "image_size", 224))
     scale = tuple(float(x) for x in _get(data_config, "augment.crop_scale", (0.5, 1.0)))
     ratio = tuple(float(x) for x in _get(data_config, "augment.aspect", (3 / 4, 4 / 3)))
@@ -317,13 +342,14 @@ def _train_map(data_config, seed, hard_negatives: int = 0):
         if "label" in rec:
             out["label"] = tf.cast(rec["label"], tf.int32)
         if hard_negatives:
-            out["hard_negatives"] = _pick_negatives(rec["hard_negatives"], hard_negatives, s[2])
+            out["hard_negatives"], out["hard_negatives_valid"] = _pick_negatives(
+                rec["hard_negatives"], hard_negatives, s[2])
         return out
     return fn
 
 
 def _eval_map(data_config):
-    import tensorflow as tf
+    tf = require_tf()
     size = int(_get(data_config, "image_size", 224))
     t = num_frames(data_config)
 
@@ -343,7 +369,7 @@ def _eval_map(data_config):
 
 
 def _options(data_config, threads=None):
-    import tensorflow as tf
+    tf = require_tf()
     opts = tf.data.Options()
     opts.deterministic = True
     if threads:
@@ -352,7 +378,7 @@ def _options(data_config, threads=None):
 
 
 def _npc(data_config):
-    import tensorflow as tf
+    tf = require_tf()
     n = int(_get(data_config, "num_parallel_calls", -1))
     return tf.data.AUTOTUNE if n < 0 else n
 
@@ -379,19 +405,28 @@ def _close_iterators():
 
 class BatchIterator:
     """Python iterator over numpy batches; `.skipped` counts records dropped so far
-    (missing files + undecodable images), `.batch_index` the next batch's index."""
+    (missing files + undecodable images), `.batch_index` the next batch's index.
 
-    def __init__(self, ds, finish, *, start_pos=0, skipped=0, total=None, batch_index=0, to_local=None):
+    With `state=True` (training) every batch carries a host-only
+    `data_state = {"records": int, "skipped": int}`: the stream position just after
+    the last record of the batch (where a resumed iterator starts) and the records
+    skipped up to and including this batch. `.skipped` itself runs ahead of the
+    consumer by whatever a prefetching reader has taken; `data_state` belongs to its
+    batch."""
+
+    def __init__(self, ds, finish, *, start_pos=0, skipped=0, total=None, batch_index=0, to_local=None,
+                 state=False, missing=0):
         self._it = ds.as_numpy_iterator()
         _LIVE_ITERATORS.add(self)
         self._to_local = to_local  # stream position -> index among this process's records
         self._finish = finish
-        self._expect = start_pos  # next stream position expected from tf.data
+        self._expect = start_pos  # next (local) stream position expected from tf.data
         self._total = total       # stream length (eval) to count trailing drops
+        self._state = state
         self.skipped = skipped
         self.batch_index = batch_index
-        if skipped:
-            log.warning("data: %d records skipped (missing files)", skipped)
+        if missing:
+            log.warning("data: %d records skipped (missing files)", missing)
 
     def __iter__(self):
         return self
@@ -423,15 +458,67 @@ class BatchIterator:
         out = self._finish(b)  # may raise StopIteration
         if b is not None:
             self._count(b["pos"])
+            if self._state:
+                out["data_state"] = {"records": int(b["pos"][-1]) + 1, "skipped": int(self.skipped)}
         self.batch_index += 1
         return out
+
+
+def _tf_reason(e) -> str:
+    """A TensorFlow error's reason in one line, without op names ({{function_node ...}},
+    [Op:...]) and without the stack of a py_func."""
+    import re
+    msg = str(getattr(e, "message", None) or e)
+    msg = re.sub(r"\{\{[^}]*\}\}\s*", "", msg)
+    msg = re.sub(r"\s*\[Op:[^\]]*\]( name:\s*\S*)?", "", msg)
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    for ln in reversed(lines):  # a python decoder's error (PyAV) is the last line of a py_func trace
+        if "VideoDecodeError" in ln:
+            return ln.split("VideoDecodeError:", 1)[-1].strip()[:300]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _source_name(data_config, split) -> str:
+    name = _get(data_config, "name")
+    if name == "files":
+        return f"data.path={os.path.expanduser(str(_get(data_config, 'path')))} (split {split!r})"
+    return f"dataset {name!r} (split {split!r})"
+
+
+def _check_decodable(data_config, ds, split) -> None:
+    """ValueError naming the source unless some record of `ds` decodes. Records are tried
+    in order until one does: a healthy list costs one decode, a hopeless one a full pass,
+    instead of an infinite stream that drops every record and never yields a batch."""
+    tf = require_tf()
+    t = num_frames(data_config)
+    probe = ds.map(lambda r: tf.shape(_decode_media(r, t, tf.fill([t], 0.5)))[0]).ignore_errors().take(1)
+    for _ in probe.as_numpy_iterator():
+        return
+    n = int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
+    src = _source_name(data_config, split)
+    if not n:
+        raise ValueError(f"{src}: no records to train on")
+    reason, first = "", next(iter(ds.take(1)))
+    what = next((k for k in ("image_path", "video_path") if k in first), None)
+    path = first[what].numpy().decode() if what else ""
+    try:  # the first record's decoder error, for the message
+        if what == "video_path":
+            video_io.read_frames(path, t or 1)
+        else:
+            _decode_media(first, t, tf.fill([t], 0.5))
+    except Exception as e:  # noqa: BLE001 (only for the message)
+        reason = _tf_reason(e)
+        reason = reason[len(path) + 2:] if path and reason.startswith(path + ": ") else reason
+    where = f"{path}: " if path else ""
+    raise ValueError(f"{src}: none of its {n} records decodes (first: {where}{reason or 'undecodable'}); "
+                     "no batch can be made")
 
 
 def _cache_decoded(data_config, ds):
     """Decodes every image once, resized to data.image_size, and keeps the uint8
     pixels in memory (built-in datasets only: they are small and hold no corrupt
     records, so no record is dropped before the stream positions are counted)."""
-    import tensorflow as tf
+    tf = require_tf()
     size = int(_get(data_config, "image_size", 224))
 
     def decode(rec):
@@ -450,26 +537,42 @@ def _cache_decoded(data_config, ds):
 
 
 def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
-                        start_batch: int = 0, process_index: int = 0,
-                        process_count: int = 1, threads=None,
+                        start_batch: int = 0, start_record: int | None = None, skipped: int = 0,
+                        process_index: int = 0, process_count: int = 1, threads=None,
                         hard_negatives: int = 0) -> BatchIterator:
     """Infinite iterator of per-process training batches:
     image float32 [B, S, S, 3] (clips, with data.num_frames = T: [B, T, S, S, 3], frames
     sampled by data.frame_sampling), text int32 [B, L], id int64 [B] (+ label int32 [B]),
     and with `hard_negatives=K` > 0 also hard_negatives int32 [B, K, L] (captions with
-    attributes swapped, for NegCLIP-style training; the dataset must provide them).
+    attributes swapped, for NegCLIP-style training; the dataset must provide them) and
+    hard_negatives_valid bool [B, K] (False where a record with fewer than K negatives
+    repeats one, or pads with an empty text when it has none). Every batch also carries
+    `data_state = {"records": int, "skipped": int}` (host-only, not an array: drop it
+    before the device): the stream position just after the batch's last record and the
+    records this process skipped so far (missing files + undecodable), this batch included.
 
-    Shuffled per epoch from `seed`, augmentation seeded by (seed, stream position).
-    `start_batch=k` yields exactly the batches a fresh iterator yields after k batches
-    (when no record is dropped as undecodable before that point).
+    Shuffled per epoch from `seed`, augmentation seeded by (seed, stream position). The
+    stream position indexes the seeded, shuffled, repeated record stream, counted before
+    any record is dropped, so resuming is exact with or without undecodable records:
+    `start_record=data_state["records"]`, `skipped=data_state["skipped"]` of the last
+    batch consumed yields exactly the batches the uninterrupted iterator yields next.
+    `start_record` wins over `start_batch` for the position; `start_batch` still sets
+    `.batch_index`, and alone (start_record None: a checkpoint written before data_state)
+    it positions at start_batch global batches, exact only when no record was dropped
+    before that point. `skipped` is the count restored with the position (a fresh
+    iterator adds the list's missing files to it; a resumed one has them in it already).
 
     Multi-process: every process walks the same shuffled record order, cut into
     global batches of `batch_size * process_count`, and decodes only its rows
     `[process_index * batch_size, (process_index + 1) * batch_size)` of each. The
-    global batch is therefore the same whatever the process count, and a run
-    resumes exactly on another topology (`start_batch` counts global batches).
+    global batch is therefore the same whatever the process count (as long as no
+    record is dropped: a process fills a dropped row with its next own row), and
+    `start_batch` counts global batches; `start_record` and `data_state` are per
+    process (global stream positions).
+
+    ValueError when no record of the split decodes (a full pass in order finds none).
     """
-    import tensorflow as tf
+    tf = require_tf()
     split = _get(data_config, "train_split", "train")
     L = int(_get(data_config, "text_len", 32))
     cache = bool(_get(data_config, "cache_decoded", False))
@@ -477,17 +580,21 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
         raise ValueError(f"data.cache_decoded=True is for the built-in datasets {LOCAL_DATASETS}, not "
                          f"{_get(data_config, 'name')!r}: a large or partly corrupt dataset must stream")
     ds = load_records(data_config, split)
-    if cache:
-        ds = _cache_decoded(data_config, ds)
     K = int(hard_negatives or 0)
     if K and "hard_negatives" not in ds.element_spec:
         raise ValueError(f"model.hard_negatives={K} but dataset {_get(data_config, 'name')!r} has no "
                          "hard_negatives feature (built-in: shapes); set model.hard_negatives=0")
+    if cache:
+        ds = _cache_decoded(data_config, ds)
+    else:
+        _check_decodable(data_config, ds, split)
     ds = ds.shuffle(int(_get(data_config, "shuffle_buffer", 10000)), seed=int(seed),
                     reshuffle_each_iteration=True).repeat()
     b, n_proc, rank = int(batch_size), int(process_count), int(process_index)
     global_b = b * n_proc
-    start = int(start_batch) * global_b
+    start = int(start_batch) * global_b if start_record is None else int(start_record)
+    if start < 0:
+        raise ValueError(f"start_record={start}: a stream position is >= 0")
     ds = ds.enumerate().skip(start)
     if n_proc > 1:  # this process's rows of every global batch, before any decoding
         ds = ds.filter(lambda pos, rec: (pos % global_b) // b == rank)
@@ -506,12 +613,15 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
         if K:
             negs = [c.decode("utf-8") for c in b["hard_negatives"].reshape(-1)]
             out["hard_negatives"] = tokenizer.encode(negs, L).reshape(len(b["id"]), K, L)
+            out["hard_negatives_valid"] = b["hard_negatives_valid"].astype(bool)
         return out
 
     # Stream positions -> this process's own count, so skipped records are gaps in it.
     to_local = (lambda pos: (pos // global_b) * b + pos % global_b - rank * b) if n_proc > 1 else None
-    return BatchIterator(ds, finish, start_pos=int(start_batch) * b, batch_index=int(start_batch),
-                         skipped=_initial_skips(data_config, split), to_local=to_local)
+    local_start = (start // global_b) * b + min(max(start % global_b - rank * b, 0), b)
+    missing = _initial_skips(data_config, split) if start_record is None else 0
+    return BatchIterator(ds, finish, start_pos=local_start, batch_index=int(start_batch),
+                         skipped=int(skipped) + missing, missing=missing, to_local=to_local, state=True)
 
 
 def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
@@ -525,7 +635,7 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
     and where present label [B] i32, hard_negatives [B,K,L] i32, hard_negatives_valid
     [B,K] bool (K = 4).
     """
-    import tensorflow as tf
+    tf = require_tf()
     L = int(_get(data_config, "text_len", 32))
     S = int(_get(data_config, "image_size", 224))
     clip = [num_frames(data_config)] if num_frames(data_config) else []
@@ -572,8 +682,8 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
                 out["hard_negatives_valid"][:n] = b["hard_negatives_valid"]
         return out
 
-    return BatchIterator(ds, finish, total=n_shard,
-                         skipped=_initial_skips(data_config, split))
+    missing = _initial_skips(data_config, split)
+    return BatchIterator(ds, finish, total=n_shard, skipped=missing, missing=missing)
 
 
 def pipeline_throughput(data_config, batch_size: int, num_batches: int, threads=None,

@@ -40,8 +40,9 @@ def read_frames(path: str, num_frames: int, offsets=None) -> np.ndarray:
   Raises VideoDecodeError (with the path and the decoder's reason) for a file that is
   missing, not a video, or corrupt.
   """
-  import av  # PyAV: FFmpeg's decoders, in the `data` extra
+  from mmjax.data import require
 
+  av = require("av", "PyAV")  # FFmpeg's decoders, in the `data` extra
   try:
     with av.open(str(path)) as container:
       if not container.streams.video:

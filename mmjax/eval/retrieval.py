@@ -55,28 +55,41 @@ def retrieval_metrics(img: np.ndarray, txt: np.ndarray, captions, ks=KS) -> dict
     return out
 
 
-def reranked_metrics(sims: np.ndarray, inverse: np.ndarray, score_pairs, k: int, ks=KS) -> dict:
-    """ALBEF-style retrieval: ITC ranks all candidates, the top k are re-scored.
+RERANK_SCORES = ("itm", "itm+itc")
+
+
+def reranked_metrics(sims: np.ndarray, inverse: np.ndarray, score_pairs, k: int, ks=KS,
+                     scores=RERANK_SCORES) -> dict:
+    """Retrieval re-ranked by the ITM head: ITC ranks all candidates, the top k are re-scored.
 
     sims: [N images, M unique captions] ITC similarities; inverse: [N] own caption;
     score_pairs(img_idx [P], cap_idx [P]) -> [P] match scores (ITM log-odds).
-    In each direction the top k candidates by ITC are re-ordered by their score and
-    placed ahead of the rest, which keep the ITC order. Returns i2t_itm_r@k, t2i_itm_r@k.
+    In each direction the top k candidates by ITC are re-ordered and placed ahead of
+    the rest, which keep the ITC order. The re-ordering score, per `scores`:
+      "itm":     the ITM score alone (ALBEF's evaluation) -> i2t_itm_r@k, t2i_itm_r@k
+      "itm+itc": ITM score + ITC similarity (BLIP's evaluation: `score + topk_sim`)
+                 -> i2t_itm_itc_r@k, t2i_itm_itc_r@k
+    Both come from the same ITM scores, so asking for both costs nothing more.
     """
-    n, m = sims.shape
+    bad = [s for s in scores if s not in RERANK_SCORES]
+    if bad or not scores:
+        raise ValueError(f"rerank scores {tuple(scores)!r}; valid choices: {', '.join(RERANK_SCORES)}")
     out = {}
     for direction, s in (("i2t", sims), ("t2i", sims.T)):
         kk = min(int(k), s.shape[1])
         top = np.argsort(-s, axis=1, kind="stable")[:, :kk]  # [R, kk]
         rows = np.repeat(np.arange(s.shape[0]), kk)
         img_idx, cap_idx = (rows, top.reshape(-1)) if direction == "i2t" else (top.reshape(-1), rows)
-        scores = np.asarray(score_pairs(img_idx, cap_idx), np.float64).reshape(-1, kk)
-        new = s.astype(np.float64) - (np.abs(s).max() + 1.0) * 2  # the rest: below any top-k entry
-        # top-k entries: above everything else, ordered by their score
-        np.put_along_axis(new, top, scores - scores.min() + 1.0, axis=1)
-        full = new if direction == "i2t" else new.T
-        out.update({key: v for key, v in _recalls(full, inverse, ks, prefix="itm_").items()
-                    if key.startswith(direction)})
+        itm = np.asarray(score_pairs(img_idx, cap_idx), np.float64).reshape(-1, kk)
+        for name in scores:
+            score = itm + np.take_along_axis(s, top, axis=1).astype(np.float64) if name == "itm+itc" else itm
+            new = s.astype(np.float64) - (np.abs(s).max() + 1.0) * 2  # the rest: below any top-k entry
+            # top-k entries: above everything else, ordered by their score
+            np.put_along_axis(new, top, score - score.min() + 1.0, axis=1)
+            full = new if direction == "i2t" else new.T
+            prefix = "itm_" if name == "itm" else "itm_itc_"
+            out.update({key: v for key, v in _recalls(full, inverse, ks, prefix=prefix).items()
+                        if key.startswith(direction)})
     out["rerank_k"] = int(k)
     return out
 
@@ -84,14 +97,22 @@ def reranked_metrics(sims: np.ndarray, inverse: np.ndarray, score_pairs, k: int,
 def binding_accuracy(img: np.ndarray, own_txt: np.ndarray, neg_txt: np.ndarray, neg_valid: np.ndarray) -> dict:
     """The probe: is the own caption scored above every attribute-swapped variant?
 
-    img, own_txt: [N, D]; neg_txt: [N, K, D]; neg_valid: [N, K] bool.
+    img, own_txt: [N, D]; neg_txt: [N, K, D]; neg_valid: [N, K] bool. Scored by the
+    embeddings' dot product (ITC).
     """
     own = np.sum(img * own_txt, axis=-1)  # [N]
     neg = np.einsum("nd,nkd->nk", img, neg_txt)
+    return binding_accuracy_scores(own, neg, neg_valid)
+
+
+def binding_accuracy_scores(own: np.ndarray, neg: np.ndarray, neg_valid: np.ndarray) -> dict:
+    """The probe from any pair scores (ITC similarity, ITM log-odds): own [N] (each
+    image with its caption), neg [N, K] (with its swapped captions), neg_valid [N, K]."""
+    neg_valid = np.asarray(neg_valid, bool)
     neg = np.where(neg_valid, neg, -np.inf)
     has = neg_valid.any(axis=1)
-    correct = (own > neg.max(axis=1))[has]
-    chance = np.mean(1.0 / (1.0 + neg_valid.sum(axis=1)[has]))
+    correct = (np.asarray(own) > neg.max(axis=1, initial=-np.inf))[has]
+    chance = np.mean(1.0 / (1.0 + neg_valid.sum(axis=1)[has])) if has.any() else float("nan")
     return {"binding_acc": float(np.mean(correct)) if correct.size else float("nan"), "binding_chance": float(chance)}
 
 
@@ -99,19 +120,6 @@ def zero_shot_accuracy(img: np.ndarray, class_txt: np.ndarray, labels: np.ndarra
     """img: [N, D]; class_txt: [C, D] (template-averaged, normalised); labels: [N]."""
     pred = np.argmax(img @ class_txt.T, axis=1)
     return {"zero_shot_top1": float(np.mean(pred == labels)), "zero_shot_chance": 1.0 / class_txt.shape[0]}
-
-
-PROMPT_TEMPLATES = ("a {}.", "a picture of a {}.", "an image with a {}.")
-
-
-def class_embeddings(encode_text, tokenize, names, templates=PROMPT_TEMPLATES) -> np.ndarray:
-    """Averages normalised text embeddings over prompt templates, per class."""
-    embs = []
-    for template in templates:
-        e = np.asarray(encode_text(tokenize([template.format(n) for n in names])))
-        embs.append(e)
-    mean = np.mean(embs, axis=0)
-    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
 
 
 def caption_metrics(predicted: list[str], references: list[str]) -> dict:

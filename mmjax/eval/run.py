@@ -6,7 +6,7 @@ import logging
 import jax
 import numpy as np
 
-from mmjax.eval import retrieval
+from mmjax.eval import retrieval, zero_shot as zero_shot_lib
 from mmjax.parallel import mesh as mesh_lib
 
 
@@ -14,14 +14,29 @@ class Evaluator:
     """Embeds a split with jitted towers on the mesh and computes the metrics.
 
     The towers are compiled once; `__call__(params)` can run every N steps.
+    `zero_shot`: the eval.zero_shot section (templates, class_names_file); the
+    prompts are built and checked to fit data.text_len here, so a prompt that does
+    not fit fails the run at its start, not at its first eval.
     """
 
     def __init__(self, family, data_config, tokenizer, mesh, *, split: str, batch_size: int, max_examples=None,
-                 rerank_k: int = 16):
+                 rerank_k: int = 16, zero_shot=None):
         self.family, self.data_config, self.tokenizer, self.mesh = family, data_config, tokenizer, mesh
         self.split, self.max_examples = split, max_examples
-        # Families with an ITM head (ALBEF, BLIP, VLMo) also report ITM-re-ranked recall.
-        self.rerank_k = int(rerank_k) if hasattr(family, "itm_scores") else 0
+        # Families with an ITM head (ALBEF, BLIP, VLMo) also report ITM-re-ranked
+        # recall and the binding probe scored by ITM.
+        self.has_itm = hasattr(family, "itm_scores")
+        self.rerank_k = int(rerank_k) if self.has_itm else 0
+        self.unfit_prompts = 0
+        try:
+            self.prompts = zero_shot_lib.eval_prompts(data_config, tokenizer, zero_shot)  # (names, ids) or None
+        except zero_shot_lib.PromptsTooLong as e:
+            if not e.builtin:  # prompts the user gave: the run stops here, at its start
+                raise
+            # The built-in prompts, for a tokenizer too small for them (a tiny test
+            # recipe): no zero_shot_top1 rather than one from cut prompts.
+            logging.warning("no zero_shot_top1: %s", e)
+            self.prompts, self.unfit_prompts = None, e.count
         n_dev = mesh.devices.size
         self.batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
         # Inputs keep their shardings: params as the train state lays them out (FSDP,
@@ -32,7 +47,7 @@ class Evaluator:
         if hasattr(family, "caption"):  # CoCa / BLIP: greedy captions of the eval images
             self._caption = jax.jit(lambda p, x: family.caption(p, x, max_len=int(data_config.text_len)),
                                     out_shardings=rep)
-        if self.rerank_k:
+        if self.has_itm:
             self._img_feat = jax.jit(family.image_features, out_shardings=rep)
             self._txt_feat = jax.jit(family.text_features, out_shardings=rep)
             self._itm = jax.jit(family.itm_scores, out_shardings=rep)
@@ -47,7 +62,8 @@ class Evaluator:
         return mesh_lib.global_batch(self.mesh, {k: np.asarray(v)[i * rows:(i + 1) * rows] for k, v in batch.items()})
 
     def _batched(self, fn, arrays: dict):
-        """fn over whole padded batches of equally long numpy arrays -> numpy [N, ...]."""
+        """fn over whole padded batches of equally long numpy arrays -> numpy [N, ...]
+        (or a tuple of them when fn returns a tuple)."""
         n = len(next(iter(arrays.values())))
         out = []
         for i in range(0, n, self.batch_size):
@@ -56,17 +72,20 @@ class Evaluator:
             if pad:
                 chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in chunk.items()}
             res = fn(self._global(chunk))
-            out.append(np.asarray(res)[: self.batch_size - pad])
-        return np.concatenate(out)
+            out.append(jax.tree.map(lambda r: np.asarray(r)[: self.batch_size - pad], res))
+        return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
+
+    def _itm_pairs(self, params, img_tok, stream, text_ids):
+        """ITM scores [P] of P (image tokens, text stream, text ids) pairs."""
+        return self._batched(lambda a: self._itm(params, a["tok"], a["stream"], a["text"]),
+                             {"tok": img_tok, "stream": stream, "text": text_ids})
 
     def _rerank(self, params, img, txt, caps, img_tok, stream, text_ids) -> dict:
         uniq, inverse, first = retrieval.caption_index(caps)
 
         def score_pairs(img_idx, cap_idx):
             rows = first[cap_idx]
-            return self._batched(
-                lambda a: self._itm(params, a["tok"], a["stream"], a["text"]),
-                {"tok": img_tok[img_idx], "stream": stream[rows], "text": text_ids[rows]})
+            return self._itm_pairs(params, img_tok[img_idx], stream[rows], text_ids[rows])
 
         return retrieval.reranked_metrics(img @ txt[first].T, inverse, score_pairs, self.rerank_k)
 
@@ -92,7 +111,7 @@ class Evaluator:
         for batch in it:
             valid = np.asarray(batch["valid"], bool)
             arrays = self._global({"image": batch["image"], "text": batch["text"]})
-            if self.rerank_k:
+            if self.has_itm:
                 emb, tok = self._img_feat(params, arrays["image"])
                 imgs.append(np.asarray(emb)[valid])
                 img_toks.append(np.asarray(tok)[valid])
@@ -129,25 +148,39 @@ class Evaluator:
             hn = np.concatenate(negs)
             n, k, length = hn.shape
             hv = np.concatenate(neg_valid)
-            neg_emb = self._encode_text(params, hn.reshape(n * k, length)).reshape(n, k, -1)
-            if pipeline.num_frames(self.data_config):
-                # Clips (moving_shapes): the negatives are the captions of the clip played
-                # backwards (first) and of its events in the other order. An order-blind
-                # model scores a clip and its reversal alike: the time probe's chance is 0.5.
-                probe = retrieval.binding_accuracy(img, txt, neg_emb[:, :1], hv[:, :1])
-                metrics["time_probe_acc"], metrics["time_probe_chance"] = probe["binding_acc"], probe["binding_chance"]
-                probe = retrieval.binding_accuracy(img, txt, neg_emb, hv)
-                metrics["order_probe_acc"], metrics["order_probe_chance"] = probe["binding_acc"], probe["binding_chance"]
+            flat = hn.reshape(n * k, length)
+            if self.has_itm:
+                neg_emb, neg_stream = self._batched(lambda a: self._txt_feat(params, a["text"]), {"text": flat})
             else:
-                metrics.update(retrieval.binding_accuracy(img, txt, neg_emb, hv))
-        names = pipeline.label_names(self.data_config)
-        if labels and names:
-            class_txt = retrieval.class_embeddings(
-                lambda toks: self._encode_text(params, toks),
-                lambda texts: self.tokenizer.encode(texts, self.data_config.text_len),
-                names,
-            )
+                neg_emb = self._encode_text(params, flat)
+            scorings = {"": (np.sum(img * txt, axis=-1), np.einsum("nd,nkd->nk", img, neg_emb.reshape(n, k, -1)))}
+            if self.has_itm:
+                # The same probe through the fusion encoder: each image against its own
+                # caption and its swapped ones, scored by the ITM head.
+                tok = np.concatenate(img_toks)
+                own_itm = self._itm_pairs(params, tok, np.concatenate(streams), np.concatenate(text_ids))
+                neg_itm = self._itm_pairs(params, np.repeat(tok, k, axis=0), neg_stream, flat)
+                scorings["_itm"] = (own_itm, neg_itm.reshape(n, k))
+            for suffix, (own_s, neg_s) in scorings.items():
+                if pipeline.num_frames(self.data_config):
+                    # Clips (moving_shapes): the negatives are the captions of the clip played
+                    # backwards (first) and of its events in the other order. An order-blind
+                    # model scores a clip and its reversal alike: the time probe's chance is 0.5.
+                    probe = retrieval.binding_accuracy_scores(own_s, neg_s[:, :1], hv[:, :1])
+                    metrics["time_probe_acc" + suffix] = probe["binding_acc"]
+                    metrics["time_probe_chance"] = probe["binding_chance"]
+                    probe = retrieval.binding_accuracy_scores(own_s, neg_s, hv)
+                    metrics["order_probe_acc" + suffix] = probe["binding_acc"]
+                    metrics["order_probe_chance"] = probe["binding_chance"]
+                else:
+                    probe = retrieval.binding_accuracy_scores(own_s, neg_s, hv)
+                    metrics["binding_acc" + suffix], metrics["binding_chance"] = probe["binding_acc"], probe["binding_chance"]
+        if labels and self.prompts is not None:
+            _, ids = self.prompts
+            class_txt = zero_shot_lib.class_embeddings(lambda toks: self._encode_text(params, toks), ids)
             metrics.update(retrieval.zero_shot_accuracy(img, class_txt, np.concatenate(labels)))
+        elif labels and self.unfit_prompts:
+            metrics["zero_shot_unfit_prompts"] = self.unfit_prompts  # no zero_shot_top1 from cut prompts
         if generated:
             metrics.update(retrieval.caption_metrics(generated, caps))
             for g, c in zip(generated[:3], caps[:3]):

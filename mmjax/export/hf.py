@@ -5,6 +5,7 @@
     img = model.apply(variables, images, method=model.encode_image)   # [B, H, W, 3] f32, normalized (NHWC)
     txt = model.apply(variables, token_ids, method=model.encode_text) # [B, L] int32
     hf.save_clip(model, variables, OUT)    # transformers.CLIPModel.from_pretrained(OUT) loads it
+                                           # (and CLIPImageProcessor: preprocessor_config.json)
 
     # workdirs (mmjax convert / mmjax export --format hf-clip): mmjax.export.hf_workdir
 
@@ -71,6 +72,7 @@ LEGACY_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)  # OpenAI's ea
 MMJAX_IDS = dict(bos_token_id=2, eos_token_id=3, pad_token_id=0)   # mmjax.data.tokenizer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PREPROCESSOR_FILE = "preprocessor_config.json"  # transformers' CLIPImageProcessor
 
 
 class HFCLIP(CLIP):
@@ -544,12 +546,31 @@ def hf_config(model: CLIP, spec: dict, *, eos_id=None) -> dict:
               dtype="float32", text_config=text_config, vision_config=vision_config)
 
 
-def save_clip(model, variables, out_dir: str, *, eos_id=None) -> str:
-  """Writes `out_dir/config.json` + `model.safetensors` for `transformers.CLIPModel`.
+def image_processor_config(image_size: int, mean=None, std=None) -> dict:
+  """transformers `CLIPImageProcessor` settings that prepare an image as mmjax's eval
+  pipeline does (mmjax.data.images.load_images): RGB, resized to image_size x
+  image_size (bilinear, antialiased when shrinking, as PIL does; no center crop),
+  x / 255, then (x - mean) / std. mean/std default to mmjax's (mmjax.data.pipeline)."""
+  if mean is None or std is None:
+    from mmjax.data.pipeline import MEAN, STD  # constants only: no TensorFlow import
+
+    mean, std = MEAN if mean is None else mean, STD if std is None else std
+  s = int(image_size)
+  return dict(image_processor_type="CLIPImageProcessor", do_convert_rgb=True, do_resize=True,
+              size={"height": s, "width": s}, resample=2,  # PIL.Image.BILINEAR
+              do_center_crop=False, crop_size={"height": s, "width": s},
+              do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+              image_mean=[float(v) for v in mean], image_std=[float(v) for v in std])
+
+
+def save_clip(model, variables, out_dir: str, *, eos_id=None, image_mean=None, image_std=None) -> str:
+  """Writes `out_dir/config.json` + `model.safetensors` for `transformers.CLIPModel`,
+  and `preprocessor_config.json` for `transformers.CLIPImageProcessor`.
 
   model: an mmjax CLIP module (HFCLIP from load_clip, or ClipFamily(...).model);
   variables: {'params': params} or the params. eos_id: for a model with mmjax's
   text_pool='last', the eos id written to the config (default 3, mmjax's tokenizer).
+  image_mean / image_std: the normalisation (default mmjax's, OpenAI CLIP's values).
   Returns out_dir. ValueError names what does not fit transformers' CLIP.
   """
   from safetensors.numpy import save_file
@@ -571,4 +592,6 @@ def save_clip(model, variables, out_dir: str, *, eos_id=None) -> str:
   save_file(sd, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
+  with open(os.path.join(out_dir, PREPROCESSOR_FILE), "w") as f:
+    json.dump(image_processor_config(spec["image_size"], image_mean, image_std), f, indent=2, sort_keys=True)
   return out_dir

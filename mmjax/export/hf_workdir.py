@@ -3,13 +3,23 @@
 
     hf_workdir.convert_to_workdir(HF_DIR, WORKDIR)   # config.json + a step-0 checkpoint
     hf_workdir.export_workdir(WORKDIR, OUT)          # a CLIP workdir's params -> HF_DIR
+
+An export directory holds config.json + model.safetensors (CLIPModel),
+preprocessor_config.json (CLIPImageProcessor: the run's image size and mean/std),
+README.md (a model card: the training config, step, data, mmjax version, how it was
+exported and how to tokenize) and the run's sentencepiece tokenizer.model. mmjax's
+tokenizer is not a CLIPTokenizer (BPE), so no tokenizer files transformers would load
+are written; the card shows how to make the ids with sentencepiece.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 
+from mmjax.export import hf
 from mmjax.export.hf import check_exportable, model_config, read_clip, save_clip
 
 
@@ -115,15 +125,9 @@ def read_workdir_params(workdir: str, weights: str = "student", step: int | None
     raise ValueError(f"weights {weights!r}; valid choices: student, ema")
   config = ckpt_lib.load_config_json(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if step is None:
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-    steps = [s for s in steps if os.path.isdir(os.path.join(ckpt_dir, str(s), "state"))]
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    step = max(steps)
-  path = os.path.join(ckpt_dir, str(int(step)), "state")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}")
+  step = checkpoint_step(workdir, step)
+  # Absolute: orbax reads no metadata from a relative path (metadata() gives None).
+  path = os.path.abspath(os.path.join(ckpt_dir, str(int(step)), "state"))
   key = "params" if weights == "student" else "ema_params"
   ckptr = ocp.PyTreeCheckpointer()
   meta = ckptr.metadata(path)
@@ -139,6 +143,20 @@ def read_workdir_params(workdir: str, weights: str = "student", step: int | None
   restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   return config, jax.tree_util.tree_map(np.asarray, restored[key])
+
+
+def checkpoint_step(workdir: str, step: int | None = None) -> int:
+  """`step` if the workdir has a checkpoint there, else (None) its latest step."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if step is None:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    steps = [s for s in steps if os.path.isdir(os.path.join(ckpt_dir, str(s), "state"))]
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    step = max(steps)
+  if not os.path.isdir(os.path.join(ckpt_dir, str(int(step)), "state")):
+    raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}")
+  return int(step)
 
 
 def export_workdir(workdir: str, out_dir: str, weights: str = "student", *, step: int | None = None) -> str:
@@ -159,16 +177,150 @@ def export_workdir(workdir: str, out_dir: str, weights: str = "student", *, step
                      "whose fusion / ITM layers transformers' CLIPModel has no place for")
   clip = zoo.build(config.model).model
   check_exportable(clip)  # before reading the checkpoint
+  step = checkpoint_step(workdir, step)
   _, params = read_workdir_params(workdir, weights, step)
-  return save_clip(clip, {"params": params}, out_dir, eos_id=_workdir_eos(workdir, config))
+  data = config.get("data", {})
+  mean, std = data.get("mean", None), data.get("std", None)  # as formats' stablehlo export
+  out = save_clip(clip, {"params": params}, out_dir, eos_id=_workdir_eos(workdir, config),
+                  image_mean=mean, image_std=std)
+  tokenizer = _workdir_tokenizer(workdir, config)
+  if tokenizer:
+    shutil.copyfile(tokenizer, os.path.join(out, TOKENIZER_FILE))
+  with open(os.path.join(out, hf.PREPROCESSOR_FILE)) as f:
+    preprocessor = json.load(f)
+  with open(os.path.join(out, CARD_FILE), "w") as f:
+    f.write(model_card(config, workdir=workdir, step=step, weights=weights, preprocessor=preprocessor,
+                       tokenizer=TOKENIZER_FILE if tokenizer else None, tokenizer_path=tokenizer))
+  return out
+
+
+TOKENIZER_FILE = "tokenizer.model"  # sentencepiece, as in a workdir
+CARD_FILE = "README.md"
+
+
+def _workdir_tokenizer(workdir, config):
+  """The path of a workdir's sentencepiece model, or None."""
+  path = config.data.get("tokenizer", {}).get("path") if "data" in config else None
+  path = os.path.expanduser(path) if path else os.path.join(workdir, "tokenizer.model")
+  return path if os.path.isfile(path) else None
 
 
 def _workdir_eos(workdir, config):
   """The eos id of a workdir's sentencepiece tokenizer (None: mmjax's default, 3)."""
-  path = config.data.get("tokenizer", {}).get("path") if "data" in config else None
-  path = os.path.expanduser(path) if path else os.path.join(workdir, "tokenizer.model")
-  if not os.path.isfile(path):
+  path = _workdir_tokenizer(workdir, config)
+  if path is None:
     return None
   from mmjax.data.tokenizer import Tokenizer
 
   return int(Tokenizer(path).eos_id)
+
+
+def model_card(config, *, workdir: str, step: int, weights: str, preprocessor: dict,
+               tokenizer: str | None, tokenizer_path: str | None = None) -> str:
+  """README.md of an hf-clip export: what was trained on what, and how to use it.
+  tokenizer: the sentencepiece file's name in the export (tokenizer_path: where it is)."""
+  tokenizer_path = tokenizer_path or tokenizer
+  from mmjax.export.formats import mmjax_version
+
+  m, d, t = config.model, config.get("data", {}), config.get("train", {})
+  get = lambda section, key, default="?": section.get(key, default) if section is not None else default
+  tower = lambda name: f"`{get(m, name)}`" + (f" with {dict(get(m, name + '_overrides', {}) or {})}"
+                                               if get(m, name + "_overrides", {}) else "")
+  data_name = get(d, "name")
+  if data_name == "files" and get(d, "path", None):
+    data_name = f"files ({os.path.basename(str(d.path))})"
+  imported = bool(get(m, "keep_vocab_size", False))
+  size = preprocessor["size"]["height"]
+  rows = [
+      ("family", "CLIP (two towers, contrastive ITC, `model.loss=" + str(get(m, "loss")) + "`)"),
+      ("image tower", f"{tower('image')}, {size}x{size} pixels"),
+      ("text tower", f"{tower('text')}, {get(m, 'text_len')} tokens, vocabulary {get(m, 'vocab_size')}"),
+      ("embedding dim", get(m, "embed_dim")),
+      ("source", "imported with `mmjax convert --from hf-clip`" if imported else "trained by mmjax"),
+      ("data", f"`{data_name}` (split `{get(d, 'train_split')}`)" if step or not imported else "none yet"),
+      ("training", f"{get(t, 'steps')} steps, batch {get(t, 'batch_size')}, lr {get(t, 'lr')} "
+                   f"(warmup {get(t, 'warmup_steps')}), weight decay {get(t, 'weight_decay')}"
+                   if step or not imported else "none in mmjax (step 0 is the imported weights)"),
+      ("checkpoint", f"step {step}, {'EMA teacher' if weights == 'ema' else 'student'} weights"),
+      ("mmjax", mmjax_version()),
+  ]
+  table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+  max_len = get(m, "text_len")
+  if tokenizer:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    text = f"""`{tokenizer}` is the run's [sentencepiece](https://github.com/google/sentencepiece) model
+(pad={sp.pad_id()}, bos={sp.bos_id()}, eos={sp.eos_id()}). It is not a `CLIPTokenizer` (byte-level BPE): `CLIPProcessor`
+and `AutoTokenizer` do not load it. Make the ids as mmjax does, lower-cased,
+`[bos] + pieces[:{max_len} - 2] + [eos]`, padded with pad to {max_len}:
+
+```python
+import sentencepiece as spm
+import torch
+
+sp = spm.SentencePieceProcessor(model_file="{tokenizer}")
+def tokenize(texts, max_len={max_len}):
+    rows = [[sp.bos_id()] + sp.encode(t.lower())[:max_len - 2] + [sp.eos_id()] for t in texts]
+    return torch.tensor([r + [sp.pad_id()] * (max_len - len(r)) for r in rows])
+
+ids = tokenize(["a red circle left of a blue square"])
+with torch.no_grad():
+    out = model.get_text_features(input_ids=ids)
+text_features = out if torch.is_tensor(out) else out.pooler_output
+```"""
+  else:
+    text = ("The workdir had no sentencepiece tokenizer.model to copy; the text tower takes the "
+            "ids of the tokenizer its source used.")
+  return f"""---
+library_name: transformers
+tags:
+- clip
+- mmjax
+---
+
+# CLIP trained with mmjax
+
+Exported by mmjax {mmjax_version()} with
+`mmjax export --format hf-clip --workdir {workdir} --weights {weights} --step {step}`.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+```python
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPModel
+
+model = CLIPModel.from_pretrained("OUT").eval()
+processor = CLIPImageProcessor.from_pretrained("OUT")
+pixels = processor(images=Image.open("cat.png"), return_tensors="pt")["pixel_values"]
+with torch.no_grad():
+    out = model.get_image_features(pixel_values=pixels)
+image_features = out if torch.is_tensor(out) else out.pooler_output  # transformers 5: an output object
+```
+
+`preprocessor_config.json` prepares images as mmjax's evaluation did: RGB, resized to
+{size}x{size} (bilinear, antialiased; no center crop), scaled to [0, 1], then normalised
+with mean {preprocessor['image_mean']} and std {preprocessor['image_std']}. PIL's resize
+differs from mmjax's (TensorFlow's) by about 1/255 of the pixel range.
+
+## Text
+
+{text}
+
+## Training config
+
+The workdir's `config.json` (the mmjax recipe with its run-time values):
+
+<details>
+
+```json
+{config.to_json_best_effort(indent=2, sort_keys=True)}
+```
+
+</details>
+"""

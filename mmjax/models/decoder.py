@@ -108,7 +108,8 @@ class TextDecoder(nn.Module):
 
   def logits(self, x_BxLxD):
     x = self.ln_final(x_BxLxD)
-    return (self.embed.attend(x) + jnp.asarray(self.bias, x.dtype)[None, None]).astype(jnp.float32)
+    # float32 logits: the tied matmul accumulates in float32 (WordEmbed.attend), the bias is added in float32.
+    return self.embed.attend(x) + jnp.asarray(self.bias, jnp.float32)[None, None]
 
   def __call__(self, ids_BxL, memory_BxSxDm, memory_valid_BxS=None, positions_L=None):
     chex.assert_rank(memory_BxSxDm, 3)

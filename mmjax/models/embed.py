@@ -75,5 +75,9 @@ class WordEmbed(nn.Module):
     return x_BxLxD + jnp.asarray(pos_LxD, self.dtype)[None]
 
   def attend(self, x):
-    """Logits over the vocabulary: `x: [..., D] -> [..., V]` (tied weights)."""
-    return self.token.attend(x)
+    """Logits over the vocabulary: `x: [..., D] -> [..., V]` float32 (tied weights).
+
+    Operands in the compute dtype, float32 accumulation and output: a bf16 output
+    would round every logit to 3 significant digits before the softmax."""
+    table_VxD = jnp.asarray(self.token.embedding, self.dtype)
+    return jnp.einsum("...d,vd->...v", jnp.asarray(x, self.dtype), table_VxD, preferred_element_type=jnp.float32)

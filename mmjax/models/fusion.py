@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.models.attention import (MultiHeadAttention, causal_mask, combine_masks,
@@ -199,9 +200,9 @@ class MlmHead(nn.Module):
 
   `__call__(x: [..., D], attend) -> [..., V]` float32:
   `attend(LN(gelu(Dense_D(x)))) + bias`, where `attend` maps [..., D] to
-  [..., V] with the word-embedding table (e.g. `BertTextEncoder.attend`) and
-  `bias: [V]` is learned. Params: `dense`, `ln`, `bias`. BERT's gelu is the
-  exact (erf) one.
+  [..., V] with the word-embedding table (e.g. `BertTextEncoder.attend`;
+  `WordEmbed.attend` accumulates and returns float32) and `bias: [V]` is learned,
+  added in float32. Params: `dense`, `ln`, `bias`. BERT's gelu is the exact (erf) one.
   """
   vocab_size: int
   dtype: Dtype = jnp.float32
@@ -222,14 +223,24 @@ class MlmHead(nn.Module):
     return logits + bias
 
 
+def head_dense(features: int, *, name=None, use_bias: bool = True, param_dtype: Dtype = jnp.float32,
+               axes=("embed", None)):
+  """A small head's Dense computed in float32 whatever the model's compute dtype: the
+  hidden states are upcast (exactly), the kernel read in float32, the matmul at
+  HIGHEST precision (a real float32 matmul on TPUs too) with a float32 output. For
+  heads over a few rows or features (ITM's 2 logits, the contrastive projections),
+  where this costs nothing next to the towers."""
+  return nn.Dense(features, use_bias=use_bias, dtype=jnp.float32, param_dtype=param_dtype,
+                  precision=jax.lax.Precision.HIGHEST, name=name, **dense_init(*axes))
+
+
 class ItmHead(nn.Module):
-  """Image-text matching: `[B, D] -> Dense(2) -> [B, 2]` float32 logits (1 = match)."""
-  dtype: Dtype = jnp.float32
+  """Image-text matching: `[B, D] -> Dense(2) -> [B, 2]` float32 logits (1 = match),
+  from a float32 matmul (`head_dense`) even when the model computes in bf16."""
+  dtype: Dtype = jnp.float32  # the model's compute dtype; the head itself is float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, cls_BxD):
     chex.assert_rank(cls_BxD, 2)
-    logits_Bx2 = nn.Dense(2, dtype=self.dtype, param_dtype=self.param_dtype, **dense_init("embed", None),
-                          name="dense")(cls_BxD)
-    return jnp.asarray(logits_Bx2, jnp.float32)
+    return head_dense(2, param_dtype=self.param_dtype, name="dense")(cls_BxD)

@@ -150,8 +150,11 @@ class MultiwayAttention(nn.Module):
 class MultiwayBlock(nn.Module):
   """Pre-LN multiway block (see the module docstring for the two layouts).
 
-  `__call__(x: [B, L, D], mask: [B, 1|Hh, L, L] bool | None, spans) -> [B, L, D]`
-  with `spans` a static tuple of (modality, length) pairs covering L in order.
+  `__call__(x: [B, L, D], mask: [B, 1|Hh, L, L] bool | None, spans, route_vl=False)
+  -> [B, L, D]` with `spans` a static tuple of (modality, length) pairs covering L in
+  order. `route_vl=True` sends a single-modality sequence through the VL expert too
+  (VLMo's `modality_type="vl"` on an image-only or text-only pass: the features of
+  its second ITC); it changes nothing in a block without a VL expert.
 
   Params, layout 'vlmo': `ln1`, `attn` (shared; `attn` is a MultiHeadAttention
   with fused `qkv` and `out`), `ln2_<m>`, `ffn_<m>` (an Mlp: fc1, fc2) per
@@ -170,7 +173,7 @@ class MultiwayBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask, spans):
+  def __call__(self, x_BxLxD, mask, spans, route_vl: bool = False):
     chex.assert_rank(x_BxLxD, 3)
     if self.layout not in LAYOUTS:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}.")
@@ -203,7 +206,7 @@ class MultiwayBlock(nn.Module):
     ffn = {m: ffn_expert(m) for m in self.experts}
     if self.vl_expert:
       ffn_vl = ffn_expert("vl")
-    if self.vl_expert and is_multimodal(spans):
+    if self.vl_expert and (is_multimodal(spans) or route_vl):
       h_BxLxD = ffn_vl(x_BxLxD)
       _touch_unused(self, ffn, set(), dummy_1x1xD)
     else:
@@ -219,9 +222,13 @@ class MultiwayBlock(nn.Module):
 class MultiwayEncoder(nn.Module):
   """`depth` MultiwayBlocks (`block00`, ...) then per-modality final LayerNorms.
 
-  `__call__(x: [B, L, D], mask: [B, 1|Hh, L, L] bool | None, spans)
-  -> (y: [B, L, D], aux)`; aux holds each block's output as `aux['block00']`,
-  ... like `transformer.Encoder`.
+  `__call__(x: [B, L, D], mask: [B, 1|Hh, L, L] bool | None, spans, start=0,
+  route_vl=False) -> (y: [B, L, D], aux)`; aux holds each block's output as
+  `aux['block00']`, ... like `transformer.Encoder`. `start` > 0 runs blocks
+  start..depth-1 only (x is then block start-1's output); `route_vl` (needs
+  `vl_from`) sends every token through the VL expert where a block has one and
+  through `ln_final_vl`: VLMo's VL-FFN features of an image-only or text-only pass
+  are `self(aux['block<vl_from - 1>'], mask, spans, start=vl_from, route_vl=True)`.
 
   `vl_from`: blocks with index >= vl_from get the VL expert (layout 'vlmo'
   only; VLMo-base uses 10 of 12); None = never. Final norms (`final_norm`):
@@ -248,23 +255,27 @@ class MultiwayEncoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask, spans):
+  def __call__(self, x_BxLxD, mask, spans, start: int = 0, route_vl: bool = False):
     chex.assert_rank(x_BxLxD, 3)
     if self.layout not in LAYOUTS:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}.")
     if self.layout == "beit3" and self.vl_from is not None:
       raise ValueError("layout 'beit3' has no VL expert; set vl_from=None.")
+    if route_vl and self.vl_from is None:
+      raise ValueError("route_vl needs a VL expert (vl_from set).")
+    if not 0 <= start <= self.depth:
+      raise ValueError(f"start={start} must lie in [0, depth={self.depth}].")
     b, length, width = x_BxLxD.shape
     spans = normalize_spans(spans, length, self.experts)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    # spans (argument 3 counting `self`) is static: it decides the slicing.
-    block_cls = maybe_remat(MultiwayBlock, self.remat, static_argnums=(3,))
+    # spans and route_vl (arguments 3 and 4 counting `self`) are static: they decide the routing.
+    block_cls = maybe_remat(MultiwayBlock, self.remat, static_argnums=(3, 4))
     aux = {}
-    for i in range(self.depth):
+    for i in range(start, self.depth):
       vl = self.vl_from is not None and i >= self.vl_from
       x_BxLxD = block_cls(self.num_heads, self.mlp_dim, layout=self.layout,
                           experts=tuple(self.experts), vl_expert=vl, attention=self.attention,
-                          name=f"block{i:02d}", **kw)(x_BxLxD, mask, spans)
+                          name=f"block{i:02d}", **kw)(x_BxLxD, mask, spans, route_vl)
       aux[f"block{i:02d}"] = x_BxLxD
     if self.final_norm:
       norms = {m: nn.LayerNorm(**norm_init(), name=f"ln_final_{m}", **kw) for m in self.experts}
@@ -272,7 +283,7 @@ class MultiwayEncoder(nn.Module):
       use_vl = self.vl_from is not None
       if use_vl:
         ln_vl = nn.LayerNorm(**norm_init(), name="ln_final_vl", **kw)
-      if use_vl and is_multimodal(spans):
+      if use_vl and (is_multimodal(spans) or route_vl):
         x_BxLxD = ln_vl(x_BxLxD)
         _touch_unused(self, norms, set(), dummy_1x1xD)
       else:

@@ -106,5 +106,6 @@ class TextEncoder(nn.Module):
     return pooled_BxD, aux
 
   def attend(self, x):
-    """Tied LM head: `[..., D] -> [..., V]` logits."""
+    """Tied LM head: `[..., D] -> [..., V]` float32 logits (float32 accumulation in the
+    compute dtype's matmul, `WordEmbed.attend`)."""
     return self.embed.attend(x)

@@ -1,6 +1,6 @@
 """Video clips as tokens: frame embeddings, the inflation of image checkpoints, and
-the temporal modeling of a video ViT (`TEMPORAL`, `VideoBlock`, `LocalTemporal`;
-`vit.ViT` puts them together).
+the temporal modeling of a video ViT (`TEMPORAL`, `VideoBlock`, `LocalTemporal`,
+`LocalTemporalBlock`; `vit.ViT` puts them together).
 
 Shape letters: B batch, T frames, H/W height/width, C channels, P patch size,
 t tubelet length (frames per token), T' = T / t token frames, N patches per frame
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.models.attention import MultiHeadAttention
-from mmjax.models.transformer import LN_EPS, Mlp, maybe_remat
+from mmjax.models.transformer import LN_EPS, Mlp, activation, maybe_remat
 from mmjax.parallel.sharding import dense_init, names, norm_init
 
 Dtype = Any
@@ -101,13 +101,28 @@ def inflate_patch_kernel(kernel_PxPxCxD, tubelet: int, how: str = "central"):
 #   'divided'  TimeSformer's divided space-time attention: in each block, attention over
 #              time (the tokens at one spatial position across frames), then attention
 #              over space (one frame's tokens and the [CLS]), then the MLP
-#   'local'    mPLUG-2's local temporal module: attention over space per frame, then a
-#              grouped (depthwise) temporal convolution over the tokens at one spatial
-#              position in neighbouring frames, then the MLP
+#   'local'    mPLUG-2's local temporal module: a grouped (depthwise) temporal convolution
+#              over the tokens at one spatial position in neighbouring frames, around
+#              attention over space per frame (model.local_temporal picks the variant,
+#              LOCAL_VARIANTS below)
 #   'mean'     no temporal modeling at all, the order-blind baseline (CLIP4Clip's mean
 #              pooling): every frame goes through the image encoder alone, no temporal
 #              embedding, and the clip embedding is the mean of the frame embeddings
 TEMPORAL = ("none", "divided", "local", "mean")
+
+
+# model.local_temporal: which 'local' module.
+#   'release'   mPLUG-2's (models/clip_video.py TemporalBlock, the default): a local temporal
+#               module before attention and another after it (`time_conv1`, `time_conv2`),
+#               each LN -> down to D/2 -> depthwise conv over frames -> QuickGELU -> up;
+#               every frame keeps its own [CLS] through the blocks (attention per frame
+#               on [its CLS; its N tokens]), the T' [CLS] outputs averaged once, after
+#               the last block (`LocalTemporalBlock`)
+#   'mmjax_v1'  mmjax's first version (kept for its checkpoints): one module after attention,
+#               no activation (so the module is one low-rank linear filter), D/4 wide
+#               (`time_conv`); one [CLS] shared by the frames, copied into each and averaged
+#               in every block (`VideoBlock`)
+LOCAL_VARIANTS = ("release", "mmjax_v1")
 
 
 def check_temporal(temporal: str) -> str:
@@ -116,14 +131,23 @@ def check_temporal(temporal: str) -> str:
   return temporal
 
 
+def check_local_variant(variant: str) -> str:
+  if variant not in LOCAL_VARIANTS:
+    raise ValueError(f"model.local_temporal={variant!r}; valid choices: {', '.join(LOCAL_VARIANTS)}")
+  return variant
+
+
 class LocalTemporal(nn.Module):
   """mPLUG-2 / UniFormerV2 local temporal module, a residual bottleneck:
-  `x + Up(DWConv_t(Down(LN(x))))` on `x: [B, T, N, D]`, the convolution (kernel `kernel`
-  over T, 'SAME' padding, one group per channel) mixing each token with the tokens at
-  its spatial position in the neighbouring frames. `Up` starts at zero, so the module
-  starts as the identity (an image checkpoint continues unchanged)."""
+  `x + Up(act(DWConv_t(Down(LN(x)))))` on `x: [B, T, N, D]`, the convolution (kernel
+  `kernel` over T, 'SAME' (zero) padding, one group per channel) mixing each token with
+  the tokens at its spatial position in the neighbouring frames; Down to D / reduction.
+  `act` None: no activation (mmjax_v1; the module is then one low-rank linear filter).
+  `Up` starts at zero, so the module starts as the identity (an image checkpoint
+  continues unchanged). The release: reduction 2, act 'quick_gelu'."""
   kernel: int = 3
-  reduction: int = 4
+  reduction: int = 2
+  act: Any = "quick_gelu"  # a transformer.ACTIVATIONS name, or None
   ln_eps: float = LN_EPS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -139,6 +163,8 @@ class LocalTemporal(nn.Module):
     h_BNxTxR = h.transpose(0, 2, 1, 3).reshape(b * n, t, r)
     h_BNxTxR = nn.Conv(r, (self.kernel,), padding="SAME", feature_group_count=r, name="conv", **kw,
                        **dense_init(None, None, "mlp"))(h_BNxTxR)
+    if self.act is not None:
+      h_BNxTxR = activation(self.act)(h_BNxTxR)
     h = h_BNxTxR.reshape(b, n, t, r).transpose(0, 2, 1, 3)
     up = nn.Dense(d, name="up", kernel_init=names(nn.initializers.zeros, "mlp", "embed"),
                   bias_init=names(nn.initializers.zeros, "embed"), **kw)
@@ -147,8 +173,10 @@ class LocalTemporal(nn.Module):
 
 class VideoBlock(nn.Module):
   """A pre-LN block over a clip's tokens `x: [B, c + T'N, D]` (a [CLS] first if
-  `cls_token`, c = 1; then frame by frame), for temporal 'divided' or 'local' (see
-  TEMPORAL; 'none' is the image `Block` over the joint sequence). `num_frames` is T'.
+  `cls_token`, c = 1; then frame by frame), for temporal 'divided' or 'local' with
+  model.local_temporal='mmjax_v1' (see TEMPORAL, LOCAL_VARIANTS; 'none' is the image
+  `Block` over the joint sequence, the release's 'local' `LocalTemporalBlock`).
+  `num_frames` is T'.
 
   Spatial attention runs per frame on [CLS; that frame's N tokens], the [CLS] copied
   into every frame and its T' outputs averaged (TimeSformer). The params of an image
@@ -194,23 +222,74 @@ class VideoBlock(nn.Module):
     h_BxTxSfxD = h.reshape(b, t, c + n, d)
     cls_Bx1xD = cls_Bx1xD + jnp.mean(h_BxTxSfxD[:, :, :c], axis=1)
     p_BxTxNxD = p_BxTxNxD + h_BxTxSfxD[:, :, c:]
-    if self.temporal == "local":
-      p_BxTxNxD = LocalTemporal(self.temporal_kernel, ln_eps=self.ln_eps, name="time_conv", **kw)(p_BxTxNxD)
+    if self.temporal == "local":  # mmjax_v1 (the release: LocalTemporalBlock)
+      p_BxTxNxD = LocalTemporal(self.temporal_kernel, reduction=4, act=None, ln_eps=self.ln_eps,
+                                name="time_conv", **kw)(p_BxTxNxD)
     x_BxSxD = jnp.concatenate([cls_Bx1xD, p_BxTxNxD.reshape(b, t * n, d)], axis=1)
     h = Mlp(self.mlp_dim, act=self.act, name="mlp", **kw)(ln("ln2")(x_BxSxD))
     return x_BxSxD + h
 
 
+class LocalTemporalBlock(nn.Module):
+  """mPLUG-2's TemporalBlock (model.temporal='local', model.local_temporal='release'), a
+  pre-LN block over a clip kept frame by frame, `x: [B, T', c + N, D]` (each frame's own
+  [CLS] first if `cls_token`, c = 1) -> the same shape:
+
+    patches += LocalTemporal(time_conv1)(patches)      before attention
+    x       += attn(ln1(x))                            per frame: [its CLS; its N tokens]
+    patches += LocalTemporal(time_conv2)(patches)      after attention
+    x       += mlp(ln2(x))
+
+  The [CLS] tokens take no part in the temporal modules (as in the release); they see
+  the other frames only through their own frame's tokens. The image `Block` params
+  (`ln1`, `attn`, `ln2`, `mlp`) keep their names; both temporal modules start as the
+  identity (their up-projections at zero), so an image checkpoint computes every frame
+  as it computes the image.
+  """
+  num_heads: int
+  mlp_dim: int
+  temporal_kernel: int = 3
+  cls_token: bool = True
+  act: str = "gelu_tanh"
+  ln_eps: float = LN_EPS
+  attention: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxSfxD):
+    chex.assert_rank(x_BxTxSfxD, 4)
+    b, t, sf, d = x_BxTxSfxD.shape
+    c = int(self.cls_token)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, name=name, **kw, **norm_init())
+    local = lambda name: LocalTemporal(self.temporal_kernel, reduction=2, act="quick_gelu", ln_eps=self.ln_eps,
+                                       name=name, **kw)
+    x_BxTxSfxD = jnp.concatenate([x_BxTxSfxD[:, :, :c], local("time_conv1")(x_BxTxSfxD[:, :, c:])], axis=2)
+    seq_BTxSfxD = x_BxTxSfxD.reshape(b * t, sf, d)
+    h = MultiHeadAttention(self.num_heads, attention=self.attention, name="attn", **kw)(ln("ln1")(seq_BTxSfxD))
+    x_BxTxSfxD = (seq_BTxSfxD + h).reshape(b, t, sf, d)
+    x_BxTxSfxD = jnp.concatenate([x_BxTxSfxD[:, :, :c], local("time_conv2")(x_BxTxSfxD[:, :, c:])], axis=2)
+    h = Mlp(self.mlp_dim, act=self.act, name="mlp", **kw)(ln("ln2")(x_BxTxSfxD))
+    return x_BxTxSfxD + h
+
+
 class VideoEncoder(nn.Module):
   """`depth` VideoBlocks then a final LayerNorm, named like `transformer.Encoder`
   (`block00`, ..., `ln_final`) so an image encoder's params load into it.
-  `__call__(x: [B, c + T'N, D]) -> (y, aux)` with aux['blockNN'] each block's output."""
+  `__call__(x: [B, c + T'N, D]) -> (y, aux)` with aux['blockNN'] each block's output.
+
+  temporal 'local' with local_temporal 'release': LocalTemporalBlocks over the clip
+  frame by frame, the [CLS] copied into every frame before the first block and the
+  T' frame [CLS] tokens averaged after the last (before `ln_final`, which is per
+  token); aux['blockNN'] is then [B, T', c + N, D]."""
   depth: int
   num_heads: int
   mlp_dim: int
   num_frames: int
   temporal: str = "divided"
   temporal_kernel: int = 3
+  local_temporal: str = "release"  # LOCAL_VARIANTS, for temporal 'local'
   cls_token: bool = True
   act: str = "gelu_tanh"
   ln_eps: float = LN_EPS
@@ -221,6 +300,8 @@ class VideoEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxSxD):
+    if self.temporal == "local" and check_local_variant(self.local_temporal) == "release":
+      return self._per_frame(x_BxSxD)
     block_cls = maybe_remat(VideoBlock, self.remat)
     aux = {}
     for i in range(self.depth):
@@ -229,6 +310,28 @@ class VideoEncoder(nn.Module):
                           ln_eps=self.ln_eps, attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype,
                           name=f"block{i:02d}")(x_BxSxD)
       aux[f"block{i:02d}"] = x_BxSxD
+    x_BxSxD = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="ln_final", **norm_init())(x_BxSxD)
+    return x_BxSxD, aux
+
+  def _per_frame(self, x_BxSxD):
+    """The release's 'local' encoder: every frame its own [CLS] until the end."""
+    b, s, d = x_BxSxD.shape
+    t, c = self.num_frames, int(self.cls_token)
+    if (s - c) % t:
+      raise ValueError(f"VideoEncoder: {s} tokens must be {c} + {t} frames x N")
+    n = (s - c) // t
+    cls_BxTxcxD = jnp.broadcast_to(x_BxSxD[:, None, :c], (b, t, c, d))
+    x_BxTxSfxD = jnp.concatenate([cls_BxTxcxD, x_BxSxD[:, c:].reshape(b, t, n, d)], axis=2)
+    block_cls = maybe_remat(LocalTemporalBlock, self.remat)
+    aux = {}
+    for i in range(self.depth):
+      x_BxTxSfxD = block_cls(self.num_heads, self.mlp_dim, temporal_kernel=self.temporal_kernel,
+                             cls_token=self.cls_token, act=self.act, ln_eps=self.ln_eps, attention=self.attention,
+                             dtype=self.dtype, param_dtype=self.param_dtype, name=f"block{i:02d}")(x_BxTxSfxD)
+      aux[f"block{i:02d}"] = x_BxTxSfxD
+    cls_BxcxD = jnp.mean(x_BxTxSfxD[:, :, :c], axis=1)  # averaged once, after the last block
+    x_BxSxD = jnp.concatenate([cls_BxcxD, x_BxTxSfxD[:, :, c:].reshape(b, t * n, d)], axis=1)
     x_BxSxD = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="ln_final", **norm_init())(x_BxSxD)
     return x_BxSxD, aux

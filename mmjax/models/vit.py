@@ -52,7 +52,8 @@ class ViT(nn.Module):
   tubes), each token frame gets the spatial position embedding plus a temporal
   embedding, and the blocks mix frames as `temporal` says (video.TEMPORAL: 'none'
   joint attention, 'divided' space-time attention, 'local' temporal convolution,
-  'mean' frames encoded alone and averaged). The params of an image ViT keep their
+  'mean' frames encoded alone and averaged; `local_temporal` picks the 'local'
+  variant, video.LOCAL_VARIANTS). The params of an image ViT keep their
   names, so an image checkpoint loads and computes exactly the same on one frame.
   """
   patch_size: int
@@ -73,6 +74,7 @@ class ViT(nn.Module):
   temporal: str = "none"  # video.TEMPORAL
   tubelet: int = 1  # frames per token (video.FrameEmbed 'tubelet' mode when > 1)
   temporal_kernel: int = 3  # the 'local' module's convolution length
+  local_temporal: str = "release"  # the 'local' variant: video.LOCAL_VARIANTS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -126,7 +128,8 @@ class ViT(nn.Module):
       if self.scan:
         raise ValueError(f"model.scan_layers works with model.temporal 'none' or 'mean', not {self.temporal!r}")
       x_BxLxD, enc_aux = VideoEncoder(self.depth, self.num_heads, self.mlp_dim, t, temporal=self.temporal,
-                                      temporal_kernel=self.temporal_kernel, cls_token=cls, act=self.act,
+                                      temporal_kernel=self.temporal_kernel, local_temporal=self.local_temporal,
+                                      cls_token=cls, act=self.act,
                                       ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, name="encoder", **kw)(x_BxLxD)
     else:
       x_BxLxD, enc_aux = Encoder(self.depth, self.num_heads, self.mlp_dim,

@@ -33,8 +33,13 @@ _NEG = -1e9
 def ema_update(ema_params, params, momentum):
   """Leafwise momentum * ema + (1 - momentum) * params, in each ema leaf's dtype.
 
-  The sum is computed in float32 (or wider, for float64 leaves) and cast back.
-  `momentum` may be a traced scalar (see `momentum_at`).
+  The sum is computed in float32 (or wider, for float64 leaves) and cast back, so
+  the teacher's precision is its own dtype: keep it float32 (the families'
+  `init_extra` does, whatever model.param_dtype). A bf16 teacher loses every
+  increment below half a bf16 ulp: at momentum 0.995 a parameter near 0.03 moves
+  only when the student is more than ~0.012 away, so it stops following a slowly
+  drifting student. The dtype is kept (not promoted) so the state's layout never changes
+  between steps. `momentum` may be a traced scalar (see `momentum_at`).
   """
   m = jnp.asarray(momentum, jnp.float32)
 

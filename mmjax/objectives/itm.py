@@ -10,14 +10,25 @@ import jax.numpy as jnp
 from mmjax.parallel.collective import global_mean, identity, local
 
 
-def sample_hard_negatives(rng, sim_bxB, ids_b, ids_B, valid_B=None, *, gather=identity):
+def same_rows(text_bxL, text_BxL):
+  """[b, B] bool: True where global row j's token ids equal local row i's, token for
+  token (padding included). For ITM negatives: a candidate text identical to the
+  anchor image's caption, or a candidate image whose caption is the anchor text, is
+  the positive under another id and must not be drawn as a negative."""
+  chex.assert_rank([text_bxL, text_BxL], 2)
+  chex.assert_equal(text_bxL.shape[1], text_BxL.shape[1])
+  return jnp.all(text_bxL[:, None, :] == text_BxL[None, :, :], axis=-1)
+
+
+def sample_hard_negatives(rng, sim_bxB, ids_b, ids_B, valid_B=None, *, gather=identity, exclude_bxB=None):
   """Samples one hard negative column of the global batch for each local row.
 
   Column j is drawn with probability proportional to softmax(sim_bxB[i])_j
   restricted to the allowed columns, i.e. exp(sim_ij) / sum over allowed j'.
   Allowed = a different id than row i (this excludes the row's own positive
   and every other pair with the same id, so no device index is needed) and
-  valid_B[j]. BLIP uses the same weights (softmax of the similarity with
+  valid_B[j] and not exclude_bxB[i, j] (e.g. `same_rows` of the captions: the
+  anchor's own caption under another id). BLIP uses the same weights (softmax of the similarity with
   positives zeroed). Sampling is Gumbel-max in float32, after subtracting the
   row's largest allowed logit, so bf16 inputs and huge logits stay finite.
 
@@ -32,10 +43,12 @@ def sample_hard_negatives(rng, sim_bxB, ids_b, ids_B, valid_B=None, *, gather=id
     ids_b: [b] int ids of the local rows.
     ids_B: [B] int ids of the global columns (gathered `ids_b`).
     valid_B: optional [B] bool; False columns are never drawn.
+    exclude_bxB: optional [b, B] bool; True entries are never drawn for that row.
     gather: a `mmjax.parallel.collective.Collective` (identity under jit).
   Returns:
     (idx_b, has_neg_b): idx_b [b] int32 column indices in [0, B); has_neg_b [b]
-    bool, False where no allowed column exists (e.g. batch size 1). There
+    bool, False where no allowed column exists (e.g. batch size 1, or every other
+    row shares the anchor's caption). There
     idx_b is 0, an in-range but meaningless index: give those rows weight 0 in
     `itm_loss`.
   """
@@ -47,6 +60,9 @@ def sample_hard_negatives(rng, sim_bxB, ids_b, ids_B, valid_B=None, *, gather=id
   if valid_B is not None:
     chex.assert_equal_shape([valid_B, ids_B])
     allowed_bxB = allowed_bxB & valid_B.astype(bool)[None, :]
+  if exclude_bxB is not None:
+    chex.assert_equal_shape([exclude_bxB, sim_bxB])
+    allowed_bxB = allowed_bxB & ~exclude_bxB.astype(bool)
   has_neg_b = jnp.any(allowed_bxB, axis=-1)
   big = jnp.finfo(jnp.float32).max / 4
   sim_bxB = jnp.clip(jax.lax.stop_gradient(sim_bxB).astype(jnp.float32), -big, big)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 
 import jax
@@ -24,7 +26,7 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
-            if k not in ("step", "kind") and isinstance(v, (int, float)):
+            if k not in ("step", "kind") and isinstance(v, (int, float)) and math.isfinite(v):
                 # TensorBoard tags allow no '@': i2t_r@1 -> i2t_r_at_1
                 self._tb.add_scalar(f"{kind}/{k.replace('@', '_at_')}", v, int(step))
         self._tb.flush()
@@ -41,12 +43,54 @@ def _py(v):
         return str(v)
 
 
+def _parse(lines):
+    """(rows, numbers of the lines that are not a JSON object): a kill in the middle
+    of an append leaves a torn last line, which readers skip."""
+    rows, bad = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        else:
+            bad.append(i)
+    return rows, bad
+
+
 def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows, bad = _parse(f)
+    if bad:
+        logging.getLogger(__name__).warning("%s: skipped unreadable line(s) %s (a run killed mid-write)", path, bad)
+    return rows
+
+
+def truncate(workdir: str, step: int) -> int:
+    """Keeps the rows of metrics.jsonl with step <= `step` (a resumed run re-does the
+    steps after its checkpoint and writes them again) and drops torn lines; returns
+    how many rows were dropped. Process 0 only; atomic (write + rename)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    rows, bad = _parse(lines)
+    keep = [r for r in rows if int(r["step"]) <= int(step)]
+    dropped = len(rows) - len(keep) + len(bad)
+    if dropped:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(path + ".tmp", path)
+        logging.getLogger(__name__).info("metrics.jsonl: dropped %d rows after step %d (re-done on resume) "
+                                         "or torn", dropped, step)
+    return dropped
 
 
 def plot(workdir: str, out_name: str = "curves.png") -> str | None:

@@ -106,7 +106,9 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
     weight decay does not move them either, and the optimizer state keeps its shape
     (a staged schedule can freeze different parts without re-creating it).
     After the update the family's teacher (`ema_params`) follows the new params and
-    the family's `updates` (feature queues) replace the old ones.
+    the family's `updates` (feature queues) replace the old ones. A step whose loss or
+    gradients are not finite changes none of them (metrics["bad_step"] = 1; the loop
+    stops after train.max_bad_steps in a row).
     """
 
     def freeze(tree):
@@ -131,16 +133,33 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
         ema_params = state.ema_params
         if ema_params is not None:
             ema_params = family.teacher_update(ema_params, params, state.step)
+        queues = extra.get("queues", state.queues)
+        # A non-finite loss or gradient (or an update that overflows the params) leaves
+        # params, optimizer, teacher and queues as they were; step and rng advance, the
+        # loop counts the skip. Gradients and loss are averaged over devices first, so
+        # every device takes the same branch.
+        ok = all_finite((loss, grads, params, queues))
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+        params, opt_state, ema_params, queues = keep((params, opt_state, ema_params, queues),
+                                                     (state.params, state.opt_state, state.ema_params, state.queues))
         metrics = dict(metrics)
         metrics["loss"] = loss
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+        metrics["bad_step"] = 1.0 - ok.astype(jnp.float32)
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
-                                  ema_params=ema_params, queues=extra.get("queues", state.queues))
+                                  ema_params=ema_params, queues=queues)
         return new_state, metrics
 
     return train_step
+
+
+def all_finite(tree) -> jax.Array:
+    """bool []: every float of `tree` is finite (ints and None count as finite)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def init_state(family, optimizer, rng, image_shape, text_shape) -> TrainState:

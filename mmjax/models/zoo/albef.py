@@ -22,14 +22,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead
+from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead, head_dense
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.zoo.common import MomentumFamily, attention_spec, video_options
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
 from mmjax.parallel.collective import local
-from mmjax.parallel.sharding import dense_init, names
+from mmjax.parallel.sharding import names
 from mmjax.objectives import alpha_at, enqueue, identity, itc_distill_loss, itm_loss, mask_tokens, mlm_loss
 
 Dtype = Any
@@ -67,8 +67,8 @@ class ALBEF(nn.Module):
     self.text_tower = BertTextEncoder(self.vocab_size, self.text_len, tx["width"], tx["depth"],
                                       tx["heads"], tx["mlp_dim"], fusion_from=self.fusion_from,
                                       remat=self.remat, attention=self.attention, **kw)
-    self.image_proj = nn.Dense(self.embed_dim, name="image_proj", **kw, **dense_init("embed", None))
-    self.text_proj = nn.Dense(self.embed_dim, name="text_proj", **kw, **dense_init("embed", None))
+    self.image_proj = head_dense(self.embed_dim, name="image_proj", param_dtype=self.param_dtype)  # float32 heads
+    self.text_proj = head_dense(self.embed_dim, name="text_proj", param_dtype=self.param_dtype)
     self.itm_head = ItmHead(**kw)
     self.mlm_head = MlmHead(self.vocab_size, **kw)
     self.temp = self.param("temp", names(nn.initializers.constant(0.07)), (), jnp.float32)
@@ -172,7 +172,8 @@ class AlbefFamily(MomentumFamily):
       loss, metrics = loss + l_itc, {**metrics, **mi}
 
     if "itm" in self.tasks:
-      neg_txt, neg_img, labels, weights = self.itm_pairs(rng_itm, img_emb, txt_emb, ids, temp, gather)
+      neg_txt, neg_img, labels, weights = self.itm_pairs(rng_itm, img_emb, txt_emb, ids, temp, gather,
+                                                         text=text_ids)
       stream_all, text_all, img_tok_all = gather(stream), gather(text_ids), gather(img_tok)
       fused = self._apply(params, m.fuse,
                           jnp.concatenate([stream, stream_all[neg_txt], stream]),

@@ -43,14 +43,14 @@ import jax.numpy as jnp
 from mmjax.models.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
 from mmjax.models.decoder import beam_search, greedy_decode
 from mmjax.models.embed import WordEmbed
-from mmjax.models.fusion import ItmHead
+from mmjax.models.fusion import ItmHead, head_dense
 from mmjax.models.transformer import Mlp, maybe_remat, remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
 from mmjax.models.zoo.common import MomentumFamily, attention_spec, video_options
 from mmjax.objectives import alpha_at, enqueue, identity, itc_distill_loss, itm_loss, lm_loss
-from mmjax.parallel.sharding import constrain, dense_init, names, norm_init
+from mmjax.parallel.sharding import constrain, names, norm_init
 
 Dtype = Any
 PAD_ID, BOS_ID, EOS_ID, CLS_ID = 0, 2, 3, 5  # mmjax tokenizer ids; bos = [Decode], <cls> = ITC's [CLS]
@@ -154,7 +154,8 @@ class BlipText(nn.Module):
     return self.ln_final(x)
 
   def logits(self, y_BxLxD):
-    return (self.embed.attend(y_BxLxD) + jnp.asarray(self.bias, y_BxLxD.dtype)[None, None]).astype(jnp.float32)
+    # float32 logits: float32 accumulation in WordEmbed.attend, the bias added in float32.
+    return self.embed.attend(y_BxLxD) + jnp.asarray(self.bias, jnp.float32)[None, None]
 
   def __call__(self, ids_BxL, memory_BxTxDi, memory_valid_BxT=None, positions_L=None):
     chex.assert_rank(memory_BxTxDi, 3)
@@ -189,8 +190,8 @@ class BLIP(nn.Module):
                            **dict(self.video or {}), **kw)
     self.text_tower = BlipText(self.vocab_size, self.text_len, tx["width"], tx["depth"], tx["heads"], tx["mlp_dim"],
                                remat=remat_mode(self.remat), attention=self.attention, **kw)
-    self.image_proj = nn.Dense(self.embed_dim, name="image_proj", **kw, **dense_init("embed", None))
-    self.text_proj = nn.Dense(self.embed_dim, name="text_proj", **kw, **dense_init("embed", None))
+    self.image_proj = head_dense(self.embed_dim, name="image_proj", param_dtype=self.param_dtype)  # float32 heads
+    self.text_proj = head_dense(self.embed_dim, name="text_proj", param_dtype=self.param_dtype)
     self.itm_head = ItmHead(**kw)
     self.temp = self.param("temp", names(nn.initializers.constant(0.07)), (), jnp.float32)
 
@@ -286,7 +287,8 @@ class BlipFamily(MomentumFamily):
       updates["queues"] = enqueue(queues, gather(t_img), gather(t_txt), gather(ids))
 
     if "itm" in self.tasks:
-      neg_txt, neg_img, labels, weights = self.itm_pairs(jax.random.split(rng), img_emb, txt_emb, ids, temp, gather)
+      neg_txt, neg_img, labels, weights = self.itm_pairs(jax.random.split(rng), img_emb, txt_emb, ids, temp, gather,
+                                                         text=text)
       text_all, img_tok_all = gather(text), gather(img_tok)
       # Rows: (image, its text), (image, a hard negative text), (a hard negative image, text).
       logits = self._apply(params, m.itm_logits, jnp.concatenate([img_tok, img_tok, img_tok_all[neg_img]]),

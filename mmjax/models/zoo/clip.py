@@ -21,14 +21,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.fusion import head_dense
 from mmjax.models.text import POOLS as TEXT_POOLS, TextEncoder
 from mmjax.models.transformer import ACTIVATIONS, LN_EPS
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
-from mmjax.models.zoo.common import Family, attention_spec, video_options
+from mmjax.models.zoo.common import Family, attention_spec, clamp_params, logit_scale_bounds, video_options
 from mmjax.objectives import identity, itc_loss, sigmoid_loss
-from mmjax.parallel.sharding import dense_init, names
+from mmjax.objectives.contrastive import NEG_SCOPES
+from mmjax.parallel.sharding import names
 
 Dtype = Any
 LOSSES = ("softmax", "sigmoid")
@@ -83,7 +85,8 @@ class CLIP(nn.Module):
                                   tx["depth"], tx["heads"], tx["mlp_dim"],
                                   pool=self.text_pool, eos_id=self.eos_id, act=self.act,
                                   ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, scan=self.scan, **kw)
-    proj = lambda name: nn.Dense(self.embed_dim, use_bias=False, name=name, **kw, **dense_init("embed", None))
+    # The projections are heads: a float32 matmul whatever the compute dtype (fusion.head_dense).
+    proj = lambda name: head_dense(self.embed_dim, use_bias=False, name=name, param_dtype=self.param_dtype)
     self.image_proj = proj("image_proj")
     self.text_proj = proj("text_proj")
     init_t = math.log(1 / 0.07) if self.loss == "softmax" else math.log(10.0)
@@ -132,12 +135,16 @@ class ClipFamily(Family):
   `model_config` fields: family, image ('mu/8'), text ('mu'), image_overrides,
   text_overrides, embed_dim, image_size, text_len, vocab_size, loss
   ('softmax'|'sigmoid'), pool ('cls'|'gap'), dtype ('float32'|'bfloat16'),
-  optional remat (bool), max_logit_scale (float, softmax only, default 100),
+  optional remat (bool), max_logit_scale (default 100: after every update t is
+  projected into [0, ln 100], open_clip's clamp, for both losses; None = no upper
+  bound, big_vision's SigLIP), hard_negatives_scope ('batch': NegCLIP, every image
+  against all the batch's hard captions; 'own': against its own K),
   act ('gelu_tanh'|'gelu'|'quick_gelu', default 'gelu_tanh'), ln_eps (default
   1e-6), text_pool ('last'|'argmax'|'eos', default 'last'), eos_id (for 'eos'), and
   for video CLIP num_frames, temporal, tubelet, temporal_kernel (common.video_options;
   the batch's 'image' is then a clip [B, T, H, W, 3]).
   """
+  batch_keys = ("image", "text", "hard_negatives", "hard_negatives_valid")
 
   def __init__(self, model_config):
     cfg = model_config
@@ -150,7 +157,13 @@ class ClipFamily(Family):
       raise ValueError(f"model_config.loss must be one of {LOSSES}, got {loss!r}.")
     self.config = cfg
     self.loss = loss
-    self.max_logit_scale = float(cfg.get("max_logit_scale", 100.0))
+    max_scale = cfg.get("max_logit_scale", 100.0)
+    self.max_logit_scale = None if max_scale is None else float(max_scale)
+    self.t_range = logit_scale_bounds(self.max_logit_scale)
+    self.hard_negatives_scope = cfg.get("hard_negatives_scope", None) or "batch"
+    if self.hard_negatives_scope not in NEG_SCOPES:
+      raise ValueError(f"model.hard_negatives_scope={self.hard_negatives_scope!r}; valid choices: "
+                       f"{', '.join(NEG_SCOPES)}")
     self.image_size = int(cfg.get("image_size", 224))
     self.text_len = int(cfg.get("text_len", 77))
     self.num_frames = video_options(cfg)["num_frames"]
@@ -180,7 +193,9 @@ class ClipFamily(Family):
     """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}.
 
     With 'hard_negatives' [B, K, L] i32 in the batch (NegCLIP-style captions
-    with swapped attributes) also 'neg': [B, K, E].
+    with swapped attributes) also 'neg': [B, K, E] and 'neg_valid': [B, K] float32
+    (1 = counts; from the batch's 'hard_negatives_valid' bool [B, K], all 1 if
+    absent; a float so that GradCache can carry it with the embeddings).
     """
     del rng  # No dropout / stochastic depth yet.
     img, txt, _ = self.model.apply({"params": params}, batch["image"], batch["text"])
@@ -191,15 +206,23 @@ class ClipFamily(Family):
       b, k, length = neg.shape
       flat = self.encode_text(params, neg.reshape(b * k, length))
       emb["neg"] = flat.reshape(b, k, -1)
+      valid = batch.get("hard_negatives_valid", None)
+      emb["neg_valid"] = (jnp.ones((b, k), jnp.float32) if valid is None
+                          else jax.lax.stop_gradient(jnp.asarray(valid).astype(jnp.float32)))
     return emb
 
   def loss_from_embeddings(self, params, emb, *, gather=identity):
     """(loss, metrics) from {'img','txt': [b, E]}; see mmjax.objectives for gather."""
+    neg = dict(txt_neg=emb.get("neg"), neg_valid=emb.get("neg_valid"), neg_scope=self.hard_negatives_scope,
+               gather=gather)
     if self.loss == "softmax":
-      return itc_loss(emb["img"], emb["txt"], params["t"], txt_neg=emb.get("neg"),
-                      gather=gather, max_scale=self.max_logit_scale)
-    return sigmoid_loss(emb["img"], emb["txt"], params["t"], params["b"],
-                        txt_neg=emb.get("neg"), gather=gather)
+      return itc_loss(emb["img"], emb["txt"], params["t"], **neg)
+    return sigmoid_loss(emb["img"], emb["txt"], params["t"], params["b"], **neg)
+
+  def project_params(self, params):
+    """t into [0, ln(model.max_logit_scale)] after each update (open_clip's
+    `logit_scale.clamp_(0, math.log(100))`); the forward uses t as it is."""
+    return clamp_params(params, {"t": self.t_range})
 
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None,
                 gather=identity):

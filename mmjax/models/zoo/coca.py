@@ -23,13 +23,14 @@ import jax.numpy as jnp
 
 from mmjax.models.attention import MultiHeadAttention
 from mmjax.models.decoder import TextDecoder, beam_search, greedy_decode
+from mmjax.models.fusion import head_dense
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
-from mmjax.models.zoo.common import Family, attention_spec, video_options
+from mmjax.models.zoo.common import Family, attention_spec, clamp_params, logit_scale_bounds, video_options
 from mmjax.objectives import identity, itc_loss, lm_loss
-from mmjax.parallel.sharding import dense_init, names, norm_init
+from mmjax.parallel.sharding import names, norm_init
 
 Dtype = Any
 CLS_ID, BOS_ID, EOS_ID = 5, 2, 3  # mmjax tokenizer ids
@@ -81,13 +82,13 @@ class CoCa(nn.Module):
                            remat=self.remat, attention=self.attention, **dict(self.video or {}), **kw)
     self.con_pool = AttentionalPooler(1, im["heads"], **kw)
     self.cap_pool = AttentionalPooler(self.cap_queries, im["heads"], **kw)
-    self.image_proj = nn.Dense(self.embed_dim, use_bias=False, **kw, **dense_init("embed", None))
+    self.image_proj = head_dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype)  # float32 heads
     self.decoder = TextDecoder(self.vocab_size, self.text_len, tx["width"], tx["depth"], tx["heads"],
                                tx["mlp_dim"], cross_from=self.unimodal_layers, attention=self.attention, **kw)
     self.text_cls = self.param("text_cls", names(nn.initializers.normal(0.02), "embed"), (tx["width"],),
                                self.param_dtype)
     self.ln_cls = nn.LayerNorm(**kw, **norm_init())
-    self.text_proj = nn.Dense(self.embed_dim, use_bias=False, **kw, **dense_init("embed", None))
+    self.text_proj = head_dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype)
     self.t = self.param("t", names(nn.initializers.constant(jnp.log(1 / 0.07))), (), jnp.float32)
 
   def image_features(self, image_BxHxWx3):
@@ -122,7 +123,8 @@ class CocaFamily(Family):
 
   model_config: image / text variants (+ overrides), embed_dim, unimodal_layers
   (text blocks without cross-attention; default half the text depth), cap_queries,
-  con_weight (1.0), cap_weight (2.0), label_smoothing (0.0), max_logit_scale.
+  con_weight (1.0), cap_weight (2.0), label_smoothing (0.0), max_logit_scale (t is
+  projected into [0, ln max_logit_scale] after each update; default 100).
   """
   batch_keys = ("image", "text")
 
@@ -142,7 +144,9 @@ class CocaFamily(Family):
     self.con_weight = float(cfg.get("con_weight", 1.0))
     self.cap_weight = float(cfg.get("cap_weight", 2.0))
     self.label_smoothing = float(cfg.get("label_smoothing", 0.0))
-    self.max_logit_scale = float(cfg.get("max_logit_scale", 100.0))
+    max_scale = cfg.get("max_logit_scale", 100.0)
+    self.max_logit_scale = None if max_scale is None else float(max_scale)
+    self.t_range = logit_scale_bounds(self.max_logit_scale)
     self.model = CoCa(image=image, text=text, embed_dim=int(cfg.embed_dim), vocab_size=int(cfg.vocab_size),
                       text_len=self.text_len, unimodal_layers=self.unimodal_layers,
                       cap_queries=int(cfg.get("cap_queries", 16)), remat=remat_mode(cfg.get("remat", False)),
@@ -160,11 +164,15 @@ class CocaFamily(Family):
     """-> (loss, metrics, {}): con_weight * ITC + cap_weight * LM, one forward."""
     del rng
     img_emb, txt_emb, logits = self._apply(params, self.model.__call__, batch["image"], batch["text"])
-    l_con, mi = itc_loss(img_emb, txt_emb, params["t"], gather=gather, max_scale=self.max_logit_scale)
+    l_con, mi = itc_loss(img_emb, txt_emb, params["t"], gather=gather)
     l_cap, mc = lm_loss(logits, batch["text"], label_smoothing=self.label_smoothing, gather=gather)
     loss = self.con_weight * l_con + self.cap_weight * l_cap
     metrics = {**{("loss_itc" if k == "loss" else k): v for k, v in mi.items()}, **mc, "loss": loss}
     return loss, metrics, {}
+
+  def project_params(self, params):
+    """t into [0, ln(model.max_logit_scale)] after each update (open_clip's clamp)."""
+    return clamp_params(params, {"t": self.t_range})
 
   # Retrieval (the evaluator's view) -------------------------------------------------
   def encode_image(self, params, image):

@@ -1,9 +1,43 @@
 """What the families share: param init (with logical axis names), and for the fusion
 families (ALBEF, VLMo, BEiT-3) applying one method of their linen module and the
 evaluator's view of them."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+def clamp_params(params, bounds: dict):
+  """`params` with each top-level scalar named in `bounds` ({name: (low, high)})
+  clipped to its range; every other leaf is returned as is. Works on dicts and
+  FrozenDicts alike (the tree's structure is kept), under jit and pmap."""
+
+  def one(path, x):
+    name = path[0].key if len(path) == 1 and hasattr(path[0], "key") else None
+    if name in bounds:
+      low, high = bounds[name]
+      return jnp.clip(x, low, high).astype(x.dtype)
+    return x
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def logit_scale_bounds(max_logit_scale) -> tuple:
+  """open_clip's projection of a log logit scale t: t in [0, ln(max_logit_scale)]
+  (`logit_scale.clamp_(0, math.log(100))` after every step); None = no upper bound."""
+  if max_logit_scale is None:
+    return (0.0, math.inf)
+  if not max_logit_scale >= 1:
+    raise ValueError(f"model.max_logit_scale={max_logit_scale!r}; expected a number >= 1 (or None: no bound)")
+  return (0.0, math.log(max_logit_scale))
+
+
+def float32_copy(tree):
+  """A float32 copy of every floating leaf (integer leaves copied as they are)."""
+  return jax.tree_util.tree_map(
+      lambda x: jnp.array(x, dtype=jnp.float32) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+      else jnp.array(x), tree)
 
 
 class Family:
@@ -42,7 +76,8 @@ class Family:
 
 class FeatureFamily(Family):
   """Base of families whose `.model` has `image_features(image) -> (emb, tokens)` and
-  `text_features(ids) -> (emb, tokens)`; the subclass adds `itm_scores`.
+  `text_features(ids) -> (emb, tokens)`; the subclass adds `itm_scores`. `itm_pairs`
+  draws the ITM hard negatives of every fusion family (ALBEF, BLIP, VLMo, BEiT-3).
 
   The evaluator ranks by the L2-normalised embeddings (`encode_image`/`encode_text`)
   and re-ranks with ITM on the tokens (`image_features`/`text_features`).
@@ -68,10 +103,35 @@ class FeatureFamily(Family):
     """-> (emb [B, E], text tokens the family's ITM consumes)."""
     return self._apply(params, self.model.text_features, text)
 
+  def itm_pairs(self, rngs, img_emb, txt_emb, ids, temp, gather, text=None):
+    """The 3b pairs ITM scores, ALBEF's way: (image, its text), (image, a hard
+    negative text), (a hard negative image, text), the negatives drawn from the
+    softmax of the similarities over the global batch; `rngs` = (key for the
+    texts, key for the images). Never a negative: a pair with the same id, and,
+    with `text` ([b, L] token ids), a row whose caption is token for token the
+    anchor's (image -> text: the anchor image's own caption text under another id;
+    text -> image: an image captioned with the anchor text).
+
+    -> (neg_txt [b], neg_img [b]: rows of the gathered batch; labels [3b] int32;
+    weights [3b] float32, 0 where a row had no negative to draw)."""
+    from mmjax.objectives import same_rows, sample_hard_negatives
+
+    rng_i2t, rng_t2i = rngs
+    ids_all = gather(ids)
+    same = None if text is None else same_rows(text, gather(text))
+    sim_i2t = jax.lax.stop_gradient(img_emb @ gather(txt_emb).T / temp)  # [b, B]
+    sim_t2i = jax.lax.stop_gradient(txt_emb @ gather(img_emb).T / temp)
+    neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t, ids, ids_all, gather=gather, exclude_bxB=same)
+    neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i, ids, ids_all, gather=gather, exclude_bxB=same)
+    b = ids.shape[0]
+    labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+    weights = jnp.concatenate([jnp.ones((b,), jnp.float32), has_t.astype(jnp.float32), has_i.astype(jnp.float32)])
+    return neg_txt, neg_img, labels, weights
+
 
 class MomentumFamily(FeatureFamily):
   """Base of the families with an EMA teacher and feature queues (ALBEF, BLIP): their
-  shared config keys, the state they add, and the pairs ITM scores.
+  shared config keys, the state they add, and the projection of the temperature.
 
   Keys: queue_size, momentum, momentum_final (None = constant), total_steps (set by
   the loop), alpha, alpha_ramp_steps, temp_range (clamp of the learned temperature,
@@ -105,41 +165,29 @@ class MomentumFamily(FeatureFamily):
     return tasks
 
   def init_extra(self, params):
-    """The teacher starts as a copy of the student; the queues start empty."""
+    """The teacher starts as a float32 copy of the student, whatever
+    `model.param_dtype` (a bf16 teacher loses every increment below half a bf16 ulp:
+    at m = 0.995 it stops following a slowly moving student); the queues start empty."""
     from mmjax.objectives import init_queues
 
-    return dict(ema_params=jax.tree_util.tree_map(jnp.array, params),
+    return dict(ema_params=float32_copy(params),
                 queues=init_queues(self.queue_size, self.embed_dim))
 
   def teacher_update(self, ema_params, params, step):
+    """EMA in the teacher's dtype (float32, from `init_extra`), whatever the params'."""
     from mmjax.objectives import ema_update, momentum_at
 
     m = momentum_at(step, self.momentum, self.momentum_final, self.total_steps or None)
     return ema_update(ema_params, params, m)
 
   def temp(self, params):
-    return jnp.clip(params["temp"], *self.temp_range)
+    """The learned temperature as stored: `project_params` keeps it in `temp_range`
+    after every update (a clip here would give it zero gradient beyond the bound)."""
+    return params["temp"]
 
-  def itm_pairs(self, rngs, img_emb, txt_emb, ids, temp, gather):
-    """The 3b pairs ITM scores, ALBEF's way: (image, its text), (image, a hard
-    negative text), (a hard negative image, text), the negatives drawn from the
-    softmax of the similarities over the global batch (same id never a negative);
-    `rngs` = (key for the texts, key for the images).
-
-    -> (neg_txt [b], neg_img [b]: rows of the gathered batch; labels [3b] int32;
-    weights [3b] float32, 0 where a row had no negative to draw)."""
-    from mmjax.objectives import sample_hard_negatives
-
-    rng_i2t, rng_t2i = rngs
-    ids_all = gather(ids)
-    sim_i2t = jax.lax.stop_gradient(img_emb @ gather(txt_emb).T / temp)  # [b, B]
-    sim_t2i = jax.lax.stop_gradient(txt_emb @ gather(img_emb).T / temp)
-    neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t, ids, ids_all, gather=gather)
-    neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i, ids, ids_all, gather=gather)
-    b = ids.shape[0]
-    labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-    weights = jnp.concatenate([jnp.ones((b,), jnp.float32), has_t.astype(jnp.float32), has_i.astype(jnp.float32)])
-    return neg_txt, neg_img, labels, weights
+  def project_params(self, params):
+    """ALBEF's / BLIP's `temp.clamp_(0.001, 0.5)` on the parameter (model.temp_range)."""
+    return clamp_params(params, {"temp": self.temp_range})
 
 
 def attention_spec(model_config) -> str:
@@ -156,9 +204,10 @@ def video_options(model_config) -> dict:
 
   model.num_frames (0 or absent: an image model; T > 0: clips of T frames, images taken
   as one-frame clips), model.temporal (video.TEMPORAL, default 'none'), model.tubelet
-  (frames per token, default 1), model.temporal_kernel ('local' module, default 3).
+  (frames per token, default 1), model.temporal_kernel ('local' module, default 3),
+  model.local_temporal ('local' variant, video.LOCAL_VARIANTS, default 'release').
   """
-  from mmjax.models.video import check_temporal
+  from mmjax.models.video import check_local_variant, check_temporal
 
   frames = int(model_config.get("num_frames", None) or 0)
   temporal = check_temporal(str(model_config.get("temporal", None) or "none"))
@@ -171,4 +220,5 @@ def video_options(model_config) -> dict:
     raise ValueError(f"model.num_frames={frames} is not a multiple of model.tubelet={tubelet}")
   if tubelet > 1 and temporal == "mean":
     raise ValueError("model.temporal='mean' encodes frames one by one: it takes model.tubelet=1")
-  return dict(num_frames=frames, temporal=temporal, tubelet=tubelet, temporal_kernel=kernel)
+  local = check_local_variant(str(model_config.get("local_temporal", None) or "release"))
+  return dict(num_frames=frames, temporal=temporal, tubelet=tubelet, temporal_kernel=kernel, local_temporal=local)
