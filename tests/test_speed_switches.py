@@ -76,7 +76,11 @@ def test_switches_give_the_same_loss_and_gradients(name):
         loss, g = _loss_and_grads(name, extra)
         np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-5, err_msg=str(extra))
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-6, err_msg=str(extra))
+            # Recomputation reorders float32 sums: the absolute error of a leaf scales
+            # with its largest entries (an ALBEF leaf of magnitude 2.4 differed by 2.3e-6
+            # in an entry of 1.2e-4).
+            atol = 2e-6 * max(1.0, float(np.max(np.abs(np.asarray(a)))))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=atol, err_msg=str(extra))
 
 
 def test_remat_policies_are_in_the_program():
