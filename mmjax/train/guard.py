@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import signal
 import sys
@@ -152,11 +151,6 @@ class DataCursor:
             log.warning("resuming on %d processes a run saved by %d after %d dropped records: the data "
                         "position is the global batch count, which is not exact when records were dropped",
                         process_count, len(records), sum(skipped))
-
-    def iterator_kwargs(self, make_iterator) -> dict:
-        """start_record / skipped for `make_iterator` (when it takes them)."""
-        params = inspect.signature(make_iterator).parameters
-        return {k: v for k, v in self.start.items() if k in params}
 
     def consumed(self, data_state) -> None:
         if data_state is not None:

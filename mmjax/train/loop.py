@@ -335,7 +335,7 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         config.data, setup.tokenizer, local_batch, seed=int(config.seed), start_batch=data_position,
         process_index=jax.process_index(), process_count=n_proc,
         hard_negatives=int(config.model.get("hard_negatives", 0)),
-        **cursor.iterator_kwargs(pipeline.make_train_iterator),
+        **cursor.start,
     )
     metric_shard = mesh_lib.replicated(setup.mesh)
     batch_shard = mesh_lib.batch_sharding(setup.mesh)
