@@ -132,6 +132,13 @@ def check_shapes(manifest: dict | None, abstract_state, where: str) -> None:
                             + "; ".join(diff[:3]) + more)
 
 
+def step_problem(step_dir: str) -> str | None:
+    """What is wrong with a step directory (`verify_files`, or its state item missing),
+    or None."""
+    return verify_files(step_dir) or (None if os.path.isdir(os.path.join(step_dir, "state"))
+                                      else "state/ is missing")
+
+
 def usable_step(directory: str, step: int | None = None) -> int:
     """`step`, or the newest step of a checkpoint directory whose files verify (others
     are reported): for readers that open a step's items themselves. CheckpointError
@@ -144,8 +151,7 @@ def usable_step(directory: str, step: int | None = None) -> int:
     problems = []
     for s in steps:
         step_dir = os.path.join(directory, str(s))
-        problem = verify_files(step_dir) or (None if os.path.isdir(os.path.join(step_dir, "state"))
-                                             else "state/ is missing")
+        problem = step_problem(step_dir)
         if problem is None:
             return s
         log.warning("checkpoint step %d in %s: %s", s, directory, problem)
@@ -241,11 +247,22 @@ class Checkpointer:
         except Exception as e:
             raise self._save_error(int(step), e) from e
 
+    def _tmp_dirs(self, step: int) -> list[str]:
+        """The temporary directories of `step`'s save: `STEP.orbax-checkpoint-tmp`, or
+        with the suffix orbax versions add (`-<timestamp>`)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return [os.path.join(self.directory, d) for d in sorted(os.listdir(self.directory))
+                if d.startswith(f"{step}{TMP_SUFFIX}")]
+
     def _seal(self):
         """orbax's post-finalization callback (process 0, background thread): every
-        file of the pending step is written; its manifest goes in before the rename."""
+        file of the pending step is written; its manifest goes in before the rename.
+        Where orbax saves in place (no temporary directory), `_finish_pending` writes
+        it after the save instead."""
         step, shapes = self._pending
-        write_manifest(os.path.join(self.directory, f"{step}{TMP_SUFFIX}"), step, shapes)
+        for d in self._tmp_dirs(step)[-1:]:
+            write_manifest(d, step, shapes)
 
     def _finish_pending(self):
         if self._pending is None:
@@ -256,6 +273,8 @@ class Checkpointer:
             self.manager.check_for_errors()
             if not os.path.isdir(self.step_dir(step)):
                 raise OSError(f"step {step} was not finalized")
+            if jax.process_index() == 0 and read_manifest(self.step_dir(step)) is None:
+                write_manifest(self.step_dir(step), *self._pending)  # no temporary directory was seen
         except Exception as e:
             raise self._save_error(step, e) from e
         self._pending = None
@@ -269,7 +288,8 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - the first error is the one reported
             pass
         if jax.process_index() == 0:
-            shutil.rmtree(os.path.join(self.directory, f"{step}{TMP_SUFFIX}"), ignore_errors=True)
+            for d in self._tmp_dirs(step):
+                shutil.rmtree(d, ignore_errors=True)
         good = [s for s in self.steps() if s != step]
         last = f"step {good[-1]}" if good else "none (no step was saved)"
         what = "disk full while saving" if is_disk_full(e) else f"saving failed ({_one_line(e)}) at"
@@ -311,7 +331,7 @@ class Checkpointer:
             if jax.process_index() == 0:  # process 0 reads the bytes; everyone follows
                 while i < len(candidates) and chosen < 0:
                     s, i = candidates[i], i + 1
-                    problem = verify_files(self.step_dir(s))
+                    problem = step_problem(self.step_dir(s))
                     if problem is None:
                         chosen = s
                     else:
@@ -382,58 +402,3 @@ def abstract_with_shardings(abstract_tree, shardings):
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
     )
-
-
-def check_workdir(workdir: str) -> None:
-    """ValueError unless `workdir` is (or can be made) a directory this process can write."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".mmjax_write_probe.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"workdir {workdir} is not writable: {e.strerror or e}"
-                         + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
-
-
-def save_config_json(config, workdir: str) -> str:
-    path = os.path.join(workdir, "config.json")
-    if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        try:
-            with open(tmp, "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
-            os.replace(tmp, path)
-        except OSError as e:
-            raise ValueError(f"workdir {workdir} is not writable: {e.strerror or e} ({tmp})") from None
-    return path
-
-
-def load_config_json(workdir: str):
-    import ml_collections
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} an mmjax workdir?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def config_diff(old, new, limit: int = 12) -> list[str]:
-    """['model.width (256 -> 128)', ...]: the keys where two configs differ."""
-    def flat(d, pre=""):
-        out = {}
-        for k, v in (d.items() if hasattr(d, "items") else []):
-            if hasattr(v, "items"):
-                out.update(flat(v, f"{pre}{k}."))
-            else:
-                out[f"{pre}{k}"] = list(v) if isinstance(v, tuple) else v
-        return out
-
-    a = flat(json.loads(old.to_json_best_effort()) if hasattr(old, "to_json_best_effort") else old)
-    b = flat(json.loads(new.to_json_best_effort()) if hasattr(new, "to_json_best_effort") else new)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
-    keys.sort(key=lambda k: not k.startswith("model."))  # the shape-bearing keys first
-    out = [f"{k} ({a.get(k, '<unset>')} -> {b.get(k, '<unset>')})" for k in keys]
-    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])

@@ -222,6 +222,7 @@ def main(argv=None) -> int:
                 return 0
             _initialize(args, config)
             from mmjax.train import loop
+            from mmjax.train import setup as setup_lib
 
             result = loop.train(config, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
             _print_result(result, args.workdir)
@@ -240,6 +241,7 @@ def main(argv=None) -> int:
                     config.finetune.weights = args.weights
             _initialize(args, config)
             from mmjax.train import loop
+            from mmjax.train import setup as setup_lib
 
             result = loop.train(config, args.workdir, progress=not args.no_progress)
             _print_result(result, args.workdir)
@@ -300,14 +302,14 @@ def main(argv=None) -> int:
             hf_workdir.convert_to_workdir(args.src, args.workdir)
             print(json.dumps({"workdir": args.workdir, "from": args.source_format, "src": args.src}))
         elif args.command == "eval":
-            from mmjax import checkpoint
-            from mmjax.train import loop
+            from mmjax import workdir as workdir_lib
+            from mmjax.train import setup as setup_lib
 
-            config = checkpoint.load_config_json(args.workdir)
+            config = workdir_lib.load_config_json(args.workdir)
             if overrides:  # on the saved config; keys that shape the checkpoint are refused
                 config = config_lib.override_saved(config, overrides)
             _initialize(args, config)
-            setup = loop.Setup(config, args.workdir)
+            setup = setup_lib.Setup(config, args.workdir)
             restored = setup.restore()
             if restored is None:
                 raise config_lib.ConfigError(f"no checkpoint in {args.workdir}/checkpoints")

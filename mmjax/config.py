@@ -197,7 +197,7 @@ BUILTIN_DATASETS = ("shapes", "shapes_vqa", "moving_shapes", "emoji")
 # divide by zero in the loop, a keep-N of 0 would delete every checkpoint).
 POSITIVE_INTS = ("train.batch_size", "train.steps", "train.log_every", "train.keep_checkpoints",
                  "train.accum_steps", "data.image_size", "data.text_len", "eval.batch_size",
-                 "eval.max_examples")
+                 "eval.max_examples", "train.max_bad_steps")
 NON_NEGATIVE_INTS = ("train.ckpt_every", "train.warmup_steps", "eval.every", "data.num_frames",
                      "model.hard_negatives")
 

@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 from mmjax.models.variants import parse_variant
+from mmjax.models.video import LOCAL_WHEN_UNSET
 
 
 def layer(t, d, m):
@@ -97,7 +98,7 @@ def vision(cfg, v, cls=True):
     spatial = t * (2 * s * 4 * d * d + 2 * 2 * s * s * d) + 2 * 2 * (t * n + c) * d * m
     if temporal == "divided":
         time = 2 * t * n * 4 * d * d + 2 * 2 * n * t * t * d + 2 * t * n * d * d
-    elif (cfg.get("local_temporal", None) or "release") == "mmjax_v1":
+    elif (cfg.get("local_temporal", None) or LOCAL_WHEN_UNSET) == "mmjax_v1":
         r, k = max(d // 4, 1), int(cfg.get("temporal_kernel", None) or 3)
         time = 2 * t * n * d * r + 2 * t * n * r * k + 2 * t * n * r * d
     else:  # the release: before and after attention; the MLP also over the T' - 1 extra [CLS]

@@ -5,37 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import config as config_lib
 from mmjax.eval import retrieval
 from mmjax.models import zoo
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import loop, optim, step as step_lib
-from tiny import ROOT
+from tiny import albef_config
 
-ALBEF = f"{ROOT}/configs/albef.py"
 B = 16
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
-
-
-def albef_config(data_dir, **extra):
-    """tiny_config's shrinking applied to configs/albef.py."""
-    kv = {
-        "data.data_dir": str(data_dir), "data.image_size": 16, "data.text_len": 16,
-        "data.shuffle_buffer": 256, "data.shapes.image_size": 16, "data.shapes.num_train": 256,
-        "data.shapes.num_validation": 32, "data.shapes.num_test": 64,
-        "data.tokenizer.vocab_size": 40, "model.image": "mu/4", "model.image_overrides": "{}",
-        "model.text_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
-        "model.fusion_from": 1, "model.embed_dim": 16, "model.queue_size": 24,
-        "model.alpha_ramp_steps": 4, "train.batch_size": B, "train.steps": 30,
-        "train.warmup_steps": 3, "train.log_every": 5, "train.ckpt_every": 10,
-        "eval.every": 0, "eval.batch_size": 32, "eval.rerank_k": 4,
-    }
-    kv.update(extra)
-    return config_lib.load(ALBEF, [f"{k}={v}" for k, v in kv.items()])
 
 
 def _family(cfg, **model):

@@ -62,6 +62,9 @@ class _TemperatureProbe:
   def project_params(self, params):
     return self.fam.project_params(params)
 
+  def project_grads(self, params, grads):
+    return self.fam.project_grads(params, grads)
+
 
 def _albef_itc(fam, params, batch):
   """ALBEF's ITC (hard targets, empty queues) at the family's forward temperature."""
@@ -75,9 +78,10 @@ def _clip_itc(fam, params, batch):
   return fam.loss_from_embeddings(params, {"img": batch["img"], "txt": batch["txt"]})[0]
 
 
-def _run_two_phases(fam, loss, key, phases, lr):
+def _run_two_phases(fam, loss, key, phases, lr, *, grad_norms=None):
   """AdamW through `step.make_train_step`; `phases`: [(batch, steps)]. -> the
-  parameter `key` after each phase."""
+  parameter `key` after each phase (`grad_norms`: a list that gets each step's
+  gradient norm as the optimizer sees it)."""
   params = fam.init_params(KEY)
   opt = optax.adamw(lr, weight_decay=0.0)
   probe = _TemperatureProbe(fam, loss)
@@ -87,7 +91,9 @@ def _run_two_phases(fam, loss, key, phases, lr):
   out = []
   for batch, n in phases:
     for _ in range(n):
-      state, _ = step(state, batch)
+      state, metrics = step(state, batch)
+      if grad_norms is not None:
+        grad_norms.append(float(metrics["grad_norm"]))
     out.append(float(state.params[key]))
   return out
 
@@ -116,6 +122,39 @@ def test_clip_logit_scale_recovers_from_its_upper_bound():
   up, down = _run_two_phases(fam, _clip_itc, "t", [(ALIGNED, 30), (CROSSED, 20)], lr=0.1)
   assert up == pytest.approx(math.log(100.0), abs=1e-6)
   assert down < math.log(100.0) - 1.5
+
+
+def test_a_temperature_held_at_its_bound_takes_no_outward_gradient():
+  """The projected gradient: while the loss pushes the temperature below its bound,
+  the step hands the optimizer a zero gradient for it (not the steep one, ~1/T^2,
+  which as part of the global norm made `train.grad_clip` scale every other gradient
+  down 30-fold in the tiny ALBEF run); once the loss pulls it back up, the gradient
+  passes and the temperature leaves the bound."""
+  fam = family(family="albef", fusion_from=1, queue_size=8, temp_range=(0.01, 0.5))
+  norms = []
+  low, high = _run_two_phases(fam, _albef_itc, "temp", [(ALIGNED, 20), (CROSSED, 5)], lr=0.05, grad_norms=norms)
+  assert low == pytest.approx(0.01, abs=1e-7)
+  pinned = [n for n in norms[:20] if n == 0.0]
+  assert len(pinned) >= 10 and norms[:20][-1] == 0.0  # held at 0.01: nothing outward reaches the optimizer
+  assert min(norms[20:]) > 1.0 and high > 0.01      # pulled up: the gradient passes, the temperature moves
+
+
+def test_bound_grads_against_numpy():
+  """`bound_grads` zeroes exactly the gradients that point out of the range at a bound
+  (numpy reference), for every family's bounds, and leaves all other leaves alone."""
+  from mmjax.models.zoo.common import bound_grads
+
+  x = np.array([0.01, 0.01, 0.3, 0.5, 0.5, 0.005, 0.7], np.float32)
+  g = np.array([2.0, -2.0, 3.0, -1.0, 1.0, 0.5, -0.5], np.float32)
+  want = np.where(((x <= 0.01) & (g > 0)) | ((x >= 0.5) & (g < 0)), 0.0, g)
+  assert want.tolist() == [0.0, -2.0, 3.0, 0.0, 1.0, 0.0, 0.0]
+  got = jax.jit(jax.vmap(lambda xi, gi: bound_grads({"temp": xi, "w": xi}, {"temp": gi, "w": gi},
+                                                    {"temp": (0.01, 0.5)})))(x, g)
+  np.testing.assert_array_equal(got["temp"], want)
+  np.testing.assert_array_equal(got["w"], g)  # not bounded: untouched
+  for kw, cases in PROJECTIONS:
+    fam = family(**kw)
+    assert set(fam.param_bounds()) >= set(k for k, (v, w) in cases.items() if v != w), kw
 
 
 def _with(params, **leaves):

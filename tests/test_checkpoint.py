@@ -217,6 +217,18 @@ def test_keep_n_counts_only_final_verified_steps(tmp_path):
     assert ck.steps() == [4, 6, 8]
 
 
+def test_a_save_orbax_names_otherwise_is_still_sealed(tmp_path, monkeypatch):
+    """Where the temporary directory is not `STEP.orbax-checkpoint-tmp` (other orbax
+    versions add a timestamp; some file systems save in place), the seal callback finds
+    none and the manifest is written once the step is final: every step verifies."""
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_tmp_dirs", lambda self, step: [])
+    _two_steps(tmp_path)
+    for step in (2, 4):
+        manifest = ckpt_lib.read_manifest(str(tmp_path / str(step)))
+        assert manifest is not None and manifest["step"] == step
+        assert ckpt_lib.verify_files(str(tmp_path / str(step))) is None
+
+
 def test_partial_saves_are_removed_on_the_next_start(tmp_path):
     _two_steps(tmp_path)
     (tmp_path / f"6{ckpt_lib.TMP_SUFFIX}" / "state").mkdir(parents=True)

@@ -125,6 +125,17 @@ def test_unclosed_quote_swallowing_rows_is_an_error(tmp_path):
         files.read_list(str(p))
 
 
+def test_a_quoted_caption_with_commas_on_its_lines_is_legal(tmp_path):
+    """A caption that spans lines and holds commas is valid CSV, not an unclosed quote:
+    only lines with a path in the path column read as swallowed rows."""
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"")
+    p = tmp_path / "list.csv"
+    p.write_text('image_path,caption\n0.png,"A dog,\nrunning, fast"\n1.png,one\n2.png,two\n')
+    rows, _ = files.read_list(str(p))
+    assert [r["caption"] for r in rows] == ["A dog,\nrunning, fast", "one", "two"]
+
+
 def test_multiline_and_overlong_captions_are_reported_with_lines(tmp_path, caplog):
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"")
@@ -195,7 +206,7 @@ def test_training_hard_negatives_carry_a_validity_mask(tmp_path, tok):
     of a record with none) are marked invalid, the valid ones are distinct."""
     import tensorflow as tf
 
-    from mmjax.data import pipeline as P, shapes_gen
+    from mmjax.data import augment, pipeline as P, shapes_gen
     cfg = {"name": "shapes", "data_dir": str(tmp_path), "image_size": 16, "text_len": 16,
            "augment": {"crop_scale": (1.0, 1.0), "aspect": (1.0, 1.0)}, "shuffle_buffer": 32,
            "shapes": {"image_size": 16, "num_train": 32, "num_validation": 4, "num_test": 4, "seed": 0}}
@@ -215,7 +226,7 @@ def test_training_hard_negatives_carry_a_validity_mask(tmp_path, tok):
         assert valid[i].tolist() == [j < n for j in range(K)]
         negs = [texts[t] for t in batch["hard_negatives"][i, :, 0]]
         assert len(set(negs[:n])) == min(n, K) and set(negs) == set(own)  # valid: distinct; rest: repeats
-    picked, ok = P._pick_negatives(tf.constant([], tf.string), 3, tf.constant([1, 2], tf.int64))
+    picked, ok = augment.pick_negatives(tf.constant([], tf.string), 3, tf.constant([1, 2], tf.int64))
     assert picked.numpy().tolist() == [b""] * 3 and not ok.numpy().any()
 
 

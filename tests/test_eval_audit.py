@@ -13,7 +13,7 @@ from mmjax import cli, config as config_lib
 from mmjax.data import shapes_gen
 from mmjax.eval import retrieval, run, zero_shot
 from mmjax.parallel import mesh as mesh_lib
-from tiny import DEMO, tiny_config
+from tiny import DEMO, tiny_config, write_images
 
 
 # --------------------------------------------------------------- item 8: re-ranking score
@@ -243,30 +243,21 @@ def test_templates_and_class_names_are_settable(data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny CLIP workdir (2 steps) and three images (one not an image)."""
-    from PIL import Image
-
     from mmjax.train import loop
 
     d = tmp_path_factory.mktemp("zs")
     work = d / "work"
     loop.train(tiny_config(d, **{"train.steps": 2, "eval.at_end": False, "train.ckpt_every": 0}), str(work),
                progress=False)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(2):
-        p = d / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    bad = d / "bad.png"
-    bad.write_bytes(b"not an image")
-    return work, paths, str(bad)
+    paths, bad = write_images(d, 2)
+    return work, paths, bad
 
 
 def test_classify_command(workdir, tmp_path, capsys):
     """`mmjax classify`: each decodable file's top class and its cosine score, equal to
     the model's embeddings of the file and of the template-averaged prompts."""
     from mmjax.data import images as images_lib
-    from mmjax.train import loop
+    from mmjax.train import setup as setup_lib
 
     work, paths, bad = workdir
     classes = ["red circle", "blue square", "green cross"]
@@ -276,7 +267,7 @@ def test_classify_command(workdir, tmp_path, capsys):
     assert rc == 0, out.err
     lines = [ln.split("\t") for ln in out.out.strip().splitlines()]
     assert [ln[0] for ln in lines] == paths
-    params, setup, _ = loop.restore_params(str(work))
+    params, setup, _ = setup_lib.restore_params(str(work))
     pixels, _ = images_lib.load_images(setup.config.data, paths)
     img = np.asarray(setup.family.encode_image(params, pixels))
     embs = [np.asarray(setup.family.encode_text(params, setup.tokenizer.encode([t.format(c) for c in classes], 16)))

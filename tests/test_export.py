@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import safetensors.numpy as stn
 
-from mmjax import checkpoint
+from mmjax import workdir as workdir_lib
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.export import formats, serving
 from mmjax.models import zoo
 from mmjax.parallel.sharding import path_str
 from mmjax.train import loop
-from test_albef import albef_config
-from tiny import ROOT, tiny_config
+from mmjax.train import setup as setup_lib
+from tiny import ROOT, albef_config, tiny_config
 
 STEPS = {"train.steps": 3, "eval.at_end": False}
 
@@ -48,8 +48,8 @@ def albef_run(data_dir, tmp_path_factory):
     directly (compiling ALBEF's train step would triple this file's time)."""
     workdir = str(tmp_path_factory.mktemp("albef"))
     config = albef_config(data_dir, **STEPS)
-    setup = loop.Setup(config, workdir)
-    checkpoint.save_config_json(config, workdir)
+    setup = setup_lib.Setup(config, workdir)
+    workdir_lib.save_config_json(config, workdir)
     state = setup.fresh_state()
     state = state.replace(params=jax.tree.map(lambda x: x * 0.5 + 0.25, state.params))
     setup.save(7, state, {"data_position": 0})
@@ -77,7 +77,7 @@ def _assert_bits_equal(a, b):
 
 
 def _live_family(workdir):
-    return zoo.build(checkpoint.load_config_json(workdir).model)
+    return zoo.build(workdir_lib.load_config_json(workdir).model)
 
 
 def test_safetensors_round_trip_is_bit_exact(clip_run, clip_export):

@@ -18,32 +18,21 @@ import time
 import numpy as np
 import pytest
 
-from tiny import ROOT
+from tiny import ALBEF, ROOT, albef_config, albef_overrides
 
-ALBEF = os.path.join(ROOT, "configs", "albef.py")
 STEPS = 8
+
+# The test_faults runs: 8 steps, a checkpoint every 4, every step logged.
+FAULT_RUN = {"train.steps": STEPS, "train.log_every": 1, "train.ckpt_every": 4, "train.keep_checkpoints": 2,
+             "eval.at_end": False}
 
 
 def _albef_overrides(data_dir, **extra) -> dict:
-    kv = {
-        "data.data_dir": str(data_dir), "data.image_size": 16, "data.text_len": 16,
-        "data.shuffle_buffer": 256, "data.shapes.image_size": 16, "data.shapes.num_train": 256,
-        "data.shapes.num_validation": 32, "data.shapes.num_test": 64,
-        "data.tokenizer.vocab_size": 40, "model.image": "mu/4", "model.image_overrides": "{}",
-        "model.text_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
-        "model.fusion_from": 1, "model.embed_dim": 16, "model.queue_size": 24,
-        "model.alpha_ramp_steps": 4, "train.batch_size": 16, "train.steps": STEPS,
-        "train.warmup_steps": 3, "train.log_every": 1, "train.ckpt_every": 4, "train.keep_checkpoints": 2,
-        "eval.every": 0, "eval.at_end": False,
-    }
-    kv.update(extra)
-    return kv
+    return albef_overrides(data_dir, **{**FAULT_RUN, **extra})
 
 
 def _albef_config(data_dir, **extra):
-    from mmjax import config as config_lib
-
-    return config_lib.load(ALBEF, [f"{k}={v}" for k, v in _albef_overrides(data_dir, **extra).items()])
+    return albef_config(data_dir, **{**FAULT_RUN, **extra})
 
 
 def _leaves(state) -> dict:
@@ -233,18 +222,19 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(reference, tmp_
 
 def _config_like(reference):
     """The reference's config (its data_dir included), as a new run would load it."""
-    from mmjax import checkpoint as ckpt_lib
+    from mmjax import workdir as workdir_lib
 
-    data_dir = ckpt_lib.load_config_json(reference[0]).data.data_dir
+    data_dir = workdir_lib.load_config_json(reference[0]).data.data_dir
     return _albef_config(data_dir)
 
 
 @pytest.mark.parametrize("damage", ["flipped_byte", "state_deleted"])
 def test_params_readers_pass_over_a_damaged_step(reference, tmp_path, damage):
-    """finetune --init-from / eval / export / embed read through loop.restore_params:
+    """finetune --init-from / eval / export / embed read through setup.restore_params,
+    the hf-clip exporter through hf_workdir.read_workdir_params:
     a damaged newest step gives the previous step's params; with every step damaged,
     one clear error (a ValueError: exit 2) that names the step and the file."""
-    from mmjax.train import finetune, loop
+    from mmjax.train import finetune, setup as setup_lib
 
     workdir = _copy(reference, tmp_path)
     ckpts = os.path.join(workdir, "checkpoints")
@@ -261,12 +251,55 @@ def test_params_readers_pass_over_a_damaged_step(reference, tmp_path, damage):
         open(path, "wb").write(bytes(data))
 
     damage_step(8)
-    params, _, step = loop.restore_params(workdir)
+    params, _, step = setup_lib.restore_params(workdir)
     assert step == 4
+    # The hf-clip exporter reads params with orbax directly; it takes the same step.
+    import jax
+
+    from mmjax.export import hf_workdir
+    assert hf_workdir.checkpoint_step(workdir) == 4
+    _, exported = hf_workdir.read_workdir_params(workdir)
+    for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
     assert os.path.isdir(os.path.join(ckpts, "8"))  # a reader moves nothing
     damage_step(4)
     with pytest.raises(ValueError, match=r"no usable checkpoint .*step 8: state/.*step 4: state/"):
         finetune.pretrained_params(workdir)
+
+
+def test_a_gradient_that_overflows_adam_changes_nothing():
+    """A finite gradient of 1e20 squares to inf in Adam's second moment while the
+    params stay finite (the update m / sqrt(nu) is 0): the step is bad and leaves the
+    optimizer state as it was, instead of freezing that param for good."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mmjax.train import step as step_lib
+    from mmjax.train.state import TrainState
+
+    class Linear:
+        def objective(self, params, batch, rng=None, **_):
+            return jnp.sum(params["w"] * batch["x"]), {}, {}
+
+        def project_params(self, params):
+            return params
+
+        def project_grads(self, params, grads):
+            return grads
+
+    params = {"w": jnp.ones(3)}
+    opt = optax.adam(1e-3)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                       ema_params=None, queues=None, rng=jax.random.PRNGKey(0))
+    step = jax.jit(step_lib.make_train_step(Linear(), opt))
+    new, metrics = step(state, {"x": jnp.asarray([1.0, 1e20, 1.0])})
+    assert float(metrics["bad_step"]) == 1.0
+    for a, b in zip(jax.tree_util.tree_leaves((new.params, new.opt_state)),
+                    jax.tree_util.tree_leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    new, metrics = step(new, {"x": jnp.asarray([1.0, 2.0, 1.0])})  # a normal batch then trains
+    assert float(metrics["bad_step"]) == 0.0 and np.all(np.asarray(new.params["w"]) < 1.0)
 
 
 def test_nan_batches_change_nothing_then_stop_the_run(reference, tmp_path, monkeypatch):
@@ -275,7 +308,7 @@ def test_nan_batches_change_nothing_then_stop_the_run(reference, tmp_path, monke
     and is finite), each is counted (bad_step / bad_steps), and after
     train.max_bad_steps=3 in a row the run stops with an error naming step 5."""
     from mmjax.data import pipeline
-    from mmjax.train import guard, loop
+    from mmjax.train import guard, loop, setup as setup_lib
 
     real = pipeline.make_train_iterator
 
@@ -296,7 +329,7 @@ def test_nan_batches_change_nothing_then_stop_the_run(reference, tmp_path, monke
     rows = _train_rows(workdir)
     assert [(r["step"], r["bad_step"], r["bad_steps"]) for r in rows] == [
         (1, 0, 0), (2, 0, 0), (3, 1, 1), (4, 1, 2), (5, 1, 3)]
-    setup = loop.Setup(cfg, workdir)
+    setup = setup_lib.Setup(cfg, workdir)
     (two, _), (four, meta4) = setup.restore(step=2), setup.restore(step=4)
     setup.checkpointer.close()
     assert meta4["bad_steps"] == 2 and int(four.step) == 4

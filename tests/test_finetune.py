@@ -9,8 +9,8 @@ import pytest
 
 from mmjax import cli, config as config_lib
 from mmjax.models import zoo
-from mmjax.train import finetune, loop, optim, step as step_lib
-from tiny import ROOT, tiny_config, tiny_overrides
+from mmjax.train import finetune, loop, optim, setup as setup_lib, step as step_lib
+from tiny import ROOT, tiny_config, tiny_overrides, write_images
 
 FT = f"{ROOT}/configs/finetune_shapes.py"
 
@@ -143,17 +143,8 @@ def test_finetune_command(pretrained, tmp_path, capsys):
 def test_embed_command(pretrained, tmp_path, capsys):
     """`mmjax embed` gives the model's own embeddings of files and texts; a broken file
     is skipped and listed."""
-    from PIL import Image
-
     _, work = pretrained
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not an image")
+    paths, bad = write_images(tmp_path, 3)
     texts = tmp_path / "t.txt"
     texts.write_text("a red circle left of a blue square\n\na small green cross\n")
     out = tmp_path / "e.npz"
@@ -165,10 +156,10 @@ def test_embed_command(pretrained, tmp_path, capsys):
     assert z["text_emb"].shape[0] == 2 and list(z["texts"])[1] == "a small green cross"
     np.testing.assert_allclose(np.linalg.norm(z["image_emb"], axis=-1), 1.0, atol=1e-4)
     # The same vectors as the model applied to the same prepared pixels and tokens.
-    from mmjax import checkpoint
+    from mmjax import workdir as workdir_lib
     from mmjax.data import images as images_lib
-    config = checkpoint.load_config_json(str(work))
-    setup = loop.Setup(config, str(work))
+    config = workdir_lib.load_config_json(str(work))
+    setup = setup_lib.Setup(config, str(work))
     state, _ = setup.restore()
     setup.checkpointer.close()
     pixels, _ = images_lib.load_images(config.data, paths)
@@ -184,7 +175,7 @@ def test_albef_init_from_ema_teacher(tmp_path):
     EMA teacher, not its student; queues start empty."""
     import ml_collections as mlc
 
-    from test_albef import albef_config
+    from tiny import albef_config
 
     src = tmp_path / "src"
     loop.train(albef_config(tmp_path, **{"train.steps": 4, "train.ckpt_every": 0, "eval.at_end": False}),
@@ -194,7 +185,7 @@ def test_albef_init_from_ema_teacher(tmp_path):
     cfg = albef_config(tmp_path, **{"train.steps": 4})
     with cfg.unlocked():
         cfg.finetune = mlc.ConfigDict({"init_from": str(src), "weights": "ema"})
-    setup = loop.Setup(cfg, str(tmp_path / "ft"))
+    setup = setup_lib.Setup(cfg, str(tmp_path / "ft"))
     state = setup.fresh_state()
     setup.checkpointer.close()
     got = jax.tree.leaves(state.params)
@@ -222,7 +213,7 @@ def test_an_image_checkpoint_starts_a_video_model(pretrained, inflation):
     cfg = config_lib.load(f"{ROOT}/configs/video_clip.py", [f"{k}={v}" for k, v in over.items()])
     with cfg.unlocked():
         cfg.finetune.init_from = str(work)
-    setup = loop.Setup(cfg, str(d / f"video_{inflation}"))
+    setup = setup_lib.Setup(cfg, str(d / f"video_{inflation}"))
     params = jax.device_get(setup.fresh_state().params)
     _, pre = finetune.pretrained_params(str(work))
     kernel = params["image_tower"]["patch_embed"]["conv"]["kernel"]

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from mmjax import checkpoint
+from mmjax import workdir as workdir_lib
 from mmjax import cli
 from mmjax import config as config_lib
 from tiny import DEMO, ROOT, tiny_config, tiny_overrides
@@ -90,6 +90,7 @@ def test_bad_number_says_what_was_expected(override, needle, tmp_path, capsys):
     ("eval.every=-5", ">= 0"),
     ("eval.batch_size=0", "positive"),
     ("train.accum_steps=0", "positive"),
+    ("train.max_bad_steps=0", "positive"),  # was silently taken as 1
 ])
 def test_out_of_range_ints_exit_2_before_anything_runs(override, needle, tmp_path, capsys):
     assert _train(tmp_path, f"--config.{override}") == 2
@@ -159,16 +160,29 @@ def test_os_errors_of_user_paths_exit_2(error, tmp_path, monkeypatch, capsys):
     assert error.filename in line and error.strerror in line
 
 
-def test_errors_of_other_helpers_map_to_exit_2(tmp_path, monkeypatch, capsys):
-    """ValueError (a JSONL line that is not an object) and FileNotFoundError (an
-    --init-from checkpoint without its state item) stay one line."""
-    from mmjax.train import loop
+def test_errors_of_other_helpers_map_to_exit_2(tmp_path, capsys):
+    """Real inputs, through the CLI: a JSONL list with a line that is not an object
+    (ValueError naming FILE:LINE) stays one line."""
+    (tmp_path / "a.png").write_bytes(b"")
+    bad = tmp_path / "data.jsonl"
+    bad.write_text('{"image_path": "a.png", "caption": "x"}\n{"image_path": "a.png", "caption": "y"}\n["a.png", "z"]\n')
+    assert _train(tmp_path, "--config.data.name=files", f"--config.data.path={bad}") == 2
+    assert "data.jsonl:3: expected a JSON object" in _one_line_error(capsys)
 
-    for error in (ValueError("data.jsonl line 3: expected a JSON object, got a list"),
-                  FileNotFoundError("no state item in ckpt/checkpoints/5")):
-        monkeypatch.setattr(loop, "train", lambda *a, _e=error, **k: (_ for _ in ()).throw(_e))
-        assert _train(tmp_path) == 2
-        assert str(error) in _one_line_error(capsys)
+
+def test_init_from_a_step_without_its_state_exits_2(saved_workdir, tmp_path, capsys):
+    """`mmjax finetune --init-from` a workdir whose only step lost its state item: one
+    line naming the step and what is missing, exit 2."""
+    meta = os.path.join(saved_workdir, "checkpoints", "5", "meta")
+    os.makedirs(meta)
+    with open(os.path.join(meta, "metadata"), "w") as f:
+        f.write('{"data_position": 80}')
+    code = cli.main(["finetune", "--config", os.path.join(ROOT, "configs", "finetune_shapes.py") + ":linear",
+                     "--init-from", saved_workdir, "--workdir", str(tmp_path / "ft"), "--no-progress",
+                     *[o for o in _tiny(tmp_path) if o.startswith(("--config.data.", "--config.train."))]])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert "step 5" in line and "state/" in line
 
 
 # ---------------------------------------------------------------- the `data` extra
@@ -248,12 +262,12 @@ def saved_workdir(tmp_path):
     """A workdir holding only the saved config of a tiny run."""
     wd = tmp_path / "wd"
     wd.mkdir()
-    checkpoint.save_config_json(tiny_config(tmp_path / "tfds"), str(wd))
+    workdir_lib.save_config_json(tiny_config(tmp_path / "tfds"), str(wd))
     return str(wd)
 
 
 def test_eval_takes_overrides_of_the_saved_config(saved_workdir, monkeypatch, capsys):
-    from mmjax.train import loop
+    from mmjax.train import setup as setup_lib
 
     seen = {}
 
@@ -263,7 +277,7 @@ def test_eval_takes_overrides_of_the_saved_config(saved_workdir, monkeypatch, ca
 
         def restore(self):
             return None
-    monkeypatch.setattr(loop, "Setup", FakeSetup)
+    monkeypatch.setattr(setup_lib, "Setup", FakeSetup)
     code = cli.main(["eval", "--workdir", saved_workdir, "--config.eval.max_examples=16",
                      "--config.data.name", "files", "--config.data.path=test.csv", "--config.model.dtype=bfloat16"])
     assert code == 2 and "no checkpoint" in _one_line_error(capsys)  # the fake has none

@@ -20,6 +20,7 @@ pytest.importorskip("safetensors")
 
 from mmjax import checkpoint as ckpt_lib  # noqa: E402
 from mmjax import config as config_lib  # noqa: E402
+from mmjax import workdir as workdir_lib  # noqa: E402
 from mmjax.export import hf, hf_parity, hf_workdir  # noqa: E402
 from mmjax.models import zoo  # noqa: E402
 from mmjax.models.transformer import ACTIVATIONS  # noqa: E402
@@ -192,14 +193,14 @@ def test_convert_to_workdir_restores_and_matches(hf_dirs, tmp_path):
   wd = str(tmp_path / "wd")
   config = hf_workdir.convert_to_workdir(src, wd)
   # The workdir's config is a valid mmjax recipe describing the imported model.
-  saved = ckpt_lib.load_config_json(wd)
+  saved = workdir_lib.load_config_json(wd)
   config_lib.validate(saved)
   assert saved.model.to_dict() == config.model.to_dict()
   m = saved.model
   assert (m.family, m.act, m.ln_eps, m.text_pool, m.eos_id) == ("clip", "gelu", 1e-5, "eos", 256)
   assert (m.image_size, m.text_len, m.vocab_size, m.embed_dim) == (30, 16, 257, 24)
   assert (saved.data.image_size, saved.data.text_len) == (30, 16)
-  # Restore the way loop.Setup does: state_plan's shardings on this run's mesh.
+  # Restore the way setup_lib.Setup does: state_plan's shardings on this run's mesh.
   family = zoo.build(saved.model)
   optimizer = optim.make_optimizer(saved.train)
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -227,13 +228,13 @@ def test_convert_to_workdir_restores_and_matches(hf_dirs, tmp_path):
     hf_workdir.export_workdir(wd, str(tmp_path / "ema"), weights="ema")
   # mmjax's own Setup restores it too (the imported vocabulary size is kept, not
   # replaced by the size of a tokenizer trained on the run's data).
-  from mmjax.train import loop
-  run = ckpt_lib.load_config_json(wd)
+  from mmjax.train import setup as setup_lib
+  run = workdir_lib.load_config_json(wd)
   with run.unlocked():
     run.data.data_dir = str(tmp_path / "tfds")
     run.data.shapes.num_train, run.data.shapes.num_validation, run.data.shapes.num_test = 64, 8, 8
     run.data.shapes.image_size, run.data.tokenizer.vocab_size = 30, 40
-  setup = loop.Setup(run, wd)
+  setup = setup_lib.Setup(run, wd)
   restored, _ = setup.restore()
   setup.checkpointer.close()
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params)):
@@ -371,7 +372,7 @@ def test_hf_export_has_preprocessor_card_and_tokenizer(converted, tmp_path):
   out = hf_workdir.export_workdir(wd, str(tmp_path / "out"))
   assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json",
                                      "tokenizer.model"]
-  config = ckpt_lib.load_config_json(wd)
+  config = workdir_lib.load_config_json(wd)
   size = int(config.data.image_size)
   proc = transformers.CLIPImageProcessor.from_pretrained(out)
   assert (proc.size["height"], proc.size["width"]) == (size, size) and not proc.do_center_crop

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mmjax.train import loop
+from mmjax.train import setup as setup_lib
 from tiny import DEMO, ROOT, tiny_config, tiny_overrides
 
 CHILD_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
@@ -73,7 +74,7 @@ def test_two_processes_then_one_process_other_mesh(tmp_path, data_dir):
     # The 2-process evaluation at step 10 equals a 1-process evaluation of that checkpoint.
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     two = next(r for r in rows if r["kind"] == "eval" and r["step"] == 10)
-    setup = loop.Setup(tiny_config(data_dir, **common), str(tmp_path / "a"))
+    setup = setup_lib.Setup(tiny_config(data_dir, **common), str(tmp_path / "a"))
     state, _ = setup.restore(step=10)
     one = setup.evaluator()(state.params)
     setup.checkpointer.close()

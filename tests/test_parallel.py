@@ -11,8 +11,8 @@ import pytest
 from mmjax.parallel import mesh as mesh_lib, sharding
 from mmjax.parallel.collective import PmapCollective, identity
 from mmjax.train import loop, optim, step as step_lib
-from test_albef import _batch, _family, albef_config
-from tiny import tiny_config
+from test_albef import _batch, _family
+from tiny import albef_config, tiny_config
 
 STEPS = 3
 MESHES = {"data8": {"data": 8}, "data4_fsdp2": {"data": 4, "fsdp": 2},

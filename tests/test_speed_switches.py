@@ -172,7 +172,7 @@ def test_scanned_layers_compute_the_unrolled_model():
     """model.scan_layers=True: params stacked under encoder/blocks (named 'layers' for
     sharding); with the unrolled params stacked, the same loss and gradients; a
     checkpoint moves between the layouts (transplant) and exports to HF unrolled."""
-    from mmjax.export import hf
+    from mmjax.export import hf_clip_weights
     from mmjax.models.transformer import stack_blocks
     from mmjax.parallel.sharding import unnamed_params
     from mmjax.train import finetune
@@ -207,7 +207,7 @@ def test_scanned_layers_compute_the_unrolled_model():
     assert not report["kept_init"]
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(unrolled)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert hf._flat(stacked).keys() == hf._flat(unrolled).keys()
+    assert hf_clip_weights._flat(stacked).keys() == hf_clip_weights._flat(unrolled).keys()
 
 
 def test_prefetch_to_device_keeps_order_and_errors():

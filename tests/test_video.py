@@ -9,6 +9,7 @@ import pytest
 
 from mmjax.models.embed import PatchEmbed
 from mmjax.models.video import FrameEmbed, inflate_patch_kernel
+from tiny import ROOT
 
 P, D, C = 4, 8, 3
 
@@ -370,11 +371,16 @@ def test_release_local_module_reaches_two_frames_per_block():
 
 
 def test_local_temporal_config_key():
-    """model.local_temporal reaches the ViT: 'release' by default, 'mmjax_v1' on request;
-    a bad value is one clear error."""
+    """model.local_temporal reaches the ViT: 'release' in every recipe, 'mmjax_v1' on
+    request and for a config without the key (a workdir older than it, which trained
+    mmjax_v1); a bad value is one clear error."""
+    from mmjax import config as config_lib
     from mmjax.models.zoo.common import video_options
 
-    assert video_options({"num_frames": 4, "temporal": "local"})["local_temporal"] == "release"
+    for recipe in ("demo.py", "video_clip.py", "video_albef.py"):
+        cfg = config_lib.load(f"{ROOT}/configs/{recipe}")
+        assert video_options(dict(cfg.model.to_dict(), temporal="local"))["local_temporal"] == "release", recipe
+    assert video_options({"num_frames": 4, "temporal": "local"})["local_temporal"] == "mmjax_v1"
     assert video_options({"num_frames": 4, "temporal": "local", "local_temporal": "mmjax_v1"})["local_temporal"] == "mmjax_v1"
     with pytest.raises(ValueError, match="model.local_temporal='v2'; valid choices: release, mmjax_v1"):
         video_options({"num_frames": 4, "temporal": "local", "local_temporal": "v2"})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmjax import config as config_lib
-from mmjax.data import moving_shapes_gen, pipeline, video_io
+from mmjax.data import decode as decode_lib, moving_shapes_gen, pipeline, video_io
 from tiny import ROOT, tiny_overrides
 
 MEAN, STD = np.array(pipeline.MEAN, np.float32), np.array(pipeline.STD, np.float32)
@@ -25,7 +25,7 @@ def test_tf_frame_indices_follow_the_reference():
     for n, t in [(8, 4), (2, 4), (7, 3), (30, 8), (1, 4), (8, 8)]:
         for offsets in (np.full([t], 0.5), rng.uniform(size=t), np.zeros([t]), np.full([t], 0.999)):
             want = video_io.sample_indices(n, t, offsets)
-            got = pipeline._frame_indices(tf.constant(n), t, tf.constant(offsets, tf.float32)).numpy()
+            got = decode_lib.frame_indices(tf.constant(n), t, tf.constant(offsets, tf.float32)).numpy()
             np.testing.assert_array_equal(got, want)
             assert np.all(np.diff(want) >= 0) and want.min() >= 0 and want.max() < n
     np.testing.assert_array_equal(video_io.sample_indices(8, 4), [1, 3, 5, 7])  # segment centres
@@ -124,6 +124,7 @@ def test_video_coca_trains_evaluates_and_captions_videos(tmp_path, capsys):
     corrupt one skipped) exactly as the family's own decoding does."""
     from mmjax import cli
     from mmjax.train import loop
+    from mmjax.train import setup as setup_lib
 
     over = {k: v for k, v in tiny_overrides(tmp_path).items() if not k.startswith("model.")}
     over.update({"data.name": "moving_shapes", "data.num_frames": 4, "data.text_len": 16,
@@ -155,7 +156,7 @@ def test_video_coca_trains_evaluates_and_captions_videos(tmp_path, capsys):
 
     from mmjax.data import images as images_lib
 
-    params, setup, _ = loop.restore_params(work, "student")
+    params, setup, _ = setup_lib.restore_params(work, "student")
     clips, ok = images_lib.load_videos(setup.config.data, paths)
     ids = np.asarray(jax.jit(lambda x: setup.family.caption(params, x))(clips))
     assert [ln.split("\t")[1].rstrip() for ln in lines] == [setup.tokenizer.decode(r).rstrip() for r in ids]

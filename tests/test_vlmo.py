@@ -7,7 +7,7 @@ import pytest
 
 from mmjax import config as config_lib
 from mmjax.models import zoo
-from mmjax.train import loop, optim
+from mmjax.train import loop, optim, setup as setup_lib
 from tiny import ROOT
 
 TINY = {
@@ -52,9 +52,9 @@ def test_vlmo_stages_train_what_the_paper_trains(tmp_path, data_dir):
     (ITC+ITM+MLM) trains the attention and the VL expert."""
     wd = str(tmp_path / "vlmo")
     cfg = tiny("vlmo", data_dir)
-    init = _flat(loop.Setup(cfg, wd).fresh_state().params)
+    init = _flat(setup_lib.Setup(cfg, wd).fresh_state().params)
     # configs/vlmo.py gives the stage ends as fractions (0.2, 0.4, 1.0) of the 10 steps.
-    assert [st["until"] for st in loop.Setup(cfg, wd).stages()] == [2, 4, 10]
+    assert [st["until"] for st in setup_lib.Setup(cfg, wd).stages()] == [2, 4, 10]
     s1 = _flat(loop.train(tiny("vlmo", data_dir), wd, progress=False, stop_at=2)["final_state"].params)
     s2 = _flat(loop.train(tiny("vlmo", data_dir), wd, progress=False, stop_at=4)["final_state"].params)
     s3 = _flat(loop.train(tiny("vlmo", data_dir), wd, progress=False)["final_state"].params)

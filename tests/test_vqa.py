@@ -15,7 +15,7 @@ from mmjax.data import shapes_gen as g
 from mmjax.eval.run import classification_metrics
 from mmjax.models import zoo
 from mmjax.models.zoo.vqa import AnswerHead
-from mmjax.train import finetune, loop, optim
+from mmjax.train import finetune, loop, optim, setup as setup_lib
 from tiny import ROOT
 
 VQA = f"{ROOT}/configs/finetune_vqa.py"
@@ -246,7 +246,7 @@ def test_head_lr_multiplier_and_fusion_layer_ids():
 # ------------------------------------------------------------------- end to end
 
 def test_vqa_finetune_from_albef_checkpoint(tmp_path, capsys):
-    from test_albef import albef_config
+    from tiny import albef_config
 
     src = tmp_path / "albef"
     loop.train(albef_config(tmp_path, **{"train.steps": 3, "train.ckpt_every": 0, "eval.at_end": False}),
@@ -264,7 +264,7 @@ def test_vqa_finetune_from_albef_checkpoint(tmp_path, capsys):
     # The fine-tuned backbone started from the checkpoint: its image patch embedding
     # moved away from the source's, but by a fine-tuning step, not a re-init.
     _, pre = finetune.pretrained_params(str(src))
-    got, setup, _ = loop.restore_params(str(tmp_path / "vqa"))
+    got, setup, _ = setup_lib.restore_params(str(tmp_path / "vqa"))
     a = np.asarray(pre["image_tower"]["patch_embed"]["conv"]["kernel"])
     b = np.asarray(got["backbone"]["image_tower"]["patch_embed"]["conv"]["kernel"])
     assert 0 < np.abs(a - b).max() < 0.05 * np.abs(a).max()

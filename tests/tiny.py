@@ -5,6 +5,7 @@ from mmjax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
+ALBEF = os.path.join(ROOT, "configs", "albef.py")
 
 
 def tiny_overrides(data_dir, **extra) -> dict:
@@ -40,3 +41,37 @@ def tiny_overrides(data_dir, **extra) -> dict:
 
 def tiny_config(data_dir, **extra):
     return config_lib.load(DEMO, [f"{k}={v}" for k, v in tiny_overrides(data_dir, **extra).items()])
+
+
+def albef_overrides(data_dir, **extra) -> dict:
+    """tiny_overrides' shrinking applied to configs/albef.py: a 2-layer text tower
+    with one fusion layer, a 24-row queue (also for CLI runs)."""
+    overrides = tiny_overrides(data_dir, **{
+        "model.pool": "cls",  # ALBEF's own pooling
+        "model.text_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
+        "model.fusion_from": 1, "model.embed_dim": 16, "model.queue_size": 24,
+        "model.alpha_ramp_steps": 4, "eval.rerank_k": 4,
+    })
+    overrides.update(extra)
+    return overrides
+
+
+def albef_config(data_dir, **extra):
+    return config_lib.load(ALBEF, [f"{k}={v}" for k, v in albef_overrides(data_dir, **extra).items()])
+
+
+def write_images(directory, n: int, size: int = 16):
+    """n random PNGs and one file that is not an image: ([paths], bad_path)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = os.path.join(str(directory), f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    bad = os.path.join(str(directory), "bad.png")
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    return paths, bad

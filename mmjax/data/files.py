@@ -73,6 +73,21 @@ def _read_jsonl(path: str, text: str):
     return cols, out
 
 
+def _looks_like_path(field: str) -> bool:
+    """A media path as lists hold them: one token with a file extension ('a/b.jpg')."""
+    f = field.strip()
+    ext = os.path.splitext(f)[1][1:]
+    return bool(f) and not any(c.isspace() for c in f) and 1 <= len(ext) <= 5 and ext.isalnum()
+
+
+def _looks_like_a_row(line: str, header: list[str]) -> bool:
+    """A line inside a quoted caption that reads as a row of the list: enough fields,
+    with a path in the path column (a caption line such as 'running, fast' is not)."""
+    col = next((header.index(k) for k in PATH_KEYS if k in header), None)
+    fields = next(csv.reader([line]), [])
+    return col is not None and len(fields) >= max(len(header), 2) and _looks_like_path(fields[col])
+
+
 def _read_csv(path: str, text: str):
     """-> (columns, [(first line, last line, dict)]); a row whose quoted caption swallows
     lines that look like rows (an unclosed quote) is a ValueError."""
@@ -92,8 +107,7 @@ def _read_csv(path: str, text: str):
         cap = r.get("caption") or ""
         if "\n" not in cap and "\r" not in cap:
             continue
-        rowlike = [ln for ln in cap.splitlines()[1:]
-                   if len(next(csv.reader([ln]), [])) >= max(len(header), 2) and ln.split(",")[0].strip()]
+        rowlike = [ln for ln in cap.splitlines()[1:] if _looks_like_a_row(ln, header)]
         if rowlike:
             raise ValueError(
                 f"{path}:{start}: the caption of the row at lines {start}-{end} runs over "

@@ -15,21 +15,21 @@ def load_images(data_config, paths) -> tuple[np.ndarray, list[str]]:
     """-> (images [N, S, S, 3] float32, the paths that decoded). An unreadable or
     undecodable file is skipped with a warning (the file and the decoder's reason), never
     a crash. No paths: no TensorFlow needed (a text-only `mmjax embed`)."""
-    from mmjax.data import pipeline
+    from mmjax.data import decode, require_tf, sources
 
-    size = int(pipeline._get(data_config, "image_size", 224))
+    size = int(sources.cfg_get(data_config, "image_size", 224))
     if not paths:
         return np.zeros((0, size, size, 3), np.float32), []
-    tf = pipeline.require_tf()
+    tf = require_tf()
     out, ok = [], []
     for path in paths:
         try:
-            img = pipeline._decode({"image_path": tf.constant(str(path))})
+            img = decode.decode_image({"image_path": tf.constant(str(path))})
             img = tf.image.resize(img, [size, size], antialias=True)
-            out.append(pipeline._normalize(img).numpy().astype(np.float32))
+            out.append(decode.normalize(img).numpy().astype(np.float32))
             ok.append(str(path))
         except (tf.errors.OpError, ValueError) as e:
-            log.warning("skipping %s: %s", path, pipeline._tf_reason(e)[:200])
+            log.warning("skipping %s: %s", path, decode.tf_reason(e)[:200])
     empty = np.zeros((0, size, size, 3), np.float32)
     return (np.stack(out) if out else empty), ok
 
@@ -43,11 +43,10 @@ def read_texts(path: str) -> list[str]:
 def load_videos(data_config, paths) -> tuple[np.ndarray, list[str]]:
     """-> (clips [N, T, S, S, 3] float32 with T = data.num_frames, the paths that
     decoded). An unreadable video is skipped with a warning, never a crash."""
-    from mmjax.data import pipeline, video_io
+    from mmjax.data import decode, require_tf, sources, video_io
 
-    tf = pipeline.require_tf()
-
-    size, t = int(pipeline._get(data_config, "image_size", 224)), pipeline.num_frames(data_config)
+    tf = require_tf()
+    size, t = int(sources.cfg_get(data_config, "image_size", 224)), decode.num_frames(data_config)
     if not t:
         raise ValueError("this model reads images, not videos (its data.num_frames is 0)")
     out, ok = [], []
@@ -58,7 +57,7 @@ def load_videos(data_config, paths) -> tuple[np.ndarray, list[str]]:
             log.warning("skipping %s: %s", path, str(e).splitlines()[0][:200])
             continue
         clip = tf.image.resize(tf.constant(frames), [size, size], antialias=True)
-        out.append(pipeline._normalize(clip).numpy().astype(np.float32))
+        out.append(decode.normalize(clip).numpy().astype(np.float32))
         ok.append(str(path))
     empty = np.zeros((0, t, size, size, 3), np.float32)
     return (np.stack(out) if out else empty), ok

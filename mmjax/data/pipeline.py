@@ -1,4 +1,6 @@
-"""tf.data input pipeline, one per process. TensorFlow is imported lazily, in functions.
+"""tf.data input pipeline, one per process: the train and eval iterators over a
+source's records (`mmjax.data.sources`), decoded (`decode`) and augmented (`augment`)
+in tf.data. TensorFlow is imported lazily, in functions.
 
 Records (`load_records`) are dicts of still-encoded images ('image' bytes, or
 'image_path' for user lists) or clips ('video': the PNG bytes of each frame [n], or
@@ -21,351 +23,15 @@ import weakref
 
 import numpy as np
 
-from mmjax.data import files as files_lib
-from mmjax.data import require_tf, require_tfds
-from mmjax.data import shapes_gen
+from mmjax.data import require_tf
 from mmjax.data import video_io
+from mmjax.data.augment import MAX_NEGATIVES, eval_map, train_map
+from mmjax.data.decode import (MEAN, STD, decode_frames, decode_image, decode_media, num_frames,  # noqa: F401
+                               tf_reason)
+from mmjax.data.sources import (DEFAULT_DATA_DIR, LOCAL_DATASETS, answer_types, captions,  # noqa: F401
+                                cfg_get, data_dir, files_rows, label_names, load_records, num_examples)
 
 log = logging.getLogger(__name__)
-
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_DATA_DIR = "~/.cache/mmjax/tensorflow_datasets"
-MAX_NEGATIVES = shapes_gen.MAX_NEGATIVES
-LOCAL_DATASETS = ("shapes", "shapes_vqa", "moving_shapes", "emoji")  # generated here, never downloaded
-
-
-def _get(cfg, dotted: str, default=None):
-    """cfg['a']['b'] for 'a.b' on a ConfigDict or a plain dict; default if absent/None."""
-    for part in dotted.split("."):
-        if cfg is None:
-            return default
-        try:
-            cfg = cfg[part]
-        except (KeyError, AttributeError, TypeError, IndexError):
-            return default
-    return default if cfg is None else cfg
-
-
-def data_dir(cfg) -> str:
-    d = _get(cfg, "data_dir") or os.environ.get("MMJAX_DATA_DIR", DEFAULT_DATA_DIR)
-    return os.path.expanduser(str(d))
-
-
-def _builder(cfg):
-    """Prepared TFDS builder for the locally generated datasets (shapes, shapes_vqa,
-    emoji). `shapes_vqa` takes its sizes and seed from `data.shapes` too."""
-    name = _get(cfg, "name")
-    require_tfds()  # the builder modules import it at the top
-    if name in ("shapes", "shapes_vqa"):
-        from mmjax.data.shapes import MmjaxShapes, MmjaxShapesVqa, make_config
-        cls = MmjaxShapes if name == "shapes" else MmjaxShapesVqa
-        c = make_config(**{k: _get(cfg, "shapes." + k, d) for k, d in (
-            ("image_size", 32), ("num_train", 20000), ("num_validation", 1000),
-            ("num_test", 1000), ("seed", 0))})
-        known = c.name in cls.builder_configs  # the registered default
-        b = cls(config=c.name if known else c, data_dir=data_dir(cfg))
-    elif name == "moving_shapes":
-        from mmjax.data.moving_shapes import MmjaxMovingShapes, make_config
-        c = make_config(**{k: _get(cfg, "moving_shapes." + k, d) for k, d in (
-            ("image_size", 32), ("num_frames", 8), ("num_train", None), ("num_validation", 1000),
-            ("num_test", 1000), ("seed", 0)) if _get(cfg, "moving_shapes." + k, d) is not None})
-        known = c.name in MmjaxMovingShapes.builder_configs
-        b = MmjaxMovingShapes(config=c.name if known else c, data_dir=data_dir(cfg))
-    elif name == "emoji":
-        from mmjax.data.emoji_ds import MmjaxEmoji
-        b = MmjaxEmoji(data_dir=data_dir(cfg))
-    else:
-        raise ValueError(f"not a local dataset: {name!r}; valid choices: {', '.join(LOCAL_DATASETS)}")
-    if not b.is_prepared():
-        log.info("generating %s into %s", name, data_dir(cfg))
-        b.download_and_prepare()
-    return b
-
-
-def _catalog_builder(cfg):
-    tfds = require_tfds()
-    name, dd = _get(cfg, "name"), data_dir(cfg)
-    try:
-        b = tfds.builder(name, data_dir=dd)
-        ok = b.is_prepared()
-    except Exception as e:  # unknown name, bad config, ...
-        if type(e).__name__ == "DatasetNotFoundError":  # its message lists the whole catalog
-            raise FileNotFoundError(_not_in_catalog(str(name), tfds)) from None
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise FileNotFoundError(f"dataset {name!r} not available in data_dir={dd}: {reason}") from None
-    if not ok:
-        raise FileNotFoundError(
-            f"dataset {name!r} is not prepared in data_dir={dd} (mmjax does not download "
-            f"catalog datasets; prepare it with tfds first or set data.data_dir)")
-    return b
-
-
-def _not_in_catalog(name: str, tfds) -> str:
-    """One line for a name that is neither built in nor in the TFDS catalog, with the
-    closest names (difflib) instead of tfds's list of every dataset."""
-    import difflib
-    base = name.split(":")[0].split("/")[0]
-    try:
-        known = list(tfds.list_builders(with_community_datasets=False))
-    except TypeError:  # older tfds
-        known = list(tfds.list_builders())
-    except Exception:
-        known = []
-    close = difflib.get_close_matches(base, known + list(LOCAL_DATASETS) + ["files"], n=3)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
-        f"; built-in datasets: {', '.join(LOCAL_DATASETS)}, or 'files' for your own list"
-    return f"dataset {base!r} not found in the TFDS catalog{hint}"
-
-
-def _files_rows(cfg, split):
-    path = _get(cfg, "path")
-    if not path:
-        raise ValueError("data.name='files' needs data.path (a CSV or JSONL list)")
-    frac = files_lib.check_eval_fraction(_get(cfg, "eval_fraction", 0.0))
-    rows, missing = files_lib.read_list(path, text_len=int(_get(cfg, "text_len", 32)))
-    names = files_lib.label_names(rows)
-    return files_lib.split_rows(rows, split, frac), missing, names
-
-
-def load_records(data_config, split: str):
-    """tf.data.Dataset of undecoded records of `split` (see module docstring)."""
-    tf = require_tf()
-    tfds = require_tfds()
-    name = _get(data_config, "name")
-    if name == "files":
-        rows, _, names = _files_rows(data_config, split)
-        key = files_lib.path_key(rows)
-        cols = {key: [r[key] for r in rows],
-                "caption": [r["caption"] for r in rows],
-                "id": np.array([r["id"] for r in rows], np.int64)}
-        if names:
-            idx = {n: i for i, n in enumerate(names)}
-            cols["label"] = np.array([idx.get(r.get("label"), -1) for r in rows], np.int64)
-        if not rows:
-            cols[key] = cols["caption"] = np.zeros([0], object).astype(str)
-        return tf.data.Dataset.from_tensor_slices(cols)
-    b = _builder(data_config) if name in LOCAL_DATASETS else _catalog_builder(data_config)
-    feats = b.info.features
-    media = "video" if "video" in feats else "image"
-    ds = b.as_dataset(split=split, shuffle_files=False,
-                      decoders={media: tfds.decode.SkipDecoding()})
-    label_names_ = _label_names_of(feats)
-
-    def select(r):
-        out = {media: r[media]}
-        if "caption" in feats:
-            out["caption"] = r["caption"]
-        elif "question" in feats:  # VQA: the question is the text, the answer the label
-            out["caption"] = r["question"]
-        elif "text" in feats:
-            out["caption"] = r["text"]
-        elif "captions" in feats:  # e.g. coco_captions: first caption
-            out["caption"] = r["captions"]["text"][0]
-        elif label_names_:
-            out["caption"] = tf.strings.join(
-                ["a photo of a ", tf.gather(tf.constant(label_names_), r["label"])])
-        else:
-            out["caption"] = tf.constant("")
-        if "label" in feats:
-            out["label"] = tf.cast(r["label"], tf.int64)
-        if "hard_negatives" in feats:
-            out["hard_negatives"] = r["hard_negatives"]
-        return out
-
-    if "id" in feats:
-        return ds.map(lambda r: dict(select(r), id=tf.cast(r["id"], tf.int64)))
-    return ds.map(select).enumerate().map(lambda i, r: dict(r, id=i))
-
-
-def _label_names_of(feats):
-    tfds = require_tfds()
-    f = feats["label"] if "label" in feats else None
-    return list(f.names) if isinstance(f, tfds.features.ClassLabel) else None
-
-
-def label_names(data_config) -> list[str] | None:
-    """Class names for zero-shot prompts (label index = position), or None."""
-    name = _get(data_config, "name")
-    if name == "shapes":
-        return list(shapes_gen.CLASS_NAMES)
-    if name == "shapes_vqa":
-        return list(shapes_gen.ANSWERS)
-    if name in ("emoji", "moving_shapes"):
-        return None
-    if name == "files":
-        return _files_rows(data_config, "all")[2]
-    return _label_names_of(_catalog_builder(data_config).info.features)
-
-
-def answer_types(data_config) -> list[str] | None:
-    """The type of each label (VQA answer types: colour, shape, size, yes/no), or None."""
-    return list(shapes_gen.ANSWER_TYPES) if _get(data_config, "name") == "shapes_vqa" else None
-
-
-def num_examples(data_config, split: str) -> int:
-    name = _get(data_config, "name")
-    if name == "files":
-        return len(_files_rows(data_config, split)[0])
-    b = _builder(data_config) if name in LOCAL_DATASETS else _catalog_builder(data_config)
-    return int(b.info.splits[split].num_examples)
-
-
-def captions(data_config, split: str) -> list[str]:
-    """All captions of `split` (for tokenizer training)."""
-    if _get(data_config, "name") == "files":
-        return [r["caption"] for r in _files_rows(data_config, split)[0]]
-    ds = load_records(data_config, split).map(lambda r: r["caption"])
-    return [c.decode("utf-8") for c in ds.as_numpy_iterator()]
-
-
-# ----------------------------------------------------------------------------- decode
-
-def _decode(rec):
-    import tensorflow as tf  # traced inside tf.data: no importlib call here
-    if "pixels" in rec:  # already decoded (data.cache_decoded)
-        return rec["pixels"]
-    data = tf.io.read_file(rec["image_path"]) if "image_path" in rec else rec["image"]
-    img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-    img.set_shape([None, None, 3])
-    return img
-
-
-def num_frames(data_config) -> int:
-    """data.num_frames: 0 for images, T > 0 for clips of T frames."""
-    t = int(_get(data_config, "num_frames", 0) or 0)
-    if t < 0:
-        raise ValueError(f"data.num_frames={t}: need 0 (images) or the frames per clip")
-    return t
-
-
-def _is_clip(rec) -> bool:
-    return "video" in rec or "video_path" in rec or ("pixels" in rec and rec["pixels"].shape.rank == 4)
-
-
-def _frame_indices(n, t: int, offsets):
-    """TensorFlow twin of `video_io.sample_indices`: [T] int32 indices into n frames."""
-    import tensorflow as tf  # traced inside tf.data: no importlib call here
-    n_f = tf.cast(n, tf.float32)
-    idx = tf.floor((tf.range(t, dtype=tf.float32) + offsets) * n_f / float(t))
-    return tf.clip_by_value(tf.cast(idx, tf.int32), 0, tf.maximum(tf.cast(n, tf.int32) - 1, 0))
-
-
-def _decode_frames(encoded):
-    """Encoded frames [n] string -> uint8 [n, H, W, 3]."""
-    import tensorflow as tf  # traced inside tf.data: no importlib call here
-    return tf.map_fn(lambda b: tf.io.decode_image(b, channels=3, expand_animations=False, dtype=tf.uint8),
-                     encoded, fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
-
-
-def _decode_clip(rec, t: int, offsets):
-    """-> uint8 [T, H, W, 3]: frames floor((i + offsets[i]) n / T) of the record's clip
-    (decoded here; a user's file through PyAV), or its image repeated T times."""
-    import tensorflow as tf  # traced inside tf.data: no importlib call here
-    if "pixels" in rec and rec["pixels"].shape.rank == 4:  # a cached clip
-        return tf.gather(rec["pixels"], _frame_indices(tf.shape(rec["pixels"])[0], t, offsets))
-    if "video" in rec:
-        return _decode_frames(tf.gather(rec["video"], _frame_indices(tf.shape(rec["video"])[0], t, offsets)))
-    if "video_path" in rec:
-        frames = tf.numpy_function(lambda path, u: video_io.read_frames(path.decode(), t, u),
-                                   [rec["video_path"], offsets], tf.uint8, stateful=False)
-        frames.set_shape([t, None, None, 3])
-        return frames
-    return tf.tile(_decode(rec)[None], [t, 1, 1, 1])
-
-
-def _decode_media(rec, t: int, offsets):
-    """uint8 [H, W, 3] (t = 0) or [T, H, W, 3] (t > 0)."""
-    if t:
-        return _decode_clip(rec, t, offsets)
-    if _is_clip(rec):
-        raise ValueError("this dataset holds videos: set data.num_frames (frames per clip)")
-    return _decode(rec)
-
-
-def _normalize(img):
-    import tensorflow as tf  # traced inside tf.data: no importlib call here
-    return (img / 255.0 - tf.constant(MEAN)) / tf.constant(STD)
-
-
-def _pick_negatives(hn, k: int, seed):
-    """k of a record's hard-negative captions, from a random start, cycling when it
-    has fewer than k (so every image gets exactly k): [n] str -> ([k] str, [k] bool).
-    The mask is True for the first min(n, k) picks, which are distinct; False marks a
-    repeat of an earlier pick (n < k) or, for a record with none, an empty padding text."""
-    import tensorflow as tf  # traced inside tf.data: no importlib call here
-    n = tf.shape(hn)[0]
-    start = tf.random.stateless_uniform([], seed=seed, maxval=tf.maximum(n, 1), dtype=tf.int32)
-    idx = tf.where(n > 0, (start + tf.range(k)) % tf.maximum(n, 1), n)  # n: the padding text
-    return tf.gather(tf.concat([hn, [""]], 0), idx), tf.range(k) < n
-
-
-def _train_map(data_config, seed, hard_negatives: int = 0):
-    tf = require_tf()
-    size = int(_get(data_config, "image_size", 224))
-    scale = tuple(float(x) for x in _get(data_config, "augment.crop_scale", (0.5, 1.0)))
-    ratio = tuple(float(x) for x in _get(data_config, "augment.aspect", (3 / 4, 4 / 3)))
-    flip = bool(_get(data_config, "augment.flip", False))
-    t = num_frames(data_config)
-    sampling = video_io.check_sampling(_get(data_config, "frame_sampling", "random"))
-
-    crop_is_identity = scale == (1.0, 1.0) and ratio == (1.0, 1.0)
-
-    def fn(pos, rec):
-        base = tf.stack([tf.constant(seed, tf.int64), pos])
-        s = tf.random.experimental.stateless_split(base, 3)
-        if t and sampling == "random":  # TSN: a random frame of each of T segments
-            offsets = tf.random.stateless_uniform([t], seed=tf.random.experimental.stateless_fold_in(base, 1))
-        else:
-            offsets = tf.fill([t], 0.5)
-        img = _decode_media(rec, t, offsets)  # [H, W, 3] or a clip [T, H, W, 3]: one crop and flip for all
-        hw = img.shape[-3:-1]
-        if crop_is_identity and hw == (size, size):
-            img = tf.cast(img, tf.float32)  # nothing to crop or resize
-        else:
-            begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-                tf.shape(img)[-3:], bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
-                min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
-                max_attempts=10, use_image_if_no_bounding_boxes=True)
-            if t:
-                img = tf.slice(img, tf.concat([[0], begin], 0), tf.concat([[-1], crop], 0))
-            else:
-                img = tf.slice(img, begin, crop)
-            img = tf.image.resize(img, [size, size], antialias=True)
-        if flip and t:  # one coin for the whole clip
-            coin = tf.random.stateless_uniform([], seed=s[1]) < 0.5
-            img = tf.cond(coin, lambda: tf.reverse(img, [-2]), lambda: img)
-        elif flip:
-            img = tf.image.stateless_random_flip_left_right(img, s[1])
-        out = {"image": _normalize(img), "caption": rec["caption"], "id": rec["id"],
-               "pos": pos}
-        if "label" in rec:
-            out["label"] = tf.cast(rec["label"], tf.int32)
-        if hard_negatives:
-            out["hard_negatives"], out["hard_negatives_valid"] = _pick_negatives(
-                rec["hard_negatives"], hard_negatives, s[2])
-        return out
-    return fn
-
-
-def _eval_map(data_config):
-    tf = require_tf()
-    size = int(_get(data_config, "image_size", 224))
-    t = num_frames(data_config)
-
-    def fn(pos, rec):
-        img = tf.image.resize(_decode_media(rec, t, tf.fill([t], 0.5)), [size, size], antialias=True)
-        out = {"image": _normalize(img), "caption": rec["caption"], "id": rec["id"],
-               "pos": pos}
-        if "label" in rec:
-            out["label"] = tf.cast(rec["label"], tf.int32)
-        if "hard_negatives" in rec:
-            hn = rec["hard_negatives"][:MAX_NEGATIVES]
-            n = tf.shape(hn)[0]
-            out["hard_negatives"] = tf.concat([hn, tf.fill([MAX_NEGATIVES - n], "")], 0)
-            out["hard_negatives_valid"] = tf.range(MAX_NEGATIVES) < n
-        return out
-    return fn
 
 
 def _options(data_config, threads=None):
@@ -379,13 +45,13 @@ def _options(data_config, threads=None):
 
 def _npc(data_config):
     tf = require_tf()
-    n = int(_get(data_config, "num_parallel_calls", -1))
+    n = int(cfg_get(data_config, "num_parallel_calls", -1))
     return tf.data.AUTOTUNE if n < 0 else n
 
 
 def _initial_skips(data_config, split) -> int:
-    if _get(data_config, "name") == "files":
-        return len(_files_rows(data_config, split)[1])
+    if cfg_get(data_config, "name") == "files":
+        return len(files_rows(data_config, split)[1])
     return 0
 
 
@@ -464,24 +130,10 @@ class BatchIterator:
         return out
 
 
-def _tf_reason(e) -> str:
-    """A TensorFlow error's reason in one line, without op names ({{function_node ...}},
-    [Op:...]) and without the stack of a py_func."""
-    import re
-    msg = str(getattr(e, "message", None) or e)
-    msg = re.sub(r"\{\{[^}]*\}\}\s*", "", msg)
-    msg = re.sub(r"\s*\[Op:[^\]]*\]( name:\s*\S*)?", "", msg)
-    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-    for ln in reversed(lines):  # a python decoder's error (PyAV) is the last line of a py_func trace
-        if "VideoDecodeError" in ln:
-            return ln.split("VideoDecodeError:", 1)[-1].strip()[:300]
-    return (lines[0] if lines else type(e).__name__)[:300]
-
-
 def _source_name(data_config, split) -> str:
-    name = _get(data_config, "name")
+    name = cfg_get(data_config, "name")
     if name == "files":
-        return f"data.path={os.path.expanduser(str(_get(data_config, 'path')))} (split {split!r})"
+        return f"data.path={os.path.expanduser(str(cfg_get(data_config, 'path')))} (split {split!r})"
     return f"dataset {name!r} (split {split!r})"
 
 
@@ -491,7 +143,7 @@ def _check_decodable(data_config, ds, split) -> None:
     instead of an infinite stream that drops every record and never yields a batch."""
     tf = require_tf()
     t = num_frames(data_config)
-    probe = ds.map(lambda r: tf.shape(_decode_media(r, t, tf.fill([t], 0.5)))[0]).ignore_errors().take(1)
+    probe = ds.map(lambda r: tf.shape(decode_media(r, t, tf.fill([t], 0.5)))[0]).ignore_errors().take(1)
     for _ in probe.as_numpy_iterator():
         return
     n = int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
@@ -505,9 +157,9 @@ def _check_decodable(data_config, ds, split) -> None:
         if what == "video_path":
             video_io.read_frames(path, t or 1)
         else:
-            _decode_media(first, t, tf.fill([t], 0.5))
+            decode_media(first, t, tf.fill([t], 0.5))
     except Exception as e:  # noqa: BLE001 (only for the message)
-        reason = _tf_reason(e)
+        reason = tf_reason(e)
         reason = reason[len(path) + 2:] if path and reason.startswith(path + ": ") else reason
     where = f"{path}: " if path else ""
     raise ValueError(f"{src}: none of its {n} records decodes (first: {where}{reason or 'undecodable'}); "
@@ -519,13 +171,13 @@ def _cache_decoded(data_config, ds):
     pixels in memory (built-in datasets only: they are small and hold no corrupt
     records, so no record is dropped before the stream positions are counted)."""
     tf = require_tf()
-    size = int(_get(data_config, "image_size", 224))
+    size = int(cfg_get(data_config, "image_size", 224))
 
     def decode(rec):
         if "video" in rec:  # every frame: the sampling happens after the cache
-            img = _decode_frames(rec["video"])
+            img = decode_frames(rec["video"])
         else:
-            img = _decode(rec)
+            img = decode_image(rec)
         img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [size, size], antialias=True)), 0, 255),
                       tf.uint8)
         img.set_shape(([None] if "video" in rec else []) + [size, size, 3])
@@ -573,22 +225,22 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     ValueError when no record of the split decodes (a full pass in order finds none).
     """
     tf = require_tf()
-    split = _get(data_config, "train_split", "train")
-    L = int(_get(data_config, "text_len", 32))
-    cache = bool(_get(data_config, "cache_decoded", False))
-    if cache and _get(data_config, "name") not in LOCAL_DATASETS:
+    split = cfg_get(data_config, "train_split", "train")
+    L = int(cfg_get(data_config, "text_len", 32))
+    cache = bool(cfg_get(data_config, "cache_decoded", False))
+    if cache and cfg_get(data_config, "name") not in LOCAL_DATASETS:
         raise ValueError(f"data.cache_decoded=True is for the built-in datasets {LOCAL_DATASETS}, not "
-                         f"{_get(data_config, 'name')!r}: a large or partly corrupt dataset must stream")
+                         f"{cfg_get(data_config, 'name')!r}: a large or partly corrupt dataset must stream")
     ds = load_records(data_config, split)
     K = int(hard_negatives or 0)
     if K and "hard_negatives" not in ds.element_spec:
-        raise ValueError(f"model.hard_negatives={K} but dataset {_get(data_config, 'name')!r} has no "
+        raise ValueError(f"model.hard_negatives={K} but dataset {cfg_get(data_config, 'name')!r} has no "
                          "hard_negatives feature (built-in: shapes); set model.hard_negatives=0")
     if cache:
         ds = _cache_decoded(data_config, ds)
     else:
         _check_decodable(data_config, ds, split)
-    ds = ds.shuffle(int(_get(data_config, "shuffle_buffer", 10000)), seed=int(seed),
+    ds = ds.shuffle(int(cfg_get(data_config, "shuffle_buffer", 10000)), seed=int(seed),
                     reshuffle_each_iteration=True).repeat()
     b, n_proc, rank = int(batch_size), int(process_count), int(process_index)
     global_b = b * n_proc
@@ -598,7 +250,7 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     ds = ds.enumerate().skip(start)
     if n_proc > 1:  # this process's rows of every global batch, before any decoding
         ds = ds.filter(lambda pos, rec: (pos % global_b) // b == rank)
-    ds = ds.map(_train_map(data_config, int(seed), K), num_parallel_calls=_npc(data_config),
+    ds = ds.map(train_map(data_config, int(seed), K), num_parallel_calls=_npc(data_config),
                 deterministic=True).ignore_errors()
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(_options(data_config, threads))
@@ -636,14 +288,14 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
     [B,K] bool (K = 4).
     """
     tf = require_tf()
-    L = int(_get(data_config, "text_len", 32))
-    S = int(_get(data_config, "image_size", 224))
+    L = int(cfg_get(data_config, "text_len", 32))
+    S = int(cfg_get(data_config, "image_size", 224))
     clip = [num_frames(data_config)] if num_frames(data_config) else []
     n_total = num_examples(data_config, split)
     n_shard = len(range(process_index, n_total, process_count))
     num_batches = math.ceil(math.ceil(n_total / process_count) / batch_size)
     ds = load_records(data_config, split).shard(process_count, process_index).enumerate()
-    ds = ds.map(_eval_map(data_config), num_parallel_calls=_npc(data_config),
+    ds = ds.map(eval_map(data_config), num_parallel_calls=_npc(data_config),
                 deterministic=True).ignore_errors()
     ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(
         _options(data_config))
@@ -693,10 +345,10 @@ def pipeline_throughput(data_config, batch_size: int, num_batches: int, threads=
     from mmjax.data.tokenizer import Tokenizer, train_tokenizer
     if tokenizer is None:
         with tempfile.TemporaryDirectory() as d:
-            split = _get(data_config, "train_split", "train")
+            split = cfg_get(data_config, "train_split", "train")
             tokenizer = Tokenizer(train_tokenizer(
                 captions(data_config, split), d,
-                int(_get(data_config, "tokenizer.vocab_size", 8000))))
+                int(cfg_get(data_config, "tokenizer.vocab_size", 8000))))
     it = make_train_iterator(data_config, tokenizer, batch_size, seed=0, threads=threads)
     next(it)
     t = time.perf_counter()

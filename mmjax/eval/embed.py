@@ -44,9 +44,9 @@ def _load_media(config, images=(), videos=()):
 
 def _restore(workdir: str, weights: str):
     """(params, setup, step, batch size: eval.batch_size rounded to the device count)."""
-    from mmjax.train import loop
+    from mmjax.train import setup as setup_lib
 
-    params, setup, step = loop.restore_params(workdir, weights)
+    params, setup, step = setup_lib.restore_params(workdir, weights)
     n_dev = setup.mesh.devices.size
     return params, setup, step, max(n_dev, (int(setup.config.eval.batch_size) // n_dev) * n_dev)
 

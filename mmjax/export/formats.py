@@ -71,9 +71,9 @@ def mmjax_version() -> str:
 
 def _restore(workdir: str, weights: str, step: int | None = None):
     """(params as host numpy, info) of a workdir's latest (or `step`'s) checkpoint."""
-    from mmjax.train import loop
+    from mmjax.train import setup as setup_lib
 
-    params, setup, step = loop.restore_params(workdir, weights, step)
+    params, setup, step = setup_lib.restore_params(workdir, weights, step)
     config = setup.config
     info = dict(config=config, setup=setup, family=setup.family, step=int(step), weights=weights,
                 model_config=json.loads(config.model.to_json_best_effort()))

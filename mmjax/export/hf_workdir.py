@@ -48,6 +48,7 @@ def convert_to_workdir(src_dir: str, workdir: str, *, base_config=None, seed: in
   import ml_collections
 
   from mmjax import checkpoint as ckpt_lib
+  from mmjax import workdir as workdir_lib
   from mmjax import config as config_lib
   from mmjax.models import zoo
   from mmjax.parallel import mesh as mesh_lib
@@ -103,7 +104,7 @@ def convert_to_workdir(src_dir: str, workdir: str, *, base_config=None, seed: in
   if jax.tree_util.tree_structure(state) != jax.tree_util.tree_structure(abstract):
     raise RuntimeError("the converted state's structure differs from step.state_plan's")
   os.makedirs(workdir, exist_ok=True)
-  ckpt_lib.save_config_json(config, workdir)
+  workdir_lib.save_config_json(config, workdir)
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=int(config.train.get("keep_checkpoints", 2)), async_save=False)
   ckpt.save(0, state, {"data_position": 0, "source": "hf-clip", "src": os.path.abspath(src_dir)})
   ckpt.close()
@@ -119,11 +120,11 @@ def read_workdir_params(workdir: str, weights: str = "student", step: int | None
   import jax
   import orbax.checkpoint as ocp
 
-  from mmjax import checkpoint as ckpt_lib
+  from mmjax import workdir as workdir_lib
 
   if weights not in ("student", "ema"):
     raise ValueError(f"weights {weights!r}; valid choices: student, ema")
-  config = ckpt_lib.load_config_json(workdir)
+  config = workdir_lib.load_config_json(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = checkpoint_step(workdir, step)
   # Absolute: orbax reads no metadata from a relative path (metadata() gives None).
@@ -146,17 +147,15 @@ def read_workdir_params(workdir: str, weights: str = "student", step: int | None
 
 
 def checkpoint_step(workdir: str, step: int | None = None) -> int:
-  """`step` if the workdir has a checkpoint there, else (None) its latest step."""
+  """`step` if the workdir's checkpoint there verifies against its manifest, else
+  (None) the newest step that does (`checkpoint.usable_step`: damaged steps are
+  reported and passed over, as every other reader of a workdir does)."""
+  from mmjax import checkpoint as ckpt_lib
+
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if step is None:
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-    steps = [s for s in steps if os.path.isdir(os.path.join(ckpt_dir, str(s), "state"))]
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    step = max(steps)
-  if not os.path.isdir(os.path.join(ckpt_dir, str(int(step)), "state")):
+  if step is not None and not os.path.isdir(os.path.join(ckpt_dir, str(int(step)))):
     raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt_dir}")
-  return int(step)
+  return int(ckpt_lib.usable_step(ckpt_dir, step))
 
 
 def export_workdir(workdir: str, out_dir: str, weights: str = "student", *, step: int | None = None) -> str:
@@ -167,10 +166,10 @@ def export_workdir(workdir: str, out_dir: str, weights: str = "student", *, step
   A model with mmjax's text_pool='last' is written with the eos id of the workdir's
   tokenizer (tokenizer.model), pooling at the first eos.
   """
-  from mmjax import checkpoint as ckpt_lib
+  from mmjax import workdir as workdir_lib
   from mmjax.models import zoo
 
-  config = ckpt_lib.load_config_json(workdir)
+  config = workdir_lib.load_config_json(workdir)
   family = config.model.get("family")
   if family != "clip":
     raise ValueError(f"hf-clip export needs a CLIP-family workdir; {workdir} holds a {family!r} model, "

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.models.attention import MultiHeadAttention
-from mmjax.models.transformer import LN_EPS, Mlp, activation, maybe_remat
+from mmjax.models.transformer import LN_EPS, Block, Mlp, activation, maybe_remat
 from mmjax.parallel.sharding import dense_init, names, norm_init
 
 Dtype = Any
@@ -123,6 +123,10 @@ TEMPORAL = ("none", "divided", "local", "mean")
 #               (`time_conv`); one [CLS] shared by the frames, copied into each and averaged
 #               in every block (`VideoBlock`)
 LOCAL_VARIANTS = ("release", "mmjax_v1")
+# A model config without model.local_temporal: a workdir written before the key existed,
+# whose 'local' model is mmjax_v1 (as a missing model.mlm_weight keeps VLMo's old
+# objective). The recipes (configs/demo.py) set 'release', mPLUG-2's module.
+LOCAL_WHEN_UNSET = "mmjax_v1"
 
 
 def check_temporal(temporal: str) -> str:
@@ -230,7 +234,7 @@ class VideoBlock(nn.Module):
     return x_BxSxD + h
 
 
-class LocalTemporalBlock(nn.Module):
+class LocalTemporalBlock(Block):
   """mPLUG-2's TemporalBlock (model.temporal='local', model.local_temporal='release'), a
   pre-LN block over a clip kept frame by frame, `x: [B, T', c + N, D]` (each frame's own
   [CLS] first if `cls_token`, c = 1) -> the same shape:
@@ -244,17 +248,10 @@ class LocalTemporalBlock(nn.Module):
   the other frames only through their own frame's tokens. The image `Block` params
   (`ln1`, `attn`, `ln2`, `mlp`) keep their names; both temporal modules start as the
   identity (their up-projections at zero), so an image checkpoint computes every frame
-  as it computes the image.
+  as it computes the image. The fields are `Block`'s plus these two.
   """
-  num_heads: int
-  mlp_dim: int
   temporal_kernel: int = 3
   cls_token: bool = True
-  act: str = "gelu_tanh"
-  ln_eps: float = LN_EPS
-  attention: str = "xla"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxTxSfxD):
@@ -267,7 +264,8 @@ class LocalTemporalBlock(nn.Module):
                                        name=name, **kw)
     x_BxTxSfxD = jnp.concatenate([x_BxTxSfxD[:, :, :c], local("time_conv1")(x_BxTxSfxD[:, :, c:])], axis=2)
     seq_BTxSfxD = x_BxTxSfxD.reshape(b * t, sf, d)
-    h = MultiHeadAttention(self.num_heads, attention=self.attention, name="attn", **kw)(ln("ln1")(seq_BTxSfxD))
+    h = MultiHeadAttention(self.num_heads, fused_qkv=self.fused_qkv, attention=self.attention, name="attn",
+                           **kw)(ln("ln1")(seq_BTxSfxD))
     x_BxTxSfxD = (seq_BTxSfxD + h).reshape(b, t, sf, d)
     x_BxTxSfxD = jnp.concatenate([x_BxTxSfxD[:, :, :c], local("time_conv2")(x_BxTxSfxD[:, :, c:])], axis=2)
     h = Mlp(self.mlp_dim, act=self.act, name="mlp", **kw)(ln("ln2")(x_BxTxSfxD))

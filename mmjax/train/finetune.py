@@ -43,11 +43,11 @@ def source(src: str) -> tuple[str, int | None]:
 
 def pretrained_params(src: str, weights: str = "student"):
     """(model config, params) of a pretraining workdir's checkpoint (host numpy), read
-    on this machine's devices whatever topology wrote it (`loop.restore_params`)."""
-    from mmjax.train import loop
+    on this machine's devices whatever topology wrote it (`mmjax.train.setup.restore_params`)."""
+    from mmjax.train import setup as setup_lib
 
     workdir, step = source(src)
-    params, setup, step = loop.restore_params(workdir, weights, step)
+    params, setup, step = setup_lib.restore_params(workdir, weights, step)
     log.info("init from %s step %d (%s weights)", workdir, step, weights)
     return setup.config.model, params
 

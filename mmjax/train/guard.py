@@ -71,6 +71,7 @@ class StepChecks:
         self.stop = False  # every process agreed to stop (SIGTERM somewhere)
         self.failure = None  # NonFiniteError once max_bad_steps in a row were seen
         self._term = False  # this process got SIGTERM
+        self._announced = False
         self._pending = None
         self._any = _AnyProcess() if jax.process_count() > 1 else None
 
@@ -86,14 +87,21 @@ class StepChecks:
             signal.signal(signal.SIGTERM, self._old)
 
     def _on_term(self, signum, frame):
+        # Only a flag here: a handler that wrote to stderr could land inside another
+        # write to it (tqdm, logging) and raise "reentrant call" into the step.
         self._term = True
-        print(f"mmjax: SIGTERM: finishing the current step, then saving a checkpoint "
-              f"(process {jax.process_index()})", file=sys.stderr, flush=True)
+
+    def _announce_term(self) -> None:
+        if self._term and not self._announced:
+            self._announced = True
+            print(f"mmjax: SIGTERM: finishing the current step, then saving a checkpoint "
+                  f"(process {jax.process_index()})", file=sys.stderr, flush=True)
 
     # -------------------------------------------------------------- per step
     def push(self, done: int, bad_step) -> None:
         """After dispatching the step that ends at `done`: resolves the previous step's
         checks (waiting for it), queues this one's."""
+        self._announce_term()
         stop = self._any.start(self._term) if self._any is not None else self._term
         self.flush()
         self._pending = (done, bad_step, stop)

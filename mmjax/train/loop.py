@@ -7,231 +7,16 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from mmjax import checkpoint as ckpt_lib
-from mmjax.models import zoo
+from mmjax import workdir as workdir_lib
 from mmjax.parallel import distributed, mesh as mesh_lib
 from mmjax.parallel.collective import PmapCollective, identity
 from mmjax.train import metrics as metrics_lib
-from mmjax.train import guard, optim, step as step_lib
-
-
-class Setup:
-    """Everything a run (train or eval) needs, built from a config and a workdir."""
-
-    def __init__(self, config, workdir: str):
-        from mmjax.data import pipeline, tokenizer as tok_lib
-
-        self.config, self.workdir = config, workdir
-        try:
-            os.makedirs(workdir, exist_ok=True)
-        except OSError as e:  # a path under a regular file, a read-only parent, ...
-            raise ValueError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
-        data = config.data
-        self.init_from = config.get("finetune", {}).get("init_from", None)
-        if self.init_from:
-            self._prepare_finetune()
-        get_tokenizer = lambda: tok_lib.get_tokenizer(
-            data.tokenizer, workdir, lambda: pipeline.captions(data, data.train_split))
-        if jax.process_count() == 1:
-            self.tokenizer = get_tokenizer()
-        else:
-            # Process 0 builds the built-in data and trains the tokenizer (shared
-            # workdir); the others wait for it instead of racing to write the same files.
-            from jax.experimental import multihost_utils
-
-            if jax.process_index() == 0:
-                self.tokenizer = get_tokenizer()
-                for split in {data.train_split, data.eval_split}:
-                    pipeline.num_examples(data, split)
-            multihost_utils.sync_global_devices("mmjax: data and tokenizer ready")
-            if jax.process_index() != 0:
-                self.tokenizer = get_tokenizer()
-        with config.unlocked():
-            # An imported model (mmjax convert) keeps its own vocabulary size.
-            keep = config.model.get("keep_vocab_size", False) and int(config.model.get("vocab_size", 0) or 0)
-            config.model.vocab_size = int(keep or self.tokenizer.vocab_size)
-            config.model.image_size = int(data.image_size)
-            config.model.num_frames = int(data.get("num_frames", 0) or 0)  # 0: images; T: clips
-            config.model.text_len = int(data.text_len)
-            config.model.total_steps = int(config.train.steps)  # for momentum / ramp schedules
-        self.family = zoo.build(config.model)
-        self.mode = config.parallel.get("mode", "mesh")
-        # pmap keeps a replica of the state per device; its checkpoints use the
-        # replicated layout of a 1-D data mesh, so either mode can restore them.
-        self.mesh = mesh_lib.make_mesh(config.parallel.get("mesh") if self.mode == "mesh" else None)
-        self.schedule = optim.learning_rate_schedule(config.train)
-        self.optimizer = optim.make_optimizer(config.train)
-        self.image_shape = self.family.image_shape()
-        self.text_shape = (1, data.text_len)
-        self._init, self.abstract_state, self.state_sharding = step_lib.state_plan(
-            self.family, self.optimizer, self.mesh, self.image_shape, self.text_shape)
-        if self.mode == "pmap":
-            self.state_sharding = jax.tree_util.tree_map(lambda _: mesh_lib.replicated(self.mesh),
-                                                         self.abstract_state)
-        self.checkpointer = ckpt_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints),
-            async_save=bool(config.train.get("async_checkpoints", True)),
-        )
-
-    def stages(self) -> list[dict]:
-        """The training stages: [{name, until, tasks, freeze, family, trainable}].
-
-        Without `train.stages` there is one stage over all steps with `train.freeze`.
-        A stage may name `tasks` (the family's objectives in that stage, e.g. VLMo's
-        image-only, then text-only, then image-text pretraining) and `freeze` (regexes
-        of params kept fixed); stages end at their `until` step (an int) or at that
-        fraction of train.steps (a float in (0, 1]).
-        """
-        tc = self.config.train
-        specs = tc.get("stages", None) or [dict(name="all", until=int(tc.steps))]
-        out, prev = [], 0
-        for i, spec in enumerate(specs):
-            spec = dict(spec)
-            unknown = set(spec) - {"name", "until", "tasks", "freeze"}
-            if unknown:
-                raise ValueError(f"train.stages[{i}] has unknown keys {sorted(unknown)}; "
-                                 "valid keys: name, until, tasks, freeze")
-            until = spec.get("until", tc.steps)
-            # A float in (0, 1] is a fraction of train.steps, so a recipe's stages
-            # follow --config.train.steps; an int is an absolute step.
-            until = int(round(until * int(tc.steps))) if isinstance(until, float) and until <= 1 else int(until)
-            if until <= prev:
-                raise ValueError(f"train.stages[{i}].until={until} must exceed the previous stage's end {prev}")
-            prev = until
-            family = self.family
-            tasks = spec.get("tasks")
-            if tasks is not None:
-                model_cfg = ml_collections.ConfigDict(self.config.model.to_dict())
-                model_cfg.tasks = tuple(tasks)
-                family = zoo.build(model_cfg)
-            freeze = tuple(spec.get("freeze", None) or tc.get("freeze", None) or ())
-            trainable = optim.trainable_mask(self.abstract_state.params, freeze)
-            out.append(dict(name=spec.get("name", f"stage{i}"), until=until, family=family,
-                            tasks=tuple(getattr(family, "tasks", ()) or ()), freeze=freeze,
-                            trainable=trainable))
-        return out
-
-    def _prepare_finetune(self):
-        """Before anything is built: the source's tokenizer (the text tower must read the
-        same ids) and, for a classifier or VQA model, the source's model as backbone."""
-        from mmjax import checkpoint
-        from mmjax.train import finetune
-
-        src_workdir, _ = finetune.source(self.init_from)
-        src_config = checkpoint.load_config_json(src_workdir)
-        src_tok = os.path.join(src_workdir, "tokenizer.model")
-        dst_tok = os.path.join(self.workdir, "tokenizer.model")
-        if not self.config.data.tokenizer.get("path") and os.path.exists(src_tok) and not os.path.exists(dst_tok):
-            if jax.process_index() == 0:
-                import shutil
-                shutil.copyfile(src_tok, dst_tok + ".tmp")
-                os.replace(dst_tok + ".tmp", dst_tok)
-        model = self.config.model
-        if model.get("family") in zoo.WRAPPERS:  # the backbone is what the checkpoint holds
-            with self.config.unlocked():
-                model.backbone = src_config.model.to_dict()
-
-    def fresh_state(self):
-        """The initial state, created sharded (pmap layout in pmap mode); with
-        `finetune.init_from`, the params come from that checkpoint (`train.finetune`)."""
-        init = jax.jit(self._init, out_shardings=self.state_sharding)
-        state = init(jax.random.PRNGKey(int(self.config.seed)))
-        if self.init_from:
-            state = self._load_pretrained(state)
-        return self.to_run_layout(state)
-
-    def _load_pretrained(self, state):
-        from mmjax.train import finetune
-
-        weights = self.config.finetune.get("weights", "student")
-        _, pretrained = finetune.pretrained_params(self.init_from, weights)
-        prefix = "backbone/" if self.config.model.family in zoo.WRAPPERS else ""
-        params, report = finetune.transplant(jax.device_get(state.params), pretrained, prefix,
-                                             inflation=self.config.finetune.get("inflation", None) or "central")
-        logging.info("init from %s (%s): %d params loaded, %d left behind, resized %s, fresh %s",
-                     self.init_from, weights, report["loaded"], report["unused"], report["resized"],
-                     report["kept_init"])
-        family, optimizer = self.family, self.optimizer
-
-        def rebuild(params, rng):
-            extra = family.init_extra(params) if hasattr(family, "init_extra") else {}
-            return state.replace(params=params, opt_state=optimizer.init(params), rng=rng,
-                                 ema_params=extra.get("ema_params"), queues=extra.get("queues"))
-
-        return jax.jit(rebuild, out_shardings=self.state_sharding)(params, state.rng)
-
-    def restore(self, step=None, **kw):
-        """(state, meta) from the newest usable (or `step`'s) checkpoint, or None.
-
-        The checkpoint is read straight into this run's shardings, whatever mesh,
-        device count, process count or mode wrote it. Steps that fail their checksums
-        or do not read are reported and passed over (`Checkpointer.restore`, whose
-        keywords `require` and `quarantine` pass through); the step read is
-        `self.checkpointer.restored_step`.
-        """
-        target = ckpt_lib.abstract_with_shardings(self.abstract_state, self.state_sharding)
-        restored = self.checkpointer.restore(target, step, **kw)
-        if restored is None:
-            return None
-        state, meta = restored
-        return self.to_run_layout(state), meta
-
-    def to_run_layout(self, state):
-        """Checkpoint layout -> what the compiled step takes."""
-        return mesh_lib.to_pmap(state) if self.mode == "pmap" else state
-
-    def to_checkpoint_layout(self, state):
-        """What the step returns -> checkpoint layout (global arrays on `self.mesh`)."""
-        return mesh_lib.from_pmap(state, self.mesh) if self.mode == "pmap" else state
-
-    def save(self, step: int, state, meta: dict):
-        self.checkpointer.save(step, self.to_checkpoint_layout(state), meta)
-
-    def evaluator(self, split=None):
-        from mmjax.eval.run import ClassificationEvaluator, Evaluator
-
-        ev = self.config.eval
-        if hasattr(self.family, "logits"):
-            return ClassificationEvaluator(self.family, self.config.data, self.mesh,
-                                           split=split or self.config.data.eval_split,
-                                           batch_size=int(ev.batch_size), tokenizer=self.tokenizer)
-        return Evaluator(
-            self.family, self.config.data, self.tokenizer, self.mesh,
-            split=split or self.config.data.eval_split, batch_size=int(ev.batch_size),
-            max_examples=ev.get("max_examples"), rerank_k=int(ev.get("rerank_k", 16)),
-            zero_shot=ev.get("zero_shot"),
-        )
-
-
-def restore_params(workdir: str, weights: str = "student", step: int | None = None):
-    """(params as host numpy, setup, step) of a workdir's latest (or `step`'s) checkpoint:
-    the student params or the EMA teacher. Read onto a plain data mesh of this
-    machine's devices, whatever mesh, device count or mode wrote it (fine-tuning,
-    export and `mmjax embed` need the values, not the layout)."""
-    if weights not in ("student", "ema"):
-        raise ValueError(f"weights {weights!r}; valid choices: student, ema")
-    config = ckpt_lib.load_config_json(workdir)
-    with config.unlocked():
-        config.parallel.mode = "mesh"
-        config.parallel.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-    setup = Setup(config, workdir)
-    try:
-        if weights == "ema" and setup.abstract_state.ema_params is None:
-            raise ValueError(f"weights='ema': the {config.model.family!r} run in {workdir} has no EMA teacher "
-                             "(only ALBEF-style families keep one); use weights='student'")
-        restored = setup.restore(step)  # the newest step that verifies, or `step`
-        if restored is None:
-            raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-        step = setup.checkpointer.restored_step
-    finally:
-        setup.checkpointer.close()
-    state = setup.to_checkpoint_layout(restored[0])
-    tree = state.params if weights == "student" else state.ema_params
-    return jax.tree.map(np.asarray, jax.device_get(tree)), setup, int(step)
+from mmjax.train import guard, step as step_lib
+from mmjax.train.setup import Setup
 
 
 def _format(metrics: dict, keys) -> str:
@@ -245,7 +30,7 @@ def _restore_for_training(setup: Setup, config, workdir: str):
         return setup.restore(require=("data_position",), quarantine=True)
     except (ckpt_lib.StateMismatch, ckpt_lib.CheckpointError) as e:
         old = os.path.join(workdir, "config.json")
-        diff = ckpt_lib.config_diff(ckpt_lib.load_config_json(workdir), config) if os.path.isfile(old) else []
+        diff = workdir_lib.config_diff(workdir_lib.load_config_json(workdir), config) if os.path.isfile(old) else []
         if not diff:
             raise
         if isinstance(e, ckpt_lib.StateMismatch):
@@ -259,10 +44,10 @@ def _open_run(config, workdir: str):
     """(setup, state, meta) of a new or resumed run: the workdir checked, the newest
     usable checkpoint restored (or a fresh state), config.json written, partial saves
     of a dead run removed."""
-    ckpt_lib.check_workdir(workdir)
+    workdir_lib.check_workdir(workdir)
     setup = Setup(config, workdir)
     restored = _restore_for_training(setup, config, workdir)
-    ckpt_lib.save_config_json(config, workdir)
+    workdir_lib.save_config_json(config, workdir)
     setup.checkpointer.remove_partial_saves()
     if restored is None:
         return setup, setup.fresh_state(), {"data_position": 0}

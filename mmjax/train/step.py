@@ -123,7 +123,10 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
             teacher=state.ema_params, queues=state.queues, step=state.step,
         )
         grads, loss, metrics = collective.average((grads, loss, dict(metrics)))
-        grads = freeze(grads)
+        # The projected gradient: none pushes a param held at its bound further out
+        # (it would be undone by the projection below, and would swell the global
+        # norm that train.grad_clip divides every gradient by).
+        grads = freeze(family.project_grads(state.params, grads))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         # Constrained params (a learned temperature or logit scale) are projected back
         # into their range after the update, as ALBEF/BLIP (`temp.clamp_`) and open_clip
@@ -134,11 +137,12 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
         if ema_params is not None:
             ema_params = family.teacher_update(ema_params, params, state.step)
         queues = extra.get("queues", state.queues)
-        # A non-finite loss or gradient (or an update that overflows the params) leaves
+        # A non-finite loss or gradient (or an update that overflows the params or the
+        # optimizer state: a finite gradient of 1e20 squares to inf in Adam's nu) leaves
         # params, optimizer, teacher and queues as they were; step and rng advance, the
         # loop counts the skip. Gradients and loss are averaged over devices first, so
         # every device takes the same branch.
-        ok = all_finite((loss, grads, params, queues))
+        ok = all_finite((loss, grads, params, opt_state, queues))
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
         params, opt_state, ema_params, queues = keep((params, opt_state, ema_params, queues),
                                                      (state.params, state.opt_state, state.ema_params, state.queues))

@@ -27,7 +27,7 @@ from mmjax.models.transformer import ACTIVATIONS, LN_EPS
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
-from mmjax.models.zoo.common import Family, attention_spec, clamp_params, logit_scale_bounds, video_options
+from mmjax.models.zoo.common import Family, attention_spec, logit_scale_bounds, video_options
 from mmjax.objectives import identity, itc_loss, sigmoid_loss
 from mmjax.objectives.contrastive import NEG_SCOPES
 from mmjax.parallel.sharding import names
@@ -219,10 +219,10 @@ class ClipFamily(Family):
       return itc_loss(emb["img"], emb["txt"], params["t"], **neg)
     return sigmoid_loss(emb["img"], emb["txt"], params["t"], params["b"], **neg)
 
-  def project_params(self, params):
-    """t into [0, ln(model.max_logit_scale)] after each update (open_clip's
-    `logit_scale.clamp_(0, math.log(100))`); the forward uses t as it is."""
-    return clamp_params(params, {"t": self.t_range})
+  def param_bounds(self) -> dict:
+    """t in [0, ln(model.max_logit_scale)] (open_clip's
+    `logit_scale.clamp_(0, math.log(100))` after each step); the forward uses t as it is."""
+    return {"t": self.t_range}
 
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None,
                 gather=identity):

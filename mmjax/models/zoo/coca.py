@@ -28,7 +28,7 @@ from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
-from mmjax.models.zoo.common import Family, attention_spec, clamp_params, logit_scale_bounds, video_options
+from mmjax.models.zoo.common import Family, attention_spec, logit_scale_bounds, video_options
 from mmjax.objectives import identity, itc_loss, lm_loss
 from mmjax.parallel.sharding import names, norm_init
 
@@ -170,9 +170,9 @@ class CocaFamily(Family):
     metrics = {**{("loss_itc" if k == "loss" else k): v for k, v in mi.items()}, **mc, "loss": loss}
     return loss, metrics, {}
 
-  def project_params(self, params):
-    """t into [0, ln(model.max_logit_scale)] after each update (open_clip's clamp)."""
-    return clamp_params(params, {"t": self.t_range})
+  def param_bounds(self) -> dict:
+    """t in [0, ln(model.max_logit_scale)] (open_clip's clamp after each step)."""
+    return {"t": self.t_range}
 
   # Retrieval (the evaluator's view) -------------------------------------------------
   def encode_image(self, params, image):

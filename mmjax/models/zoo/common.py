@@ -23,6 +23,27 @@ def clamp_params(params, bounds: dict):
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+def bound_grads(params, grads, bounds: dict):
+  """`grads` with the gradient of each top-level scalar named in `bounds` set to 0
+  where the param sits at (or past) a bound and a descent step would move it further
+  out: at the low bound a positive gradient, at the high bound a negative one (the
+  projected gradient of a box constraint). The projection after the update would
+  undo such a step anyway; left in, the gradient of a temperature held at 0.01 (tens,
+  against the rest's ~1) dominates the global norm, and `train.grad_clip` then
+  scales every other gradient down by as much. A gradient pointing back into the
+  range passes unchanged, so the param can still leave its bound."""
+
+  def one(path, g, x):
+    name = path[0].key if len(path) == 1 and hasattr(path[0], "key") else None
+    if name not in bounds:
+      return g
+    low, high = bounds[name]
+    out = ((x <= low) & (g > 0)) | ((x >= high) & (g < 0))
+    return jnp.where(out, jnp.zeros_like(g), g)
+
+  return jax.tree_util.tree_map_with_path(one, grads, params)
+
+
 def logit_scale_bounds(max_logit_scale) -> tuple:
   """open_clip's projection of a log logit scale t: t in [0, ln(max_logit_scale)]
   (`logit_scale.clamp_(0, math.log(100))` after every step); None = no upper bound."""
@@ -62,11 +83,22 @@ class Family:
     params = self.model.init(rng, image, text)["params"]
     return params if boxed else nn.unbox(params)
 
+  def param_bounds(self) -> dict:
+    """{top-level param name: (low, high)}: the params kept inside a range (a learned
+    temperature or logit scale); none by default."""
+    return {}
+
   def project_params(self, params):
-    """Params after an optimizer update -> params inside their constraints (e.g. a
-    learned temperature clamped to its range). The step calls it after every update;
-    the default is the identity."""
-    return params
+    """Params after an optimizer update -> params inside their `param_bounds` (ALBEF's
+    `temp.clamp_`, open_clip's `logit_scale.clamp_`). The step calls it after every
+    update."""
+    return clamp_params(params, self.param_bounds())
+
+  def project_grads(self, params, grads):
+    """Gradients -> the projected gradient of `param_bounds` (`bound_grads`): none
+    pushes a param that sits at its bound further out. The step calls it before the
+    optimizer (so before gradient clipping and Adam's moments)."""
+    return bound_grads(params, grads, self.param_bounds())
 
   def image_shape(self, batch: int = 1) -> tuple:
     """The shape of an input batch: (B, S, S, 3), or (B, T, S, S, 3) for a video model."""
@@ -185,9 +217,9 @@ class MomentumFamily(FeatureFamily):
     after every update (a clip here would give it zero gradient beyond the bound)."""
     return params["temp"]
 
-  def project_params(self, params):
+  def param_bounds(self) -> dict:
     """ALBEF's / BLIP's `temp.clamp_(0.001, 0.5)` on the parameter (model.temp_range)."""
-    return clamp_params(params, {"temp": self.temp_range})
+    return {"temp": self.temp_range}
 
 
 def attention_spec(model_config) -> str:
@@ -205,9 +237,10 @@ def video_options(model_config) -> dict:
   model.num_frames (0 or absent: an image model; T > 0: clips of T frames, images taken
   as one-frame clips), model.temporal (video.TEMPORAL, default 'none'), model.tubelet
   (frames per token, default 1), model.temporal_kernel ('local' module, default 3),
-  model.local_temporal ('local' variant, video.LOCAL_VARIANTS, default 'release').
+  model.local_temporal ('local' variant, video.LOCAL_VARIANTS; the recipes set 'release', a
+  config without the key reads as video.LOCAL_WHEN_UNSET, what workdirs older than it trained).
   """
-  from mmjax.models.video import check_local_variant, check_temporal
+  from mmjax.models.video import LOCAL_WHEN_UNSET, check_local_variant, check_temporal
 
   frames = int(model_config.get("num_frames", None) or 0)
   temporal = check_temporal(str(model_config.get("temporal", None) or "none"))
@@ -220,5 +253,5 @@ def video_options(model_config) -> dict:
     raise ValueError(f"model.num_frames={frames} is not a multiple of model.tubelet={tubelet}")
   if tubelet > 1 and temporal == "mean":
     raise ValueError("model.temporal='mean' encodes frames one by one: it takes model.tubelet=1")
-  local = check_local_variant(str(model_config.get("local_temporal", None) or "release"))
+  local = check_local_variant(str(model_config.get("local_temporal", None) or LOCAL_WHEN_UNSET))
   return dict(num_frames=frames, temporal=temporal, tubelet=tubelet, temporal_kernel=kernel, local_temporal=local)

@@ -41,7 +41,7 @@ from mmjax.models.fusion import ItmHead, MlmHead, head_dense
 from mmjax.models.multiway import MultiwayEncoder
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
-from mmjax.models.zoo.common import FeatureFamily, attention_spec, clamp_params, logit_scale_bounds
+from mmjax.models.zoo.common import FeatureFamily, attention_spec, logit_scale_bounds
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
 from mmjax.parallel.collective import local
 from mmjax.parallel.sharding import dense_init, names
@@ -256,10 +256,10 @@ class MultiwayFamily(FeatureFamily):
                           dtype=DTYPES[cfg.get("dtype", "float32")],
                           param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
 
-  def project_params(self, params):
-    """The log logit scales (t, and t_vl) into [0, ln(model.max_logit_scale)] after
-    each update (open_clip's clamp); the forward uses them as they are."""
-    return clamp_params(params, {"t": self.t_range, "t_vl": self.t_range})
+  def param_bounds(self) -> dict:
+    """The log logit scales (t, and t_vl) in [0, ln(model.max_logit_scale)] (open_clip's
+    clamp after each step); the forward uses them as they are."""
+    return {"t": self.t_range, "t_vl": self.t_range}
 
   def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None,
                 gather=identity):
