@@ -36,7 +36,7 @@ setup(
             "pycocoevalcap>=1.2",  # captioning BLEU-4 / CIDEr (its pure-Python scorers)
             "av>=12",  # PyAV: FFmpeg's video decoders, for lists of your own videos
         ],
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],  # ruff: the formatter and linter of .ci/run
         # `tensorboard --logdir WORKDIR/tb` (mmjax writes the events with tensorboardX).
         "viz": ["tensorboard>=2.16"],
         # Parity checks against transformers' CLIP (tests/test_hf.py); install torch

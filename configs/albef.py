@@ -10,10 +10,10 @@ recall (i2t_r@k) and ITM-re-ranked recall (i2t_itm_r@k, top eval.rerank_k).
 ALBEF's paper values (MODELS.md) are in the comments; the tiny model needs a
 higher learning rate and a shorter queue and alpha ramp than ViT-B on 14M pairs.
 """
+
 import os
 
 from mmjax import config as config_lib
-
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 

@@ -7,6 +7,7 @@ The shapes of the scale-out and performance figures; for real pretraining point
 
     mmjax train --config configs/albef_base.py --workdir DIR --dry-run --config.parallel.mesh.fsdp=8
 """
+
 import os
 
 from mmjax import config as config_lib

@@ -12,10 +12,10 @@ Masked data modeling alone trains no ITC projection, so the retrieval numbers it
 eval prints stay near chance until the model is fine-tuned for retrieval; add
 "itc" / "itm" to model.tasks to pretrain them too.
 """
+
 import os
 
 from mmjax import config as config_lib
-
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 

@@ -18,6 +18,7 @@ that size:
 
     mmjax bench --config configs/beit3_base.py --batch-size 256
 """
+
 import os
 
 from mmjax import config as config_lib

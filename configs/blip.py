@@ -12,6 +12,7 @@ ITM-re-ranked recall (i2t_itm_r@k, top eval.rerank_k) and greedy-caption metrics
 BLIP's values (MODELS.md, configs/blip_base.py) are in the comments; the tiny model
 takes ALBEF's tiny-recipe choices (higher lr, shorter queue and alpha ramp).
 """
+
 import os
 
 from mmjax import config as config_lib

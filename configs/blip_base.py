@@ -10,6 +10,7 @@ The shapes of the scale-out and performance figures; for real pretraining point
 
     mmjax train --config configs/blip_base.py --workdir DIR --dry-run --config.parallel.mesh.fsdp=8
 """
+
 import os
 
 from mmjax import config as config_lib

@@ -9,6 +9,7 @@ sentencepiece model of that vocabulary size; the built-in data is too small for 
         --config.parallel.mesh.fsdp=8        # bytes per device, nothing trained
     mmjax bench --config configs/clip_b16.py  # step time on synthetic batches
 """
+
 import os
 
 from mmjax import config as config_lib

@@ -8,6 +8,7 @@ and whose upper 2 cross-attend to 16 attentionally pooled image tokens and capti
 Loss = 1 x ITC + 2 x LM (CoCa's weights). The eval reports retrieval from the
 contrastive head (captioning metrics: not yet).
 """
+
 import os
 
 from mmjax import config as config_lib

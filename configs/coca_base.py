@@ -12,6 +12,7 @@ the batch and steps to be set for the hardware at hand. For real pretraining poi
 
     mmjax train --config configs/coca_base.py --workdir DIR --dry-run --config.parallel.mesh.fsdp=8
 """
+
 import os
 
 from mmjax import config as config_lib

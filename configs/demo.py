@@ -7,6 +7,7 @@ Runs on a 2-core CPU in under 10 minutes including data preparation:
 `configs/demo.py:emoji` is the same recipe on the built-in Twemoji pairs.
 Override anything with --config.key=value, e.g. --config.train.steps=100.
 """
+
 import ml_collections
 
 
@@ -49,8 +50,9 @@ def get_config(arg=None):
     # each segment; eval always takes the segment centres).
     c.data.num_frames = 0
     c.data.frame_sampling = "random"
-    c.data.moving_shapes = ml_collections.ConfigDict(dict(image_size=32, num_frames=8, num_train=10_000,
-                                                          num_validation=1000, num_test=500, seed=0))
+    c.data.moving_shapes = ml_collections.ConfigDict(
+        dict(image_size=32, num_frames=8, num_train=10_000, num_validation=1000, num_test=500, seed=0)
+    )
     c.data.tokenizer = ml_collections.ConfigDict()
     c.data.tokenizer.path = None  # a sentencepiece .model; else trained on the captions
     c.data.tokenizer.vocab_size = 128
@@ -130,9 +132,9 @@ def get_config(arg=None):
     c.parallel.mode = "mesh"
     c.parallel.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # see docs/scaling.md
     # Multi-process runs: bounded waits instead of hangs (docs/scaling.md).
-    c.parallel.init_timeout_s = 300       # a peer that never starts
-    c.parallel.heartbeat_timeout_s = 60   # a peer that dies
-    c.parallel.step_timeout_s = 0         # a peer that stalls (0 = no watchdog)
+    c.parallel.init_timeout_s = 300  # a peer that never starts
+    c.parallel.heartbeat_timeout_s = 60  # a peer that dies
+    c.parallel.step_timeout_s = 0  # a peer that stalls (0 = no watchdog)
 
     if arg == "emoji":
         c.model.hard_negatives = 0  # emoji names have no swapped-attribute variants

@@ -8,6 +8,7 @@ drops MLM and keeps ITC with distillation + ITM; CLIP keeps ITC), a tenth of the
 learning rate, a short warm-up and 300 steps. Point `data` at the target image-text
 set; the model section must match the checkpoint (it is the pretraining recipe's).
 """
+
 import os
 
 import ml_collections

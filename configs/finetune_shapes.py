@@ -13,6 +13,7 @@ ALBEF-style run; the backbone's architecture is the checkpoint's. Without it the
 backbone is the demo's CLIP, randomly initialised. A different data.image_size
 resizes the position embeddings.
 """
+
 import os
 
 import ml_collections

@@ -14,6 +14,7 @@ use words the 128-piece pretraining tokenizer splits into letters, so the text
 length is 40 (the longest question); text positions past the checkpoint's keep
 their fresh init. The eval reports top-1 overall and per answer type.
 """
+
 import os
 
 import ml_collections

@@ -7,6 +7,7 @@ tower temporal modeling and schedule.
 The fusion layers cross-attend to every token of the clip. The argument picks the
 temporal modeling as in video_clip.py.
 """
+
 import os
 
 from mmjax import config as config_lib
@@ -20,7 +21,10 @@ def get_config(arg=None):
     c.data, c.finetune = video.data, video.finetune
     for key in ("num_frames", "temporal", "tubelet", "temporal_kernel", "local_temporal"):
         c.model[key] = video.model[key]
-    c.train.batch_size, c.train.steps, c.train.ckpt_every = (video.train.batch_size, video.train.steps,
-                                                             video.train.ckpt_every)
+    c.train.batch_size, c.train.steps, c.train.ckpt_every = (
+        video.train.batch_size,
+        video.train.steps,
+        video.train.ckpt_every,
+    )
     c.eval.every, c.eval.batch_size = video.eval.every, video.eval.batch_size
     return c

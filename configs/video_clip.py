@@ -17,6 +17,7 @@ An image-text checkpoint continues on video: `mmjax finetune --config
 configs/video_clip.py --init-from IMAGE_WORKDIR` loads every image param (the new
 temporal embedding and temporal layers start as the identity; docs/models.md).
 """
+
 import os
 
 import ml_collections

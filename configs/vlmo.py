@@ -14,10 +14,10 @@ features of the image-only and text-only passes with its own projections and log
 scale (model.itc_vlffn; False = one ITC, mmjax's earlier objective).
 `configs/vlmo.py:emoji` runs it on the Twemoji pairs.
 """
+
 import os
 
 from mmjax import config as config_lib
-
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
 
@@ -45,10 +45,8 @@ def get_config(arg=None):
     # `until` as a fraction of train.steps: 20% image, 20% text, 60% image-text.
     c.train.stages = [
         dict(name="image", until=0.2, tasks=("mdm",), freeze=TEXT_PARTS + PAIR_PARTS),
-        dict(name="text", until=0.4, tasks=("tmlm",),
-             freeze=SHARED_ATTENTION + IMAGE_PARTS + PAIR_PARTS),
-        dict(name="image-text", until=1.0, tasks=("itc", "itm", "mlm"),
-             freeze=(r"^mask_token$", r"^mdm_head/")),
+        dict(name="text", until=0.4, tasks=("tmlm",), freeze=SHARED_ATTENTION + IMAGE_PARTS + PAIR_PARTS),
+        dict(name="image-text", until=1.0, tasks=("itc", "itm", "mlm"), freeze=(r"^mask_token$", r"^mdm_head/")),
     ]
     c.eval.rerank_k = 16
     return c

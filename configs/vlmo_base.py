@@ -8,6 +8,7 @@ real pretraining point `data` at an image-text set and a tokenizer of that size:
 
     mmjax bench --config configs/vlmo_base.py --batch-size 256
 """
+
 import os
 
 from mmjax import config as config_lib

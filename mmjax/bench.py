@@ -8,6 +8,7 @@ the configured mesh and timed on one fixed random batch; the first config is the
 reference of the `ratio` column. Runs where TensorFlow is not installed (accelerator
 images), since the vocabulary size comes from `data.tokenizer.vocab_size`.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,10 @@ import jax
 import numpy as np
 
 from mmjax.models import zoo
-from mmjax.parallel import mesh as mesh_lib, sharding as sharding_lib
-from mmjax.train import optim, step as step_lib
+from mmjax.parallel import mesh as mesh_lib
+from mmjax.parallel import sharding as sharding_lib
+from mmjax.train import optim
+from mmjax.train import step as step_lib
 
 
 def synthetic_batch(config, family, batch_size: int, seed: int = 0) -> dict:
@@ -32,8 +35,11 @@ def synthetic_batch(config, family, batch_size: int, seed: int = 0) -> dict:
     text = np.where(pos < lengths[:, None], text, 0)
     text[:, 0] = 2
     text[np.arange(batch_size), lengths - 1] = 3
-    batch = {"image": rng.normal(size=family.image_shape(batch_size)).astype(np.float32),
-             "text": text.astype(np.int32), "id": np.arange(batch_size, dtype=np.int32)}
+    batch = {
+        "image": rng.normal(size=family.image_shape(batch_size)).astype(np.float32),
+        "text": text.astype(np.int32),
+        "id": np.arange(batch_size, dtype=np.int32),
+    }
     if hasattr(family, "num_classes"):
         batch["label"] = rng.integers(0, family.num_classes, size=batch_size).astype(np.int32)
     keys = getattr(family, "batch_keys", ("image", "text"))
@@ -72,7 +78,11 @@ def _prepare(config):
 def _compiled_step(config, family, opt, mesh, trainable, shard):
     return step_lib.compile_step(
         step_lib.make_train_step(family, opt, accum_steps=int(config.train.accum_steps), trainable=trainable),
-        shard, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh), mesh=mesh)
+        shard,
+        mesh_lib.batch_sharding(mesh),
+        mesh_lib.replicated(mesh),
+        mesh=mesh,
+    )
 
 
 def memory_plan(config) -> dict:
@@ -90,18 +100,33 @@ def memory_plan(config) -> dict:
     t0 = time.perf_counter()
     compiled = fn.lower(abstract_state, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
-    part = lambda name: sharding_lib.bytes_per_device(getattr(abstract, name), getattr(shard, name)) \
-        if getattr(abstract, name) is not None else 0
-    out = {"family": str(config.model.family), "mesh": dict(mesh.shape), "batch_size": b,
-           "devices": int(mesh.devices.size), "compile_s": compile_s,
-           "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params))),
-           "param_bytes": part("params"), "opt_bytes": part("opt_state"),
-           "ema_bytes": part("ema_params"), "queue_bytes": part("queues")}
+    part = lambda name: (
+        sharding_lib.bytes_per_device(getattr(abstract, name), getattr(shard, name))
+        if getattr(abstract, name) is not None
+        else 0
+    )
+    out = {
+        "family": str(config.model.family),
+        "mesh": dict(mesh.shape),
+        "batch_size": b,
+        "devices": int(mesh.devices.size),
+        "compile_s": compile_s,
+        "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params))),
+        "param_bytes": part("params"),
+        "opt_bytes": part("opt_state"),
+        "ema_bytes": part("ema_params"),
+        "queue_bytes": part("queues"),
+    }
     out["state_bytes"] = out["param_bytes"] + out["opt_bytes"] + out["ema_bytes"] + out["queue_bytes"]
     mem = compiled.memory_analysis()
     if mem is not None:
-        for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                  "alias_size_in_bytes", "generated_code_size_in_bytes"):
+        for k in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
             out["xla_" + k.replace("_size_in_bytes", "_bytes")] = int(getattr(mem, k, 0) or 0)
     return out
 
@@ -109,8 +134,12 @@ def memory_plan(config) -> dict:
 def step_bytes(plan: dict) -> int:
     """Device bytes the compiled step needs at its peak, from XLA's memory analysis:
     inputs + outputs not aliased to donated inputs + temporaries."""
-    return (plan.get("xla_argument_bytes", 0) + plan.get("xla_output_bytes", 0)
-            - plan.get("xla_alias_bytes", 0) + plan.get("xla_temp_bytes", 0))
+    return (
+        plan.get("xla_argument_bytes", 0)
+        + plan.get("xla_output_bytes", 0)
+        - plan.get("xla_alias_bytes", 0)
+        + plan.get("xla_temp_bytes", 0)
+    )
 
 
 def max_batch(config, limit_bytes: int | None = None, multiple: int = 8, upper: int = 1 << 16) -> dict:
@@ -142,24 +171,37 @@ def max_batch(config, limit_bytes: int | None = None, multiple: int = 8, upper: 
         lo, hi = (mid, hi) if need(mid) <= limit_bytes else (lo, mid)
     if lo == 0:
         raise ValueError(f"batch {multiple} needs {need(multiple):,} bytes, over the limit {limit_bytes:,}")
-    return {"batch_size": lo, "bytes": need(lo), "next_bytes": need(lo + multiple),
-            "limit_bytes": int(limit_bytes), "probes": len(seen)}
+    return {
+        "batch_size": lo,
+        "bytes": need(lo),
+        "next_bytes": need(lo + multiple),
+        "limit_bytes": int(limit_bytes),
+        "probes": len(seen),
+    }
 
 
 def format_plan(plan: dict) -> str:
     """A human-readable table of `memory_plan`'s bytes per device."""
     gib = lambda n: f"{n / 2**30:8.3f} GiB"
-    rows = [("params", plan["param_bytes"]), ("optimizer state", plan["opt_bytes"]),
-            ("EMA teacher", plan["ema_bytes"]), ("feature queues", plan["queue_bytes"]),
-            ("state total", plan["state_bytes"])]
-    for k, label in (("xla_temp_bytes", "activations + workspace (XLA temp)"),
-                     ("xla_argument_bytes", "step inputs (XLA arguments)"),
-                     ("xla_output_bytes", "step outputs (XLA outputs)"),
-                     ("xla_alias_bytes", "outputs reusing donated inputs")):
+    rows = [
+        ("params", plan["param_bytes"]),
+        ("optimizer state", plan["opt_bytes"]),
+        ("EMA teacher", plan["ema_bytes"]),
+        ("feature queues", plan["queue_bytes"]),
+        ("state total", plan["state_bytes"]),
+    ]
+    for k, label in (
+        ("xla_temp_bytes", "activations + workspace (XLA temp)"),
+        ("xla_argument_bytes", "step inputs (XLA arguments)"),
+        ("xla_output_bytes", "step outputs (XLA outputs)"),
+        ("xla_alias_bytes", "outputs reusing donated inputs"),
+    ):
         if k in plan:
             rows.append((label, plan[k]))
-    head = (f"{plan['family']}: {plan['params']:,} params, mesh {plan['mesh']}, global batch "
-            f"{plan['batch_size']}, per device:")
+    head = (
+        f"{plan['family']}: {plan['params']:,} params, mesh {plan['mesh']}, global batch "
+        f"{plan['batch_size']}, per device:"
+    )
     return "\n".join([head] + [f"  {label:<36}{gib(n)}" for label, n in rows])
 
 
@@ -183,7 +225,7 @@ def matmul_ceiling(n: int | None = None, dtype=None, reps: int = 10) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(f(a, b))
         best = min(best, time.perf_counter() - t0)
-    return {"matmul_n": n, "matmul_dtype": jnp.dtype(dtype).name, "matmul_tflops": 2 * n ** 3 / best / 1e12}
+    return {"matmul_n": n, "matmul_dtype": jnp.dtype(dtype).name, "matmul_tflops": 2 * n**3 / best / 1e12}
 
 
 def peak_memory_bytes() -> int | None:
@@ -220,11 +262,13 @@ def _pipeline_tokenizer(config):
     """The tokenizer a run would train on the config's data (in a scratch dir)."""
     import tempfile
 
-    from mmjax.data import pipeline, tokenizer as tok_lib
+    from mmjax.data import pipeline
+    from mmjax.data import tokenizer as tok_lib
 
     data = config.data
-    return tok_lib.get_tokenizer(data.tokenizer, tempfile.mkdtemp(prefix="mmjax-bench-"),
-                                 lambda: pipeline.captions(data, data.train_split))
+    return tok_lib.get_tokenizer(
+        data.tokenizer, tempfile.mkdtemp(prefix="mmjax-bench-"), lambda: pipeline.captions(data, data.train_split)
+    )
 
 
 def _pipeline_batches(config, mesh, family, tok):
@@ -233,9 +277,15 @@ def _pipeline_batches(config, mesh, family, tok):
     from mmjax.data import pipeline
 
     n = jax.process_count()
-    it = pipeline.make_train_iterator(config.data, tok, int(config.train.batch_size) // n, seed=0,
-                                      process_index=jax.process_index(), process_count=n,
-                                      hard_negatives=int(config.model.get("hard_negatives", 0) or 0))
+    it = pipeline.make_train_iterator(
+        config.data,
+        tok,
+        int(config.train.batch_size) // n,
+        seed=0,
+        process_index=jax.process_index(),
+        process_count=n,
+        hard_negatives=int(config.model.get("hard_negatives", 0) or 0),
+    )
     keys = getattr(family, "batch_keys", ("image", "text"))
 
     def next_batch():
@@ -296,16 +346,24 @@ def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic",
     # Every process makes the same global batch and hands over its own rows.
     full, n, i = synthetic_batch(config, family, int(tc.batch_size)), jax.process_count(), jax.process_index()
     rows = int(tc.batch_size) // n
-    batch = mesh_lib.global_batch(mesh, {k: v[i * rows:(i + 1) * rows] for k, v in full.items()})
+    batch = mesh_lib.global_batch(mesh, {k: v[i * rows : (i + 1) * rows] for k, v in full.items()})
     state, m, compile_s, dt, _ = _time_steps(fn, state, lambda: batch, steps, warmup)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
     n_dev = int(mesh.devices.size)
-    out = {"family": str(config.model.family), "batch_size": int(tc.batch_size),
-           "ms_per_step": 1000 * dt, "samples_per_s": int(tc.batch_size) / dt,
-           "samples_per_s_per_device": int(tc.batch_size) / dt / n_dev,
-           "compile_s": compile_s, "params": n_params, "devices": n_dev,
-           "processes": jax.process_count(), "platform": jax.devices()[0].platform,
-           "device_kind": jax.devices()[0].device_kind, "loss": float(m["loss"])}
+    out = {
+        "family": str(config.model.family),
+        "batch_size": int(tc.batch_size),
+        "ms_per_step": 1000 * dt,
+        "samples_per_s": int(tc.batch_size) / dt,
+        "samples_per_s_per_device": int(tc.batch_size) / dt / n_dev,
+        "compile_s": compile_s,
+        "params": n_params,
+        "devices": n_dev,
+        "processes": jax.process_count(),
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+        "loss": float(m["loss"]),
+    }
     try:
         step_flops = flops_lib.train_step_flops(family.config, int(tc.batch_size))
     except ValueError:  # a family without a formula (classifier, vqa)
@@ -322,14 +380,30 @@ def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic",
     if data == "pipeline":
         next_batch = _pipeline_batches(config, mesh, family, tok)
         state, m, _, pdt, wait = _time_steps(fn, state, next_batch, steps, warmup)
-        out.update({"pipeline_ms_per_step": 1000 * pdt, "pipeline_samples_per_s": int(tc.batch_size) / pdt,
-                    "pipeline_wait_ms_per_step": 1000 * wait, "pipeline_vs_synthetic": dt / pdt})
+        out.update(
+            {
+                "pipeline_ms_per_step": 1000 * pdt,
+                "pipeline_samples_per_s": int(tc.batch_size) / pdt,
+                "pipeline_wait_ms_per_step": 1000 * wait,
+                "pipeline_vs_synthetic": dt / pdt,
+            }
+        )
     out["peak_memory_bytes"] = peak_memory_bytes()
     return out
 
 
-def decode_speed(width: int = 256, depth: int = 4, heads: int = 4, mlp_dim: int = 1024, vocab: int = 8000,
-                 max_len: int = 32, memory_len: int = 65, batch: int = 64, reps: int = 3, beams: int = 4) -> dict:
+def decode_speed(
+    width: int = 256,
+    depth: int = 4,
+    heads: int = 4,
+    mlp_dim: int = 1024,
+    vocab: int = 8000,
+    max_len: int = 32,
+    memory_len: int = 65,
+    batch: int = 64,
+    reps: int = 3,
+    beams: int = 4,
+) -> dict:
     """Captions per second of one randomly initialised TextDecoder, greedy with and
     without the KV cache and beam search (cached), compiled once, best of `reps`."""
     import jax.numpy as jnp
@@ -339,11 +413,15 @@ def decode_speed(width: int = 256, depth: int = 4, heads: int = 4, mlp_dim: int 
     m = TextDecoder(vocab, max_len, width, depth, heads, mlp_dim)
     memory = jax.random.normal(jax.random.PRNGKey(1), (batch, memory_len, width))
     params = m.init(jax.random.PRNGKey(0), jnp.full((batch, max_len), 2, jnp.int32), memory)["params"]
-    runs = {"greedy_cached": lambda: greedy_decode(m, params, memory, max_len=max_len, bos_id=2, eos_id=3),
-            "greedy_uncached": lambda: greedy_decode(m, params, memory, max_len=max_len, bos_id=2, eos_id=3,
-                                                     use_cache=False),
-            f"beam{beams}_cached": lambda: beam_search(m, params, memory, max_len=max_len, bos_id=2, eos_id=3,
-                                                       beams=beams)[0]}
+    runs = {
+        "greedy_cached": lambda: greedy_decode(m, params, memory, max_len=max_len, bos_id=2, eos_id=3),
+        "greedy_uncached": lambda: greedy_decode(
+            m, params, memory, max_len=max_len, bos_id=2, eos_id=3, use_cache=False
+        ),
+        f"beam{beams}_cached": lambda: beam_search(m, params, memory, max_len=max_len, bos_id=2, eos_id=3, beams=beams)[
+            0
+        ],
+    }
     out = {"batch": batch, "max_len": max_len, "width": width, "depth": depth, "platform": jax.devices()[0].platform}
     for name, fn in runs.items():
         jax.block_until_ready(fn())

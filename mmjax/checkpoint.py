@@ -16,6 +16,7 @@ A failed save raises `SaveError` ("disk full while saving step N; the last good
 checkpoint is step M"); `remove_partial_saves` deletes the temporary directories a
 dead save left behind.
 """
+
 from __future__ import annotations
 
 import errno
@@ -74,8 +75,10 @@ def state_shapes(tree) -> dict:
 
 
 def write_manifest(step_dir: str, step: int, shapes: dict) -> None:
-    files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "crc32": _crc32(os.path.join(step_dir, rel))}
-             for rel in _item_files(step_dir)}
+    files = {
+        rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "crc32": _crc32(os.path.join(step_dir, rel))}
+        for rel in _item_files(step_dir)
+    }
     tmp = os.path.join(step_dir, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"format": 1, "step": int(step), "files": files, "shapes": shapes}, f)
@@ -122,21 +125,24 @@ def check_shapes(manifest: dict | None, abstract_state, where: str) -> None:
     if not manifest or "shapes" not in manifest:
         return
     saved, want = manifest["shapes"], state_shapes(abstract_state)
-    diff = [f"{k} {tuple(saved[k])} in the checkpoint, {tuple(want[k])} here" for k in want
-            if k in saved and list(saved[k]) != list(want[k])]
+    diff = [
+        f"{k} {tuple(saved[k])} in the checkpoint, {tuple(want[k])} here"
+        for k in want
+        if k in saved and list(saved[k]) != list(want[k])
+    ]
     diff += [f"{k} only in this run" for k in want if k not in saved]
     diff += [f"{k} only in the checkpoint" for k in saved if k not in want]
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
-        raise StateMismatch(f"{where} holds another model/optimizer state than this run's: "
-                            + "; ".join(diff[:3]) + more)
+        raise StateMismatch(
+            f"{where} holds another model/optimizer state than this run's: " + "; ".join(diff[:3]) + more
+        )
 
 
 def step_problem(step_dir: str) -> str | None:
     """What is wrong with a step directory (`verify_files`, or its state item missing),
     or None."""
-    return verify_files(step_dir) or (None if os.path.isdir(os.path.join(step_dir, "state"))
-                                      else "state/ is missing")
+    return verify_files(step_dir) or (None if os.path.isdir(os.path.join(step_dir, "state")) else "state/ is missing")
 
 
 def usable_step(directory: str, step: int | None = None) -> int:
@@ -144,8 +150,13 @@ def usable_step(directory: str, step: int | None = None) -> int:
     are reported): for readers that open a step's items themselves. CheckpointError
     naming each step and file when none does; FileNotFoundError when there is none."""
     directory = os.path.abspath(directory)
-    steps = [int(step)] if step is not None else sorted(
-        (int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit()), reverse=True)
+    steps = (
+        [int(step)]
+        if step is not None
+        else sorted(
+            (int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit()), reverse=True
+        )
+    )
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     problems = []
@@ -161,8 +172,12 @@ def usable_step(directory: str, step: int | None = None) -> int:
 
 def is_disk_full(e: BaseException) -> bool:
     text = str(e)
-    return (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "RESOURCE_EXHAUSTED" in text
-            or "No space left" in text or "Disk quota exceeded" in text)
+    return (
+        getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or "RESOURCE_EXHAUSTED" in text
+        or "No space left" in text
+        or "Disk quota exceeded" in text
+    )
 
 
 def _one_line(e: BaseException) -> str:
@@ -198,7 +213,8 @@ class Checkpointer:
         self.restored_step = None
         async_options = ocp.AsyncOptions(post_finalization_callback=self._seal) if self.async_save else None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=True, enable_async_checkpointing=self.async_save, async_options=async_options)
+            max_to_keep=None, create=True, enable_async_checkpointing=self.async_save, async_options=async_options
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     # ------------------------------------------------------------------ steps on disk
@@ -206,8 +222,9 @@ class Checkpointer:
         """Final (renamed) step directories, oldest first."""
         if not os.path.isdir(self.directory):
             return []
-        return sorted(int(d) for d in os.listdir(self.directory)
-                      if d.isdigit() and os.path.isdir(os.path.join(self.directory, d)))
+        return sorted(
+            int(d) for d in os.listdir(self.directory) if d.isdigit() and os.path.isdir(os.path.join(self.directory, d))
+        )
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -237,8 +254,11 @@ class Checkpointer:
         self._finish_pending()
         self._pending = (int(step), state_shapes(state))
         try:
-            self.manager.save(int(step), args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
             if not self.async_save:  # final now: the manifest follows the rename
                 if jax.process_index() == 0:
                     write_manifest(self.step_dir(step), *self._pending)
@@ -252,8 +272,11 @@ class Checkpointer:
         with the suffix orbax versions add (`-<timestamp>`)."""
         if not os.path.isdir(self.directory):
             return []
-        return [os.path.join(self.directory, d) for d in sorted(os.listdir(self.directory))
-                if d.startswith(f"{step}{TMP_SUFFIX}")]
+        return [
+            os.path.join(self.directory, d)
+            for d in sorted(os.listdir(self.directory))
+            if d.startswith(f"{step}{TMP_SUFFIX}")
+        ]
 
     def _seal(self):
         """orbax's post-finalization callback (process 0, background thread): every
@@ -341,8 +364,9 @@ class Checkpointer:
             if chosen < 0:
                 break
             self.manager.reload()
-            check_shapes(read_manifest(self.step_dir(chosen)), abstract_state,
-                         f"checkpoint step {chosen} in {self.directory}")
+            check_shapes(
+                read_manifest(self.step_dir(chosen)), abstract_state, f"checkpoint step {chosen} in {self.directory}"
+            )
             restored, problem = self._read(chosen, abstract_state, require)
             if _agree_all(problem is None):
                 self.restored_step = chosen
@@ -354,13 +378,18 @@ class Checkpointer:
             passed.append(chosen)
         if jax.process_index() != 0:
             problems = problems or ["see process 0's log"]
-        raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(problems)
-                              if step is None else f"checkpoint {problems[0]}")
+        raise CheckpointError(
+            f"no usable checkpoint in {self.directory}: " + "; ".join(problems)
+            if step is None
+            else f"checkpoint {problems[0]}"
+        )
 
     def _read(self, step, abstract_state, require):
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+            )
             meta = dict(restored["meta"] or {})
         except Exception as e:  # a damaged step that has no manifest to say so
             return None, f"unreadable ({type(e).__name__}: {_one_line(e)})"

@@ -17,6 +17,7 @@
 Mistakes a user can make (a config key, a value, a path) exit with code 2 and one
 message naming what was wrong and what was expected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ def _split_overrides(argv):
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--config."):
-            body = arg[len("--config."):]
+            body = arg[len("--config.") :]
             if "=" not in body:
                 if i + 1 >= len(argv):
                     raise config_lib.ConfigError(f"override --config.{body} needs a value")
@@ -72,15 +73,23 @@ def _parser():
     t.add_argument("--config", required=True, help="path/to/config.py[:arg]")
     t.add_argument("--workdir", required=True)
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--stop-at", type=int, default=None,
-                   help="leave after this step with a checkpoint, as a preempted job would")
-    t.add_argument("--dry-run", action="store_true",
-                   help="compile the step for the configured mesh, print bytes per device, do not train")
+    t.add_argument(
+        "--stop-at", type=int, default=None, help="leave after this step with a checkpoint, as a preempted job would"
+    )
+    t.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the step for the configured mesh, print bytes per device, do not train",
+    )
     f = sub.add_parser("finetune", help="train a recipe starting from a pretraining checkpoint", **help_kw)
     f.add_argument("--config", required=True, help="path/to/config.py[:arg], e.g. configs/finetune_shapes.py:linear")
     f.add_argument("--init-from", required=True, help="a pretraining workdir or WORKDIR/checkpoints/STEP")
-    f.add_argument("--weights", choices=("student", "ema"), default=None,
-                   help="the student params or the EMA teacher (default: the config's finetune.weights)")
+    f.add_argument(
+        "--weights",
+        choices=("student", "ema"),
+        default=None,
+        help="the student params or the EMA teacher (default: the config's finetune.weights)",
+    )
     f.add_argument("--workdir", required=True)
     f.add_argument("--no-progress", action="store_true")
     m = sub.add_parser("embed", help="embeddings of your images and texts from a workdir's checkpoint (.npz)")
@@ -104,9 +113,13 @@ def _parser():
     zs_names = zs.add_mutually_exclusive_group(required=True)
     zs_names.add_argument("--classes", help='comma-separated class names, e.g. "cat,dog"')
     zs_names.add_argument("--classes-file", help="a text file, one class name per line")
-    zs.add_argument("--templates", nargs="+", default=None,
-                    help="prompt templates with {} for the class name (default: the workdir's eval.zero_shot."
-                         "templates or its dataset's built-in ones); each prompt must fit data.text_len")
+    zs.add_argument(
+        "--templates",
+        nargs="+",
+        default=None,
+        help="prompt templates with {} for the class name (default: the workdir's eval.zero_shot."
+        "templates or its dataset's built-in ones); each prompt must fit data.text_len",
+    )
     zs.add_argument("--weights", choices=("student", "ema"), default="student")
     x = sub.add_parser("export", help="write a workdir's params as safetensors, StableHLO encoders or an HF CLIP dir")
     x.add_argument("--workdir", required=True)
@@ -116,14 +129,22 @@ def _parser():
     x.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     x.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="safetensors: cast params")
     x.add_argument("--platforms", default="cpu,cuda", help="stablehlo: comma-separated platforms")
-    x.add_argument("--precision", choices=("default", "highest"), default="default",
-                   help="stablehlo: matmul precision (highest: no TF32 on GPUs)")
+    x.add_argument(
+        "--precision",
+        choices=("default", "highest"),
+        default="default",
+        help="stablehlo: matmul precision (highest: no TF32 on GPUs)",
+    )
     c = sub.add_parser("convert", help="make an mmjax workdir from a transformers CLIP directory")
     c.add_argument("--from", dest="source_format", required=True, choices=("hf-clip",))
     c.add_argument("--src", required=True, help="a directory with config.json and model weights")
     c.add_argument("--workdir", required=True)
-    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_EPILOG)
+    e = sub.add_parser(
+        "eval",
+        help="evaluate the latest checkpoint of a workdir",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EVAL_EPILOG,
+    )
     e.add_argument("--workdir", required=True)
     e.add_argument("--split", default=None)
     d = sub.add_parser("data", help="prepare a built-in dataset or measure the input pipeline", **help_kw)
@@ -137,13 +158,24 @@ def _parser():
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--batch-size", type=int, default=None, help="global batch (default: train.batch_size)")
-    b.add_argument("--data", choices=("synthetic", "pipeline"), default="synthetic",
-                   help="pipeline: also time the step fed by the real input pipeline (needs TensorFlow)")
+    b.add_argument(
+        "--data",
+        choices=("synthetic", "pipeline"),
+        default="synthetic",
+        help="pipeline: also time the step fed by the real input pipeline (needs TensorFlow)",
+    )
     b.add_argument("--no-ceiling", action="store_true", help="skip the matmul-ceiling measurement (no MFU)")
-    b.add_argument("--max-batch", action="store_true",
-                   help="instead of timing: the largest global batch whose compiled step fits device memory")
-    b.add_argument("--memory-limit-gib", type=float, default=None,
-                   help="with --max-batch: bytes per device to fit (default: the device's limit)")
+    b.add_argument(
+        "--max-batch",
+        action="store_true",
+        help="instead of timing: the largest global batch whose compiled step fits device memory",
+    )
+    b.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=None,
+        help="with --max-batch: bytes per device to fit (default: the device's limit)",
+    )
     for s in (t, f, e, b):
         g = s.add_argument_group("multi-process (default: MMJAX_* env, SLURM / TPU VM detection, or one process)")
         g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
@@ -154,7 +186,9 @@ def _parser():
 
 def _print_result(result: dict, workdir: str):
     keys = [k for k in result if k not in ("final_state", "plot") and isinstance(result[k], (int, float))]
-    print("\nresult:", json.dumps({k: round(result[k], 4) if isinstance(result[k], float) else result[k] for k in keys}))
+    print(
+        "\nresult:", json.dumps({k: round(result[k], 4) if isinstance(result[k], float) else result[k] for k in keys})
+    )
     if result.get("plot"):
         print(f"plot: {result['plot']}")
     print(f"workdir: {workdir}")
@@ -165,17 +199,23 @@ def _initialize(args, config):
     from mmjax.parallel import distributed
 
     par = config.get("parallel", {})
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                           init_timeout_s=int(par.get("init_timeout_s", 300)),
-                           heartbeat_timeout_s=int(par.get("heartbeat_timeout_s", 60)))
+    distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        init_timeout_s=int(par.get("init_timeout_s", 300)),
+        heartbeat_timeout_s=int(par.get("heartbeat_timeout_s", 60)),
+    )
 
 
 def _os_error(e: OSError) -> str:
     """'Not a directory: workdirs/x/wd (a path above it is a regular file)' and the like."""
-    hints = {NotADirectoryError: " (a path above it is a regular file, not a directory)",
-             IsADirectoryError: " (a directory where a file was expected)",
-             FileExistsError: " (a regular file where a directory was expected)",
-             PermissionError: " (no permission: a read-only workdir or file?)"}
+    hints = {
+        NotADirectoryError: " (a path above it is a regular file, not a directory)",
+        IsADirectoryError: " (a directory where a file was expected)",
+        FileExistsError: " (a regular file where a directory was expected)",
+        PermissionError: " (no permission: a read-only workdir or file?)",
+    }
     if e.filename is None or not e.strerror:  # raised with mmjax's own message
         return str(e)
     hint = next((h for cls, h in hints.items() if isinstance(e, cls)), "")
@@ -183,8 +223,11 @@ def _os_error(e: OSError) -> str:
 
 
 # Packages of the `data` extra: a raw ModuleNotFoundError of one becomes one line.
-_EXTRA_MODULES = {"tensorflow": "TensorFlow", "tensorflow_datasets": "TensorFlow Datasets",
-                  "av": "PyAV (video decoding)"}
+_EXTRA_MODULES = {
+    "tensorflow": "TensorFlow",
+    "tensorflow_datasets": "TensorFlow Datasets",
+    "av": "PyAV (video decoding)",
+}
 
 
 def _missing_extra(e: ImportError, command) -> str | None:
@@ -234,8 +277,9 @@ def main(argv=None) -> int:
 
             with config.unlocked():
                 if "finetune" not in config:
-                    config.finetune = ml_collections.ConfigDict({"init_from": None, "weights": "student",
-                                                                 "inflation": "central"})
+                    config.finetune = ml_collections.ConfigDict(
+                        {"init_from": None, "weights": "student", "inflation": "central"}
+                    )
                 config.finetune.init_from = os.path.abspath(args.init_from)
                 if args.weights:
                     config.finetune.weights = args.weights
@@ -252,8 +296,18 @@ def main(argv=None) -> int:
                 raise config_lib.ConfigError("mmjax embed needs --images (or --videos) and/or --texts")
             from mmjax.eval.embed import embed
 
-            print(json.dumps(embed(args.workdir, images=args.images, videos=args.videos, texts_file=args.texts,
-                                   out=args.out, weights=args.weights)))
+            print(
+                json.dumps(
+                    embed(
+                        args.workdir,
+                        images=args.images,
+                        videos=args.videos,
+                        texts_file=args.texts,
+                        out=args.out,
+                        weights=args.weights,
+                    )
+                )
+            )
         elif args.command == "caption":
             if overrides:
                 raise config_lib.ConfigError("mmjax caption takes no --config overrides")
@@ -261,19 +315,29 @@ def main(argv=None) -> int:
                 raise config_lib.ConfigError("mmjax caption needs --images or --videos")
             from mmjax.eval.embed import caption
 
-            for row in caption(args.workdir, images=args.images, videos=args.videos, weights=args.weights,
-                               beams=args.beams,
-                               max_len=args.max_len, length_penalty=args.length_penalty):
+            for row in caption(
+                args.workdir,
+                images=args.images,
+                videos=args.videos,
+                weights=args.weights,
+                beams=args.beams,
+                max_len=args.max_len,
+                length_penalty=args.length_penalty,
+            ):
                 print(f"{row['image']}\t{row['caption']}")
         elif args.command == "classify":
             if overrides:
                 raise config_lib.ConfigError("mmjax classify takes no --config overrides")
             from mmjax.eval import zero_shot
 
-            names = (zero_shot.read_class_names(args.classes_file) if args.classes_file
-                     else zero_shot.split_class_names(args.classes))
-            rows = zero_shot.classify_files(args.workdir, args.images, names, templates=args.templates,
-                                            weights=args.weights)
+            names = (
+                zero_shot.read_class_names(args.classes_file)
+                if args.classes_file
+                else zero_shot.split_class_names(args.classes)
+            )
+            rows = zero_shot.classify_files(
+                args.workdir, args.images, names, templates=args.templates, weights=args.weights
+            )
             if not rows:
                 raise ValueError(f"none of the {len(args.images)} --images could be read as an image")
             for row in rows:
@@ -290,9 +354,15 @@ def main(argv=None) -> int:
                 from mmjax.export import formats
 
                 summary = formats.export_workdir(
-                    args.workdir, args.out, args.format, args.weights, step=args.step, dtype=args.dtype,
+                    args.workdir,
+                    args.out,
+                    args.format,
+                    args.weights,
+                    step=args.step,
+                    dtype=args.dtype,
                     platforms=tuple(p for p in args.platforms.split(",") if p),
-                    precision=None if args.precision == "default" else args.precision)
+                    precision=None if args.precision == "default" else args.precision,
+                )
                 print(json.dumps(summary, default=str))
         elif args.command == "convert":
             if overrides:
@@ -326,7 +396,11 @@ def main(argv=None) -> int:
                 for split in (config.data.train_split, config.data.eval_split):
                     print(f"{config.data.name}/{split}: {pipeline.num_examples(config.data, split)} examples")
             else:
-                print(json.dumps(pipeline.pipeline_throughput(config.data, args.batch_size, args.batches, threads=args.threads)))
+                print(
+                    json.dumps(
+                        pipeline.pipeline_throughput(config.data, args.batch_size, args.batches, threads=args.threads)
+                    )
+                )
         elif args.command == "bench":
             from mmjax import bench
 
@@ -344,8 +418,10 @@ def main(argv=None) -> int:
                 for path, c in zip(args.config, configs):
                     print(json.dumps({"config": path, **bench.max_batch(c, limit, multiple=multiple)}))
                 return 0
-            rows = [bench.step_time(c, args.steps, args.warmup, data=args.data, ceiling=not args.no_ceiling)
-                    for c in configs]
+            rows = [
+                bench.step_time(c, args.steps, args.warmup, data=args.data, ceiling=not args.no_ceiling)
+                for c in configs
+            ]
             for path, row in zip(args.config, rows):
                 row["config"] = path
                 row["ratio"] = row["ms_per_step"] / rows[0]["ms_per_step"]

@@ -5,6 +5,7 @@ argument may follow the path after a colon (`configs/demo.py:emoji`). Every user
 mistake raises `ConfigError` with one message naming the key and the valid
 choices; the CLI turns it into exit code 2.
 """
+
 from __future__ import annotations
 
 import ast
@@ -71,16 +72,20 @@ def _get_config(path: str, arg=None) -> ml_collections.ConfigDict:
     except ConfigError:
         raise  # a recipe it builds on (config.recipe) already named its file
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"config file {path}{_where(e, path)}: get_config({arg or None!r}) raised "
-                          f"{type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"config file {path}{_where(e, path)}: get_config({arg or None!r}) raised {type(e).__name__}: {e}"
+        ) from None
 
 
 def _where(error: BaseException, path: str) -> str:
     """' line N' of the innermost frame of `error`'s traceback inside file `path`."""
     import traceback
 
-    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
-             if os.path.abspath(f.filename) == os.path.abspath(path)]
+    lines = [
+        f.lineno
+        for f in traceback.extract_tb(error.__traceback__)
+        if os.path.abspath(f.filename) == os.path.abspath(path)
+    ]
     return f" line {lines[-1]}" if lines else ""
 
 
@@ -161,8 +166,10 @@ def set_key(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
         except (ValueError, SyntaxError):
             new = None
         if not isinstance(new, dict):
-            raise ConfigError(f"config key {dotted!r} is a section; set one of: {', '.join(sorted(old.keys()))}"
-                              " (or give a whole dict literal)")
+            raise ConfigError(
+                f"config key {dotted!r} is a section; set one of: {', '.join(sorted(old.keys()))}"
+                " (or give a whole dict literal)"
+            )
         with node.ignore_type() if isinstance(node, ml_collections.ConfigDict) else _nullcontext():
             node[parts[-1]] = ml_collections.ConfigDict(new)
         return
@@ -195,11 +202,19 @@ BUILTIN_DATASETS = ("shapes", "shapes_vqa", "moving_shapes", "emoji")
 
 # Integer keys checked by `validate` when a config has them (a step count of 0 would
 # divide by zero in the loop, a keep-N of 0 would delete every checkpoint).
-POSITIVE_INTS = ("train.batch_size", "train.steps", "train.log_every", "train.keep_checkpoints",
-                 "train.accum_steps", "data.image_size", "data.text_len", "eval.batch_size",
-                 "eval.max_examples", "train.max_bad_steps")
-NON_NEGATIVE_INTS = ("train.ckpt_every", "train.warmup_steps", "eval.every", "data.num_frames",
-                     "model.hard_negatives")
+POSITIVE_INTS = (
+    "train.batch_size",
+    "train.steps",
+    "train.log_every",
+    "train.keep_checkpoints",
+    "train.accum_steps",
+    "data.image_size",
+    "data.text_len",
+    "eval.batch_size",
+    "eval.max_examples",
+    "train.max_bad_steps",
+)
+NON_NEGATIVE_INTS = ("train.ckpt_every", "train.warmup_steps", "eval.every", "data.num_frames", "model.hard_negatives")
 
 # `mmjax eval --config.K=V` may change only keys that leave the checkpoint's shapes
 # and tree as they are: how and what to evaluate, the data, the mesh, compute dtype.
@@ -232,7 +247,8 @@ def override_saved(config: ml_collections.ConfigDict, overrides) -> ml_collectio
                 f"mmjax eval cannot override {key!r}: the checkpoint was trained with the workdir's value "
                 f"and would not restore into another (shapes, vocabulary or optimizer). Overridable: "
                 f"eval.*, data.* (except {', '.join(EVAL_FIXED)}), parallel.*, model.dtype, "
-                "model.attention, model.remat")
+                "model.attention, model.remat"
+            )
     apply_overrides(config, overrides)
     validate(config)
     return config
@@ -247,9 +263,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """
     if get(config, "data.cache_decoded") and get(config, "data.name") not in BUILTIN_DATASETS:
         import logging
+
         logging.getLogger(__name__).warning(
             "data.cache_decoded applies to the built-in datasets %s only; streaming %r",
-            BUILTIN_DATASETS, get(config, "data.name"))
+            BUILTIN_DATASETS,
+            get(config, "data.name"),
+        )
         with config.unlocked():
             config.data.cache_decoded = False
     for key, choices in CHOICES.items():
@@ -259,6 +278,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     attention = get(config, "model.attention")
     if attention is not None:
         from mmjax.models.attention import parse_attention
+
         try:
             parse_attention(attention)
         except ValueError as e:
@@ -272,4 +292,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     accum = get(config, "train.accum_steps", 1)
     bs = get(config, "train.batch_size")
     if bs is not None and (accum < 1 or bs % accum):
-        raise ConfigError(f"bad value for config key 'train.accum_steps': {accum}; it must divide train.batch_size={bs}")
+        raise ConfigError(
+            f"bad value for config key 'train.accum_steps': {accum}; it must divide train.batch_size={bs}"
+        )

@@ -39,6 +39,7 @@ forward): the backward pass costs two forwards. Recomputation under remat is not
 counted (model FLOPs, not hardware FLOPs). `count_dot_flops` counts the
 `dot_general`s of a traced function; tests check the formulas against it.
 """
+
 from __future__ import annotations
 
 import jax
@@ -193,8 +194,7 @@ def forward_flops(model_config, batch: int) -> dict:
     EMA teacher's forward per sample} for the family's configured tasks."""
     family = model_config.get("family")
     if family not in FORWARD:
-        raise ValueError(f"no analytic FLOP count for model.family={family!r}; valid choices: "
-                         f"{', '.join(FORWARD)}")
+        raise ValueError(f"no analytic FLOP count for model.family={family!r}; valid choices: {', '.join(FORWARD)}")
     return FORWARD[family](model_config, int(batch))
 
 
@@ -206,6 +206,7 @@ def train_step_flops(model_config, batch: int) -> float:
 
 
 # ------------------------------------------------------------------ the counter
+
 
 def _dot_flops(eqn) -> int:
     lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
@@ -244,7 +245,7 @@ def _count(jaxpr) -> int:
 
 def _subjaxprs(eqn):
     for v in eqn.params.values():
-        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+        for x in v if isinstance(v, (tuple, list)) else (v,):
             if hasattr(x, "jaxpr") and hasattr(x, "consts"):  # ClosedJaxpr
                 yield x.jaxpr
             elif hasattr(x, "eqns"):  # Jaxpr

@@ -2,6 +2,7 @@
 config.json (written by process 0 atomically, read back as a ConfigDict, and
 compared with another config key by key).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ def check_workdir(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"workdir {workdir} is not writable: {e.strerror or e}"
-                         + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
+        raise ValueError(
+            f"workdir {workdir} is not writable: {e.strerror or e}"
+            + (f" ({e.filename})" if getattr(e, "filename", None) else "")
+        ) from None
 
 
 def save_config_json(config, workdir: str) -> str:
@@ -51,9 +54,10 @@ def load_config_json(workdir: str):
 
 def config_diff(old, new, limit: int = 12) -> list[str]:
     """['model.width (256 -> 128)', ...]: the keys where two configs differ."""
+
     def flat(d, pre=""):
         out = {}
-        for k, v in (d.items() if hasattr(d, "items") else []):
+        for k, v in d.items() if hasattr(d, "items") else []:
             if hasattr(v, "items"):
                 out.update(flat(v, f"{pre}{k}."))
             else:

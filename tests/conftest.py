@@ -2,12 +2,16 @@
 
 XLA_FLAGS must be set before jax is imported anywhere, so it lives here.
 """
+
 import os
 
 # The tests compile many small programs and run each a few times: XLA's cheaper
 # compile (no expensive LLVM passes, backend -O0) roughly halves the suite's time.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 "
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 

@@ -1,5 +1,6 @@
 """ALBEF in the generic step and loop: EMA teacher, queues, global-batch ITM,
 freezing, ITM re-ranking, and the exact resume of a run with all of that state."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 from mmjax.eval import retrieval
 from mmjax.models import zoo
 from mmjax.parallel import mesh as mesh_lib
-from mmjax.train import loop, optim, step as step_lib
+from mmjax.train import loop, optim
+from mmjax.train import step as step_lib
 from tiny import albef_config
 
 B = 16
@@ -37,9 +39,11 @@ def _batch(seed, b=B, ids=None):
     text = np.where(pos < lengths[:, None], text, 0)
     text[:, 0] = 2
     text[np.arange(b), lengths - 1] = 3
-    return {"image": rng.normal(size=(b, 16, 16, 3)).astype(np.float32),
-            "text": text.astype(np.int32),
-            "id": (np.arange(b) + seed * b if ids is None else ids).astype(np.int32)}
+    return {
+        "image": rng.normal(size=(b, 16, 16, 3)).astype(np.float32),
+        "text": text.astype(np.int32),
+        "id": (np.arange(b) + seed * b if ids is None else ids).astype(np.int32),
+    }
 
 
 def _state(cfg, family):
@@ -68,7 +72,7 @@ def test_ema_follows_closed_form_and_queues_hold_teacher_features(tmp_path):
         assert np.isfinite(metrics["loss"])
         recorded.append(state.params)
     m, n = 0.9, 3
-    expect = jax.tree_util.tree_map(lambda p: m ** n * p, recorded[0])
+    expect = jax.tree_util.tree_map(lambda p: m**n * p, recorded[0])
     for k in range(n):
         expect = jax.tree_util.tree_map(lambda e, p: e + (1 - m) * m ** (n - 1 - k) * p, expect, recorded[k + 1])
     for a, b in zip(jax.tree_util.tree_leaves(state.ema_params), jax.tree_util.tree_leaves(expect)):
@@ -155,8 +159,7 @@ def test_albef_run_resumes_exactly(tmp_path, data_dir):
     """A run stopped at 15 and resumed equals the uninterrupted 30-step run in every
     field of the state: params, EMA teacher, queues and pointer, optimizer, rng, and
     the alpha ramp (a function of the step); the eval reports re-ranked recall."""
-    full = loop.train(albef_config(data_dir, **{"eval.at_end": True}), str(tmp_path / "full"),
-                      progress=False)
+    full = loop.train(albef_config(data_dir, **{"eval.at_end": True}), str(tmp_path / "full"), progress=False)
     assert 0.0 <= full["i2t_itm_r@1"] <= 1.0 and full["rerank_k"] == 4
     part = str(tmp_path / "part")
     loop.train(albef_config(data_dir, **{"eval.at_end": False}), part, progress=False, stop_at=15)

@@ -1,4 +1,5 @@
 """`mmjax bench`: times the real train step on synthetic batches, without TensorFlow."""
+
 import json
 import os
 import subprocess
@@ -25,8 +26,14 @@ print(json.dumps([rows, plans]))
 
 def test_bench_runs_the_step_without_tensorflow():
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
-    r = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + CODE], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", f"ROOT = {ROOT!r}\n" + CODE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (clip, albef), (rep, fsdp) = json.loads(r.stdout.strip().splitlines()[-1])
     for row in (clip, albef):

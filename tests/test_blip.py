@@ -2,6 +2,7 @@
 one array per shared layer), the decoder mode is causal and its cached decoding is
 the uncached one, the objective's parts equal independent references, and a tiny
 run trains, evaluates (ITC, ITM re-ranked, captions) and captions files."""
+
 import json
 
 import jax
@@ -21,10 +22,21 @@ D, DI, F, V, L, E, DEPTH = 32, 64, 64, 50, 12, 16, 2  # text width, image width 
 
 
 def _family(**model):
-    cfg = ml_collections.ConfigDict(dict(
-        family="blip", image="mu/4", text="mu", image_overrides={},
-        text_overrides=dict(width=D, depth=DEPTH, heads=2, mlp_dim=F), embed_dim=E, vocab_size=V,
-        image_size=16, text_len=L, queue_size=24, alpha_ramp_steps=0))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            family="blip",
+            image="mu/4",
+            text="mu",
+            image_overrides={},
+            text_overrides=dict(width=D, depth=DEPTH, heads=2, mlp_dim=F),
+            embed_dim=E,
+            vocab_size=V,
+            image_size=16,
+            text_len=L,
+            queue_size=24,
+            alpha_ramp_steps=0,
+        )
+    )
     cfg.update(model)
     return zoo.build(cfg)
 
@@ -35,8 +47,11 @@ def _batch(b=6, seed=0):
     text = np.where(np.arange(L)[None] < lengths[:, None], rng.integers(6, V, size=(b, L)), 0)
     text[:, 0] = 2
     text[np.arange(b), lengths - 1] = 3
-    return {"image": jnp.asarray(rng.normal(size=(b, 16, 16, 3)), jnp.float32),
-            "text": jnp.asarray(text, jnp.int32), "id": jnp.arange(b, dtype=jnp.int32)}
+    return {
+        "image": jnp.asarray(rng.normal(size=(b, 16, 16, 3)), jnp.float32),
+        "text": jnp.asarray(text, jnp.int32),
+        "id": jnp.arange(b, dtype=jnp.int32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +88,22 @@ def test_param_tree_has_one_copy_of_the_shared_layers():
     fam = _family()
     boxed = jax.eval_shape(lambda r: fam.init_params(r, boxed=True), jax.random.PRNGKey(0))
     from mmjax.parallel import sharding
+
     assert sharding.unnamed_params(boxed) == []
     params = jax.eval_shape(fam.init_params, jax.random.PRNGKey(0))
     text = params["text_tower"]
     assert sorted(text) == ["bias", "block00", "block01", "embed", "enc_token", "ln_final"]
     for i in range(DEPTH):
-        assert sorted(text[f"block{i:02d}"]) == ["attn", "attn_dec", "cross_attn", "ln1", "ln1_dec", "ln2",
-                                                 "ln_cross", "mlp"]
+        assert sorted(text[f"block{i:02d}"]) == [
+            "attn",
+            "attn_dec",
+            "cross_attn",
+            "ln1",
+            "ln1_dec",
+            "ln2",
+            "ln_cross",
+            "mlp",
+        ]
     n = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     self_attn = 4 * D * D + 4 * D  # fused qkv + out, with biases
     cross_attn = 2 * D * D + 2 * DI * D + 4 * D  # query and out from D, key and value from the image width
@@ -112,8 +136,14 @@ def test_encoder_and_decoder_read_the_same_arrays(blip):
     np.testing.assert_array_equal(lm(p, x, t), lm0)
 
     extra = fam.init_extra(params)
-    grad = jax.jit(jax.grad(lambda p, key: fam.objective(p, batch, jax.random.PRNGKey(3), teacher=extra["ema_params"],
-                                                         queues=extra["queues"])[1][key]), static_argnums=1)
+    grad = jax.jit(
+        jax.grad(
+            lambda p, key: fam.objective(
+                p, batch, jax.random.PRNGKey(3), teacher=extra["ema_params"], queues=extra["queues"]
+            )[1][key]
+        ),
+        static_argnums=1,
+    )
     g_itm, g_lm = grad(params, "loss_itm"), grad(params, "loss_lm")
     for i in range(DEPTH):
         gi, gl = g_itm["text_tower"][f"block{i:02d}"], g_lm["text_tower"][f"block{i:02d}"]
@@ -136,10 +166,10 @@ def test_decoder_is_causal_and_cached_decoding_is_uncached(blip):
     fam, params, batch, itm, lm, txt = blip
     x, t = batch["image"], batch["text"]
     i = 4
-    t2 = t.at[:, i + 1:].set(jnp.where(t[:, i + 1:] > 0, (t[:, i + 1:] + 7) % (V - 6) + 6, 0))
+    t2 = t.at[:, i + 1 :].set(jnp.where(t[:, i + 1 :] > 0, (t[:, i + 1 :] + 7) % (V - 6) + 6, 0))
     a, b = lm(params, x, t), lm(params, x, t2)
-    np.testing.assert_allclose(a[:, :i + 1], b[:, :i + 1], rtol=1e-5, atol=1e-5)
-    assert _changed(a[:, i + 1:], b[:, i + 1:])
+    np.testing.assert_allclose(a[:, : i + 1], b[:, : i + 1], rtol=1e-5, atol=1e-5)
+    assert _changed(a[:, i + 1 :], b[:, i + 1 :])
     assert _changed(itm(params, x, t), itm(params, x, t2))
     # The first token is replaced: <cls> for ITC, the learned [Encode] for ITM.
     t0 = t.at[:, 0].set(17)
@@ -150,8 +180,9 @@ def test_decoder_is_causal_and_cached_decoding_is_uncached(blip):
     plain = jax.jit(fam.decoder.apply)({"params": params["text_tower"]}, t, memory)
     np.testing.assert_allclose(plain, a, rtol=1e-5, atol=1e-5)
     cached = np.asarray(fam.caption(params, x, max_len=8))
-    uncached = np.asarray(greedy_decode(fam.decoder, params["text_tower"], memory, max_len=8, bos_id=2, eos_id=3,
-                                        use_cache=False))
+    uncached = np.asarray(
+        greedy_decode(fam.decoder, params["text_tower"], memory, max_len=8, bos_id=2, eos_id=3, use_cache=False)
+    )
     np.testing.assert_array_equal(cached, uncached)
     assert cached.shape == (6, 8) and (cached[:, 0] == 2).all()
 
@@ -165,8 +196,9 @@ def test_objective_parts_equal_references(blip):
     teacher = jax.tree.map(lambda p: p + 0.01, params)
     queues = fam.init_extra(params)["queues"]
     step, rng = jnp.asarray(5, jnp.int32), jax.random.PRNGKey(7)
-    loss, metrics, updates = jax.jit(lambda p: fam.objective(p, batch, rng, teacher=teacher, queues=queues,
-                                                             step=step))(params)
+    loss, metrics, updates = jax.jit(lambda p: fam.objective(p, batch, rng, teacher=teacher, queues=queues, step=step))(
+        params
+    )
     x, t, ids = batch["image"], batch["text"], batch["id"]
     temp = jnp.clip(params["temp"], 0.001, 0.5)
     enc_img = jax.jit(fam.encode_image)
@@ -191,13 +223,18 @@ def test_objective_parts_equal_references(blip):
     _, ids_for_itm = fam.text_features(params, t)
     _, tok = jax.jit(fam.image_features)(params, x)
     want = itm(params, x, t)
-    np.testing.assert_allclose(jax.jit(fam.itm_scores)(params, tok, ids_for_itm, t), want[:, 1] - want[:, 0],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(fam.itm_scores)(params, tok, ids_for_itm, t), want[:, 1] - want[:, 0], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_config_errors_name_the_key():
-    for bad, key in ((dict(tasks=("itc", "mlm")), "itc, itm, lm"), (dict(label_smoothing=1.0), "label_smoothing"),
-                     (dict(lm_weight=-1.0), "lm_weight"), (dict(temp_range=(0.5, 0.1)), "temp_range")):
+    for bad, key in (
+        (dict(tasks=("itc", "mlm")), "itc, itm, lm"),
+        (dict(label_smoothing=1.0), "label_smoothing"),
+        (dict(lm_weight=-1.0), "lm_weight"),
+        (dict(temp_range=(0.5, 0.1)), "temp_range"),
+    ):
         with pytest.raises(ValueError, match=key):
             _family(**bad)
 
@@ -206,10 +243,21 @@ def test_blip_trains_evaluates_and_captions(tmp_path, capsys):
     """A tiny run through the real loop: the losses fall, the eval reports ITC and
     ITM-re-ranked recall and caption metrics, and `mmjax caption` reads the workdir."""
     over = {k: v for k, v in tiny_overrides(tmp_path).items() if not k.startswith("model.")}
-    over.update({"model.image": "mu/4", "model.image_overrides": "{}", "model.embed_dim": E,
-                 "model.text_overrides": f"{{'width': {D}, 'depth': {DEPTH}, 'heads': 2, 'mlp_dim': {F}}}",
-                 "model.queue_size": 48, "model.alpha_ramp_steps": 4, "train.steps": 16, "train.log_every": 4,
-                 "train.ckpt_every": 0, "eval.rerank_k": 4, "train.lr": 3e-3})
+    over.update(
+        {
+            "model.image": "mu/4",
+            "model.image_overrides": "{}",
+            "model.embed_dim": E,
+            "model.text_overrides": f"{{'width': {D}, 'depth': {DEPTH}, 'heads': 2, 'mlp_dim': {F}}}",
+            "model.queue_size": 48,
+            "model.alpha_ramp_steps": 4,
+            "train.steps": 16,
+            "train.log_every": 4,
+            "train.ckpt_every": 0,
+            "eval.rerank_k": 4,
+            "train.lr": 3e-3,
+        }
+    )
     cfg = config_lib.load(f"{ROOT}/configs/blip.py", [f"{k}={v}" for k, v in over.items()])
     result = loop.train(cfg, str(tmp_path / "blip"), progress=False)
     assert result["num_images"] == 64 and 0 <= result["i2t_r@1"] <= 1 and 0 <= result["i2t_itm_r@1"] <= 1
@@ -252,4 +300,3 @@ def test_blip_base_size():
     dec = sum(n(b["attn_dec"]) + n(b["ln1_dec"]) for k, b in params["text_tower"].items() if k.startswith("block"))
     assert n(params) == BLIP_BASE_PARAMS
     assert dec == 12 * (4 * 768 * 768 + 6 * 768)
-

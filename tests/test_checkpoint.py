@@ -1,5 +1,6 @@
 """Checkpoints: round trip onto the mesh, an interrupted save loses nothing, a damaged
 step is reported and passed over, a failed save is named and keeps the last good step."""
+
 import logging
 import os
 
@@ -16,8 +17,14 @@ from mmjax.train.state import TrainState
 def _state(seed):
     k = jax.random.PRNGKey(seed)
     params = {"w": jax.random.normal(k, (8, 4)), "b": jnp.arange(4.0) + seed}
-    return TrainState(step=jnp.asarray(seed, jnp.int32), params=params, opt_state={"mu": params},
-                      ema_params=None, queues=None, rng=jax.random.PRNGKey(seed + 100))
+    return TrainState(
+        step=jnp.asarray(seed, jnp.int32),
+        params=params,
+        opt_state={"mu": params},
+        ema_params=None,
+        queues=None,
+        rng=jax.random.PRNGKey(seed + 100),
+    )
 
 
 def _restore(directory, like):
@@ -65,6 +72,7 @@ def test_interrupted_save_keeps_last_good(tmp_path):
 
 # ---------------------------------------------------------------- damage, keep-N, full disk
 
+
 def _two_steps(directory, keep=3, async_save=True):
     ck = ckpt_lib.Checkpointer(str(directory), keep=keep, async_save=async_save)
     ck.save(2, _state(2), {"data_position": 2})
@@ -73,8 +81,12 @@ def _two_steps(directory, keep=3, async_save=True):
 
 
 def _largest_array_file(step_dir):
-    files = [os.path.join(r, n) for r, _, ns in os.walk(step_dir / "state") for n in ns
-             if os.sep + "d" + os.sep in os.path.join(r, n)]
+    files = [
+        os.path.join(r, n)
+        for r, _, ns in os.walk(step_dir / "state")
+        for n in ns
+        if os.sep + "d" + os.sep in os.path.join(r, n)
+    ]
     return max(files, key=os.path.getsize)
 
 
@@ -95,12 +107,14 @@ def _flip(step_dir):
 
 def _drop_state(step_dir):
     import shutil
+
     shutil.rmtree(step_dir / "state")
     return "state/"
 
 
 def _empty(step_dir):
     import shutil
+
     shutil.rmtree(step_dir)
     step_dir.mkdir()
     return "empty"
@@ -111,8 +125,13 @@ def _meta_without_position(step_dir):
     return "meta/metadata"
 
 
-DAMAGE = {"truncated": _truncate, "flipped_byte": _flip, "state_deleted": _drop_state, "empty_dir": _empty,
-          "meta_without_position": _meta_without_position}
+DAMAGE = {
+    "truncated": _truncate,
+    "flipped_byte": _flip,
+    "state_deleted": _drop_state,
+    "empty_dir": _empty,
+    "meta_without_position": _meta_without_position,
+}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -161,6 +180,7 @@ def test_no_usable_step_is_one_clear_error(tmp_path):
 
 def _no_space(*args, **kwargs):
     import errno
+
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -173,8 +193,11 @@ def _fail_orbax_commit(monkeypatch):
 
     def failing(directory, commit_futures, on_commit_callback, **kw):
         def full():
-            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{directory}/state/_sharding.__lock": '
-                             "[OS error 28: No space left on device]")
+            raise ValueError(
+                f'RESOURCE_EXHAUSTED: Error writing local file "{directory}/state/_sharding.__lock": '
+                "[OS error 28: No space left on device]"
+            )
+
         return real(directory, commit_futures, full, **kw)
 
     monkeypatch.setattr(ac, "_background_wait_for_commit_futures", failing)

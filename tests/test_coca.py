@@ -1,18 +1,25 @@
 """CoCa (issue 7, in progress): the one training forward against a contrastive-only
 pass over the unimodal layers, captioning through the cached decoder, and a run."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import bench, config as config_lib
+from mmjax import bench
+from mmjax import config as config_lib
 from mmjax.models.decoder import TextDecoder
 from mmjax.objectives import itc_loss
 from mmjax.train import loop
 from tiny import ROOT, tiny_overrides
 
-TINY = ["data.image_size=16", "data.text_len=12", "data.tokenizer.vocab_size=50",
-        "model.image_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
-        "model.text_overrides={'width': 32, 'depth': 4, 'heads': 2, 'mlp_dim': 64}", "model.cap_queries=4"]
+TINY = [
+    "data.image_size=16",
+    "data.text_len=12",
+    "data.tokenizer.vocab_size=50",
+    "model.image_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
+    "model.text_overrides={'width': 32, 'depth': 4, 'heads': 2, 'mlp_dim': 64}",
+    "model.cap_queries=4",
+]
 
 
 def _family():
@@ -32,8 +39,13 @@ def test_one_forward_gives_the_contrastive_only_itc():
     m = fam.model
     d = params["decoder"]
     uni = TextDecoder(m.vocab_size, m.text_len, 32, 2, 2, 64, cross_from=2)
-    uni_params = {"embed": d["embed"], "block00": d["block00"], "block01": d["block01"],
-                  "ln_final": d["ln_final"], "bias": d["bias"]}
+    uni_params = {
+        "embed": d["embed"],
+        "block00": d["block00"],
+        "block01": d["block01"],
+        "ln_final": d["ln_final"],
+        "bias": d["bias"],
+    }
     ids = batch["text"]
     b, length = ids.shape
 
@@ -53,8 +65,9 @@ def test_one_forward_gives_the_contrastive_only_itc():
     img = fam.encode_image(params, batch["image"])
     ref, _ = itc_loss(img, txt, params["t"], max_scale=fam.max_logit_scale)
     np.testing.assert_allclose(float(metrics["loss_itc"]), float(ref), rtol=1e-5)
-    np.testing.assert_allclose(float(loss), fam.con_weight * float(ref) + fam.cap_weight * float(metrics["loss_lm"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        float(loss), fam.con_weight * float(ref) + fam.cap_weight * float(metrics["loss_lm"]), rtol=1e-5
+    )
     g = jax.grad(lambda p: fam.objective(p, batch)[1]["loss_itc"])(params)
     for name in ("block02", "block03"):
         assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g["decoder"][name]))
@@ -93,6 +106,7 @@ def test_coca_trains_evaluates_and_captions_files(tmp_path, capsys):
     assert 0 <= result["caption_exact"] <= 1 and result["num_captions_scored"] == 64
     assert result["caption_cider"] >= 0 and 0 <= result["caption_bleu4"] <= 1
     import json
+
     rows = [json.loads(x) for x in open(tmp_path / "coca" / "metrics.jsonl") if '"train"' in x]
     assert rows[-1]["loss_lm"] < rows[0]["loss_lm"]
     # `mmjax caption` on image files: one line per readable file, in order; the
@@ -108,8 +122,12 @@ def test_coca_trains_evaluates_and_captions_files(tmp_path, capsys):
         Image.fromarray(shapes_gen.example(0, "test", i, 16)["image"]).save(paths[-1])
     (tmp_path / "bad.png").write_bytes(b"not an image")
     capsys.readouterr()  # drop the training output
-    assert cli.main(["caption", "--workdir", str(tmp_path / "coca"), "--images", paths[0], str(tmp_path / "bad.png"),
-                     paths[1]]) == 0
+    assert (
+        cli.main(
+            ["caption", "--workdir", str(tmp_path / "coca"), "--images", paths[0], str(tmp_path / "bad.png"), paths[1]]
+        )
+        == 0
+    )
     lines = [ln for ln in capsys.readouterr().out.strip().splitlines() if "\t" in ln]
     assert [ln.split("\t")[0] for ln in lines] == paths
     assert cli.main(["caption", "--workdir", str(tmp_path / "coca"), "--images", paths[0], "--beams", "3"]) == 0

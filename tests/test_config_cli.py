@@ -1,4 +1,5 @@
 """Config loading, overrides and the CLI's exit code 2 for user mistakes."""
+
 import os
 import subprocess
 import sys
@@ -13,9 +14,18 @@ DEMO = os.path.join(ROOT, "configs", "demo.py")
 
 
 def test_overrides_are_typed():
-    c = config_lib.load(DEMO, ["train.steps=7", "train.lr=0.5", "data.augment.flip=true",
-                               "data.augment.crop_scale=(0.5, 1.0)", "model.image_overrides.depth=1",
-                               "data.tokenizer.path=/tmp/x.model", "train.steps=1e2"])
+    c = config_lib.load(
+        DEMO,
+        [
+            "train.steps=7",
+            "train.lr=0.5",
+            "data.augment.flip=true",
+            "data.augment.crop_scale=(0.5, 1.0)",
+            "model.image_overrides.depth=1",
+            "data.tokenizer.path=/tmp/x.model",
+            "train.steps=1e2",
+        ],
+    )
     assert c.train.steps == 100 and isinstance(c.train.steps, int)
     assert c.train.lr == 0.5
     assert c.data.augment.flip is True
@@ -43,11 +53,14 @@ def test_bad_type_is_reported():
     assert "train.steps" in str(e.value)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("--config.train.stepz=3", "train.stepz"),
-    ("--config.nope.x=1", "nope"),
-    ("--config.model.dtype=fp8", "bfloat16"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("--config.train.stepz=3", "train.stepz"),
+        ("--config.nope.x=1", "nope"),
+        ("--config.model.dtype=fp8", "bfloat16"),
+    ],
+)
 def test_cli_exit_code_2(override, needle, tmp_path, capsys):
     code = cli.main(["train", "--config", DEMO, "--workdir", str(tmp_path), override])
     err = capsys.readouterr().err
@@ -58,8 +71,22 @@ def test_cli_exit_code_2(override, needle, tmp_path, capsys):
 
 def test_console_script_exit_code_2(tmp_path):
     """The installed entry point really exits 2 (not just main()'s return value)."""
-    proc = subprocess.run([sys.executable, "-m", "mmjax.cli", "train", "--config", DEMO, "--workdir",
-                           str(tmp_path), "--config.train.stepz=3"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmjax.cli",
+            "train",
+            "--config",
+            DEMO,
+            "--workdir",
+            str(tmp_path),
+            "--config.train.stepz=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert "train.stepz" in proc.stderr and proc.stderr.count("\n") <= 2
 
@@ -68,6 +95,7 @@ def test_cache_decoded_is_dropped_for_non_builtin_data():
     """The demo's in-memory cache is for built-in sets: pointing the recipe at your
     own file list streams it instead of failing."""
     from mmjax import config as config_lib
+
     demo = os.path.join(ROOT, "configs", "demo.py")
     assert config_lib.load(demo).data.cache_decoded is True
     assert config_lib.load(demo, ["data.name=files", "data.path=x.csv"]).data.cache_decoded is False

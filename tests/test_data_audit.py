@@ -2,6 +2,7 @@
 error for a list where nothing decodes, list parse errors and swallowed rows with
 file:line, wrong columns / every file missing / eval_fraction / TFDS names in one line,
 the NegCLIP validity mask of training hard negatives, and the `data` extra hint."""
+
 import json
 import logging
 import sys
@@ -25,6 +26,7 @@ def _image_list(d, n_good=12, bad_at=(1, 6, 10), missing_at=(4,)):
     """A CSV of n_good random 20x24 images with undecodable PNGs and missing files
     inserted at the given row positions."""
     from PIL import Image
+
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n_good):
@@ -40,8 +42,15 @@ def _image_list(d, n_good=12, bad_at=(1, 6, 10), missing_at=(4,)):
 
 
 def _cfg(path, **kw):
-    cfg = {"name": "files", "path": str(path), "image_size": 16, "text_len": 8, "shuffle_buffer": 100,
-           "augment": {"crop_scale": (0.5, 1.0), "flip": True}, "num_parallel_calls": 2}
+    cfg = {
+        "name": "files",
+        "path": str(path),
+        "image_size": 16,
+        "text_len": 8,
+        "shuffle_buffer": 100,
+        "augment": {"crop_scale": (0.5, 1.0), "flip": True},
+        "num_parallel_calls": 2,
+    }
     cfg.update(kw)
     return cfg
 
@@ -58,8 +67,10 @@ def _same(a, b):
 
 # --------------------------------------------------------------------- A: exact resume
 
+
 def test_resume_is_exact_past_undecodable_records(tmp_path, tok):
     from mmjax.data import pipeline as P
+
     cfg, B = _cfg(_image_list(tmp_path)), 3
     ref = _take(P.make_train_iterator(cfg, tok, B, seed=0), 12)  # 36 good records: 3 epochs of 12
     for i, b in enumerate(ref):
@@ -70,8 +81,9 @@ def test_resume_is_exact_past_undecodable_records(tmp_path, tok):
     assert ref[-1]["data_state"]["skipped"] >= 1 + 2 * 3  # 1 missing + 3 bad per epoch passed
     k = next(i for i, b in enumerate(ref) if b["data_state"]["skipped"] > 1 and i >= 2) + 1
     state = ref[k - 1]["data_state"]
-    it = P.make_train_iterator(cfg, tok, B, seed=0, start_batch=k, start_record=state["records"],
-                               skipped=state["skipped"])
+    it = P.make_train_iterator(
+        cfg, tok, B, seed=0, start_batch=k, start_record=state["records"], skipped=state["skipped"]
+    )
     assert it.batch_index == k
     for a, b in zip(ref[k:], _take(it, len(ref) - k)):
         _same(a, b)
@@ -84,22 +96,29 @@ def test_resume_is_exact_per_process(tmp_path, tok):
     """Two processes (each its rows of every global batch) resume each from its own
     data_state and continue exactly as uninterrupted."""
     from mmjax.data import pipeline as P
+
     cfg = _cfg(_image_list(tmp_path), augment={"crop_scale": (1.0, 1.0), "aspect": (1.0, 1.0)})
     for p in range(2):
         kw = dict(seed=1, process_index=p, process_count=2)
         ref = _take(P.make_train_iterator(cfg, tok, 2, **kw), 8)
         assert ref[-1]["data_state"]["skipped"] > 1  # this process met undecodable rows
         state = ref[2]["data_state"]
-        resumed = _take(P.make_train_iterator(cfg, tok, 2, start_batch=3, start_record=state["records"],
-                                              skipped=state["skipped"], **kw), 5)
+        resumed = _take(
+            P.make_train_iterator(
+                cfg, tok, 2, start_batch=3, start_record=state["records"], skipped=state["skipped"], **kw
+            ),
+            5,
+        )
         for a, b in zip(ref[3:], resumed):
             _same(a, b)
 
 
 # ------------------------------------------------------------- B: nothing decodes
 
+
 def test_a_list_where_nothing_decodes_fails_at_once(tmp_path, tok):
     from mmjax.data import pipeline as P
+
     for i in range(5):
         (tmp_path / f"{i}.png").write_bytes(BAD_PNG)
     (tmp_path / "all_bad.csv").write_text("image_path,caption\n" + "".join(f"{i}.png,x {i}\n" for i in range(5)))
@@ -111,6 +130,7 @@ def test_a_list_where_nothing_decodes_fails_at_once(tmp_path, tok):
 
 
 # ------------------------------------------------------- C: parse errors, swallowed rows
+
 
 def test_unclosed_quote_swallowing_rows_is_an_error(tmp_path):
     rows = [f"{i}.png,picture {i}" for i in range(40)]
@@ -150,13 +170,22 @@ def test_multiline_and_overlong_captions_are_reported_with_lines(tmp_path, caplo
     assert "far longer than data.text_len=8" in text and "lines 5" in text
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("list.csv", b"image_path,caption\n0.png,fine\n1.png,caf\xe9\n", r"list\.csv:3: not UTF-8 \(byte 0xe9"),
-    ("list.jsonl", b'{"image_path": "0.png", "caption": "a"}\n{"image_path": "1.png", "caption": }\n',
-     r"list\.jsonl:2: not valid JSON"),
-    ("list.jsonl", b'{"image_path": "0.png", "caption": "a"}\n\n["1.png", "b"]\n',
-     r"list\.jsonl:3: expected a JSON object .* got list"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("list.csv", b"image_path,caption\n0.png,fine\n1.png,caf\xe9\n", r"list\.csv:3: not UTF-8 \(byte 0xe9"),
+        (
+            "list.jsonl",
+            b'{"image_path": "0.png", "caption": "a"}\n{"image_path": "1.png", "caption": }\n',
+            r"list\.jsonl:2: not valid JSON",
+        ),
+        (
+            "list.jsonl",
+            b'{"image_path": "0.png", "caption": "a"}\n\n["1.png", "b"]\n',
+            r"list\.jsonl:3: expected a JSON object .* got list",
+        ),
+    ],
+)
 def test_parse_errors_name_file_and_line(tmp_path, name, content, match):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=match):
@@ -165,24 +194,30 @@ def test_parse_errors_name_file_and_line(tmp_path, name, content, match):
 
 # ---------------------------------------------- D: columns, missing files, eval_fraction, TFDS
 
+
 def test_wrong_columns_and_all_missing_say_so(tmp_path):
     (tmp_path / "0.png").write_bytes(b"")
     (tmp_path / "cols.csv").write_text("path,text\n0.png,a thing\n")
-    with pytest.raises(ValueError, match=r"cols\.csv: no 'image_path' \(or 'video_path'\) column; "
-                                         r"found columns: path, text; expected: image_path"):
+    with pytest.raises(
+        ValueError,
+        match=r"cols\.csv: no 'image_path' \(or 'video_path'\) column; "
+        r"found columns: path, text; expected: image_path",
+    ):
         files.read_list(str(tmp_path / "cols.csv"))
     (tmp_path / "nocap.jsonl").write_text(json.dumps({"image_path": "0.png", "text": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"no 'caption' key; found keys: image_path, text"):
         files.read_list(str(tmp_path / "nocap.jsonl"))
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "gone.csv").write_text("image_path,caption\na.png,x\nb.png,y\n")
-    with pytest.raises(ValueError, match=r"every file it lists is missing \(2 rows; e\.g\. .*a\.png\).*"
-                                         + str(tmp_path / "sub")):
+    with pytest.raises(
+        ValueError, match=r"every file it lists is missing \(2 rows; e\.g\. .*a\.png\).*" + str(tmp_path / "sub")
+    ):
         files.read_list(str(tmp_path / "sub" / "gone.csv"))
 
 
 def test_eval_fraction_is_validated(tmp_path):
     from mmjax.data import pipeline as P
+
     (tmp_path / "0.png").write_bytes(b"")
     (tmp_path / "l.csv").write_text("image_path,caption\n0.png,a\n")
     for bad in (1.5, -0.1, 1.0):
@@ -193,6 +228,7 @@ def test_eval_fraction_is_validated(tmp_path):
 
 def test_misspelt_tfds_name_is_one_line_with_a_suggestion(tmp_path):
     from mmjax.data import pipeline as P
+
     with pytest.raises(FileNotFoundError) as e:
         P.load_records({"name": "mnistt", "data_dir": str(tmp_path)}, "train")
     msg = str(e.value)
@@ -201,15 +237,24 @@ def test_misspelt_tfds_name_is_one_line_with_a_suggestion(tmp_path):
 
 # -------------------------------------------------------------- E: hard-negative mask
 
+
 def test_training_hard_negatives_carry_a_validity_mask(tmp_path, tok):
     """K above a record's number of negatives cycles them: the repeats (and the padding
     of a record with none) are marked invalid, the valid ones are distinct."""
     import tensorflow as tf
 
-    from mmjax.data import augment, pipeline as P, shapes_gen
-    cfg = {"name": "shapes", "data_dir": str(tmp_path), "image_size": 16, "text_len": 16,
-           "augment": {"crop_scale": (1.0, 1.0), "aspect": (1.0, 1.0)}, "shuffle_buffer": 32,
-           "shapes": {"image_size": 16, "num_train": 32, "num_validation": 4, "num_test": 4, "seed": 0}}
+    from mmjax.data import augment, shapes_gen
+    from mmjax.data import pipeline as P
+
+    cfg = {
+        "name": "shapes",
+        "data_dir": str(tmp_path),
+        "image_size": 16,
+        "text_len": 16,
+        "augment": {"crop_scale": (1.0, 1.0), "aspect": (1.0, 1.0)},
+        "shuffle_buffer": 32,
+        "shapes": {"image_size": 16, "num_train": 32, "num_validation": 4, "num_test": 4, "seed": 0},
+    }
     K, texts = 5, []
 
     class Tok:  # one id per distinct text, so the test sees the captions themselves
@@ -232,8 +277,11 @@ def test_training_hard_negatives_carry_a_validity_mask(tmp_path, tok):
 
 # --------------------------------------------------------------- F: the data extra
 
+
 def test_without_tensorflow_the_error_names_the_extra(tmp_path, monkeypatch):
-    from mmjax.data import MissingExtraError, images, pipeline as P
+    from mmjax.data import MissingExtraError, images
+    from mmjax.data import pipeline as P
+
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` fails as if absent
     with pytest.raises(ImportError) as e:
         P.load_records({"name": "shapes", "data_dir": str(tmp_path)}, "train")

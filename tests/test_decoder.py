@@ -1,5 +1,6 @@
 """The captioning decoder (issue 7, in progress): causality, KV-cached greedy decoding
 equal to uncached decoding, and the LM loss against numpy."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,10 +31,10 @@ def test_position_i_sees_only_tokens_up_to_i():
     m = _model()
     base = m.apply({"params": params}, ids, memory)
     for i in range(L - 1):
-        changed = ids.at[:, i + 1:].set((ids[:, i + 1:] + 7) % (V - 6) + 6)
+        changed = ids.at[:, i + 1 :].set((ids[:, i + 1 :] + 7) % (V - 6) + 6)
         out = m.apply({"params": params}, changed, memory)
-        np.testing.assert_allclose(np.asarray(out[:, :i + 1]), np.asarray(base[:, :i + 1]), rtol=1e-5, atol=1e-5)
-        assert not np.allclose(np.asarray(out[:, i + 1:]), np.asarray(base[:, i + 1:]))
+        np.testing.assert_allclose(np.asarray(out[:, : i + 1]), np.asarray(base[:, : i + 1]), rtol=1e-5, atol=1e-5)
+        assert not np.allclose(np.asarray(out[:, i + 1 :]), np.asarray(base[:, i + 1 :]))
     # The memory matters (cross-attention), and padding memory tokens hides them.
     other = m.apply({"params": params}, ids, memory.at[:, -2:].set(5.0))
     assert not np.allclose(np.asarray(other), np.asarray(base))
@@ -121,17 +122,16 @@ def test_beam_search_with_enough_beams_is_exhaustive(alpha):
     memory = jnp.asarray(rng.normal(size=(2, S, DM)), jnp.float32)
     params = m.init(jax.random.PRNGKey(4), jnp.full((2, max_len), 2, jnp.int32), memory)["params"]
     params = jax.tree.map(lambda x: x * 3.0, params)
-    tokens, score = beam_search(m, params, memory, max_len=max_len, bos_id=2, eos_id=3, beams=36,
-                                length_penalty=alpha)
+    tokens, score = beam_search(m, params, memory, max_len=max_len, bos_id=2, eos_id=3, beams=36, length_penalty=alpha)
     cands = set()
     for seq in itertools.product([1, 2, 3, 4, 5], repeat=max_len - 1):
         seq = list(seq)
         if 3 in seq:
-            seq = seq[:seq.index(3) + 1] + [0] * (len(seq) - seq.index(3) - 1)
+            seq = seq[: seq.index(3) + 1] + [0] * (len(seq) - seq.index(3) - 1)
         cands.add((2, *seq))
     cands = np.array(sorted(cands), np.int32)
     for b in range(2):
-        lp, n = _sequence_logprob(m, params, jnp.repeat(memory[b:b + 1], len(cands), 0), jnp.asarray(cands))
+        lp, n = _sequence_logprob(m, params, jnp.repeat(memory[b : b + 1], len(cands), 0), jnp.asarray(cands))
         norm = lp / np.maximum(n, 1) ** alpha
         best = int(np.argmax(norm))
         np.testing.assert_array_equal(np.asarray(tokens[b]), cands[best])

@@ -1,6 +1,7 @@
 """Issue 14's eval items: zero-shot prompts that fit (settable templates and class
 names, `mmjax classify`), BLIP's ITM+ITC re-ranking score, the binding probe scored by
 ITM, and `mmjax embed` warnings without TensorFlow op names."""
+
 import logging
 
 import jax
@@ -9,26 +10,23 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmjax import cli, config as config_lib
+from mmjax import cli
+from mmjax import config as config_lib
 from mmjax.data import shapes_gen
 from mmjax.eval import retrieval, run, zero_shot
 from mmjax.parallel import mesh as mesh_lib
 from tiny import DEMO, tiny_config, write_images
 
-
 # --------------------------------------------------------------- item 8: re-ranking score
+
 
 def test_rerank_itm_plus_itc_hand_computed():
     """k=2. Image 0: ITC top-2 are captions 0 (0.9) and 1 (0.5); ITM alone prefers
     caption 1 (1.3 > 1.0), a miss; ITM+ITC keeps caption 0 (1.9 > 1.8), a hit.
     Caption 2: ITC top-2 images 2 (0.7) and 1 (0.55); ITM prefers image 1 (0.6 > 0.5),
     a miss; ITM+ITC image 2 (1.2 > 1.15), a hit. Every other row hits both ways."""
-    sims = np.array([[0.9, 0.5, 0.1],
-                     [0.2, 0.6, 0.55],
-                     [0.3, 0.1, 0.7]])
-    itm = np.array([[1.0, 1.3, 0.0],
-                    [0.0, 2.0, 0.6],
-                    [0.0, 0.0, 0.5]])
+    sims = np.array([[0.9, 0.5, 0.1], [0.2, 0.6, 0.55], [0.3, 0.1, 0.7]])
+    itm = np.array([[1.0, 1.3, 0.0], [0.0, 2.0, 0.6], [0.0, 0.0, 0.5]])
     inverse = np.arange(3)
     got = retrieval.reranked_metrics(sims, inverse, lambda i, c: itm[i, c], 2, ks=(1, 2))
     assert got["i2t_itm_r@1"] == pytest.approx(2 / 3) and got["t2i_itm_r@1"] == pytest.approx(2 / 3)
@@ -55,13 +53,15 @@ def test_rerank_itm_plus_itc_against_brute_force():
             order = list(np.argsort(-s[r], kind="stable"))
             ranked = sorted(order[:k], key=lambda c: -(ps[r, c] + s[r, c])) + order[k:]
             for kk in hits:
-                hits[kk].append(inverse[r] in ranked[:kk] if direction == "i2t"
-                                else any(inverse[j] == r for j in ranked[:kk]))
+                hits[kk].append(
+                    inverse[r] in ranked[:kk] if direction == "i2t" else any(inverse[j] == r for j in ranked[:kk])
+                )
         for kk in hits:
             assert got[f"{direction}_itm_itc_r@{kk}"] == pytest.approx(np.mean(hits[kk])), (direction, kk)
 
 
 # --------------------------------------------------------------- item 10: binding probe by ITM
+
 
 def test_binding_accuracy_from_scores_hand_computed():
     own = np.array([1.0, -1.5, 5.0])
@@ -73,12 +73,15 @@ def test_binding_accuracy_from_scores_hand_computed():
     assert got["binding_chance"] == pytest.approx((1 / 2 + 1 / 3) / 2)
 
 
-WORDS = sorted({w for c in shapes_gen.COLOURS + shapes_gen.SHAPES + shapes_gen.SIZES for w in c.split()}
-               | {"a", "of", "left", "right", "above", "below", "large", "small"})
+WORDS = sorted(
+    {w for c in shapes_gen.COLOURS + shapes_gen.SHAPES + shapes_gen.SIZES for w in c.split()}
+    | {"a", "of", "left", "right", "above", "below", "large", "small"}
+)
 
 
 class WordTokenizer:
     """One id per known word (6..), unknown words 1; bos 2, eos 3, pad 0."""
+
     pad_id, bos_id, eos_id = 0, 2, 3
 
     def __init__(self):
@@ -101,9 +104,11 @@ class StubItmFamily:
 
     def __init__(self, vocab, length, dim=8):
         rng = np.random.default_rng(0)
-        self.params = {"wi": jnp.asarray(rng.normal(size=(3, dim)), jnp.float32),
-                       "wt": jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32),
-                       "w_itm": jnp.asarray(rng.normal(size=(length,)), jnp.float32)}
+        self.params = {
+            "wi": jnp.asarray(rng.normal(size=(3, dim)), jnp.float32),
+            "wt": jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32),
+            "w_itm": jnp.asarray(rng.normal(size=(length,)), jnp.float32),
+        }
 
     @staticmethod
     def _norm(x):
@@ -178,6 +183,7 @@ def test_binding_probe_scored_by_itm(data_dir):
 
 # --------------------------------------------------------------- item 4: zero-shot prompts
 
+
 def test_demo_default_prompts_fit_its_text_length(tmp_path):
     """The demo (shapes, text_len=12, a 128-piece tokenizer trained on the captions):
     the built-in shapes prompts fit whole; the old generic ones did not (15 tokens), and
@@ -213,8 +219,10 @@ def test_templates_and_class_names_are_settable(data_dir, tmp_path):
     got = ev(fam.params)
     rows = _eval_rows(data, tok)
     img = np.asarray(fam.encode_image(fam.params, jnp.asarray(rows["image"])))
-    embs = [np.asarray(fam.encode_text(fam.params, jnp.asarray(tok.encode([t.format(n) for n in names], 16))))
-            for t in zs.templates]
+    embs = [
+        np.asarray(fam.encode_text(fam.params, jnp.asarray(tok.encode([t.format(n) for n in names], 16))))
+        for t in zs.templates
+    ]
     mean = np.mean(embs, axis=0)
     mean /= np.linalg.norm(mean, axis=-1, keepdims=True)
     want = np.mean(np.argmax(img @ mean.T, axis=1) == rows["label"])
@@ -222,8 +230,12 @@ def test_templates_and_class_names_are_settable(data_dir, tmp_path):
     # The dataset's built-in prompts by default.
     ev = run.Evaluator(fam, data, tok, mesh, split="test", batch_size=32, rerank_k=0)
     np.testing.assert_array_equal(ev.prompts[1][0], tok.encode([f"a small {n}" for n in shapes_gen.CLASS_NAMES], 16))
-    long = ml_collections.ConfigDict({"templates": ("a picture of a small {} left of a large blue square on a dark noisy background",),
-                                      "class_names_file": None})
+    long = ml_collections.ConfigDict(
+        {
+            "templates": ("a picture of a small {} left of a large blue square on a dark noisy background",),
+            "class_names_file": None,
+        }
+    )
     with pytest.raises(ValueError, match="do not fit text_len=16"):
         run.Evaluator(fam, data, tok, mesh, split="test", batch_size=32, zero_shot=long)
     # Built-in prompts that a too-small text length cannot hold: no zero_shot_top1 (from
@@ -247,8 +259,9 @@ def workdir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("zs")
     work = d / "work"
-    loop.train(tiny_config(d, **{"train.steps": 2, "eval.at_end": False, "train.ckpt_every": 0}), str(work),
-               progress=False)
+    loop.train(
+        tiny_config(d, **{"train.steps": 2, "eval.at_end": False, "train.ckpt_every": 0}), str(work), progress=False
+    )
     paths, bad = write_images(d, 2)
     return work, paths, bad
 
@@ -261,8 +274,21 @@ def test_classify_command(workdir, tmp_path, capsys):
 
     work, paths, bad = workdir
     classes = ["red circle", "blue square", "green cross"]
-    rc = cli.main(["classify", "--workdir", str(work), "--images", *paths, bad, "--classes", ",".join(classes),
-                   "--templates", "a {}", "a small {}"])
+    rc = cli.main(
+        [
+            "classify",
+            "--workdir",
+            str(work),
+            "--images",
+            *paths,
+            bad,
+            "--classes",
+            ",".join(classes),
+            "--templates",
+            "a {}",
+            "a small {}",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     lines = [ln.split("\t") for ln in out.out.strip().splitlines()]
@@ -270,8 +296,10 @@ def test_classify_command(workdir, tmp_path, capsys):
     params, setup, _ = setup_lib.restore_params(str(work))
     pixels, _ = images_lib.load_images(setup.config.data, paths)
     img = np.asarray(setup.family.encode_image(params, pixels))
-    embs = [np.asarray(setup.family.encode_text(params, setup.tokenizer.encode([t.format(c) for c in classes], 16)))
-            for t in ("a {}", "a small {}")]
+    embs = [
+        np.asarray(setup.family.encode_text(params, setup.tokenizer.encode([t.format(c) for c in classes], 16)))
+        for t in ("a {}", "a small {}")
+    ]
     mean = np.mean(embs, axis=0)
     mean /= np.linalg.norm(mean, axis=-1, keepdims=True)
     sims = img @ mean.T
@@ -285,10 +313,14 @@ def test_classify_command(workdir, tmp_path, capsys):
     assert cli.main(["classify", "--workdir", str(work), "--images", paths[0], "--classes-file", str(names_file)]) == 0
     assert capsys.readouterr().out.split("\t")[1] in ("red circle", "blue square")
     # user mistakes: exit 2, one line
-    for argv, msg in ((["--classes", "red circle", "--templates", "a picture of a {} on a dark noisy background"],
-                       "do not fit text_len=16"),
-                      (["--classes", "a,b,a"], "repeated"),
-                      (["--classes-file", str(tmp_path / "none.txt")], "not found")):
+    for argv, msg in (
+        (
+            ["--classes", "red circle", "--templates", "a picture of a {} on a dark noisy background"],
+            "do not fit text_len=16",
+        ),
+        (["--classes", "a,b,a"], "repeated"),
+        (["--classes-file", str(tmp_path / "none.txt")], "not found"),
+    ):
         assert cli.main(["classify", "--workdir", str(work), "--images", paths[0], *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -296,12 +328,14 @@ def test_classify_command(workdir, tmp_path, capsys):
 
 # --------------------------------------------------------------- embed warnings
 
+
 def test_embed_warnings_name_the_file_and_a_short_reason(workdir, tmp_path, caplog):
     work, paths, bad = workdir
     missing = str(tmp_path / "missing.png")
     with caplog.at_level(logging.WARNING):
-        rc = cli.main(["embed", "--workdir", str(work), "--images", paths[0], bad, missing,
-                       "--out", str(tmp_path / "e.npz")])
+        rc = cli.main(
+            ["embed", "--workdir", str(work), "--images", paths[0], bad, missing, "--out", str(tmp_path / "e.npz")]
+        )
     assert rc == 0
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
     assert len(skipped) == 2, skipped

@@ -1,6 +1,7 @@
 """Export of a workdir: safetensors (bit-exact round trip in fp32 and bf16, clear
 errors on a file that does not fit its model), StableHLO encoders served without
 flax that match the live model on new batch sizes, and student vs EMA weights."""
+
 import json
 import os
 import subprocess
@@ -173,8 +174,13 @@ def test_stablehlo_served_without_flax_matches_live_model(clip_run, tmp_path):
     workdir, params, _ = clip_run
     out = str(tmp_path / "hlo")
     summary = formats.export_workdir(workdir, out, "stablehlo")
-    assert set(summary["files"]) == {"image_encoder.stablehlo", "text_encoder.stablehlo", "model.safetensors",
-                                     "export.json", "tokenizer.model"}
+    assert set(summary["files"]) == {
+        "image_encoder.stablehlo",
+        "text_encoder.stablehlo",
+        "model.safetensors",
+        "export.json",
+        "tokenizer.model",
+    }
     spec = json.load(open(os.path.join(out, "export.json")))
     assert spec["image"]["input"] == {"shape": ["b", 16, 16, 3], "dtype": "float32"}
     assert spec["text"]["input"] == {"shape": ["b", 16], "dtype": "int32"}
@@ -190,8 +196,12 @@ def test_stablehlo_served_without_flax_matches_live_model(clip_run, tmp_path):
         inputs[f"text{b}"] = text
     np.savez(tmp_path / "in.npz", **inputs)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    subprocess.run([sys.executable, "-c", SERVE, out, str(tmp_path / "in.npz"), str(tmp_path / "res.npz")],
-                   check=True, env=env, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-c", SERVE, out, str(tmp_path / "in.npz"), str(tmp_path / "res.npz")],
+        check=True,
+        env=env,
+        cwd=ROOT,
+    )
     res = dict(np.load(tmp_path / "res.npz"))
     family = _live_family(workdir)
     live = {"image": jax.jit(family.encode_image), "text": jax.jit(family.encode_text)}
@@ -200,8 +210,9 @@ def test_stablehlo_served_without_flax_matches_live_model(clip_run, tmp_path):
         assert res[k].shape == want.shape == (x.shape[0], 32)
         np.testing.assert_allclose(res[k], want, atol=1e-5, rtol=0, err_msg=k)
     tok = Tokenizer(os.path.join(workdir, "tokenizer.model"))
-    np.testing.assert_array_equal(res["ids"], tok.encode(["a red circle", "A Big Blue Square left of a small "
-                                                          "green triangle " * 3], 16))
+    np.testing.assert_array_equal(
+        res["ids"], tok.encode(["a red circle", "A Big Blue Square left of a small green triangle " * 3], 16)
+    )
     enc = serving.Encoders(out)  # and in this process: a wrong shape is refused clearly
     with pytest.raises(ValueError, match=r"must be \[B, 16, 16, 3\], got \[2, 8, 8, 3\]"):
         enc.image(np.zeros((2, 8, 8, 3), np.float32))
@@ -217,8 +228,9 @@ def test_ema_or_student_weights(albef_run, clip_run, tmp_path):
         assert type(family).__name__ == "AlbefFamily"
     _assert_bits_equal(loaded["student"], params)
     _assert_bits_equal(loaded["ema"], ema)
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded["student"]),
-                                                         jax.tree.leaves(loaded["ema"])))
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded["student"]), jax.tree.leaves(loaded["ema"]))
+    )
     # The fusion families' encoders export too, here from the teacher's weights.
     out = str(tmp_path / "hlo_ema")
     formats.export_workdir(workdir, out, "stablehlo", weights="ema", platforms=("cpu",))
@@ -245,6 +257,8 @@ def test_export_command(clip_run, tmp_path, capsys):
     assert summary["format"] == "safetensors" and summary["param_count"] > 0
     _, loaded = formats.load_safetensors(str(out))
     _assert_bits_equal(loaded, params)
-    assert cli.main(["export", "--workdir", workdir, "--format", "safetensors", "--out", str(out),
-                     "--weights", "ema"]) == 2
+    assert (
+        cli.main(["export", "--workdir", workdir, "--format", "safetensors", "--out", str(out), "--weights", "ema"])
+        == 2
+    )
     assert "ema" in capsys.readouterr().err

@@ -7,6 +7,7 @@ run every fault is compared with, bit for bit.
 Run as a script (`python tests/test_faults.py FAULT mmjax-cli-args...`) this file is the
 child process: it arms FAULT, then runs `mmjax.cli.main`.
 """
+
 import json
 import os
 import shutil
@@ -23,8 +24,13 @@ from tiny import ALBEF, ROOT, albef_config, albef_overrides
 STEPS = 8
 
 # The test_faults runs: 8 steps, a checkpoint every 4, every step logged.
-FAULT_RUN = {"train.steps": STEPS, "train.log_every": 1, "train.ckpt_every": 4, "train.keep_checkpoints": 2,
-             "eval.at_end": False}
+FAULT_RUN = {
+    "train.steps": STEPS,
+    "train.log_every": 1,
+    "train.ckpt_every": 4,
+    "train.keep_checkpoints": 2,
+    "eval.at_end": False,
+}
 
 
 def _albef_overrides(data_dir, **extra) -> dict:
@@ -85,9 +91,11 @@ def _copy(reference, tmp_path):
 
 # ----------------------------------------------------------------------------- children
 
+
 def _child(fault: str, argv: list) -> int:
     """Arms `fault` (KIND:N) in this process, then runs the CLI."""
-    from mmjax import checkpoint as ckpt_lib, cli
+    from mmjax import checkpoint as ckpt_lib
+    from mmjax import cli
     from mmjax.train import step as step_lib
 
     kind, _, n = fault.partition(":")
@@ -95,11 +103,13 @@ def _child(fault: str, argv: list) -> int:
     die = lambda sig=signal.SIGKILL: os.kill(os.getpid(), sig)
     if kind == "kill_in_step":  # the n-th step of this process, just dispatched, a save in flight
         from orbax.checkpoint._src.checkpointers import async_checkpointer as ac
+
         commit = ac._background_wait_for_commit_futures
 
         def slow_commit(*args, **kw):  # the async save is still writing when the kill comes
             time.sleep(10)
             return commit(*args, **kw)
+
         ac._background_wait_for_commit_futures = slow_commit
         compile_step = step_lib.compile_step
 
@@ -112,7 +122,9 @@ def _child(fault: str, argv: list) -> int:
                 if calls[0] == n:
                     die()
                 return out
+
             return run
+
         step_lib.compile_step = counted
     elif kind == "kill_before_rename":  # every file of step n written, not yet sealed nor renamed
         write = ckpt_lib.write_manifest
@@ -121,6 +133,7 @@ def _child(fault: str, argv: list) -> int:
             if step == n:
                 die()
             write(step_dir, step, shapes)
+
         ckpt_lib.write_manifest = writing
     return cli.main(argv)
 
@@ -130,11 +143,22 @@ def _run_child(fault, workdir, data_dir, timeout=900):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     # The children compile the step the reference run compiled: share its cache.
     import jax
+
     cache = jax.config.jax_compilation_cache_dir
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    cmd = [sys.executable, os.path.abspath(__file__), fault, "train", "--config", ALBEF, "--workdir", workdir,
-           "--no-progress", *flags]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        fault,
+        "train",
+        "--config",
+        ALBEF,
+        "--workdir",
+        workdir,
+        "--no-progress",
+        *flags,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -162,6 +186,7 @@ def test_kill9_and_sigterm_then_resume_is_bit_exact(reference, data_dir, tmp_pat
     assert sorted(os.listdir(ckpts)) == ["4", f"8{ckpt_lib.TMP_SUFFIX}"]
     # SIGTERM while step 6 computes (in this process: the exit code is the multi-process test's).
     from mmjax.train import step as step_lib
+
     compile_step, calls = step_lib.compile_step, []
 
     def signalled(*args, **kw):
@@ -173,6 +198,7 @@ def test_kill9_and_sigterm_then_resume_is_bit_exact(reference, data_dir, tmp_pat
             if len(calls) == 2:  # resumed at 4: the step that ends at 6
                 os.kill(os.getpid(), signal.SIGTERM)
             return out
+
         return run
 
     monkeypatch.setattr(step_lib, "compile_step", signalled)
@@ -234,7 +260,8 @@ def test_params_readers_pass_over_a_damaged_step(reference, tmp_path, damage):
     the hf-clip exporter through hf_workdir.read_workdir_params:
     a damaged newest step gives the previous step's params; with every step damaged,
     one clear error (a ValueError: exit 2) that names the step and the file."""
-    from mmjax.train import finetune, setup as setup_lib
+    from mmjax.train import finetune
+    from mmjax.train import setup as setup_lib
 
     workdir = _copy(reference, tmp_path)
     ckpts = os.path.join(workdir, "checkpoints")
@@ -257,6 +284,7 @@ def test_params_readers_pass_over_a_damaged_step(reference, tmp_path, damage):
     import jax
 
     from mmjax.export import hf_workdir
+
     assert hf_workdir.checkpoint_step(workdir) == 4
     _, exported = hf_workdir.read_workdir_params(workdir)
     for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(params)):
@@ -290,13 +318,21 @@ def test_a_gradient_that_overflows_adam_changes_nothing():
 
     params = {"w": jnp.ones(3)}
     opt = optax.adam(1e-3)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
-                       ema_params=None, queues=None, rng=jax.random.PRNGKey(0))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=opt.init(params),
+        ema_params=None,
+        queues=None,
+        rng=jax.random.PRNGKey(0),
+    )
     step = jax.jit(step_lib.make_train_step(Linear(), opt))
     new, metrics = step(state, {"x": jnp.asarray([1.0, 1e20, 1.0])})
     assert float(metrics["bad_step"]) == 1.0
-    for a, b in zip(jax.tree_util.tree_leaves((new.params, new.opt_state)),
-                    jax.tree_util.tree_leaves((state.params, state.opt_state))):
+    for a, b in zip(
+        jax.tree_util.tree_leaves((new.params, new.opt_state)),
+        jax.tree_util.tree_leaves((state.params, state.opt_state)),
+    ):
         np.testing.assert_array_equal(a, b)
     new, metrics = step(new, {"x": jnp.asarray([1.0, 2.0, 1.0])})  # a normal batch then trains
     assert float(metrics["bad_step"]) == 0.0 and np.all(np.asarray(new.params["w"]) < 1.0)
@@ -308,7 +344,8 @@ def test_nan_batches_change_nothing_then_stop_the_run(reference, tmp_path, monke
     and is finite), each is counted (bad_step / bad_steps), and after
     train.max_bad_steps=3 in a row the run stops with an error naming step 5."""
     from mmjax.data import pipeline
-    from mmjax.train import guard, loop, setup as setup_lib
+    from mmjax.train import guard, loop
+    from mmjax.train import setup as setup_lib
 
     real = pipeline.make_train_iterator
 
@@ -316,6 +353,7 @@ def test_nan_batches_change_nothing_then_stop_the_run(reference, tmp_path, monke
         def batches():
             for i, batch in enumerate(real(*args, **kw)):
                 yield dict(batch, image=np.full_like(batch["image"], np.nan)) if i >= 2 else batch
+
         return batches()
 
     monkeypatch.setattr(pipeline, "make_train_iterator", poisoned)
@@ -328,7 +366,12 @@ def test_nan_batches_change_nothing_then_stop_the_run(reference, tmp_path, monke
     monkeypatch.undo()
     rows = _train_rows(workdir)
     assert [(r["step"], r["bad_step"], r["bad_steps"]) for r in rows] == [
-        (1, 0, 0), (2, 0, 0), (3, 1, 1), (4, 1, 2), (5, 1, 3)]
+        (1, 0, 0),
+        (2, 0, 0),
+        (3, 1, 1),
+        (4, 1, 2),
+        (5, 1, 3),
+    ]
     setup = setup_lib.Setup(cfg, workdir)
     (two, _), (four, meta4) = setup.restore(step=2), setup.restore(step=4)
     setup.checkpointer.close()
@@ -378,7 +421,12 @@ def test_torn_metrics_line_is_tolerated_and_resume_truncates(tmp_path):
     assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [1, 2, 3, 4, 4, 5, 6, 7, 8]
     assert metrics_lib.truncate(str(tmp_path), 4) == 5
     assert [(r["step"], r["kind"]) for r in metrics_lib.read_metrics(str(tmp_path))] == [
-        (1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "eval")]
+        (1, "train"),
+        (2, "train"),
+        (3, "train"),
+        (4, "train"),
+        (4, "eval"),
+    ]
     assert (tmp_path / "metrics.jsonl").read_text().endswith("\n")
 
 
@@ -392,8 +440,13 @@ def test_sigterm_on_one_of_two_processes_saves_the_same_step_on_both(tmp_path, d
 
     os.makedirs(tmp_path / "w")  # the data and a tokenizer are ready: start-up is what it is
     shutil.copyfile(os.path.join(reference[0], "tokenizer.model"), tmp_path / "w" / "tokenizer.model")
-    procs = _launch(tmp_path / "w", data_dir, 2, (), **{
-        "train.steps": 100000, "train.log_every": 1, "train.ckpt_every": 0, "eval.at_end": False})
+    procs = _launch(
+        tmp_path / "w",
+        data_dir,
+        2,
+        (),
+        **{"train.steps": 100000, "train.log_every": 1, "train.ckpt_every": 0, "eval.at_end": False},
+    )
     metrics = tmp_path / "w" / "metrics.jsonl"
     t0 = time.time()
     try:

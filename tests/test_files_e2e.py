@@ -1,5 +1,6 @@
 """A user's own CSV list, end to end through the CLI: a missing file and a corrupt
 image are skipped and counted, the run finishes and evaluates."""
+
 import json
 import os
 
@@ -26,15 +27,32 @@ def test_csv_list_with_bad_rows(tmp_path):
     rows.append("missing.png,a missing image")
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     wd = tmp_path / "wd"
-    code = cli.main([
-        "train", "--config", DEMO, "--workdir", str(wd), "--no-progress",
-        "--config.data.name=files", f"--config.data.path={tmp_path / 'list.csv'}",
-        "--config.data.eval_fraction=0.3", "--config.data.image_size=16", "--config.data.text_len=8",
-        "--config.data.tokenizer.vocab_size=30", "--config.model.image=mu/8",
-        "--config.model.image_overrides={}", "--config.model.text_overrides={}", "--config.model.embed_dim=16",
-        "--config.train.batch_size=8", "--config.train.steps=4", "--config.train.log_every=2",
-        "--config.train.ckpt_every=0", "--config.eval.every=0", "--config.eval.batch_size=8",
-    ])
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            DEMO,
+            "--workdir",
+            str(wd),
+            "--no-progress",
+            "--config.data.name=files",
+            f"--config.data.path={tmp_path / 'list.csv'}",
+            "--config.data.eval_fraction=0.3",
+            "--config.data.image_size=16",
+            "--config.data.text_len=8",
+            "--config.data.tokenizer.vocab_size=30",
+            "--config.model.image=mu/8",
+            "--config.model.image_overrides={}",
+            "--config.model.text_overrides={}",
+            "--config.model.embed_dim=16",
+            "--config.train.batch_size=8",
+            "--config.train.steps=4",
+            "--config.train.log_every=2",
+            "--config.train.ckpt_every=0",
+            "--config.eval.every=0",
+            "--config.eval.batch_size=8",
+        ]
+    )
     assert code == 0
     rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
     train = [r for r in rows if r["kind"] == "train"]
@@ -42,6 +60,7 @@ def test_csv_list_with_bad_rows(tmp_path):
     # The missing file is counted when the list is read (by each split's reader); the
     # corrupt PNG when it is decoded, in whichever split it fell.
     from mmjax.data import files
+
     kept, _ = files.read_list(str(tmp_path / "list.csv"))
     test_paths = {r["image_path"] for r in files.split_rows(kept, "test", 0.3)}
     broken_in_test = str(tmp_path / "broken.png") in test_paths

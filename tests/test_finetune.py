@@ -1,5 +1,6 @@
 """Fine-tuning from a pretraining checkpoint: what is restored, position-embedding
 resizing, frozen params, layer-wise lr decay, and `mmjax finetune` end to end."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,9 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax import cli, config as config_lib
+from mmjax import cli
+from mmjax import config as config_lib
 from mmjax.models import zoo
-from mmjax.train import finetune, loop, optim, setup as setup_lib, step as step_lib
+from mmjax.train import finetune, loop, optim
+from mmjax.train import setup as setup_lib
+from mmjax.train import step as step_lib
 from tiny import ROOT, tiny_config, tiny_overrides, write_images
 
 FT = f"{ROOT}/configs/finetune_shapes.py"
@@ -25,8 +29,14 @@ def pretrained(tmp_path_factory):
 
 
 def _classifier(backbone_model, image_size=16, num_classes=24):
-    cfg = ml_collections.ConfigDict({"family": "classifier", "backbone": backbone_model.to_dict(),
-                                     "num_classes": num_classes, "image_size": image_size})
+    cfg = ml_collections.ConfigDict(
+        {
+            "family": "classifier",
+            "backbone": backbone_model.to_dict(),
+            "num_classes": num_classes,
+            "image_size": image_size,
+        }
+    )
     return zoo.build(cfg)
 
 
@@ -81,8 +91,7 @@ def test_frozen_backbone_is_bit_identical_and_head_moves(pretrained):
     _, work = pretrained
     model_cfg, pre = finetune.pretrained_params(str(work))
     fam = _classifier(model_cfg)
-    tc = ml_collections.ConfigDict({"steps": 3, "warmup_steps": 0, "lr": 1e-2, "weight_decay": 0.1,
-                                    "grad_clip": 1.0})
+    tc = ml_collections.ConfigDict({"steps": 3, "warmup_steps": 0, "lr": 1e-2, "weight_decay": 0.1, "grad_clip": 1.0})
     opt = optim.make_optimizer(tc)
     state = step_lib.init_state(fam, opt, jax.random.PRNGKey(0), (1, 16, 16, 3), (1, 16))
     params, _ = finetune.transplant(state.params, pre, "backbone/")
@@ -91,8 +100,10 @@ def test_frozen_backbone_is_bit_identical_and_head_moves(pretrained):
     fn = jax.jit(step_lib.make_train_step(fam, opt, trainable=trainable))
     rng = np.random.default_rng(0)
     for _ in range(3):
-        batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
-                 "label": rng.integers(0, 24, size=8).astype(np.int32)}
+        batch = {
+            "image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+            "label": rng.integers(0, 24, size=8).astype(np.int32),
+        }
         state, m = fn(state, batch)
     assert np.isfinite(float(m["loss"]))
     for a, b in zip(jax.tree.leaves(params["backbone"]), jax.tree.leaves(state.params["backbone"])):
@@ -101,10 +112,17 @@ def test_frozen_backbone_is_bit_identical_and_head_moves(pretrained):
 
 
 def test_layer_decay_scales_updates_by_depth():
-    params = {"image_tower": {"patch_embed": {"conv": {"kernel": jnp.ones((2,))}},
-                              "encoder": {"block00": {"w": jnp.ones((2,))}, "block01": {"w": jnp.ones((2,))},
-                                          "ln_final": {"scale": jnp.ones((2,))}}},
-              "head": {"kernel": jnp.ones((2,))}}
+    params = {
+        "image_tower": {
+            "patch_embed": {"conv": {"kernel": jnp.ones((2,))}},
+            "encoder": {
+                "block00": {"w": jnp.ones((2,))},
+                "block01": {"w": jnp.ones((2,))},
+                "ln_final": {"scale": jnp.ones((2,))},
+            },
+        },
+        "head": {"kernel": jnp.ones((2,))},
+    }
     ids, n = optim.layer_ids(params)
     assert n == 2 and ids["image_tower/patch_embed/conv/kernel"] == 0
     assert ids["image_tower/encoder/block01/w"] == 2 and ids["head/kernel"] == 3
@@ -120,22 +138,57 @@ def test_finetune_command(pretrained, tmp_path, capsys):
     over = {k: v for k, v in tiny_overrides(d).items() if not k.startswith("model.")}
     over.update({"train.steps": 4, "train.log_every": 2, "train.ckpt_every": 0})
     flags = [f"--config.{k}={v}" for k, v in over.items()]
-    rc = cli.main(["finetune", "--config", FT + ":full", "--init-from", str(work), "--workdir",
-                   str(tmp_path / "ft"), "--no-progress", *flags])
+    rc = cli.main(
+        [
+            "finetune",
+            "--config",
+            FT + ":full",
+            "--init-from",
+            str(work),
+            "--workdir",
+            str(tmp_path / "ft"),
+            "--no-progress",
+            *flags,
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert '"top1"' in out and '"num_classes": 24' in out
     # An EMA teacher only exists for ALBEF-style runs: a clear error, exit code 2.
-    rc = cli.main(["finetune", "--config", FT + ":linear", "--init-from", str(work), "--weights", "ema",
-                   "--workdir", str(tmp_path / "ft2"), "--no-progress", *flags])
+    rc = cli.main(
+        [
+            "finetune",
+            "--config",
+            FT + ":linear",
+            "--init-from",
+            str(work),
+            "--weights",
+            "ema",
+            "--workdir",
+            str(tmp_path / "ft2"),
+            "--no-progress",
+            *flags,
+        ]
+    )
     assert rc == 2 and "no EMA teacher" in capsys.readouterr().err
     with pytest.raises(config_lib.ConfigError, match="valid choices"):
         config_lib.load(FT + ":linear", ["finetune.weights=teacher"])
     # Retrieval fine-tuning continues the pretraining objective from the checkpoint.
     tiny = {k: v for k, v in tiny_overrides(d).items()}
     tiny.update({"train.steps": 2, "train.log_every": 1, "train.ckpt_every": 0, "train.batch_size": 16})
-    rc = cli.main(["finetune", "--config", f"{ROOT}/configs/finetune_retrieval.py:clip", "--init-from", str(work),
-                   "--workdir", str(tmp_path / "ret"), "--no-progress", *[f"--config.{k}={v}" for k, v in tiny.items()]])
+    rc = cli.main(
+        [
+            "finetune",
+            "--config",
+            f"{ROOT}/configs/finetune_retrieval.py:clip",
+            "--init-from",
+            str(work),
+            "--workdir",
+            str(tmp_path / "ret"),
+            "--no-progress",
+            *[f"--config.{k}={v}" for k, v in tiny.items()],
+        ]
+    )
     assert rc == 0 and '"i2t_r@1"' in capsys.readouterr().out
     assert config_lib.load(f"{ROOT}/configs/finetune_retrieval.py:albef").model.tasks == ("itc", "itm")
 
@@ -148,8 +201,9 @@ def test_embed_command(pretrained, tmp_path, capsys):
     texts = tmp_path / "t.txt"
     texts.write_text("a red circle left of a blue square\n\na small green cross\n")
     out = tmp_path / "e.npz"
-    rc = cli.main(["embed", "--workdir", str(work), "--images", *paths, str(bad), "--texts", str(texts),
-                   "--out", str(out)])
+    rc = cli.main(
+        ["embed", "--workdir", str(work), "--images", *paths, str(bad), "--texts", str(texts), "--out", str(out)]
+    )
     assert rc == 0, capsys.readouterr().err
     z = np.load(out)
     assert z["image_emb"].shape[0] == 3 and list(z["skipped"]) == [str(bad)]
@@ -158,6 +212,7 @@ def test_embed_command(pretrained, tmp_path, capsys):
     # The same vectors as the model applied to the same prepared pixels and tokens.
     from mmjax import workdir as workdir_lib
     from mmjax.data import images as images_lib
+
     config = workdir_lib.load_config_json(str(work))
     setup = setup_lib.Setup(config, str(work))
     state, _ = setup.restore()
@@ -166,8 +221,7 @@ def test_embed_command(pretrained, tmp_path, capsys):
     want = setup.family.encode_image(state.params, pixels)
     np.testing.assert_allclose(z["image_emb"], np.asarray(want), atol=1e-5)
     ids = setup.tokenizer.encode(["a small green cross"], int(config.data.text_len))
-    np.testing.assert_allclose(z["text_emb"][1], np.asarray(setup.family.encode_text(state.params, ids))[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(z["text_emb"][1], np.asarray(setup.family.encode_text(state.params, ids))[0], atol=1e-5)
 
 
 def test_albef_init_from_ema_teacher(tmp_path):
@@ -178,8 +232,11 @@ def test_albef_init_from_ema_teacher(tmp_path):
     from tiny import albef_config
 
     src = tmp_path / "src"
-    loop.train(albef_config(tmp_path, **{"train.steps": 4, "train.ckpt_every": 0, "eval.at_end": False}),
-               str(src), progress=False)
+    loop.train(
+        albef_config(tmp_path, **{"train.steps": 4, "train.ckpt_every": 0, "eval.at_end": False}),
+        str(src),
+        progress=False,
+    )
     _, ema = finetune.pretrained_params(str(src), "ema")
     _, student = finetune.pretrained_params(str(src), "student")
     cfg = albef_config(tmp_path, **{"train.steps": 4})
@@ -206,10 +263,17 @@ def test_an_image_checkpoint_starts_a_video_model(pretrained, inflation):
 
     d, work = pretrained
     over = {k: v for k, v in tiny_overrides(d).items()}
-    over.update({"data.name": "moving_shapes", "data.num_frames": 4, "model.tubelet": 2,
-                 "model.temporal": "divided", "finetune.inflation": inflation,
-                 "data.moving_shapes": "{'image_size': 16, 'num_frames': 8, 'num_train': 16, 'num_validation': 4, "
-                                       "'num_test': 4, 'seed': 0}"})
+    over.update(
+        {
+            "data.name": "moving_shapes",
+            "data.num_frames": 4,
+            "model.tubelet": 2,
+            "model.temporal": "divided",
+            "finetune.inflation": inflation,
+            "data.moving_shapes": "{'image_size': 16, 'num_frames': 8, 'num_train': 16, 'num_validation': 4, "
+            "'num_test': 4, 'seed': 0}",
+        }
+    )
     cfg = config_lib.load(f"{ROOT}/configs/video_clip.py", [f"{k}={v}" for k, v in over.items()])
     with cfg.unlocked():
         cfg.finetune.init_from = str(work)
@@ -217,8 +281,9 @@ def test_an_image_checkpoint_starts_a_video_model(pretrained, inflation):
     params = jax.device_get(setup.fresh_state().params)
     _, pre = finetune.pretrained_params(str(work))
     kernel = params["image_tower"]["patch_embed"]["conv"]["kernel"]
-    np.testing.assert_array_equal(kernel, inflate_patch_kernel(pre["image_tower"]["patch_embed"]["conv"]["kernel"],
-                                                                2, inflation))
+    np.testing.assert_array_equal(
+        kernel, inflate_patch_kernel(pre["image_tower"]["patch_embed"]["conv"]["kernel"], 2, inflation)
+    )
     flat = {finetune.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     for path, v in jax.tree_util.tree_flatten_with_path(pre)[0]:
         key = finetune.path_str(path)

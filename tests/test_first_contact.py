@@ -4,6 +4,7 @@ traceback; help texts mention the overrides; `mmjax eval` takes overrides of the
 workdir's saved config; the install declares what the docs promise.
 
 Most tests call `mmjax.cli.main` in-process and stop before any data or compile."""
+
 import os
 import subprocess
 import sys
@@ -11,9 +12,9 @@ import textwrap
 
 import pytest
 
-from mmjax import workdir as workdir_lib
 from mmjax import cli
 from mmjax import config as config_lib
+from mmjax import workdir as workdir_lib
 from tiny import DEMO, ROOT, tiny_config, tiny_overrides
 
 
@@ -32,11 +33,22 @@ def _tiny(tmp_path):
 
 
 def _train(tmp_path, *overrides, config=DEMO, workdir=None):
-    return cli.main(["train", "--config", config, "--workdir", str(workdir or tmp_path / "wd"), "--no-progress",
-                     *_tiny(tmp_path), *overrides])
+    return cli.main(
+        [
+            "train",
+            "--config",
+            config,
+            "--workdir",
+            str(workdir or tmp_path / "wd"),
+            "--no-progress",
+            *_tiny(tmp_path),
+            *overrides,
+        ]
+    )
 
 
 # ---------------------------------------------------------------- help and overrides
+
 
 @pytest.mark.parametrize("command", ["train", "finetune", "eval", "data", "bench"])
 def test_help_mentions_config_overrides(command, capsys):
@@ -60,6 +72,7 @@ def test_freeze_takes_a_bare_regex():
         config_lib.load(DEMO, ["data.augment.crop_scale=abc"])
     # And it freezes what it says (the mask the loop builds from train.freeze).
     from mmjax.train import optim
+
     params = {"image_tower": {"w": 0.0}, "text_tower": {"w": 0.0}, "image_proj": {"w": 0.0}}
     mask = optim.trainable_mask(params, config_lib.load(DEMO, ["train.freeze=^image_tower/"]).train.freeze)
     assert mask == {"image_tower": {"w": False}, "text_tower": {"w": True}, "image_proj": {"w": True}}
@@ -73,25 +86,31 @@ def test_cli_freeze_override_reaches_the_config(tmp_path, capsys):
     assert "train.log_every" in line and "invalid syntax" not in line
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("--config.train.steps=abc", "expected an integer, got 'abc'"),
-    ("--config.train.lr=fast", "expected a number, got 'fast'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("--config.train.steps=abc", "expected an integer, got 'abc'"),
+        ("--config.train.lr=fast", "expected a number, got 'fast'"),
+    ],
+)
 def test_bad_number_says_what_was_expected(override, needle, tmp_path, capsys):
     assert _train(tmp_path, override) == 2
     line = _one_line_error(capsys)
     assert needle in line and "could not convert" not in line
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("train.log_every=0", "positive"),         # was ZeroDivisionError in the loop
-    ("train.keep_checkpoints=0", "positive"),
-    ("train.ckpt_every=-1", ">= 0"),
-    ("eval.every=-5", ">= 0"),
-    ("eval.batch_size=0", "positive"),
-    ("train.accum_steps=0", "positive"),
-    ("train.max_bad_steps=0", "positive"),  # was silently taken as 1
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.log_every=0", "positive"),  # was ZeroDivisionError in the loop
+        ("train.keep_checkpoints=0", "positive"),
+        ("train.ckpt_every=-1", ">= 0"),
+        ("eval.every=-5", ">= 0"),
+        ("eval.batch_size=0", "positive"),
+        ("train.accum_steps=0", "positive"),
+        ("train.max_bad_steps=0", "positive"),  # was silently taken as 1
+    ],
+)
 def test_out_of_range_ints_exit_2_before_anything_runs(override, needle, tmp_path, capsys):
     assert _train(tmp_path, f"--config.{override}") == 2
     line = _one_line_error(capsys)
@@ -100,6 +119,7 @@ def test_out_of_range_ints_exit_2_before_anything_runs(override, needle, tmp_pat
 
 
 # ---------------------------------------------------------------- config files
+
 
 def test_config_file_with_a_syntax_error(tmp_path, capsys):
     bad = tmp_path / "bad.py"
@@ -111,13 +131,15 @@ def test_config_file_with_a_syntax_error(tmp_path, capsys):
 
 def test_config_file_whose_get_config_raises(tmp_path, capsys):
     bad = tmp_path / "raises.py"
-    bad.write_text(textwrap.dedent("""\
+    bad.write_text(
+        textwrap.dedent("""\
         import ml_collections
 
         def get_config(arg=None):
             c = ml_collections.ConfigDict()
             return c.data.nope  # line 5
-        """))
+        """)
+    )
     assert _train(tmp_path, config=str(bad)) == 2
     line = _one_line_error(capsys)
     assert f"config file {bad} line 5" in line and "get_config(None)" in line
@@ -136,6 +158,7 @@ def test_recipe_argument_error_names_the_file(tmp_path, capsys):
 
 # ---------------------------------------------------------------- paths
 
+
 def test_workdir_under_a_regular_file(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert _train(tmp_path, workdir=tmp_path / "afile" / "wd") == 2
@@ -144,16 +167,20 @@ def test_workdir_under_a_regular_file(tmp_path, capsys):
     assert "afile" in _one_line_error(capsys)
 
 
-@pytest.mark.parametrize("error", [
-    PermissionError(13, "Permission denied", "wd/config.json.tmp"),
-    IsADirectoryError(21, "Is a directory", "wd/metrics.jsonl"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermissionError(13, "Permission denied", "wd/config.json.tmp"),
+        IsADirectoryError(21, "Is a directory", "wd/metrics.jsonl"),
+    ],
+)
 def test_os_errors_of_user_paths_exit_2(error, tmp_path, monkeypatch, capsys):
     """A read-only workdir (the loop's own message, or a raw OSError from any write)."""
     from mmjax.train import loop
 
     def train(*a, **k):
         raise error
+
     monkeypatch.setattr(loop, "train", train)
     assert _train(tmp_path) == 2
     line = _one_line_error(capsys)
@@ -177,15 +204,26 @@ def test_init_from_a_step_without_its_state_exits_2(saved_workdir, tmp_path, cap
     os.makedirs(meta)
     with open(os.path.join(meta, "metadata"), "w") as f:
         f.write('{"data_position": 80}')
-    code = cli.main(["finetune", "--config", os.path.join(ROOT, "configs", "finetune_shapes.py") + ":linear",
-                     "--init-from", saved_workdir, "--workdir", str(tmp_path / "ft"), "--no-progress",
-                     *[o for o in _tiny(tmp_path) if o.startswith(("--config.data.", "--config.train."))]])
+    code = cli.main(
+        [
+            "finetune",
+            "--config",
+            os.path.join(ROOT, "configs", "finetune_shapes.py") + ":linear",
+            "--init-from",
+            saved_workdir,
+            "--workdir",
+            str(tmp_path / "ft"),
+            "--no-progress",
+            *[o for o in _tiny(tmp_path) if o.startswith(("--config.data.", "--config.train."))],
+        ]
+    )
     assert code == 2
     line = _one_line_error(capsys)
     assert "step 5" in line and "state/" in line
 
 
 # ---------------------------------------------------------------- the `data` extra
+
 
 def test_missing_data_extra_says_what_to_install(tmp_path):
     """A plain `pip install -e .` (no TensorFlow): `mmjax train` exits 2 naming the
@@ -200,9 +238,25 @@ def test_missing_data_extra_says_what_to_install(tmp_path):
     overrides = _tiny(tmp_path)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     env.pop("MMJAX_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-c", run, "train", "--config", DEMO, "--workdir",
-                           str(tmp_path / "wd"), "--no-progress", *overrides],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            run,
+            "train",
+            "--config",
+            DEMO,
+            "--workdir",
+            str(tmp_path / "wd"),
+            "--no-progress",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.startswith("mmjax: error:")]
@@ -216,6 +270,7 @@ def test_raw_module_not_found_of_the_extra_exits_2(tmp_path, monkeypatch, capsys
 
     def train(*a, **k):
         raise ModuleNotFoundError("No module named 'av'", name="av")
+
     monkeypatch.setattr(loop, "train", train)
     assert _train(tmp_path) == 2
     line = _one_line_error(capsys)
@@ -223,6 +278,7 @@ def test_raw_module_not_found_of_the_extra_exits_2(tmp_path, monkeypatch, capsys
 
     def other(*a, **k):
         raise ModuleNotFoundError("No module named 'mmjax.nope'", name="mmjax.nope")
+
     monkeypatch.setattr(loop, "train", other)
     with pytest.raises(ModuleNotFoundError):
         _train(tmp_path)
@@ -249,6 +305,7 @@ def test_install_declares_what_export_and_docs_need():
     names = [r.split(">")[0].split("=")[0].split(";")[0].strip() for r in kw["install_requires"]]
     assert "flatbuffers" in names
     import jax._src.export.serialization  # noqa: F401  the import that needs it
+
     assert any(r.startswith("tensorboard") for r in kw["extras_require"]["viz"])
     usage = open(os.path.join(ROOT, "docs", "usage.md")).read()
     assert "tensorboard --logdir workdirs/demo/tb" in usage and ".[viz]" in usage
@@ -256,6 +313,7 @@ def test_install_declares_what_export_and_docs_need():
 
 
 # ---------------------------------------------------------------- mmjax eval overrides
+
 
 @pytest.fixture
 def saved_workdir(tmp_path):
@@ -277,23 +335,37 @@ def test_eval_takes_overrides_of_the_saved_config(saved_workdir, monkeypatch, ca
 
         def restore(self):
             return None
+
     monkeypatch.setattr(setup_lib, "Setup", FakeSetup)
-    code = cli.main(["eval", "--workdir", saved_workdir, "--config.eval.max_examples=16",
-                     "--config.data.name", "files", "--config.data.path=test.csv", "--config.model.dtype=bfloat16"])
+    code = cli.main(
+        [
+            "eval",
+            "--workdir",
+            saved_workdir,
+            "--config.eval.max_examples=16",
+            "--config.data.name",
+            "files",
+            "--config.data.path=test.csv",
+            "--config.model.dtype=bfloat16",
+        ]
+    )
     assert code == 2 and "no checkpoint" in _one_line_error(capsys)  # the fake has none
     c = seen["config"]
     assert (c.eval.max_examples, c.data.name, c.data.path, c.model.dtype) == (16, "files", "test.csv", "bfloat16")
     assert c.data.cache_decoded is False  # validated as train's: the built-in-only cache is dropped
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("model.embed_dim=64", "cannot override 'model.embed_dim'"),
-    ("train.lr=0.1", "cannot override 'train.lr'"),
-    ("data.text_len=8", "cannot override 'data.text_len'"),
-    ("data.tokenizer.vocab_size=50", "cannot override 'data.tokenizer.vocab_size'"),
-    ("eval.batch_size=0", "expected a positive integer"),
-    ("eval.nope=1", "unknown config key 'eval.nope'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model.embed_dim=64", "cannot override 'model.embed_dim'"),
+        ("train.lr=0.1", "cannot override 'train.lr'"),
+        ("data.text_len=8", "cannot override 'data.text_len'"),
+        ("data.tokenizer.vocab_size=50", "cannot override 'data.tokenizer.vocab_size'"),
+        ("eval.batch_size=0", "expected a positive integer"),
+        ("eval.nope=1", "unknown config key 'eval.nope'"),
+    ],
+)
 def test_eval_refuses_overrides_that_do_not_fit_the_checkpoint(override, needle, saved_workdir, capsys):
     assert cli.main(["eval", "--workdir", saved_workdir, f"--config.{override}"]) == 2
     assert needle in _one_line_error(capsys)

@@ -1,12 +1,14 @@
 """Analytic FLOPs (mmjax/flops.py): the documented per-family formulas against the
 matmuls actually traced in each family's objective, and the counter against hand
 counts."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from mmjax import bench, config as config_lib, flops
+from mmjax import bench, flops
+from mmjax import config as config_lib
 from tiny import ROOT
 
 
@@ -29,12 +31,21 @@ def test_counter_on_hand_counted_programs():
 
 
 VIDEO = ["data.num_frames=4", "data.name=moving_shapes"]
-CASES = [("demo", []), ("demo", ["model.loss=sigmoid", "model.pool=gap"]), ("albef", []),
-         ("albef", ["model.tasks=('itc', 'mlm')"]), ("vlmo", []), ("beit3", []),
-         *[("video_clip:" + t, []) for t in ("none", "divided", "local", "mean")],
-         ("video_clip:divided", ["model.tubelet=2"]), ("video_clip:local", ["model.pool=gap"]),
-         ("video_albef:divided", []), ("video_albef:mean", []), ("albef", VIDEO + ["model.temporal=local"]),
-         ("video_clip:local", ["model.local_temporal=mmjax_v1"])]
+CASES = [
+    ("demo", []),
+    ("demo", ["model.loss=sigmoid", "model.pool=gap"]),
+    ("albef", []),
+    ("albef", ["model.tasks=('itc', 'mlm')"]),
+    ("vlmo", []),
+    ("beit3", []),
+    *[("video_clip:" + t, []) for t in ("none", "divided", "local", "mean")],
+    ("video_clip:divided", ["model.tubelet=2"]),
+    ("video_clip:local", ["model.pool=gap"]),
+    ("video_albef:divided", []),
+    ("video_albef:mean", []),
+    ("albef", VIDEO + ["model.temporal=local"]),
+    ("video_clip:local", ["model.local_temporal=mmjax_v1"]),
+]
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=[f"{i}-{n}" for i, (n, _) in enumerate(CASES)])
@@ -44,9 +55,10 @@ def test_formula_equals_the_traced_matmuls(name, extra):
     invented."""
     b = 8
     path, _, arg = name.partition(":")
-    cfg = config_lib.load(f"{ROOT}/configs/{path}.py" + (":" + arg if arg else ""), ["data.image_size=16", "data.text_len=12",
-                                                        "data.tokenizer.vocab_size=50", f"train.batch_size={b}",
-                                                        *extra])
+    cfg = config_lib.load(
+        f"{ROOT}/configs/{path}.py" + (":" + arg if arg else ""),
+        ["data.image_size=16", "data.text_len=12", "data.tokenizer.vocab_size=50", f"train.batch_size={b}", *extra],
+    )
     fam, *_ = bench._prepare(cfg)
     batch = bench.synthetic_batch(cfg, fam, b)
     params = jax.eval_shape(lambda: fam.init_params(jax.random.PRNGKey(0)))

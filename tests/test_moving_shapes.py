@@ -2,6 +2,7 @@
 caption back from its pixels alone, the reversed frames read as the stored time-probe
 negative, 4 sampled frames still show both events, and the TFDS records hold exactly
 the generator's frames."""
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -9,8 +10,8 @@ from scipy import ndimage
 from mmjax.data import moving_shapes_gen as m
 from mmjax.data import shapes_gen as g
 
-
 # --------------------------------------------------------------------- interpreter
+
 
 def _shape(xs, ys) -> int:
     """Shape index of one object's pixels, from its bounding box: a square fills it, a
@@ -76,6 +77,7 @@ def interpret(video) -> str:
 
 
 # --------------------------------------------------------------------------- tests
+
 
 def test_pixels_give_the_caption_and_reversed_frames_the_time_probe_negative():
     kinds, swapped, n = set(), 0, 200

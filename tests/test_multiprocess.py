@@ -2,6 +2,7 @@
 runtime (`mmjax.parallel.distributed.initialize`, gloo collectives): the code path of
 a pod. A run started on 2 processes x 4 devices resumes on 1 process x 8 devices with
 another mesh and ends where an uninterrupted run ends; a dead peer ends the job."""
+
 import json
 import os
 import signal
@@ -18,8 +19,10 @@ from mmjax.train import loop
 from mmjax.train import setup as setup_lib
 from tiny import DEMO, ROOT, tiny_config, tiny_overrides
 
-CHILD_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-               "--xla_llvm_disable_expensive_passes=true")
+CHILD_FLAGS = (
+    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
+    "--xla_llvm_disable_expensive_passes=true"
+)
 
 
 def _port():
@@ -31,14 +34,29 @@ def _port():
 def _launch(workdir, data_dir, n, extra_args=(), **overrides):
     """`n` processes of `mmjax train` on localhost; returns the Popen objects."""
     port = _port()
-    env = dict(os.environ, XLA_FLAGS=CHILD_FLAGS, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT)
+    env = dict(os.environ, XLA_FLAGS=CHILD_FLAGS, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
     flags = [f"--config.{k}={v}" for k, v in tiny_overrides(data_dir, **overrides).items()]
     procs = []
     for i in range(n):
-        cmd = [sys.executable, "-m", "mmjax.cli", "train", "--config", DEMO, "--workdir", str(workdir),
-               "--no-progress", "--coordinator", f"localhost:{port}", "--num-processes", str(n),
-               "--process-id", str(i), *extra_args, *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mmjax.cli",
+            "train",
+            "--config",
+            DEMO,
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+            "--coordinator",
+            f"localhost:{port}",
+            "--num-processes",
+            str(n),
+            "--process-id",
+            str(i),
+            *extra_args,
+            *flags,
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -66,8 +84,14 @@ def test_two_processes_then_one_process_other_mesh(tmp_path, data_dir):
     1 process x 8 devices on a (data=2, fsdp=2, tensor=2) mesh resumes from that
     checkpoint; the params equal a 20-step run on 1 process x 8 devices (data=8)."""
     common = {"train.steps": 20, "train.ckpt_every": 10, "eval.at_end": False}
-    procs = _launch(tmp_path / "a", data_dir, 2, ["--stop-at", "10"],
-                    **common, **{"parallel.mesh": "{'data': 4, 'fsdp': 2, 'tensor': 1}", "eval.every": 10})
+    procs = _launch(
+        tmp_path / "a",
+        data_dir,
+        2,
+        ["--stop-at", "10"],
+        **common,
+        **{"parallel.mesh": "{'data': 4, 'fsdp': 2, 'tensor': 1}", "eval.every": 10},
+    )
     codes, outs = _wait(procs, timeout=600)
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert os.path.isdir(tmp_path / "a" / "checkpoints" / "10")
@@ -80,10 +104,16 @@ def test_two_processes_then_one_process_other_mesh(tmp_path, data_dir):
     setup.checkpointer.close()
     for k in ("i2t_r@1", "i2t_r@5", "t2i_r@1"):
         assert abs(two[k] - one[k]) < 1e-6, (k, two[k], one[k])
-    resumed = loop.train(tiny_config(data_dir, **common, **{"parallel.mesh": "{'data': 2, 'fsdp': 2, 'tensor': 2}"}),
-                         str(tmp_path / "a"), progress=False)
-    straight = loop.train(tiny_config(data_dir, **common, **{"parallel.mesh": "{'data': 8, 'fsdp': 1, 'tensor': 1}"}),
-                          str(tmp_path / "b"), progress=False)
+    resumed = loop.train(
+        tiny_config(data_dir, **common, **{"parallel.mesh": "{'data': 2, 'fsdp': 2, 'tensor': 2}"}),
+        str(tmp_path / "a"),
+        progress=False,
+    )
+    straight = loop.train(
+        tiny_config(data_dir, **common, **{"parallel.mesh": "{'data': 8, 'fsdp': 1, 'tensor': 1}"}),
+        str(tmp_path / "b"),
+        progress=False,
+    )
     assert int(resumed["final_state"].step) == 20
     for a, b in zip(jax.tree.leaves(resumed["final_state"].params), jax.tree.leaves(straight["final_state"].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
@@ -93,9 +123,20 @@ def test_dead_peer_ends_the_job(tmp_path, data_dir):
     """SIGKILL process 1 mid-training: process 0 exits non-zero within the heartbeat
     timeout (plus start-up slack) instead of waiting forever in a collective."""
     heartbeat = 5
-    procs = _launch(tmp_path / "w", data_dir, 2, (), **{
-        "train.steps": 100000, "train.log_every": 1, "train.ckpt_every": 0, "eval.at_end": False,
-        "parallel.heartbeat_timeout_s": heartbeat, "parallel.init_timeout_s": 120})
+    procs = _launch(
+        tmp_path / "w",
+        data_dir,
+        2,
+        (),
+        **{
+            "train.steps": 100000,
+            "train.log_every": 1,
+            "train.ckpt_every": 0,
+            "eval.at_end": False,
+            "parallel.heartbeat_timeout_s": heartbeat,
+            "parallel.init_timeout_s": 120,
+        },
+    )
     metrics = tmp_path / "w" / "metrics.jsonl"
     t0 = time.time()
     try:
@@ -137,8 +178,7 @@ def test_watchdog_exits_when_steps_stop():
 def test_initialize_needs_all_three_flags(monkeypatch):
     from mmjax.parallel import distributed
 
-    for k in ("MMJAX_COORDINATOR", "MMJAX_NUM_PROCESSES", "MMJAX_PROCESS_ID", "SLURM_JOB_ID",
-              "TPU_WORKER_HOSTNAMES"):
+    for k in ("MMJAX_COORDINATOR", "MMJAX_NUM_PROCESSES", "MMJAX_PROCESS_ID", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(k, raising=False)
     assert distributed.initialize() is False  # one process: nothing to join
     with pytest.raises(ValueError, match="--process-id"):

@@ -2,21 +2,27 @@
 jit on (data), (data, fsdp) and (data, fsdp, tensor) meshes give the same losses and
 params for CLIP, SigLIP and ALBEF (queues, hard negatives, MLM masks); the state is
 really sharded; every param carries logical names; pmap checkpoints resume on a mesh."""
+
 import functools
 
 import jax
 import numpy as np
 import pytest
-
-from mmjax.parallel import mesh as mesh_lib, sharding
-from mmjax.parallel.collective import PmapCollective, identity
-from mmjax.train import loop, optim, step as step_lib
 from test_albef import _batch, _family
+
+from mmjax.parallel import mesh as mesh_lib
+from mmjax.parallel import sharding
+from mmjax.parallel.collective import PmapCollective, identity
+from mmjax.train import loop, optim
+from mmjax.train import step as step_lib
 from tiny import albef_config, tiny_config
 
 STEPS = 3
-MESHES = {"data8": {"data": 8}, "data4_fsdp2": {"data": 4, "fsdp": 2},
-          "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
+MESHES = {
+    "data8": {"data": 8},
+    "data4_fsdp2": {"data": 4, "fsdp": 2},
+    "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+}
 
 
 def _setup(kind, tmp_path):
@@ -25,8 +31,10 @@ def _setup(kind, tmp_path):
         cfg = albef_config(tmp_path)
         family = _family(cfg)
     else:
-        cfg = tiny_config(tmp_path, **{"model.loss": "sigmoid" if kind == "siglip" else "softmax",
-                                       "model.text_overrides": "{'heads': 2}"})
+        cfg = tiny_config(
+            tmp_path,
+            **{"model.loss": "sigmoid" if kind == "siglip" else "softmax", "model.text_overrides": "{'heads': 2}"},
+        )
         family = _family(cfg)
     batches = [_batch(s) for s in range(STEPS)]
     if kind != "albef":
@@ -47,8 +55,13 @@ def run(family, train_cfg, batches, mode, mesh_shape=None, devices=None):
         fn = step_lib.compile_pmap_step(step_lib.make_train_step(family, opt, collective=PmapCollective()))
         state = mesh_lib.to_pmap(state)
     else:
-        fn = step_lib.compile_step(step_lib.make_train_step(family, opt, collective=identity), shard,
-                                   mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh), mesh=mesh)
+        fn = step_lib.compile_step(
+            step_lib.make_train_step(family, opt, collective=identity),
+            shard,
+            mesh_lib.batch_sharding(mesh),
+            mesh_lib.replicated(mesh),
+            mesh=mesh,
+        )
     losses = []
     for b in batches:
         b = mesh_lib.pmap_batch(b) if mode == "pmap" else mesh_lib.global_batch(mesh, b)
@@ -91,19 +104,18 @@ def test_modes_match_single_device(kind, mode, tmp_data):
     flat_ref = jax.tree_util.tree_leaves_with_path(ref_state)
     flat = dict((sharding.path_str(p), v) for p, v in jax.tree_util.tree_leaves_with_path(state))
     for p, v in flat_ref:
-        np.testing.assert_allclose(flat[sharding.path_str(p)], v, rtol=1e-4, atol=2e-5,
-                                   err_msg=sharding.path_str(p))
+        np.testing.assert_allclose(flat[sharding.path_str(p)], v, rtol=1e-4, atol=2e-5, err_msg=sharding.path_str(p))
 
 
 @pytest.mark.parametrize("kind", ["clip", "albef", "vlmo", "beit3"])
 def test_every_param_has_logical_names(kind, tmp_data):
     if kind in ("vlmo", "beit3"):
         from test_vlmo import tiny
+
         family = _family(tiny(kind, str(tmp_data)))
     else:
         family, _, _ = _setup(kind, str(tmp_data))
-    boxed = jax.eval_shape(lambda r: family.init_params(r, (1, 16, 16, 3), (1, 16), boxed=True),
-                           jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(lambda r: family.init_params(r, (1, 16, 16, 3), (1, 16), boxed=True), jax.random.PRNGKey(0))
     assert sharding.unnamed_params(boxed) == []
 
 
@@ -112,10 +124,10 @@ def test_fsdp_divides_state_bytes(tmp_data):
     close to 1/8 of the replicated bytes (scalars and indivisible dims stay whole)."""
     family, tc, _ = _setup("albef", str(tmp_data))
     opt = optim.make_optimizer(tc)
-    full = sharding.bytes_per_device(*step_lib.state_plan(
-        family, opt, mesh_lib.make_mesh({"data": 8}), (1, 16, 16, 3), (1, 16))[1:])
-    _, abstract, shard = step_lib.state_plan(family, opt, mesh_lib.make_mesh({"fsdp": 8}), (1, 16, 16, 3),
-                                             (1, 16))
+    full = sharding.bytes_per_device(
+        *step_lib.state_plan(family, opt, mesh_lib.make_mesh({"data": 8}), (1, 16, 16, 3), (1, 16))[1:]
+    )
+    _, abstract, shard = step_lib.state_plan(family, opt, mesh_lib.make_mesh({"fsdp": 8}), (1, 16, 16, 3), (1, 16))
     ratio = sharding.bytes_per_device(abstract, shard) / full
     assert 1 / 8 <= ratio < 0.16, ratio
 
@@ -124,7 +136,8 @@ def test_rules_drop_axes_that_do_not_divide():
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert sharding.mesh_axes(("embed", "mlp"), (64, 256), mesh) == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert sharding.mesh_axes(("embed", "heads", "kv"), (64, 3, 8), mesh) == jax.sharding.PartitionSpec(
-        "fsdp", None, None)
+        "fsdp", None, None
+    )
     assert sharding.mesh_axes(("batch", None), (8, 3), mesh) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
     with pytest.raises(ValueError, match="no rule"):
         sharding.mesh_axes(("bogus",), (4,), mesh)

@@ -1,6 +1,7 @@
 """Speed switches compute the same function: attention padding (and, on a GPU,
 cuDNN flash attention), remat policies, bf16 Adam moments; and `mmjax bench`'s
 report and largest-batch search."""
+
 import json
 
 import jax
@@ -8,12 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import bench, cli, config as config_lib
+from mmjax import bench, cli
+from mmjax import config as config_lib
 from mmjax.models.attention import MultiHeadAttention, attend, causal_mask, combine_masks, padding_mask
 from tiny import ROOT
 
-TINY = ["data.image_size=16", "data.text_len=12", "data.tokenizer.vocab_size=50", "train.batch_size=8",
-        "model.image_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}"]
+TINY = [
+    "data.image_size=16",
+    "data.text_len=12",
+    "data.tokenizer.vocab_size=50",
+    "train.batch_size=8",
+    "model.image_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
+]
 
 
 def _reference_attention(q, k, v, mask):
@@ -45,12 +52,18 @@ def test_padded_attention_equals_numpy(spec, masked):
 
 
 def _loss_and_grads(cfg_name, extra, seed=0):
-    small = {"demo": ["model.text_overrides={'width': 32, 'depth': 1, 'heads': 2, 'mlp_dim': 64}"],
-             "albef": ["model.text_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
-                       "model.fusion_from=1", "model.queue_size=16"],
-             "vlmo": ["model.vl_from=1"], "beit3": [],
-             "blip": ["model.text_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}", "model.queue_size=16"],
-             "video_clip:divided": ["data.num_frames=2"]}[cfg_name]
+    small = {
+        "demo": ["model.text_overrides={'width': 32, 'depth': 1, 'heads': 2, 'mlp_dim': 64}"],
+        "albef": [
+            "model.text_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
+            "model.fusion_from=1",
+            "model.queue_size=16",
+        ],
+        "vlmo": ["model.vl_from=1"],
+        "beit3": [],
+        "blip": ["model.text_overrides={'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}", "model.queue_size=16"],
+        "video_clip:divided": ["data.num_frames=2"],
+    }[cfg_name]
     path, _, arg = cfg_name.partition(":")
     cfg = config_lib.load(f"{ROOT}/configs/{path}.py" + (f":{arg}" if arg else ""), TINY + small + extra)
     fam, *_ = bench._prepare(cfg)
@@ -114,6 +127,7 @@ def test_bf16_adam_moments():
         fn = bench._compiled_step(c, fam, opt, mesh, trainable, shard)
         batch = bench.synthetic_batch(c, fam, 8)
         from mmjax.parallel import mesh as mesh_lib
+
         state, m = fn(state, mesh_lib.global_batch(mesh, batch))
         state, m = fn(state, mesh_lib.global_batch(mesh, batch))
         out.append(float(m["loss"]))
@@ -142,8 +156,20 @@ def test_cudnn_attention_matches_xla_on_gpu():
 
 
 def test_bench_reports_flops_mfu_and_max_batch(capsys):
-    rc = cli.main(["bench", "--config", f"{ROOT}/configs/demo.py", "--steps", "2", "--warmup", "1",
-                   "--batch-size", "16", *[f"--config.{o}" for o in TINY if not o.startswith("train.batch")]])
+    rc = cli.main(
+        [
+            "bench",
+            "--config",
+            f"{ROOT}/configs/demo.py",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "16",
+            *[f"--config.{o}" for o in TINY if not o.startswith("train.batch")],
+        ]
+    )
     assert rc == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["batch_size"] == 16
@@ -190,8 +216,10 @@ def test_scanned_layers_compute_the_unrolled_model():
     shapes = lambda t: jax.tree.map(lambda x: x.shape, t)
     assert shapes(stacked) == shapes(jax.tree.map(lambda x: x, __import__("flax").linen.unbox(boxed)))
     batch = {k: jnp.asarray(v) for k, v in bench.synthetic_batch(cfgs[0], fams[0], 8).items()}
-    outs = [jax.jit(jax.value_and_grad(lambda p, f=f: f.objective(p, batch, jax.random.PRNGKey(1))[0]))(p)
-            for f, p in zip(fams, (unrolled, stacked))]
+    outs = [
+        jax.jit(jax.value_and_grad(lambda p, f=f: f.objective(p, batch, jax.random.PRNGKey(1))[0]))(p)
+        for f, p in zip(fams, (unrolled, stacked))
+    ]
     np.testing.assert_allclose(float(outs[1][0]), float(outs[0][0]), rtol=1e-5)
     g_unrolled = dict(outs[0][1])
     for tower in ("image_tower", "text_tower"):
@@ -234,6 +262,7 @@ def test_prefetch_to_device_keeps_order_and_errors():
     assert next(it) == 0
     it.close()  # the thread stops: one taken, two queued, at most one more in flight
     import time
+
     time.sleep(0.5)
     assert len(calls) <= 4
 

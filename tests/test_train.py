@@ -1,4 +1,5 @@
 """The step and the loop: accumulation, sharding, learning, exact resume."""
+
 import json
 import os
 
@@ -9,7 +10,8 @@ import pytest
 
 from mmjax.models import zoo
 from mmjax.parallel import mesh as mesh_lib
-from mmjax.train import loop, optim, step as step_lib
+from mmjax.train import loop, optim
+from mmjax.train import step as step_lib
 from tiny import tiny_config
 
 
@@ -64,8 +66,9 @@ def test_gradcache_accumulation_equals_full_batch(tmp_path, loss):
     @jax.jit
     def full_and_naive(p):
         micro = step_lib._split_micro(batch, 4)
-        naive = jnp.mean(jnp.stack([family.objective(p, jax.tree_util.tree_map(lambda x: x[j], micro), rng)[0]
-                                    for j in range(4)]))
+        naive = jnp.mean(
+            jnp.stack([family.objective(p, jax.tree_util.tree_map(lambda x: x[j], micro), rng)[0] for j in range(4)])
+        )
         return family.objective(p, batch, rng)[0], naive
 
     full, naive = full_and_naive(params)
@@ -112,12 +115,14 @@ def test_train_lowers_loss_and_resume_is_exact(tmp_path, data_dir):
     assert int(first["final_state"].step) == 15
     resumed = loop.train(tiny_config(data_dir), part_dir, progress=False)
     assert int(resumed["final_state"].step) == 30
-    for a, b in zip(jax.tree_util.tree_leaves(full["final_state"].params),
-                    jax.tree_util.tree_leaves(resumed["final_state"].params)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(full["final_state"].params), jax.tree_util.tree_leaves(resumed["final_state"].params)
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # The second half really trained (so equality above is not vacuous).
-    leaves = zip(jax.tree_util.tree_leaves(first["final_state"].params),
-                 jax.tree_util.tree_leaves(resumed["final_state"].params))
+    leaves = zip(
+        jax.tree_util.tree_leaves(first["final_state"].params), jax.tree_util.tree_leaves(resumed["final_state"].params)
+    )
     assert not all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in leaves)
     # The plot and metrics the run promises are there.
     assert os.path.isfile(tmp_path / "full" / "curves.png")
@@ -162,9 +167,19 @@ def test_resume_is_exact_past_dropped_records(tmp_path):
             Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         rows.append(f"{i}.png,a {['red', 'green', 'blue'][i % 3]} square")
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
-    kv = {"data.name": "files", "data.path": str(tmp_path / "list.csv"), "data.cache_decoded": False,
-          "data.text_len": 8, "data.tokenizer.vocab_size": 30, "model.embed_dim": 16, "train.batch_size": 8,
-          "train.steps": 10, "train.log_every": 1, "train.ckpt_every": 0, "eval.at_end": False}
+    kv = {
+        "data.name": "files",
+        "data.path": str(tmp_path / "list.csv"),
+        "data.cache_decoded": False,
+        "data.text_len": 8,
+        "data.tokenizer.vocab_size": 30,
+        "model.embed_dim": 16,
+        "train.batch_size": 8,
+        "train.steps": 10,
+        "train.log_every": 1,
+        "train.ckpt_every": 0,
+        "eval.at_end": False,
+    }
     full = loop.train(tiny_config(tmp_path, **kv), str(tmp_path / "full"), progress=False)
     part = str(tmp_path / "part")
     loop.train(tiny_config(tmp_path, **kv), part, progress=False, stop_at=4)

@@ -1,6 +1,7 @@
 """Video: FrameEmbed and the inflation of image patch kernels, the temporal modeling
 of the video ViT (against frame-by-frame references), image checkpoints continuing on
 video, frame sampling and the reader of a user's video files."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,7 @@ def test_tubelets_from_an_inflated_kernel(how):
     clip = jnp.asarray(rng.normal(size=(2, 6, 16, 16, C)), jnp.float32)
     got = tub.apply({"params": _with_temporal(conv, 2)}, clip)
     for i in range(2):
-        tube = clip[:, i * t:(i + 1) * t]
+        tube = clip[:, i * t : (i + 1) * t]
         ref = tube[:, t // 2] if how == "central" else jnp.mean(tube, axis=1)
         want = PatchEmbed(P, D).apply({"params": img_params}, ref)
         np.testing.assert_allclose(np.asarray(got[:, i]), np.asarray(want), rtol=1e-4, atol=1e-5)
@@ -167,7 +168,7 @@ def _reference_video_block(p, x, t, temporal, heads=2, kernel=3):
     attn = lambda name, v: _apply(MultiHeadAttention(heads), p[name], v)
     b, s, d = x.shape
     n = (s - 1) // t
-    cls, frames = x[:, :1], [x[:, 1 + f * n:1 + (f + 1) * n] for f in range(t)]
+    cls, frames = x[:, :1], [x[:, 1 + f * n : 1 + (f + 1) * n] for f in range(t)]
     if temporal == "divided":
         new = [f.copy() for f in frames]
         for i in range(n):  # one spatial position across the frames
@@ -181,12 +182,15 @@ def _reference_video_block(p, x, t, temporal, heads=2, kernel=3):
     frames = [f + o[:, 1:] for f, o in zip(frames, outs)]
     if temporal == "local":
         q = p["time_conv"]
-        down = [_apply(nn.Dense(d // 4), q["down"], ln_f) for ln_f in
-                [_apply(nn.LayerNorm(epsilon=1e-6), q["ln"], f) for f in frames]]
+        down = [
+            _apply(nn.Dense(d // 4), q["down"], ln_f)
+            for ln_f in [_apply(nn.LayerNorm(epsilon=1e-6), q["ln"], f) for f in frames]
+        ]
         w, bias = np.asarray(q["conv"]["kernel"]), np.asarray(q["conv"]["bias"])  # [K, 1, R], [R]
         for f in range(t):
-            mixed = bias[None, None] + sum(w[j, 0][None, None] * down[f + j - kernel // 2]
-                                           for j in range(kernel) if 0 <= f + j - kernel // 2 < t)
+            mixed = bias[None, None] + sum(
+                w[j, 0][None, None] * down[f + j - kernel // 2] for j in range(kernel) if 0 <= f + j - kernel // 2 < t
+            )
             frames[f] = frames[f] + _apply(nn.Dense(d), q["up"], mixed)
     y = jnp.concatenate([cls] + frames, axis=1)
     return y + _apply(Mlp(32), p["mlp"], ln("ln2", y))
@@ -210,18 +214,19 @@ def test_local_module_mixes_only_neighbouring_frames():
     block = VideoBlock(2, 32, t, temporal="local")
     x = jax.random.normal(jax.random.PRNGKey(3), (1, 1 + t * n, d))
     params = _jiggle(nn.unbox(block.init(jax.random.PRNGKey(0), x)["params"]))
-    frame = lambda y, f: np.asarray(y[:, 1 + f * n:1 + (f + 1) * n])
+    frame = lambda y, f: np.asarray(y[:, 1 + f * n : 1 + (f + 1) * n])
     base = _apply(block, params, x)
     noise = jax.random.normal(jax.random.PRNGKey(6), (1, n, d))
-    far = _apply(block, params, x.at[:, 1:1 + n].add(noise))  # frame 0
-    near = _apply(block, params, x.at[:, 1 + 2 * n:1 + 3 * n].add(noise))  # frame 2
+    far = _apply(block, params, x.at[:, 1 : 1 + n].add(noise))  # frame 0
+    near = _apply(block, params, x.at[:, 1 + 2 * n : 1 + 3 * n].add(noise))  # frame 2
     np.testing.assert_array_equal(frame(far, 3), frame(base, 3))
     assert np.abs(frame(near, 3) - frame(base, 3)).max() > 1e-3
     assert np.abs(frame(far, 1) - frame(base, 1)).max() > 1e-3
     y = jax.random.normal(jax.random.PRNGKey(4), (1, t, n, d))
     for lt in (LocalTemporal(), LocalTemporal(reduction=4, act=None)):  # the release's, mmjax_v1's
-        np.testing.assert_array_equal(np.asarray(_apply(lt, nn.unbox(lt.init(jax.random.PRNGKey(0), y)["params"]), y)),
-                                      np.asarray(y))  # the identity at init
+        np.testing.assert_array_equal(
+            np.asarray(_apply(lt, nn.unbox(lt.init(jax.random.PRNGKey(0), y)["params"]), y)), np.asarray(y)
+        )  # the identity at init
 
 
 @pytest.mark.parametrize("temporal", TEMPORAL_MODES)
@@ -243,8 +248,11 @@ def test_video_vit_errors():
     with pytest.raises(ValueError, match="valid choices: none, divided, local, mean"):
         ViT(**VIT, num_frames=2, temporal="3d").init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 16, 16, 3)))
     with pytest.raises(ValueError, match="scan_layers"):
-        ViT(**VIT, num_frames=2, temporal="divided", scan=True).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 16, 16, 3)))
+        ViT(**VIT, num_frames=2, temporal="divided", scan=True).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 2, 16, 16, 3))
+        )
     from mmjax.models.zoo.common import video_options
+
     with pytest.raises(ValueError, match="multiple of model.tubelet"):
         video_options({"num_frames": 5, "tubelet": 2})
 
@@ -276,8 +284,9 @@ def _np_local_temporal(q, frames, kernel=3):
     """mPLUG-2's LocalTemporal (models/clip_video.py) in numpy, frame by frame: for each
     frame f, LN -> 1x1 down (D -> D/2) -> depthwise conv over frames f-1, f, f+1 (zero
     padding) -> QuickGELU -> 1x1 up; returned as the residual branch, one array per frame."""
-    down = [_np_layer_norm(q["ln"], f) @ np.asarray(q["down"]["kernel"]) + np.asarray(q["down"]["bias"])
-            for f in frames]
+    down = [
+        _np_layer_norm(q["ln"], f) @ np.asarray(q["down"]["kernel"]) + np.asarray(q["down"]["bias"]) for f in frames
+    ]
     w, bias = np.asarray(q["conv"]["kernel"]), np.asarray(q["conv"]["bias"])  # [K, 1, D/2], [D/2]
     t, out = len(frames), []
     for f in range(t):
@@ -296,15 +305,16 @@ def _reference_release_encoder(p, x, t, heads=2):
     b, s, d = x.shape
     n = (s - 1) // t
     cls = [x[:, :1]] * t
-    frames = [x[:, 1 + f * n:1 + (f + 1) * n] for f in range(t)]
+    frames = [x[:, 1 + f * n : 1 + (f + 1) * n] for f in range(t)]
     blocks = sorted(k for k in p if k.startswith("block"))
     for name in blocks:
         q = p[name]
         assert np.asarray(q["time_conv1"]["down"]["kernel"]).shape == (d, d // 2)  # the release's D/2
         frames = [f + h for f, h in zip(frames, _np_local_temporal(q["time_conv1"], frames))]
         seqs = [np.concatenate([c, f], axis=1) for c, f in zip(cls, frames)]
-        seqs = [sq + np.asarray(_apply(MultiHeadAttention(heads), q["attn"], _np_layer_norm(q["ln1"], sq)))
-                for sq in seqs]
+        seqs = [
+            sq + np.asarray(_apply(MultiHeadAttention(heads), q["attn"], _np_layer_norm(q["ln1"], sq))) for sq in seqs
+        ]
         cls, frames = [sq[:, :1] for sq in seqs], [sq[:, 1:] for sq in seqs]
         frames = [f + h for f, h in zip(frames, _np_local_temporal(q["time_conv2"], frames))]
         seqs = [np.concatenate([c, f], axis=1) for c, f in zip(cls, frames)]
@@ -381,7 +391,10 @@ def test_local_temporal_config_key():
         cfg = config_lib.load(f"{ROOT}/configs/{recipe}")
         assert video_options(dict(cfg.model.to_dict(), temporal="local"))["local_temporal"] == "release", recipe
     assert video_options({"num_frames": 4, "temporal": "local"})["local_temporal"] == "mmjax_v1"
-    assert video_options({"num_frames": 4, "temporal": "local", "local_temporal": "mmjax_v1"})["local_temporal"] == "mmjax_v1"
+    assert (
+        video_options({"num_frames": 4, "temporal": "local", "local_temporal": "mmjax_v1"})["local_temporal"]
+        == "mmjax_v1"
+    )
     with pytest.raises(ValueError, match="model.local_temporal='v2'; valid choices: release, mmjax_v1"):
         video_options({"num_frames": 4, "temporal": "local", "local_temporal": "v2"})
     clip = jnp.zeros((1, 4, 16, 16, 3))

@@ -2,13 +2,15 @@
 list through PyAV with a corrupt and a missing file skipped and counted,
 `moving_shapes` clips through the pipeline, and a tiny video CoCa that trains,
 evaluates (video->text retrieval, the time probe, captions) and captions video files."""
+
 import json
 
 import numpy as np
 import pytest
 
 from mmjax import config as config_lib
-from mmjax.data import decode as decode_lib, moving_shapes_gen, pipeline, video_io
+from mmjax.data import decode as decode_lib
+from mmjax.data import moving_shapes_gen, pipeline, video_io
 from tiny import ROOT, tiny_overrides
 
 MEAN, STD = np.array(pipeline.MEAN, np.float32), np.array(pipeline.STD, np.float32)
@@ -56,8 +58,16 @@ class _Tok:
 
 def test_a_video_list_with_a_corrupt_and_a_missing_file(tmp_path):
     path = _video_list(tmp_path)
-    cfg = dict(name="files", path=path, image_size=32, text_len=8, num_frames=4, frame_sampling="uniform",
-               augment=dict(crop_scale=(1.0, 1.0), aspect=(1.0, 1.0)), shuffle_buffer=1)
+    cfg = dict(
+        name="files",
+        path=path,
+        image_size=32,
+        text_len=8,
+        num_frames=4,
+        frame_sampling="uniform",
+        augment=dict(crop_scale=(1.0, 1.0), aspect=(1.0, 1.0)),
+        shuffle_buffer=1,
+    )
     ev = pipeline.make_eval_iterator(cfg, _Tok(), "train", 8)
     batch = next(ev)
     valid = batch["valid"]
@@ -88,10 +98,17 @@ def test_a_video_list_with_a_corrupt_and_a_missing_file(tmp_path):
 
 
 def _moving_cfg(tmp_path, **extra):
-    over = {"data.data_dir": str(tmp_path), "data.image_size": 16, "data.num_frames": 4, "data.text_len": 16,
-            "data.moving_shapes": "{'image_size': 16, 'num_frames': 8, 'num_train': 48, 'num_validation': 8, "
-                                  "'num_test': 24, 'seed': 0}",
-            "data.tokenizer.vocab_size": 60, "data.shuffle_buffer": 64, **extra}
+    over = {
+        "data.data_dir": str(tmp_path),
+        "data.image_size": 16,
+        "data.num_frames": 4,
+        "data.text_len": 16,
+        "data.moving_shapes": "{'image_size': 16, 'num_frames': 8, 'num_train': 48, 'num_validation': 8, "
+        "'num_test': 24, 'seed': 0}",
+        "data.tokenizer.vocab_size": 60,
+        "data.shuffle_buffer": 64,
+        **extra,
+    }
     return config_lib.load(f"{ROOT}/configs/video_clip.py", [f"{k}={v}" for k, v in over.items()])
 
 
@@ -113,8 +130,9 @@ def test_moving_shapes_clips_through_the_pipeline(tmp_path):
         np.testing.assert_array_equal(a["id"], b["id"])
         np.testing.assert_allclose(a["image"], b["image"], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="set data.num_frames"):
-        next(pipeline.make_train_iterator(dict(cfg.data.to_dict(), num_frames=0, cache_decoded=False), _Tok(), 8,
-                                          seed=0))
+        next(
+            pipeline.make_train_iterator(dict(cfg.data.to_dict(), num_frames=0, cache_decoded=False), _Tok(), 8, seed=0)
+        )
 
 
 def test_video_coca_trains_evaluates_and_captions_videos(tmp_path, capsys):
@@ -127,14 +145,24 @@ def test_video_coca_trains_evaluates_and_captions_videos(tmp_path, capsys):
     from mmjax.train import setup as setup_lib
 
     over = {k: v for k, v in tiny_overrides(tmp_path).items() if not k.startswith("model.")}
-    over.update({"data.name": "moving_shapes", "data.num_frames": 4, "data.text_len": 16,
-                 "data.moving_shapes": "{'image_size': 16, 'num_frames': 8, 'num_train': 64, 'num_validation': 8, "
-                                       "'num_test': 24, 'seed': 0}",
-                 "data.tokenizer.vocab_size": 60, "train.steps": 10, "train.log_every": 5, "train.ckpt_every": 0,
-                 "model.temporal": "divided", "model.cap_queries": 4,
-                 "model.image_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
-                 "model.text_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
-                 "model.unimodal_layers": 1})
+    over.update(
+        {
+            "data.name": "moving_shapes",
+            "data.num_frames": 4,
+            "data.text_len": 16,
+            "data.moving_shapes": "{'image_size': 16, 'num_frames': 8, 'num_train': 64, 'num_validation': 8, "
+            "'num_test': 24, 'seed': 0}",
+            "data.tokenizer.vocab_size": 60,
+            "train.steps": 10,
+            "train.log_every": 5,
+            "train.ckpt_every": 0,
+            "model.temporal": "divided",
+            "model.cap_queries": 4,
+            "model.image_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
+            "model.text_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
+            "model.unimodal_layers": 1,
+        }
+    )
     cfg = config_lib.load(f"{ROOT}/configs/coca.py", [f"{k}={v}" for k, v in over.items()])
     work = str(tmp_path / "vcoca")
     result = loop.train(cfg, work, progress=False)

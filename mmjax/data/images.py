@@ -2,6 +2,7 @@
 prepares them (decode; for a video the data.num_frames segment-centre frames; resize
 with antialiasing to data.image_size, normalise with the dataset mean/std): for
 `mmjax embed`, `mmjax caption` and other inference entry points."""
+
 from __future__ import annotations
 
 import logging

@@ -7,6 +7,7 @@ is drawn from `np.random.default_rng([seed, split_index, i])`. 'video' is a
 [T, S, S, 3], and with `decoders={"video": tfds.decode.SkipDecoding()}` to a string
 [T] of PNG bytes, so a pipeline can decode only the frames it samples.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,13 +29,20 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
 
-def make_config(image_size=32, num_frames=8, num_train=10000, num_validation=1000,
-                num_test=1000, seed=0) -> MovingShapesConfig:
+def make_config(
+    image_size=32, num_frames=8, num_train=10000, num_validation=1000, num_test=1000, seed=0
+) -> MovingShapesConfig:
     """A config whose name encodes every field (one directory per setting)."""
     name = f"s{image_size}_t{num_frames}_n{num_train}-{num_validation}-{num_test}_seed{seed}"
-    return MovingShapesConfig(name=name, image_size=int(image_size), num_frames=int(num_frames),
-                              num_train=int(num_train), num_validation=int(num_validation),
-                              num_test=int(num_test), seed=int(seed))
+    return MovingShapesConfig(
+        name=name,
+        image_size=int(image_size),
+        num_frames=int(num_frames),
+        num_train=int(num_train),
+        num_validation=int(num_validation),
+        num_test=int(num_test),
+        seed=int(seed),
+    )
 
 
 class MmjaxMovingShapes(tfds.core.GeneratorBasedBuilder):
@@ -54,12 +62,14 @@ class MmjaxMovingShapes(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         s = c.image_size
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "video": tfds.features.Video(shape=(c.num_frames, s, s, 3), encoding_format="png"),
-                "caption": tfds.features.Text(),
-                "hard_negatives": tfds.features.Sequence(tfds.features.Text()),
-                "id": np.int64,
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "video": tfds.features.Video(shape=(c.num_frames, s, s, 3), encoding_format="png"),
+                    "caption": tfds.features.Text(),
+                    "hard_negatives": tfds.features.Sequence(tfds.features.Text()),
+                    "id": np.int64,
+                }
+            ),
             supervised_keys=("video", "caption"),
             disable_shuffling=True,  # records stored in id order
         )
@@ -73,5 +83,12 @@ class MmjaxMovingShapes(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         for i in range(n):
             ex = moving_shapes_gen.example(c.seed, split, i, c.image_size, c.num_frames)
-            yield i, {"video": [png_bytes(f) for f in ex["video"]], "caption": ex["caption"],
-                      "hard_negatives": ex["hard_negatives"], "id": i}
+            yield (
+                i,
+                {
+                    "video": [png_bytes(f) for f in ex["video"]],
+                    "caption": ex["caption"],
+                    "hard_negatives": ex["hard_negatives"],
+                    "id": i,
+                },
+            )

@@ -30,17 +30,34 @@ sees the frames as an unordered set cannot tell it from the true one. When valid
 objects stay distinct), the clip with the two events in swapped order and its reversal
 follow (also order-only negatives: their frames show the same object states).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from mmjax.data.shapes_gen import (COLOUR_RGB, COLOURS, MAX_NEGATIVES, SHAPES, SIZE_FRAC,
-                                   SPLITS, _mask, add_noise, background, describe)
+from mmjax.data.shapes_gen import (
+    COLOUR_RGB,
+    COLOURS,
+    MAX_NEGATIVES,
+    SHAPES,
+    SIZE_FRAC,
+    SPLITS,
+    _mask,
+    add_noise,
+    background,
+    describe,
+)
 
 EVENT_KINDS = ("moves", "appears", "disappears", "turns")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up",
-            "appears": "disappears", "disappears": "appears"}
+OPPOSITE = {
+    "left": "right",
+    "right": "left",
+    "up": "down",
+    "down": "up",
+    "appears": "disappears",
+    "disappears": "appears",
+}
 MOVE_FRAC = (0.25, 0.35)  # total displacement of a move, as a fraction of the side
 GAP = 2.0  # min. pixels between the boxes swept by the two objects
 
@@ -50,6 +67,7 @@ GAP = 2.0  # min. pixels between the boxes swept by the two objects
 #            centre before / after its move (equal unless it moves), in pixels;
 #   events:  [(obj, kind, arg)] * 2 in time order, events[k] during half k; arg is the
 #            direction of a move, the new colour index of a turn, else None.
+
 
 def _change_frame(k: int, num_frames: int) -> int:
     """First frame in the state after event k's change: the middle frame of half k."""
@@ -188,8 +206,10 @@ def generate(rng: np.random.Generator, image_size: int = 32, num_frames: int = 8
         raise ValueError(f"num_frames must be a positive multiple of 4, got {num_frames}")
     n = image_size
     while True:
-        attrs = [(int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES))),
-                  int(rng.integers(len(SIZE_FRAC)))) for _ in range(2)]
+        attrs = [
+            (int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES))), int(rng.integers(len(SIZE_FRAC))))
+            for _ in range(2)
+        ]
         if attrs[0] == attrs[1]:
             continue
         events = [_sample_event(rng, k, attrs[k][0]) for k in range(2)]

@@ -11,6 +11,7 @@ repeated T times) and batches hold 'image' [B, T, S, S, 3]. The iterators decode
 augment and batch in tf.data and tokenize in python (deterministic), yielding dicts of
 numpy arrays; see docs/architecture.md for the batch contract.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -23,13 +24,23 @@ import weakref
 
 import numpy as np
 
-from mmjax.data import require_tf
-from mmjax.data import video_io
+from mmjax.data import require_tf, video_io
 from mmjax.data.augment import MAX_NEGATIVES, eval_map, train_map
-from mmjax.data.decode import (MEAN, STD, decode_frames, decode_image, decode_media, num_frames,  # noqa: F401
-                               tf_reason)
-from mmjax.data.sources import (DEFAULT_DATA_DIR, LOCAL_DATASETS, answer_types, captions,  # noqa: F401
-                                cfg_get, data_dir, files_rows, label_names, load_records, num_examples)
+from mmjax.data.decode import (
+    decode_frames,
+    decode_image,
+    decode_media,
+    num_frames,  # noqa: F401
+    tf_reason,
+)
+from mmjax.data.sources import (
+    LOCAL_DATASETS,
+    captions,  # noqa: F401
+    cfg_get,
+    files_rows,
+    load_records,
+    num_examples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +91,15 @@ class BatchIterator:
     consumer by whatever a prefetching reader has taken; `data_state` belongs to its
     batch."""
 
-    def __init__(self, ds, finish, *, start_pos=0, skipped=0, total=None, batch_index=0, to_local=None,
-                 state=False, missing=0):
+    def __init__(
+        self, ds, finish, *, start_pos=0, skipped=0, total=None, batch_index=0, to_local=None, state=False, missing=0
+    ):
         self._it = ds.as_numpy_iterator()
         _LIVE_ITERATORS.add(self)
         self._to_local = to_local  # stream position -> index among this process's records
         self._finish = finish
         self._expect = start_pos  # next (local) stream position expected from tf.data
-        self._total = total       # stream length (eval) to count trailing drops
+        self._total = total  # stream length (eval) to count trailing drops
         self._state = state
         self.skipped = skipped
         self.batch_index = batch_index
@@ -160,10 +172,11 @@ def _check_decodable(data_config, ds, split) -> None:
             decode_media(first, t, tf.fill([t], 0.5))
     except Exception as e:  # noqa: BLE001 (only for the message)
         reason = tf_reason(e)
-        reason = reason[len(path) + 2:] if path and reason.startswith(path + ": ") else reason
+        reason = reason[len(path) + 2 :] if path and reason.startswith(path + ": ") else reason
     where = f"{path}: " if path else ""
-    raise ValueError(f"{src}: none of its {n} records decodes (first: {where}{reason or 'undecodable'}); "
-                     "no batch can be made")
+    raise ValueError(
+        f"{src}: none of its {n} records decodes (first: {where}{reason or 'undecodable'}); no batch can be made"
+    )
 
 
 def _cache_decoded(data_config, ds):
@@ -178,8 +191,7 @@ def _cache_decoded(data_config, ds):
             img = decode_frames(rec["video"])
         else:
             img = decode_image(rec)
-        img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [size, size], antialias=True)), 0, 255),
-                      tf.uint8)
+        img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [size, size], antialias=True)), 0, 255), tf.uint8)
         img.set_shape(([None] if "video" in rec else []) + [size, size, 3])
         out = {k: v for k, v in rec.items() if k not in ("image", "video")}
         out["pixels"] = img
@@ -188,10 +200,20 @@ def _cache_decoded(data_config, ds):
     return ds.map(decode, num_parallel_calls=_npc(data_config), deterministic=True).cache()
 
 
-def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
-                        start_batch: int = 0, start_record: int | None = None, skipped: int = 0,
-                        process_index: int = 0, process_count: int = 1, threads=None,
-                        hard_negatives: int = 0) -> BatchIterator:
+def make_train_iterator(
+    data_config,
+    tokenizer,
+    batch_size: int,
+    *,
+    seed: int,
+    start_batch: int = 0,
+    start_record: int | None = None,
+    skipped: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    threads=None,
+    hard_negatives: int = 0,
+) -> BatchIterator:
     """Infinite iterator of per-process training batches:
     image float32 [B, S, S, 3] (clips, with data.num_frames = T: [B, T, S, S, 3], frames
     sampled by data.frame_sampling), text int32 [B, L], id int64 [B] (+ label int32 [B]),
@@ -229,19 +251,24 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     L = int(cfg_get(data_config, "text_len", 32))
     cache = bool(cfg_get(data_config, "cache_decoded", False))
     if cache and cfg_get(data_config, "name") not in LOCAL_DATASETS:
-        raise ValueError(f"data.cache_decoded=True is for the built-in datasets {LOCAL_DATASETS}, not "
-                         f"{cfg_get(data_config, 'name')!r}: a large or partly corrupt dataset must stream")
+        raise ValueError(
+            f"data.cache_decoded=True is for the built-in datasets {LOCAL_DATASETS}, not "
+            f"{cfg_get(data_config, 'name')!r}: a large or partly corrupt dataset must stream"
+        )
     ds = load_records(data_config, split)
     K = int(hard_negatives or 0)
     if K and "hard_negatives" not in ds.element_spec:
-        raise ValueError(f"model.hard_negatives={K} but dataset {cfg_get(data_config, 'name')!r} has no "
-                         "hard_negatives feature (built-in: shapes); set model.hard_negatives=0")
+        raise ValueError(
+            f"model.hard_negatives={K} but dataset {cfg_get(data_config, 'name')!r} has no "
+            "hard_negatives feature (built-in: shapes); set model.hard_negatives=0"
+        )
     if cache:
         ds = _cache_decoded(data_config, ds)
     else:
         _check_decodable(data_config, ds, split)
-    ds = ds.shuffle(int(cfg_get(data_config, "shuffle_buffer", 10000)), seed=int(seed),
-                    reshuffle_each_iteration=True).repeat()
+    ds = ds.shuffle(
+        int(cfg_get(data_config, "shuffle_buffer", 10000)), seed=int(seed), reshuffle_each_iteration=True
+    ).repeat()
     b, n_proc, rank = int(batch_size), int(process_count), int(process_index)
     global_b = b * n_proc
     start = int(start_batch) * global_b if start_record is None else int(start_record)
@@ -250,16 +277,20 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     ds = ds.enumerate().skip(start)
     if n_proc > 1:  # this process's rows of every global batch, before any decoding
         ds = ds.filter(lambda pos, rec: (pos % global_b) // b == rank)
-    ds = ds.map(train_map(data_config, int(seed), K), num_parallel_calls=_npc(data_config),
-                deterministic=True).ignore_errors()
+    ds = ds.map(
+        train_map(data_config, int(seed), K), num_parallel_calls=_npc(data_config), deterministic=True
+    ).ignore_errors()
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(_options(data_config, threads))
 
     def finish(b):
         if b is None:
             raise StopIteration
-        out = {"image": b["image"], "id": b["id"].astype(np.int64),
-               "text": tokenizer.encode([c.decode("utf-8") for c in b["caption"]], L)}
+        out = {
+            "image": b["image"],
+            "id": b["id"].astype(np.int64),
+            "text": tokenizer.encode([c.decode("utf-8") for c in b["caption"]], L),
+        }
         if "label" in b:
             out["label"] = b["label"].astype(np.int32)
         if K:
@@ -272,12 +303,21 @@ def make_train_iterator(data_config, tokenizer, batch_size: int, *, seed: int,
     to_local = (lambda pos: (pos // global_b) * b + pos % global_b - rank * b) if n_proc > 1 else None
     local_start = (start // global_b) * b + min(max(start % global_b - rank * b, 0), b)
     missing = _initial_skips(data_config, split) if start_record is None else 0
-    return BatchIterator(ds, finish, start_pos=local_start, batch_index=int(start_batch),
-                         skipped=int(skipped) + missing, missing=missing, to_local=to_local, state=True)
+    return BatchIterator(
+        ds,
+        finish,
+        start_pos=local_start,
+        batch_index=int(start_batch),
+        skipped=int(skipped) + missing,
+        missing=missing,
+        to_local=to_local,
+        state=True,
+    )
 
 
-def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
-                       process_index: int = 0, process_count: int = 1) -> BatchIterator:
+def make_eval_iterator(
+    data_config, tokenizer, split: str, batch_size: int, *, process_index: int = 0, process_count: int = 1
+) -> BatchIterator:
     """One ordered pass over this process's shard of `split`, no augmentation.
 
     Every process yields the same number of batches, ceil(ceil(N / P) / B), each of
@@ -295,10 +335,8 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
     n_shard = len(range(process_index, n_total, process_count))
     num_batches = math.ceil(math.ceil(n_total / process_count) / batch_size)
     ds = load_records(data_config, split).shard(process_count, process_index).enumerate()
-    ds = ds.map(eval_map(data_config), num_parallel_calls=_npc(data_config),
-                deterministic=True).ignore_errors()
-    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(
-        _options(data_config))
+    ds = ds.map(eval_map(data_config), num_parallel_calls=_npc(data_config), deterministic=True).ignore_errors()
+    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_options(data_config))
     has_label = "label" in ds.element_spec
     has_neg = "hard_negatives" in ds.element_spec
     state = {"done": 0}
@@ -309,11 +347,13 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
             raise StopIteration
         state["done"] += 1
         n = 0 if b is None else len(b["id"])
-        out = {"image": np.zeros([B] + clip + [S, S, 3], np.float32),
-               "text": np.zeros([B, L], np.int32),
-               "id": np.full([B], -1, np.int64),
-               "valid": np.arange(B) < n,
-               "caption": np.array([""] * B, dtype=object)}
+        out = {
+            "image": np.zeros([B] + clip + [S, S, 3], np.float32),
+            "text": np.zeros([B, L], np.int32),
+            "id": np.full([B], -1, np.int64),
+            "valid": np.arange(B) < n,
+            "caption": np.array([""] * B, dtype=object),
+        }
         if has_label:
             out["label"] = np.zeros([B], np.int32)
         if has_neg:
@@ -329,8 +369,7 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
                 out["label"][:n] = b["label"]
             if has_neg:
                 negs = [c.decode("utf-8") for c in b["hard_negatives"].reshape(-1)]
-                out["hard_negatives"][:n] = tokenizer.encode(negs, L).reshape(
-                    n, MAX_NEGATIVES, L)
+                out["hard_negatives"][:n] = tokenizer.encode(negs, L).reshape(n, MAX_NEGATIVES, L)
                 out["hard_negatives_valid"][:n] = b["hard_negatives_valid"]
         return out
 
@@ -338,22 +377,29 @@ def make_eval_iterator(data_config, tokenizer, split: str, batch_size: int, *,
     return BatchIterator(ds, finish, total=n_shard, skipped=missing, missing=missing)
 
 
-def pipeline_throughput(data_config, batch_size: int, num_batches: int, threads=None,
-                        tokenizer=None) -> dict:
+def pipeline_throughput(data_config, batch_size: int, num_batches: int, threads=None, tokenizer=None) -> dict:
     """Images/s of the training iterator alone (after one warm-up batch), with tf.data's
     private threadpool limited to `threads` when given."""
     from mmjax.data.tokenizer import Tokenizer, train_tokenizer
+
     if tokenizer is None:
         with tempfile.TemporaryDirectory() as d:
             split = cfg_get(data_config, "train_split", "train")
-            tokenizer = Tokenizer(train_tokenizer(
-                captions(data_config, split), d,
-                int(cfg_get(data_config, "tokenizer.vocab_size", 8000))))
+            tokenizer = Tokenizer(
+                train_tokenizer(
+                    captions(data_config, split), d, int(cfg_get(data_config, "tokenizer.vocab_size", 8000))
+                )
+            )
     it = make_train_iterator(data_config, tokenizer, batch_size, seed=0, threads=threads)
     next(it)
     t = time.perf_counter()
     for _ in range(num_batches):
         next(it)
     dt = time.perf_counter() - t
-    return {"images_per_s": num_batches * batch_size / dt, "threads": threads,
-            "batch_size": batch_size, "num_batches": num_batches, "seconds": dt}
+    return {
+        "images_per_s": num_batches * batch_size / dt,
+        "threads": threads,
+        "batch_size": batch_size,
+        "num_batches": num_batches,
+        "seconds": dt,
+    }

@@ -5,14 +5,15 @@ background. Its caption names the objects in a canonical order (by colour index,
 shape index, then size index) and states the spatial relation from the first-named
 object's point of view, so one scene has exactly one caption.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
 COLOUR_RGB = np.array(
-    [[230, 40, 40], [40, 200, 60], [50, 90, 240], [240, 220, 40], [170, 60, 220],
-     [245, 245, 245]], np.float32)
+    [[230, 40, 40], [40, 200, 60], [50, 90, 240], [240, 220, 40], [170, 60, 220], [245, 245, 245]], np.float32
+)
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "large")
 SIZE_FRAC = (0.22, 0.38)  # object diameter as a fraction of the image side
@@ -126,8 +127,10 @@ def generate(rng: np.random.Generator, image_size: int = 32) -> dict:
     """
     n = image_size
     while True:
-        attrs = [(int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES))),
-                  int(rng.integers(len(SIZES)))) for _ in range(2)]
+        attrs = [
+            (int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES))), int(rng.integers(len(SIZES))))
+            for _ in range(2)
+        ]
         if attrs[0] != attrs[1]:
             break
     radii = [SIZE_FRAC[a[2]] * n / 2.0 for a in attrs]

@@ -5,6 +5,7 @@ records (see `mmjax.data.pipeline`); the other functions answer questions about 
 source (class names, sizes, captions) without building a pipeline. TensorFlow is
 imported lazily, in functions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,7 @@ import os
 import numpy as np
 
 from mmjax.data import files as files_lib
-from mmjax.data import require_tf, require_tfds
-from mmjax.data import shapes_gen
+from mmjax.data import require_tf, require_tfds, shapes_gen
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +46,44 @@ def _builder(cfg):
     require_tfds()  # the builder modules import it at the top
     if name in ("shapes", "shapes_vqa"):
         from mmjax.data.shapes import MmjaxShapes, MmjaxShapesVqa, make_config
+
         cls = MmjaxShapes if name == "shapes" else MmjaxShapesVqa
-        c = make_config(**{k: cfg_get(cfg, "shapes." + k, d) for k, d in (
-            ("image_size", 32), ("num_train", 20000), ("num_validation", 1000),
-            ("num_test", 1000), ("seed", 0))})
+        c = make_config(
+            **{
+                k: cfg_get(cfg, "shapes." + k, d)
+                for k, d in (
+                    ("image_size", 32),
+                    ("num_train", 20000),
+                    ("num_validation", 1000),
+                    ("num_test", 1000),
+                    ("seed", 0),
+                )
+            }
+        )
         known = c.name in cls.builder_configs  # the registered default
         b = cls(config=c.name if known else c, data_dir=data_dir(cfg))
     elif name == "moving_shapes":
         from mmjax.data.moving_shapes import MmjaxMovingShapes, make_config
-        c = make_config(**{k: cfg_get(cfg, "moving_shapes." + k, d) for k, d in (
-            ("image_size", 32), ("num_frames", 8), ("num_train", None), ("num_validation", 1000),
-            ("num_test", 1000), ("seed", 0)) if cfg_get(cfg, "moving_shapes." + k, d) is not None})
+
+        c = make_config(
+            **{
+                k: cfg_get(cfg, "moving_shapes." + k, d)
+                for k, d in (
+                    ("image_size", 32),
+                    ("num_frames", 8),
+                    ("num_train", None),
+                    ("num_validation", 1000),
+                    ("num_test", 1000),
+                    ("seed", 0),
+                )
+                if cfg_get(cfg, "moving_shapes." + k, d) is not None
+            }
+        )
         known = c.name in MmjaxMovingShapes.builder_configs
         b = MmjaxMovingShapes(config=c.name if known else c, data_dir=data_dir(cfg))
     elif name == "emoji":
         from mmjax.data.emoji_ds import MmjaxEmoji
+
         b = MmjaxEmoji(data_dir=data_dir(cfg))
     else:
         raise ValueError(f"not a local dataset: {name!r}; valid choices: {', '.join(LOCAL_DATASETS)}")
@@ -84,7 +107,8 @@ def _catalog_builder(cfg):
     if not ok:
         raise FileNotFoundError(
             f"dataset {name!r} is not prepared in data_dir={dd} (mmjax does not download "
-            f"catalog datasets; prepare it with tfds first or set data.data_dir)")
+            f"catalog datasets; prepare it with tfds first or set data.data_dir)"
+        )
     return b
 
 
@@ -92,6 +116,7 @@ def _not_in_catalog(name: str, tfds) -> str:
     """One line for a name that is neither built in nor in the TFDS catalog, with the
     closest names (difflib) instead of tfds's list of every dataset."""
     import difflib
+
     base = name.split(":")[0].split("/")[0]
     try:
         known = list(tfds.list_builders(with_community_datasets=False))
@@ -100,8 +125,11 @@ def _not_in_catalog(name: str, tfds) -> str:
     except Exception:
         known = []
     close = difflib.get_close_matches(base, known + list(LOCAL_DATASETS) + ["files"], n=3)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
-        f"; built-in datasets: {', '.join(LOCAL_DATASETS)}, or 'files' for your own list"
+    hint = (
+        f"; did you mean {' or '.join(repr(c) for c in close)}?"
+        if close
+        else f"; built-in datasets: {', '.join(LOCAL_DATASETS)}, or 'files' for your own list"
+    )
     return f"dataset {base!r} not found in the TFDS catalog{hint}"
 
 
@@ -123,9 +151,11 @@ def load_records(data_config, split: str):
     if name == "files":
         rows, _, names = files_rows(data_config, split)
         key = files_lib.path_key(rows)
-        cols = {key: [r[key] for r in rows],
-                "caption": [r["caption"] for r in rows],
-                "id": np.array([r["id"] for r in rows], np.int64)}
+        cols = {
+            key: [r[key] for r in rows],
+            "caption": [r["caption"] for r in rows],
+            "id": np.array([r["id"] for r in rows], np.int64),
+        }
         if names:
             idx = {n: i for i, n in enumerate(names)}
             cols["label"] = np.array([idx.get(r.get("label"), -1) for r in rows], np.int64)
@@ -135,8 +165,7 @@ def load_records(data_config, split: str):
     b = _builder(data_config) if name in LOCAL_DATASETS else _catalog_builder(data_config)
     feats = b.info.features
     media = "video" if "video" in feats else "image"
-    ds = b.as_dataset(split=split, shuffle_files=False,
-                      decoders={media: tfds.decode.SkipDecoding()})
+    ds = b.as_dataset(split=split, shuffle_files=False, decoders={media: tfds.decode.SkipDecoding()})
     label_names_ = _label_names_of(feats)
 
     def select(r):
@@ -150,8 +179,7 @@ def load_records(data_config, split: str):
         elif "captions" in feats:  # e.g. coco_captions: first caption
             out["caption"] = r["captions"]["text"][0]
         elif label_names_:
-            out["caption"] = tf.strings.join(
-                ["a photo of a ", tf.gather(tf.constant(label_names_), r["label"])])
+            out["caption"] = tf.strings.join(["a photo of a ", tf.gather(tf.constant(label_names_), r["label"])])
         else:
             out["caption"] = tf.constant("")
         if "label" in feats:

@@ -3,6 +3,7 @@
 No TensorFlow import here. Ids: pad=0, unk=1, bos=2, eos=3, <mask>=4, <cls>=5.
 Captions are lower-cased before training and encoding.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,7 @@ def _get(cfg, key, default=None):
     return default if v is None else v
 
 
-def train_tokenizer(captions: Iterable[str], out_dir: str, vocab_size: int,
-                    model_type: str = "bpe") -> str:
+def train_tokenizer(captions: Iterable[str], out_dir: str, vocab_size: int, model_type: str = "bpe") -> str:
     """Train a sentencepiece model on `captions`; returns `out_dir/tokenizer.model`."""
     os.makedirs(out_dir, exist_ok=True)
     sents = [c.lower() for c in captions if c and c.strip()]
@@ -35,11 +35,22 @@ def train_tokenizer(captions: Iterable[str], out_dir: str, vocab_size: int,
         raise ValueError("train_tokenizer: no captions to train on")
     prefix = os.path.join(out_dir, MODEL_NAME[: -len(".model")])
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sents), model_prefix=prefix, vocab_size=int(vocab_size),
-        model_type=model_type, hard_vocab_limit=False, character_coverage=1.0,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=["<mask>", "<cls>"],
-        num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
-        minloglevel=2)
+        sentence_iterator=iter(sents),
+        model_prefix=prefix,
+        vocab_size=int(vocab_size),
+        model_type=model_type,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        user_defined_symbols=["<mask>", "<cls>"],
+        num_threads=1,
+        shuffle_input_sentence=False,
+        input_sentence_size=0,
+        minloglevel=2,
+    )
     return prefix + ".model"
 
 
@@ -75,20 +86,23 @@ class Tokenizer:
             self.truncated += cut
             if not self._warned:
                 self._warned = True
-                log.warning("tokenizer: %d of %d texts longer than text_len=%d were truncated "
-                            "(e.g. %r); raise data.text_len or data.tokenizer.vocab_size",
-                            cut, len(texts), max_len, texts[0][:80])
+                log.warning(
+                    "tokenizer: %d of %d texts longer than text_len=%d were truncated "
+                    "(e.g. %r); raise data.text_len or data.tokenizer.vocab_size",
+                    cut,
+                    len(texts),
+                    max_len,
+                    texts[0][:80],
+                )
         return out
 
     def decode(self, ids) -> str:
         """int ids [L] -> str, dropping pad/bos/eos/cls/mask."""
         special = {self.pad_id, self.bos_id, self.eos_id, self.cls_id, self.mask_id}
-        return self.sp.decode([int(i) for i in np.asarray(ids).reshape(-1)
-                               if int(i) not in special])
+        return self.sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if int(i) not in special])
 
 
-def get_tokenizer(tok_config, workdir: str | None,
-                  captions_fn: Callable[[], Iterable[str]]) -> Tokenizer:
+def get_tokenizer(tok_config, workdir: str | None, captions_fn: Callable[[], Iterable[str]]) -> Tokenizer:
     """`tok_config.path` if set; else reuse `workdir/tokenizer.model`; else train it there
     on `captions_fn()` with `tok_config.vocab_size` (default 8000)."""
     path = _get(tok_config, "path")

@@ -8,6 +8,7 @@ The npz holds `image_emb [N, E]`, `image_paths [N]`, `text_emb [M, E]`, `texts [
 `step`. Images are prepared as the eval pipeline prepares them; files that do not
 decode are skipped with a warning and listed in `skipped`.
 """
+
 from __future__ import annotations
 
 import jax
@@ -19,12 +20,12 @@ from mmjax.parallel import mesh as mesh_lib
 def _batched(fn, mesh, arrays: np.ndarray, batch_size: int) -> np.ndarray:
     out = []
     for i in range(0, len(arrays), batch_size):
-        chunk = arrays[i:i + batch_size]
+        chunk = arrays[i : i + batch_size]
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
         res = fn(mesh_lib.global_batch(mesh, {"x": chunk})["x"])
-        out.append(np.asarray(res)[:batch_size - pad])
+        out.append(np.asarray(res)[: batch_size - pad])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -51,8 +52,9 @@ def _restore(workdir: str, weights: str):
     return params, setup, step, max(n_dev, (int(setup.config.eval.batch_size) // n_dev) * n_dev)
 
 
-def embed(workdir: str, *, images=(), videos=(), texts_file: str | None = None, out: str,
-          weights: str = "student") -> dict:
+def embed(
+    workdir: str, *, images=(), videos=(), texts_file: str | None = None, out: str, weights: str = "student"
+) -> dict:
     from mmjax.data import images as images_lib
 
     params, setup, step, bs = _restore(workdir, weights)
@@ -72,15 +74,29 @@ def embed(workdir: str, *, images=(), videos=(), texts_file: str | None = None, 
         ids = setup.tokenizer.encode(texts, int(config.data.text_len))
         enc = jax.jit(lambda x: family.encode_text(params, x), out_shardings=rep)
         result["texts"] = np.asarray(texts, dtype=str)
-        result["text_emb"] = _batched(enc, setup.mesh, ids, bs).astype(np.float32) if texts else \
-            np.zeros((0, 0), np.float32)
+        result["text_emb"] = (
+            _batched(enc, setup.mesh, ids, bs).astype(np.float32) if texts else np.zeros((0, 0), np.float32)
+        )
     np.savez(out, **result)
-    return {"out": out, "images": len(ok), "skipped": len(result["skipped"]),
-            "texts": len(result.get("texts", [])), "step": int(result["step"])}
+    return {
+        "out": out,
+        "images": len(ok),
+        "skipped": len(result["skipped"]),
+        "texts": len(result.get("texts", [])),
+        "step": int(result["step"]),
+    }
 
 
-def caption(workdir: str, *, images=(), videos=(), weights: str = "student", beams: int = 1,
-            max_len: int | None = None, length_penalty: float = 0.6) -> list[dict]:
+def caption(
+    workdir: str,
+    *,
+    images=(),
+    videos=(),
+    weights: str = "student",
+    beams: int = 1,
+    max_len: int | None = None,
+    length_penalty: float = 0.6,
+) -> list[dict]:
     """Captions of image (or, for a video model, video) files from a captioning workdir
     (CoCa, BLIP): [{'image', 'caption'}], greedy or beam search; files that do not
     decode are skipped with a warning."""
@@ -91,7 +107,9 @@ def caption(workdir: str, *, images=(), videos=(), weights: str = "student", bea
     pixels, ok = _load_media(config, images, videos)
     if not len(pixels):
         return []
-    fn = jax.jit(lambda x: family.caption(params, x, max_len=max_len, beams=int(beams), length_penalty=length_penalty),
-                 out_shardings=mesh_lib.replicated(setup.mesh))
+    fn = jax.jit(
+        lambda x: family.caption(params, x, max_len=max_len, beams=int(beams), length_penalty=length_penalty),
+        out_shardings=mesh_lib.replicated(setup.mesh),
+    )
     ids = _batched(fn, setup.mesh, pixels, bs)
     return [{"image": path, "caption": setup.tokenizer.decode(row)} for path, row in zip(ok, ids)]

@@ -5,6 +5,7 @@ textually identical to the image's own caption, so duplicate captions in the
 eval split (two images with the same scene description) are handled exactly.
 Candidates for image->text are the *unique* captions of the split.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,7 @@ def retrieval_metrics(img: np.ndarray, txt: np.ndarray, captions, ks=KS) -> dict
 RERANK_SCORES = ("itm", "itm+itc")
 
 
-def reranked_metrics(sims: np.ndarray, inverse: np.ndarray, score_pairs, k: int, ks=KS,
-                     scores=RERANK_SCORES) -> dict:
+def reranked_metrics(sims: np.ndarray, inverse: np.ndarray, score_pairs, k: int, ks=KS, scores=RERANK_SCORES) -> dict:
     """Retrieval re-ranked by the ITM head: ITC ranks all candidates, the top k are re-scored.
 
     sims: [N images, M unique captions] ITC similarities; inverse: [N] own caption;
@@ -88,8 +88,9 @@ def reranked_metrics(sims: np.ndarray, inverse: np.ndarray, score_pairs, k: int,
             np.put_along_axis(new, top, score - score.min() + 1.0, axis=1)
             full = new if direction == "i2t" else new.T
             prefix = "itm_" if name == "itm" else "itm_itc_"
-            out.update({key: v for key, v in _recalls(full, inverse, ks, prefix=prefix).items()
-                        if key.startswith(direction)})
+            out.update(
+                {key: v for key, v in _recalls(full, inverse, ks, prefix=prefix).items() if key.startswith(direction)}
+            )
     out["rerank_k"] = int(k)
     return out
 
@@ -129,8 +130,10 @@ def caption_metrics(predicted: list[str], references: list[str]) -> dict:
     and whitespace-split."""
     norm = lambda t: " ".join(str(t).lower().split())
     pred, ref = [norm(p) for p in predicted], [norm(r) for r in references]
-    out = {"caption_exact": float(np.mean([p == r for p, r in zip(pred, ref)])) if ref else 0.0,
-           "num_captions_scored": len(ref)}
+    out = {
+        "caption_exact": float(np.mean([p == r for p, r in zip(pred, ref)])) if ref else 0.0,
+        "num_captions_scored": len(ref),
+    }
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider

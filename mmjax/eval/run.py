@@ -1,4 +1,5 @@
 """Runs the evaluations of a model on a held-out split."""
+
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,8 @@ import logging
 import jax
 import numpy as np
 
-from mmjax.eval import retrieval, zero_shot as zero_shot_lib
+from mmjax.eval import retrieval
+from mmjax.eval import zero_shot as zero_shot_lib
 from mmjax.parallel import mesh as mesh_lib
 
 
@@ -19,8 +21,19 @@ class Evaluator:
     not fit fails the run at its start, not at its first eval.
     """
 
-    def __init__(self, family, data_config, tokenizer, mesh, *, split: str, batch_size: int, max_examples=None,
-                 rerank_k: int = 16, zero_shot=None):
+    def __init__(
+        self,
+        family,
+        data_config,
+        tokenizer,
+        mesh,
+        *,
+        split: str,
+        batch_size: int,
+        max_examples=None,
+        rerank_k: int = 16,
+        zero_shot=None,
+    ):
         self.family, self.data_config, self.tokenizer, self.mesh = family, data_config, tokenizer, mesh
         self.split, self.max_examples = split, max_examples
         # Families with an ITM head (ALBEF, BLIP, VLMo) also report ITM-re-ranked
@@ -45,8 +58,9 @@ class Evaluator:
         self._enc_img = jax.jit(family.encode_image, out_shardings=rep)
         self._enc_txt = jax.jit(family.encode_text, out_shardings=rep)
         if hasattr(family, "caption"):  # CoCa / BLIP: greedy captions of the eval images
-            self._caption = jax.jit(lambda p, x: family.caption(p, x, max_len=int(data_config.text_len)),
-                                    out_shardings=rep)
+            self._caption = jax.jit(
+                lambda p, x: family.caption(p, x, max_len=int(data_config.text_len)), out_shardings=rep
+            )
         if self.has_itm:
             self._img_feat = jax.jit(family.image_features, out_shardings=rep)
             self._txt_feat = jax.jit(family.text_features, out_shardings=rep)
@@ -59,7 +73,7 @@ class Evaluator:
         the metrics come out the same everywhere."""
         n, i = jax.process_count(), jax.process_index()
         rows = self.batch_size // n
-        return mesh_lib.global_batch(self.mesh, {k: np.asarray(v)[i * rows:(i + 1) * rows] for k, v in batch.items()})
+        return mesh_lib.global_batch(self.mesh, {k: np.asarray(v)[i * rows : (i + 1) * rows] for k, v in batch.items()})
 
     def _batched(self, fn, arrays: dict):
         """fn over whole padded batches of equally long numpy arrays -> numpy [N, ...]
@@ -77,8 +91,10 @@ class Evaluator:
 
     def _itm_pairs(self, params, img_tok, stream, text_ids):
         """ITM scores [P] of P (image tokens, text stream, text ids) pairs."""
-        return self._batched(lambda a: self._itm(params, a["tok"], a["stream"], a["text"]),
-                             {"tok": img_tok, "stream": stream, "text": text_ids})
+        return self._batched(
+            lambda a: self._itm(params, a["tok"], a["stream"], a["text"]),
+            {"tok": img_tok, "stream": stream, "text": text_ids},
+        )
 
     def _rerank(self, params, img, txt, caps, img_tok, stream, text_ids) -> dict:
         uniq, inverse, first = retrieval.caption_index(caps)
@@ -124,8 +140,9 @@ class Evaluator:
                 txts.append(np.asarray(self._enc_txt(params, arrays["text"]))[valid])
             caps.extend(np.asarray(batch["caption"])[valid].tolist())
             if hasattr(self, "_caption"):
-                generated.extend(self.tokenizer.decode(row) for row in
-                                 np.asarray(self._caption(params, arrays["image"]))[valid])
+                generated.extend(
+                    self.tokenizer.decode(row) for row in np.asarray(self._caption(params, arrays["image"]))[valid]
+                )
             if "label" in batch:
                 labels.append(np.asarray(batch["label"])[valid])
             if "hard_negatives" in batch:
@@ -136,14 +153,21 @@ class Evaluator:
             if self.max_examples and seen >= self.max_examples:
                 break
         if seen == 0:
-            logging.warning("eval split %r of %r is empty: no evaluation (for a file list, "
-                            "set data.eval_fraction to hold some rows out)", self.split, self.data_config.name)
+            logging.warning(
+                "eval split %r of %r is empty: no evaluation (for a file list, "
+                "set data.eval_fraction to hold some rows out)",
+                self.split,
+                self.data_config.name,
+            )
             return {"num_images": 0}
         img, txt = np.concatenate(imgs), np.concatenate(txts)
         metrics = retrieval.retrieval_metrics(img, txt, caps)
         if self.rerank_k:
-            metrics.update(self._rerank(params, img, txt, caps, np.concatenate(img_toks),
-                                        np.concatenate(streams), np.concatenate(text_ids)))
+            metrics.update(
+                self._rerank(
+                    params, img, txt, caps, np.concatenate(img_toks), np.concatenate(streams), np.concatenate(text_ids)
+                )
+            )
         if negs:
             hn = np.concatenate(negs)
             n, k, length = hn.shape
@@ -174,7 +198,10 @@ class Evaluator:
                     metrics["order_probe_chance"] = probe["binding_chance"]
                 else:
                     probe = retrieval.binding_accuracy_scores(own_s, neg_s, hv)
-                    metrics["binding_acc" + suffix], metrics["binding_chance"] = probe["binding_acc"], probe["binding_chance"]
+                    metrics["binding_acc" + suffix], metrics["binding_chance"] = (
+                        probe["binding_acc"],
+                        probe["binding_chance"],
+                    )
         if labels and self.prompts is not None:
             _, ids = self.prompts
             class_txt = zero_shot_lib.class_embeddings(lambda toks: self._encode_text(params, toks), ids)
@@ -217,23 +244,31 @@ class ClassificationEvaluator:
         for batch in pipeline.make_eval_iterator(self.data_config, self.tokenizer, self.split, self.batch_size):
             if "label" not in batch:
                 raise ValueError(f"split {self.split!r} of {self.data_config.name!r} has no labels to classify")
-            inputs = mesh_lib.global_batch(self.mesh, {k: batch[k][i * rows:(i + 1) * rows] for k in keys})
+            inputs = mesh_lib.global_batch(self.mesh, {k: batch[k][i * rows : (i + 1) * rows] for k in keys})
             logits = np.asarray(self._logits(params, *(inputs[k] for k in keys)))
             valid = np.asarray(batch["valid"], bool)
             preds.append(np.argsort(-logits[valid], axis=-1)[:, :5])
             labels.append(np.asarray(batch["label"])[valid])
         if not labels or not sum(map(len, labels)):
             return {"num_images": 0}
-        return classification_metrics(np.concatenate(preds), np.concatenate(labels),
-                                      int(self.family.num_classes), pipeline.answer_types(self.data_config))
+        return classification_metrics(
+            np.concatenate(preds),
+            np.concatenate(labels),
+            int(self.family.num_classes),
+            pipeline.answer_types(self.data_config),
+        )
 
 
 def classification_metrics(top5, labels, num_classes: int, types=None) -> dict:
     """top5 [N, k] predicted classes (best first), labels [N] -> top1, top5 and, with
     `types` (a type name per class), top1_<type> over the examples of each type."""
     hit1 = top5[:, 0] == labels
-    out = {"top1": float(np.mean(hit1)), "top5": float(np.mean(np.any(top5 == labels[:, None], axis=-1))),
-           "num_images": int(len(labels)), "num_classes": num_classes}
+    out = {
+        "top1": float(np.mean(hit1)),
+        "top5": float(np.mean(np.any(top5 == labels[:, None], axis=-1))),
+        "num_images": int(len(labels)),
+        "num_classes": num_classes,
+    }
     if types:
         types = np.asarray(types)
         for t in dict.fromkeys(types.tolist()):

@@ -9,6 +9,7 @@ naming the prompt and the fix, never silently truncated.
 
     mmjax classify --workdir DIR --images a.png b.jpg --classes "red circle,blue square"
 """
+
 from __future__ import annotations
 
 import os
@@ -21,13 +22,32 @@ import numpy as np
 # "colour shape": the prompts are that caption's opening words, in either size.
 DEFAULT_TEMPLATES = {
     "shapes": ("a small {}", "a large {}"),
-    "cifar10": ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the small {}.",
-                "a photo of the big {}.", "a bad photo of a {}.", "a good photo of a {}."),
-    "cifar100": ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the small {}.",
-                 "a photo of the big {}.", "a bad photo of a {}.", "a good photo of a {}."),
+    "cifar10": (
+        "a photo of a {}.",
+        "a blurry photo of a {}.",
+        "a photo of the small {}.",
+        "a photo of the big {}.",
+        "a bad photo of a {}.",
+        "a good photo of a {}.",
+    ),
+    "cifar100": (
+        "a photo of a {}.",
+        "a blurry photo of a {}.",
+        "a photo of the small {}.",
+        "a photo of the big {}.",
+        "a bad photo of a {}.",
+        "a good photo of a {}.",
+    ),
     # open_clip's SIMPLE_IMAGENET_TEMPLATES
-    "imagenet2012": ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                     "a {} in a video game.", "art of the {}.", "a photo of the small {}."),
+    "imagenet2012": (
+        "itap of a {}.",
+        "a bad photo of the {}.",
+        "a origami {}.",
+        "a photo of the large {}.",
+        "a {} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+    ),
 }
 # Any other dataset. A catalog set with labels but no captions is trained on
 # "a photo of a <label>" (mmjax/data/pipeline.py), which the first template matches.
@@ -53,8 +73,10 @@ def resolve_templates(templates, dataset_name, key: str = "eval.zero_shot.templa
         except (IndexError, KeyError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{key}: template {t!r} must hold exactly one '{{}}' (the class name) and no "
-                             "other braces, e.g. 'a photo of a {}.'")
+            raise ValueError(
+                f"{key}: template {t!r} must hold exactly one '{{}}' (the class name) and no "
+                "other braces, e.g. 'a photo of a {}.'"
+            )
         out.append(t)
     return tuple(out)
 
@@ -113,7 +135,9 @@ def prompt_ids(tokenizer, templates, names, text_len: int) -> np.ndarray:
             f"{over.size} of {len(texts)} zero-shot prompts do not fit text_len={text_len} (the length the "
             f"model was trained at), e.g. {texts[worst]!r} is {int(lengths[worst])} tokens with bos/eos; "
             "give shorter templates (eval.zero_shot.templates, or --templates) or shorter class names",
-            int(over.size), len(texts))
+            int(over.size),
+            len(texts),
+        )
     return probe[:, :text_len].reshape(len(templates), len(names), text_len)
 
 
@@ -140,12 +164,15 @@ def eval_prompts(data_config, tokenizer, zs_config=None):
     name_file = zs.get("class_names_file")
     if name_file:
         if not names:
-            raise ValueError(f"eval.zero_shot.class_names_file is set, but dataset {data_config.name!r} "
-                             "has no labels to classify")
+            raise ValueError(
+                f"eval.zero_shot.class_names_file is set, but dataset {data_config.name!r} has no labels to classify"
+            )
         custom = read_class_names(name_file)
         if len(custom) != len(names):
-            raise ValueError(f"eval.zero_shot.class_names_file {name_file!r} holds {len(custom)} names; "
-                             f"dataset {data_config.name!r} has {len(names)} labels (one name per label, in order)")
+            raise ValueError(
+                f"eval.zero_shot.class_names_file {name_file!r} holds {len(custom)} names; "
+                f"dataset {data_config.name!r} has {len(names)} labels (one name per label, in order)"
+            )
         names = custom
     if not names:
         return None
@@ -157,8 +184,9 @@ def eval_prompts(data_config, tokenizer, zs_config=None):
         raise
 
 
-def classify_files(workdir: str, image_paths, class_names, templates=None, weights: str = "student", *,
-                   videos=()) -> list[dict]:
+def classify_files(
+    workdir: str, image_paths, class_names, templates=None, weights: str = "student", *, videos=()
+) -> list[dict]:
     """Zero-shot classes of image (or, for a video model, video) files from a
     workdir's checkpoint, with the caller's class names: [{'image', 'class',
     'score', 'scores'}] per file that decoded ('score': the cosine similarity of the
@@ -175,8 +203,10 @@ def classify_files(workdir: str, image_paths, class_names, templates=None, weigh
     params, setup, _, bs = embed_lib._restore(workdir, weights)
     config, family = setup.config, setup.family
     if not (hasattr(family, "encode_image") and hasattr(family, "encode_text")):
-        raise ValueError(f"family {config.model.family!r} has no image/text encoders to classify with; "
-                         "zero-shot families: clip, albef, vlmo, beit3, coca, blip")
+        raise ValueError(
+            f"family {config.model.family!r} has no image/text encoders to classify with; "
+            "zero-shot families: clip, albef, vlmo, beit3, coca, blip"
+        )
     if templates is None or (not isinstance(templates, str) and len(templates) == 0):
         templates = (config.get("eval", {}).get("zero_shot", {}) or {}).get("templates")
     templates = resolve_templates(templates, config.data.name, key="templates")
@@ -191,5 +221,7 @@ def classify_files(workdir: str, image_paths, class_names, templates=None, weigh
     class_txt = class_embeddings(lambda t: embed_lib._batched(enc_txt, setup.mesh, t, bs), ids)
     sims = img @ class_txt.T
     best = np.argmax(sims, axis=1)
-    return [{"image": path, "class": names[b], "score": float(s[b]), "scores": [float(v) for v in s]}
-            for path, b, s in zip(ok, best, sims)]
+    return [
+        {"image": path, "class": names[b], "score": float(s[b]), "scores": [float(v) for v in s]}
+        for path, b, s in zip(ok, best, sims)
+    ]

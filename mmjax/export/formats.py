@@ -36,6 +36,7 @@ stablehlo
   later checkpoint, the EMA teacher) swap in without re-exporting. The price is a
   loader that reads one safetensors file, 20 lines of numpy in `serving.py`.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,6 +63,7 @@ _BF16_AS_U16 = "bf16_as_uint16"  # metadata: names stored as the raw bits of bfl
 def mmjax_version() -> str:
     try:
         from importlib.metadata import version
+
         return version("mmjax")
     except Exception:  # noqa: BLE001 - not installed (a source checkout)
         return "unknown"
@@ -69,20 +71,35 @@ def mmjax_version() -> str:
 
 # ----------------------------------------------------------------------------- workdir
 
+
 def _restore(workdir: str, weights: str, step: int | None = None):
     """(params as host numpy, info) of a workdir's latest (or `step`'s) checkpoint."""
     from mmjax.train import setup as setup_lib
 
     params, setup, step = setup_lib.restore_params(workdir, weights, step)
     config = setup.config
-    info = dict(config=config, setup=setup, family=setup.family, step=int(step), weights=weights,
-                model_config=json.loads(config.model.to_json_best_effort()))
+    info = dict(
+        config=config,
+        setup=setup,
+        family=setup.family,
+        step=int(step),
+        weights=weights,
+        model_config=json.loads(config.model.to_json_best_effort()),
+    )
     return params, info
 
 
-def export_workdir(workdir: str, out: str, fmt: str, weights: str = "student", *,
-                   step: int | None = None, dtype: str | None = None,
-                   platforms=DEFAULT_PLATFORMS, precision: str | None = None) -> dict:
+def export_workdir(
+    workdir: str,
+    out: str,
+    fmt: str,
+    weights: str = "student",
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    platforms=DEFAULT_PLATFORMS,
+    precision: str | None = None,
+) -> dict:
     """Exports a workdir's checkpoint to directory `out` in format `fmt`.
 
     fmt: 'safetensors' or 'stablehlo' (see the module docstring); weights: 'student'
@@ -101,20 +118,27 @@ def export_workdir(workdir: str, out: str, fmt: str, weights: str = "student", *
     if precision is not None and fmt != "stablehlo":
         raise ValueError("precision applies to the stablehlo format only")
     if dtype is not None and fmt != "safetensors":
-        raise ValueError("dtype applies to the safetensors format only (the stablehlo "
-                         "encoders take the params in the dtype they were trained in)")
+        raise ValueError(
+            "dtype applies to the safetensors format only (the stablehlo "
+            "encoders take the params in the dtype they were trained in)"
+        )
     params, info = _restore(workdir, weights, step)
     os.makedirs(out, exist_ok=True)
     meta = dict(family=info["model_config"]["family"], weights=weights, step=info["step"])
     if fmt == "safetensors":
-        files = [save_safetensors(os.path.join(out, PARAMS_FILE), params, info["model_config"],
-                                  dtype=dtype, **meta)]
+        files = [save_safetensors(os.path.join(out, PARAMS_FILE), params, info["model_config"], dtype=dtype, **meta)]
         files.append(_write_json(os.path.join(out, CONFIG_FILE), info["model_config"]))
     else:
         files = _export_stablehlo(info, params, out, tuple(platforms), precision)
     sizes = {os.path.basename(f): os.path.getsize(f) for f in files}
-    return dict(format=fmt, out=os.path.abspath(out), files=sizes, bytes=sum(sizes.values()),
-                param_count=int(sum(np.size(x) for x in jax.tree.leaves(params))), **meta)
+    return dict(
+        format=fmt,
+        out=os.path.abspath(out),
+        files=sizes,
+        bytes=sum(sizes.values()),
+        param_count=int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        **meta,
+    )
 
 
 def _write_json(path: str, obj) -> str:
@@ -126,6 +150,7 @@ def _write_json(path: str, obj) -> str:
 
 
 # ----------------------------------------------------------------------------- safetensors
+
 
 def flatten(params) -> dict:
     """Param tree -> {flat name: numpy array}, in tree order."""
@@ -151,8 +176,16 @@ def _native_bf16() -> bool:
         return False
 
 
-def save_safetensors(path: str, params, model_config: dict, *, family: str | None = None,
-                     weights: str = "student", step: int = 0, dtype: str | None = None) -> str:
+def save_safetensors(
+    path: str,
+    params,
+    model_config: dict,
+    *,
+    family: str | None = None,
+    weights: str = "student",
+    step: int = 0,
+    dtype: str | None = None,
+) -> str:
     """Writes `params` (a param tree) to `path` with the model config in the header.
 
     bfloat16 params are stored as safetensors' BF16 (readable by torch and friends);
@@ -165,13 +198,18 @@ def save_safetensors(path: str, params, model_config: dict, *, family: str | Non
         raise ValueError(f"dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
     tensors = flatten(params)
     if dtype is not None:
-        tensors = {k: v.astype(DTYPES[dtype]) if jnp.issubdtype(v.dtype, jnp.floating) else v
-                   for k, v in tensors.items()}
+        tensors = {
+            k: v.astype(DTYPES[dtype]) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in tensors.items()
+        }
     model_config = dict(model_config)
     meta = {
-        "format": "mmjax", "format_version": FORMAT_VERSION, "mmjax_version": mmjax_version(),
-        "family": str(family or model_config.get("family")), "weights": str(weights),
-        "step": str(int(step)), "model_config": json.dumps(model_config, sort_keys=True),
+        "format": "mmjax",
+        "format_version": FORMAT_VERSION,
+        "mmjax_version": mmjax_version(),
+        "family": str(family or model_config.get("family")),
+        "weights": str(weights),
+        "step": str(int(step)),
+        "model_config": json.dumps(model_config, sort_keys=True),
     }
     if dtype is not None:
         meta["param_dtype"] = dtype
@@ -204,6 +242,7 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
         tensors = stn.load_file(path)
     except Exception as e:  # noqa: BLE001 - e.g. an older safetensors without numpy BF16
         from mmjax.export import serving
+
         try:  # the plain-numpy reader of the serving loader knows BF16
             tensors, meta = serving.read_safetensors(path, with_metadata=True)
         except Exception:  # noqa: BLE001 - report the first reader's error
@@ -231,16 +270,20 @@ def load_safetensors(path: str):
     of another shape or dtype than the model expects.
     """
     import ml_collections
+
     from mmjax.models import zoo
 
     path = _params_path(path)
     tensors, meta = read_safetensors(path)
     if meta.get("format") != "mmjax" or "model_config" not in meta:
-        raise ValueError(f"{path}: no mmjax model config in the safetensors header "
-                         f"(metadata keys {sorted(meta)}); was it written by mmjax export?")
+        raise ValueError(
+            f"{path}: no mmjax model config in the safetensors header "
+            f"(metadata keys {sorted(meta)}); was it written by mmjax export?"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {meta.get('format_version')!r}, this mmjax "
-                         f"reads version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: format version {meta.get('format_version')!r}, this mmjax reads version {FORMAT_VERSION}"
+        )
     family = zoo.build(ml_collections.ConfigDict(json.loads(meta["model_config"])))
     expected = jax.eval_shape(family.init_params, jax.random.PRNGKey(0))
     stored_dtype = DTYPES[meta["param_dtype"]] if "param_dtype" in meta else None
@@ -255,25 +298,30 @@ def load_safetensors(path: str):
         if stored_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
             dtype = stored_dtype
         if name not in tensors:
-            raise ValueError(f"{where}: param {name!r} ({_fmt(want.shape, dtype)}) is missing "
-                             f"from the file ({len(tensors)} tensors; the model has {len(leaves_with_path)})")
+            raise ValueError(
+                f"{where}: param {name!r} ({_fmt(want.shape, dtype)}) is missing "
+                f"from the file ({len(tensors)} tensors; the model has {len(leaves_with_path)})"
+            )
         x = tensors[name]
         if tuple(x.shape) != tuple(want.shape) or x.dtype != dtype:
-            raise ValueError(f"{where}: param {name!r} is {_fmt(x.shape, x.dtype)} in the file, "
-                             f"the model expects {_fmt(want.shape, dtype)}")
+            raise ValueError(
+                f"{where}: param {name!r} is {_fmt(x.shape, x.dtype)} in the file, "
+                f"the model expects {_fmt(want.shape, dtype)}"
+            )
         leaves.append(x)
         seen.add(name)
     extra = sorted(set(tensors) - seen)
     if extra:
-        raise ValueError(f"{where}: the file has {len(extra)} tensor(s) the model does not, "
-                         f"first {extra[0]!r}")
+        raise ValueError(f"{where}: the file has {len(extra)} tensor(s) the model does not, first {extra[0]!r}")
     return family, jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 # ----------------------------------------------------------------------------- stablehlo
 
-def export_encoders(family, params, *, image_size: int, text_len: int,
-                    platforms=DEFAULT_PLATFORMS, precision: str | None = None):
+
+def export_encoders(
+    family, params, *, image_size: int, text_len: int, platforms=DEFAULT_PLATFORMS, precision: str | None = None
+):
     """(image Exported, text Exported, param names in argument order).
 
     Each takes `(params: list of arrays in that order, x)` with x an image batch
@@ -286,8 +334,7 @@ def export_encoders(family, params, *, image_size: int, text_len: int,
 
     for method in ("encode_image", "encode_text"):
         if not callable(getattr(family, method, None)):
-            raise ValueError(f"stablehlo export needs the family's {method}; "
-                             f"{type(family).__name__} has none")
+            raise ValueError(f"stablehlo export needs the family's {method}; {type(family).__name__} has none")
     names = list(flatten(params))
     leaves, treedef = jax.tree_util.tree_flatten(params)
     avals = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in leaves]
@@ -295,6 +342,7 @@ def export_encoders(family, params, *, image_size: int, text_len: int,
     def tower(method):
         def fn(flat_params, x):
             return method(jax.tree_util.tree_unflatten(treedef, flat_params), x)
+
         return jax.jit(fn)
 
     image = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {image_size}, {image_size}, 3"), jnp.float32)
@@ -306,8 +354,7 @@ def export_encoders(family, params, *, image_size: int, text_len: int,
 
 
 def _aval_json(aval) -> dict:
-    return dict(shape=[d if isinstance(d, int) else str(d) for d in aval.shape],
-                dtype=np.dtype(aval.dtype).name)
+    return dict(shape=[d if isinstance(d, int) else str(d) for d in aval.shape], dtype=np.dtype(aval.dtype).name)
 
 
 def _export_stablehlo(info, params, out: str, platforms, precision=None) -> list[str]:
@@ -316,9 +363,9 @@ def _export_stablehlo(info, params, out: str, platforms, precision=None) -> list
     config, setup = info["config"], info["setup"]
     data = config.data
     image_size, text_len = int(data.image_size), int(data.text_len)
-    exp_image, exp_text, names = export_encoders(info["family"], params, image_size=image_size,
-                                                 text_len=text_len, platforms=platforms,
-                                                 precision=precision)
+    exp_image, exp_text, names = export_encoders(
+        info["family"], params, image_size=image_size, text_len=text_len, platforms=platforms, precision=precision
+    )
     files = []
     for name, exp in ((IMAGE_FILE, exp_image), (TEXT_FILE, exp_text)):
         path = os.path.join(out, name)
@@ -326,8 +373,11 @@ def _export_stablehlo(info, params, out: str, platforms, precision=None) -> list
             f.write(exp.serialize())
         os.replace(path + ".tmp", path)
         files.append(path)
-    files.append(save_safetensors(os.path.join(out, PARAMS_FILE), params, info["model_config"],
-                                  weights=info["weights"], step=info["step"]))
+    files.append(
+        save_safetensors(
+            os.path.join(out, PARAMS_FILE), params, info["model_config"], weights=info["weights"], step=info["step"]
+        )
+    )
     tok = setup.tokenizer
     has_tokenizer = os.path.isfile(getattr(tok, "model_path", ""))
     if has_tokenizer:
@@ -336,26 +386,42 @@ def _export_stablehlo(info, params, out: str, platforms, precision=None) -> list
     mean = [float(v) for v in (data.get("mean", None) or pipeline.MEAN)]
     std = [float(v) for v in (data.get("std", None) or pipeline.STD)]
     spec = {
-        "format": "mmjax-stablehlo", "format_version": int(FORMAT_VERSION),
-        "mmjax_version": mmjax_version(), "jax_version": jax.__version__,
-        "family": info["model_config"]["family"], "weights": info["weights"], "step": info["step"],
-        "platforms": list(exp_image.platforms), "matmul_precision": precision or "default",
-        "params": {"file": PARAMS_FILE, "order": names,
-                   "note": "both encoders take these tensors, as a list in this order, first"},
+        "format": "mmjax-stablehlo",
+        "format_version": int(FORMAT_VERSION),
+        "mmjax_version": mmjax_version(),
+        "jax_version": jax.__version__,
+        "family": info["model_config"]["family"],
+        "weights": info["weights"],
+        "step": info["step"],
+        "platforms": list(exp_image.platforms),
+        "matmul_precision": precision or "default",
+        "params": {
+            "file": PARAMS_FILE,
+            "order": names,
+            "note": "both encoders take these tensors, as a list in this order, first",
+        },
         "image": {
-            "file": IMAGE_FILE, "input": _aval_json(exp_image.in_avals[-1]),
+            "file": IMAGE_FILE,
+            "input": _aval_json(exp_image.in_avals[-1]),
             "output": _aval_json(exp_image.out_avals[0]),
-            "image_size": image_size, "mean": mean, "std": std,
+            "image_size": image_size,
+            "mean": mean,
+            "std": std,
             "preprocess": "RGB pixels resized to image_size, x / 255, then (x - mean) / std",
         },
         "text": {
-            "file": TEXT_FILE, "input": _aval_json(exp_text.in_avals[-1]),
+            "file": TEXT_FILE,
+            "input": _aval_json(exp_text.in_avals[-1]),
             "output": _aval_json(exp_text.out_avals[0]),
-            "text_len": text_len, "pad_id": int(tok.pad_id), "bos_id": int(tok.bos_id),
-            "eos_id": int(tok.eos_id), "vocab_size": int(tok.vocab_size), "lowercase": True,
+            "text_len": text_len,
+            "pad_id": int(tok.pad_id),
+            "bos_id": int(tok.bos_id),
+            "eos_id": int(tok.eos_id),
+            "vocab_size": int(tok.vocab_size),
+            "lowercase": True,
             "tokenizer": TOKENIZER_FILE if has_tokenizer else None,
             "preprocess": "lower-case, sentencepiece ids, [bos] + ids[:text_len - 2] + [eos], "
-                          "padded with pad_id to text_len",
+            "padded with pad_id to text_len",
         },
         "output": "L2-normalised embeddings; cosine similarity = dot product",
     }

@@ -16,6 +16,7 @@ works: the batch dimension of the exported programs is symbolic (each new size
 compiles once). The params are read once from OUT/model.safetensors and kept on the
 device; both encoders take them as their first argument (see OUT/export.json).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,19 @@ import numpy as np
 
 FORMAT = "mmjax-stablehlo"
 SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": jnp.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -50,14 +61,15 @@ def read_safetensors(path: str, *, with_metadata: bool = False):
     tensors = {}
     for name, t in header.items():
         if t["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {t['dtype']}, not one of "
-                             f"{sorted(SAFETENSORS_DTYPES)}")
+            raise ValueError(f"{path}: tensor {name!r} has dtype {t['dtype']}, not one of {sorted(SAFETENSORS_DTYPES)}")
         dtype = np.dtype(SAFETENSORS_DTYPES[t["dtype"]])
         start, end = t["data_offsets"]
         shape = tuple(int(d) for d in t["shape"])
         if not 0 <= start <= end <= data.size or end - start != dtype.itemsize * int(np.prod(shape)):
-            raise ValueError(f"{path}: tensor {name!r} {t['dtype']}{list(shape)} has bytes "
-                             f"[{start}, {end}) of {data.size}: the file is truncated or corrupt")
+            raise ValueError(
+                f"{path}: tensor {name!r} {t['dtype']}{list(shape)} has bytes "
+                f"[{start}, {end}) of {data.size}: the file is truncated or corrupt"
+            )
         tensors[name] = data[start:end].view(dtype).reshape(shape)
     return (tensors, meta) if with_metadata else tensors
 
@@ -78,15 +90,15 @@ class Encoders:
         with open(os.path.join(self.directory, "export.json")) as f:
             self.spec = json.load(f)
         if self.spec.get("format") != FORMAT:
-            raise ValueError(f"{self.directory}/export.json: format {self.spec.get('format')!r}, "
-                             f"expected {FORMAT!r}")
+            raise ValueError(f"{self.directory}/export.json: format {self.spec.get('format')!r}, expected {FORMAT!r}")
         self._exported = {k: self._deserialize(self.spec[k]["file"]) for k in ("image", "text")}
         tensors = read_safetensors(os.path.join(self.directory, self.spec["params"]["file"]))
         order = self.spec["params"]["order"]
         missing = [name for name in order if name not in tensors]
         if missing:
-            raise ValueError(f"{self.directory}: params file lacks {len(missing)} tensor(s) the "
-                             f"encoders take, first {missing[0]!r}")
+            raise ValueError(
+                f"{self.directory}: params file lacks {len(missing)} tensor(s) the encoders take, first {missing[0]!r}"
+            )
         flat = [tensors[name] for name in order]
         for kind, exp in self._exported.items():
             avals = exp.in_avals[:-1]
@@ -94,8 +106,9 @@ class Encoders:
                 raise ValueError(f"{kind} encoder takes {len(avals)} params, export.json lists {len(flat)}")
             for name, x, aval in zip(order, flat, avals):
                 if tuple(x.shape) != tuple(aval.shape) or x.dtype != aval.dtype:
-                    raise ValueError(f"param {name!r} is {_describe(x)} in the file, the {kind} "
-                                     f"encoder takes {_describe(aval)}")
+                    raise ValueError(
+                        f"param {name!r} is {_describe(x)} in the file, the {kind} encoder takes {_describe(aval)}"
+                    )
         self.params = [jax.device_put(x, device) for x in flat]
         self._fns = {k: jax.jit(exp.call) for k, exp in self._exported.items()}
 

@@ -16,6 +16,7 @@ plain identities / a division, and XLA inserts the communication from the
 shardings. Under `pmap` (`PmapCollective('data')`) they are `all_gather`,
 a slice at `axis_index * b`, a `psum` of the (gradient-free) count, and `pmean`.
 """
+
 from __future__ import annotations
 
 import jax

@@ -21,6 +21,7 @@ On CPU the cross-process collectives are gloo's. Failures are bounded:
   completes): `StepWatchdog` exits the process with code 3 and a message when no
   step finishes for `parallel.step_timeout_s`; the others then see it die as above.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,9 +46,15 @@ def _cluster_env() -> bool:
     return "," in hosts
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, init_timeout_s: int = 300,
-               heartbeat_timeout_s: int = 60, local_device_ids=None) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    init_timeout_s: int = 300,
+    heartbeat_timeout_s: int = 60,
+    local_device_ids=None,
+) -> bool:
     """Joins this process to the job; returns True when it is multi-process.
 
     Must run before any JAX call that creates a backend (`jax.devices()`, ...).
@@ -55,16 +62,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """
     env = os.environ
     coordinator = coordinator or env.get("MMJAX_COORDINATOR") or None
-    num_processes = num_processes if num_processes is not None else (
-        int(env["MMJAX_NUM_PROCESSES"]) if env.get("MMJAX_NUM_PROCESSES") else None)
-    process_id = process_id if process_id is not None else (
-        int(env["MMJAX_PROCESS_ID"]) if env.get("MMJAX_PROCESS_ID") else None)
+    num_processes = (
+        num_processes
+        if num_processes is not None
+        else (int(env["MMJAX_NUM_PROCESSES"]) if env.get("MMJAX_NUM_PROCESSES") else None)
+    )
+    process_id = (
+        process_id
+        if process_id is not None
+        else (int(env["MMJAX_PROCESS_ID"]) if env.get("MMJAX_PROCESS_ID") else None)
+    )
     explicit = coordinator is not None or (num_processes or 1) > 1
     if not explicit and not _cluster_env():
         return False
     if explicit and (coordinator is None or num_processes is None or process_id is None):
-        raise ValueError("multi-process runs need all of --coordinator HOST:PORT, --num-processes N and "
-                         f"--process-id I (got {coordinator!r}, {num_processes!r}, {process_id!r})")
+        raise ValueError(
+            "multi-process runs need all of --coordinator HOST:PORT, --num-processes N and "
+            f"--process-id I (got {coordinator!r}, {num_processes!r}, {process_id!r})"
+        )
     if explicit and not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id {process_id} must lie in [0, {num_processes})")
     # gloo is JAX's CPU default today; set it so an older default cannot bite.
@@ -81,8 +96,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(coordinator, int(num_processes), int(process_id), **kw)
     else:
         jax.distributed.initialize(**kw)
-    log.info("process %d of %d: %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d: %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -115,9 +135,12 @@ class StepWatchdog:
         while not self._stop.wait(period):
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
-                print(f"mmjax: error: process {jax.process_index()} of {jax.process_count()}: no training step "
-                      f"finished in {idle:.0f} s (parallel.step_timeout_s={self.timeout_s:g}); a peer process "
-                      "is stuck or gone. Exiting so the job fails instead of hanging.",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"mmjax: error: process {jax.process_index()} of {jax.process_count()}: no training step "
+                    f"finished in {idle:.0f} s (parallel.step_timeout_s={self.timeout_s:g}); a peer process "
+                    "is stuck or gone. Exiting so the job fails instead of hanging.",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self._exit(WATCHDOG_EXIT)
                 return

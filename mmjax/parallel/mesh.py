@@ -9,13 +9,15 @@ In `parallel.mode = "pmap"` the state is stacked on a leading axis of the local
 devices; `to_pmap` / `from_pmap` convert between that and the mesh layout without
 leaving the devices, so checkpoints are written and read in one (mesh) form.
 """
+
 from __future__ import annotations
 
 import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 AXES = (DATA, FSDP, TENSOR)
@@ -38,8 +40,10 @@ def mesh_shape(shape: dict | None, n_devices: int) -> tuple[int, ...]:
             raise ValueError(f"parallel.mesh={shape}: {n_devices} devices do not divide by {known}")
         sizes[free[0]] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ValueError(f"parallel.mesh={shape} needs {math.prod(sizes)} devices, but there are {n_devices}; "
-                         "use -1 for one axis to take the rest")
+        raise ValueError(
+            f"parallel.mesh={shape} needs {math.prod(sizes)} devices, but there are {n_devices}; "
+            "use -1 for one axis to take the rest"
+        )
     return tuple(sizes)
 
 
@@ -76,6 +80,7 @@ def global_batch(mesh: Mesh, local_batch: dict) -> dict:
 
 # ----------------------------------------------------------------------------- pmap
 
+
 def pmap_mesh() -> Mesh:
     """The 1-D mesh of this process's devices that `jax.pmap` maps over."""
     return Mesh(np.asarray(jax.local_devices()), (DATA,))
@@ -102,10 +107,13 @@ def to_pmap(tree):
         shards = {s.device: s.data for s in x.addressable_shards}
         missing = [d for d in devs if d not in shards]
         if missing or not x.sharding.is_fully_replicated:
-            raise ValueError("to_pmap needs an array replicated on every local device (restore the "
-                             "checkpoint with replicated shardings first)")
-        return jax.make_array_from_single_device_arrays((len(devs),) + x.shape, sharding,
-                                                        [shards[d][None] for d in devs])
+            raise ValueError(
+                "to_pmap needs an array replicated on every local device (restore the "
+                "checkpoint with replicated shardings first)"
+            )
+        return jax.make_array_from_single_device_arrays(
+            (len(devs),) + x.shape, sharding, [shards[d][None] for d in devs]
+        )
 
     return jax.tree_util.tree_map(one, tree)
 
@@ -118,7 +126,8 @@ def from_pmap(tree, mesh: Mesh):
         shards = {s.device: s.data for s in x.addressable_shards}
         shape = x.shape[1:]
         return jax.make_array_from_single_device_arrays(
-            shape, rep, [shards[d].reshape(shape) for d in mesh.local_devices])
+            shape, rep, [shards[d].reshape(shape) for d in mesh.local_devices]
+        )
 
     return jax.tree_util.tree_map(one, tree)
 
@@ -129,6 +138,7 @@ def unreplicate_metrics(metrics):
 
 
 # ------------------------------------------------------------------- prefetch
+
 
 class prefetch_to_device:
     """Iterator of `put(b)` for each `b` of `batches`, with up to `size` batches

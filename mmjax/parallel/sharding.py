@@ -17,6 +17,7 @@ A mesh axis of size 1 is dropped, and so is one that does not divide the dimensi
 never padded. The same resolution is used for params, state and activations, so
 they always agree.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,23 +27,24 @@ import logging
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
 # logical axis -> mesh axes (a tuple shards over their product, in order).
 RULES = (
-    ("batch", ("data", "fsdp")),   # activations and data: the batch dimension
-    ("embed", ("fsdp",)),          # params: model width (FSDP)
-    ("mlp", ("tensor",)),          # MLP hidden units
-    ("heads", ("tensor",)),        # attention heads
-    ("vocab", ("tensor",)),        # word-embedding rows / logits
-    ("queue", ("fsdp",)),          # feature-queue slots
-    ("kv", ()),                    # per-head width
-    ("length", ()),                # sequence positions
-    ("act_embed", ()),             # activation width (activations are batch-sharded)
-    ("norm", ()),                  # LayerNorm scales and biases: small, replicated
-    ("layers", ()),                # the stacked layer axis of scanned blocks (model.scan_layers)
+    ("batch", ("data", "fsdp")),  # activations and data: the batch dimension
+    ("embed", ("fsdp",)),  # params: model width (FSDP)
+    ("mlp", ("tensor",)),  # MLP hidden units
+    ("heads", ("tensor",)),  # attention heads
+    ("vocab", ("tensor",)),  # word-embedding rows / logits
+    ("queue", ("fsdp",)),  # feature-queue slots
+    ("kv", ()),  # per-head width
+    ("length", ()),  # sequence positions
+    ("act_embed", ()),  # activation width (activations are batch-sharded)
+    ("norm", ()),  # LayerNorm scales and biases: small, replicated
+    ("layers", ()),  # the stacked layer axis of scanned blocks (model.scan_layers)
 )
 _RULES = dict(RULES)
 
@@ -97,6 +99,7 @@ def state_shardings(abstract_state, param_logical, mesh, rules=RULES):
     that param's sharding; queue features shard their slots over `queue`; everything
     else (step, rng, counters, scalars) is replicated.
     """
+
     def one(path, leaf):
         keys = path_str(path).split("/")
         shape = tuple(getattr(leaf, "shape", ()))
@@ -115,7 +118,8 @@ def param_logical_axes(boxed_params) -> dict:
     """{'a/b/kernel': ('embed', 'mlp'), ...} from params initialised with names."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(
-            boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]:
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )[0]:
         if isinstance(leaf, nn.LogicallyPartitioned):
             out[path_str(path)] = tuple(leaf.names)
     return out
@@ -124,8 +128,11 @@ def param_logical_axes(boxed_params) -> dict:
 def unnamed_params(boxed_params) -> list[str]:
     """Paths of params created without logical names (a test keeps this empty)."""
     named = set(param_logical_axes(boxed_params))
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(boxed_params))[0]
-            if path_str(p) not in named]
+    return [
+        path_str(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(boxed_params))[0]
+        if path_str(p) not in named
+    ]
 
 
 # ----------------------------------------------------------------- activation constraints
@@ -168,16 +175,20 @@ def bytes_per_device(abstract_tree, shardings) -> int:
 
 # ----------------------------------------------------------------- named initializers
 
+
 def dense_init(*kernel_names, bias_names=None) -> dict:
     """`kernel_init` / `bias_init` kwargs for nn.Dense / DenseGeneral / Conv with the
     default initializers (lecun normal, zeros) and logical names; the bias takes the
     kernel's output names unless given."""
     bias_names = tuple(kernel_names[-1:]) if bias_names is None else tuple(bias_names)
-    return dict(kernel_init=names(nn.initializers.lecun_normal(), *kernel_names),
-                bias_init=names(nn.initializers.zeros_init(), *bias_names))
+    return dict(
+        kernel_init=names(nn.initializers.lecun_normal(), *kernel_names),
+        bias_init=names(nn.initializers.zeros_init(), *bias_names),
+    )
 
 
 def norm_init() -> dict:
     """`scale_init` / `bias_init` kwargs for nn.LayerNorm with logical names."""
-    return dict(scale_init=names(nn.initializers.ones_init(), "norm"),
-                bias_init=names(nn.initializers.zeros_init(), "norm"))
+    return dict(
+        scale_init=names(nn.initializers.ones_init(), "norm"), bias_init=names(nn.initializers.zeros_init(), "norm")
+    )

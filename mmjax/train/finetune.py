@@ -15,6 +15,7 @@ pretrained rows and fresh ones past them. What the checkpoint has but the task d
 (text tower for an image classifier, ITM/MLM heads, queues, teacher, optimizer
 state) is left behind.
 """
+
 from __future__ import annotations
 
 import logging
@@ -119,7 +120,7 @@ def transplant(init_params, pretrained, prefix: str = "", inflation: str = "cent
 
     def one(path, leaf):
         key = path_str(path)
-        src = key[len(prefix):] if prefix and key.startswith(prefix) else (None if prefix else key)
+        src = key[len(prefix) :] if prefix and key.startswith(prefix) else (None if prefix else key)
         if src is None or src not in flat_pre:
             kept.append(key)
             return leaf
@@ -134,17 +135,22 @@ def transplant(init_params, pretrained, prefix: str = "", inflation: str = "cent
                 resized.append(key)
             elif PATCH_KERNEL.search(key) and value.ndim == 4 and leaf.ndim == 5 and value.shape == leaf.shape[1:]:
                 from mmjax.models.video import inflate_patch_kernel
+
                 value = inflate_patch_kernel(value, leaf.shape[0], inflation)
                 resized.append(key)
             else:
-                raise ValueError(f"pretrained {src} has shape {tuple(value.shape)} but the new model's {key} "
-                                 f"has {tuple(leaf.shape)}; only position tables are resized and image "
-                                 "patch kernels inflated to tubelets")
+                raise ValueError(
+                    f"pretrained {src} has shape {tuple(value.shape)} but the new model's {key} "
+                    f"has {tuple(leaf.shape)}; only position tables are resized and image "
+                    "patch kernels inflated to tubelets"
+                )
         return jnp.asarray(value, leaf.dtype)
 
     params = jax.tree_util.tree_map_with_path(one, init_params)
     report = {"loaded": len(used), "resized": resized, "kept_init": kept, "unused": len(flat_pre) - len(used)}
     if not used:
-        raise ValueError(f"no pretrained param matches the new model (prefix {prefix!r}); "
-                         f"pretrained paths look like {list(flat_pre)[:3]}")
+        raise ValueError(
+            f"no pretrained param matches the new model (prefix {prefix!r}); "
+            f"pretrained paths look like {list(flat_pre)[:3]}"
+        )
     return params, report

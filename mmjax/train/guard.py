@@ -11,6 +11,7 @@
   position after it and the records skipped so far), writes it per process into the
   checkpoint meta and turns it back into the iterator's start on resume.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,8 @@ class _AnyProcess:
     dispatched without waiting; `read(pending)` -> its value."""
 
     def __init__(self):
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         mesh = Mesh(np.array(jax.devices()), ("p",))
         self._n_local = len(jax.local_devices())
@@ -94,8 +96,11 @@ class StepChecks:
     def _announce_term(self) -> None:
         if self._term and not self._announced:
             self._announced = True
-            print(f"mmjax: SIGTERM: finishing the current step, then saving a checkpoint "
-                  f"(process {jax.process_index()})", file=sys.stderr, flush=True)
+            print(
+                f"mmjax: SIGTERM: finishing the current step, then saving a checkpoint (process {jax.process_index()})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # -------------------------------------------------------------- per step
     def push(self, done: int, bad_step) -> None:
@@ -120,13 +125,18 @@ class StepChecks:
         if _scalar(bad) > 0:
             self.total += 1
             self.in_a_row += 1
-            log.warning("step %d: non-finite loss or gradients; update skipped (%d in a row, %d in all)",
-                        done, self.in_a_row, self.total)
+            log.warning(
+                "step %d: non-finite loss or gradients; update skipped (%d in a row, %d in all)",
+                done,
+                self.in_a_row,
+                self.total,
+            )
             if self.in_a_row >= self.max_bad and self.failure is None:
                 self.failure = NonFiniteError(
                     f"step {done}: the loss or gradients were not finite for {self.in_a_row} steps in a row "
                     f"(train.max_bad_steps={self.max_bad}); those steps changed nothing and the run stops; "
-                    "lower train.lr or check the data")
+                    "lower train.lr or check the data"
+                )
         else:
             self.in_a_row = 0
         self.stop = self.stop or bool(self._any.read(stop) if self._any is not None else stop)
@@ -156,9 +166,13 @@ class DataCursor:
         if len(records) == process_count:
             self.start = {"start_record": int(records[process_index]), "skipped": int(skipped[process_index])}
         elif sum(skipped):
-            log.warning("resuming on %d processes a run saved by %d after %d dropped records: the data "
-                        "position is the global batch count, which is not exact when records were dropped",
-                        process_count, len(records), sum(skipped))
+            log.warning(
+                "resuming on %d processes a run saved by %d after %d dropped records: the data "
+                "position is the global batch count, which is not exact when records were dropped",
+                process_count,
+                len(records),
+                sum(skipped),
+            )
 
     def consumed(self, data_state) -> None:
         if data_state is not None:

@@ -1,4 +1,5 @@
 """The training loop: batches -> step -> metrics, progress, checkpoints, evals."""
+
 from __future__ import annotations
 
 import logging
@@ -12,10 +13,12 @@ from tqdm import tqdm
 
 from mmjax import checkpoint as ckpt_lib
 from mmjax import workdir as workdir_lib
-from mmjax.parallel import distributed, mesh as mesh_lib
+from mmjax.parallel import distributed
+from mmjax.parallel import mesh as mesh_lib
 from mmjax.parallel.collective import PmapCollective, identity
+from mmjax.train import guard
 from mmjax.train import metrics as metrics_lib
-from mmjax.train import guard, step as step_lib
+from mmjax.train import step as step_lib
 from mmjax.train.setup import Setup
 
 
@@ -34,10 +37,13 @@ def _restore_for_training(setup: Setup, config, workdir: str):
         if not diff:
             raise
         if isinstance(e, ckpt_lib.StateMismatch):
-            raise ValueError(f"cannot resume {workdir}: the workdir's config differs from this run's in keys: "
-                             f"{', '.join(diff)}; use another --workdir, or the workdir's values ({e})") from None
-        raise ckpt_lib.CheckpointError(f"{e} (the workdir's config also differs from this run's in keys: "
-                                       f"{', '.join(diff)})") from None
+            raise ValueError(
+                f"cannot resume {workdir}: the workdir's config differs from this run's in keys: "
+                f"{', '.join(diff)}; use another --workdir, or the workdir's values ({e})"
+            ) from None
+        raise ckpt_lib.CheckpointError(
+            f"{e} (the workdir's config also differs from this run's in keys: {', '.join(diff)})"
+        ) from None
 
 
 def _open_run(config, workdir: str):
@@ -82,8 +88,10 @@ def _save_checkpoint(setup: Setup, step: int, state, meta: dict) -> None:
     """Saves unless some value of the state is not finite (then NonFiniteError)."""
     state = setup.to_checkpoint_layout(state)
     if not bool(jax.jit(step_lib.all_finite)((state.params, state.opt_state, state.ema_params, state.queues))):
-        raise guard.NonFiniteError(f"step {step}: the state holds non-finite values; not saved (the last "
-                                   f"checkpoint is step {setup.checkpointer.latest_step()})")
+        raise guard.NonFiniteError(
+            f"step {step}: the state holds non-finite values; not saved (the last "
+            f"checkpoint is step {setup.checkpointer.latest_step()})"
+        )
     setup.checkpointer.save(step, state, meta)
 
 
@@ -117,8 +125,13 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
     local_batch = tc.batch_size // n_proc
     cursor = guard.DataCursor(meta, n_proc, jax.process_index())
     train_iter = pipeline.make_train_iterator(
-        config.data, setup.tokenizer, local_batch, seed=int(config.seed), start_batch=data_position,
-        process_index=jax.process_index(), process_count=n_proc,
+        config.data,
+        setup.tokenizer,
+        local_batch,
+        seed=int(config.seed),
+        start_batch=data_position,
+        process_index=jax.process_index(),
+        process_count=n_proc,
         hard_negatives=int(config.model.get("hard_negatives", 0)),
         **cursor.start,
     )
@@ -133,14 +146,20 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         if i not in compiled:
             st = stages[i]
             fn = step_lib.make_train_step(
-                st["family"], setup.optimizer, setup.schedule, accum_steps=int(tc.accum_steps),
-                trainable=st["trainable"], collective=PmapCollective(mesh_lib.DATA) if pmap else identity)
-            compiled[i] = (step_lib.compile_pmap_step(fn) if pmap else
-                           step_lib.compile_step(fn, setup.state_sharding, batch_shard, metric_shard,
-                                                 mesh=setup.mesh))
+                st["family"],
+                setup.optimizer,
+                setup.schedule,
+                accum_steps=int(tc.accum_steps),
+                trainable=st["trainable"],
+                collective=PmapCollective(mesh_lib.DATA) if pmap else identity,
+            )
+            compiled[i] = (
+                step_lib.compile_pmap_step(fn)
+                if pmap
+                else step_lib.compile_step(fn, setup.state_sharding, batch_shard, metric_shard, mesh=setup.mesh)
+            )
             if len(stages) > 1:
-                tqdm.write(f"[stage {st['name']}] from step {step}: tasks={st['tasks']} "
-                           f"frozen={list(st['freeze'])}")
+                tqdm.write(f"[stage {st['name']}] from step {step}: tasks={st['tasks']} frozen={list(st['freeze'])}")
         return compiled[i]
 
     batch_keys = getattr(setup.family, "batch_keys", ("image", "text", "hard_negatives"))
@@ -148,8 +167,10 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
     if evaluator is not None:  # a missing or empty eval split fails now, not after hours
         n_eval = pipeline.num_examples(config.data, config.data.eval_split)
         if n_eval == 0:
-            raise ValueError(f"eval split {config.data.eval_split!r} of {config.data.name!r} is empty; "
-                             "set data.eval_fraction (file lists) or eval.every=0 eval.at_end=false")
+            raise ValueError(
+                f"eval split {config.data.eval_split!r} of {config.data.name!r} is empty; "
+                "set data.eval_fraction (file lists) or eval.every=0 eval.at_end=false"
+            )
     writer = metrics_lib.MetricWriter(workdir)
     last_eval: dict = {}
 
@@ -159,12 +180,31 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         last_eval = evaluator(setup.to_checkpoint_layout(state).params)
         last_eval["eval_seconds"] = time.time() - t0
         writer.write(step, "eval", last_eval)
-        shown = ("i2t_r@1", "i2t_itm_r@1", "i2t_r@5", "t2i_r@1", "t2i_itm_r@1", "binding_acc", "time_probe_acc", "zero_shot_top1",
-                 "i2t_chance@1", "top1", "top5", "caption_exact", "caption_cider")
+        shown = (
+            "i2t_r@1",
+            "i2t_itm_r@1",
+            "i2t_r@5",
+            "t2i_r@1",
+            "t2i_itm_r@1",
+            "binding_acc",
+            "time_probe_acc",
+            "zero_shot_top1",
+            "i2t_chance@1",
+            "top1",
+            "top5",
+            "caption_exact",
+            "caption_cider",
+        )
         tqdm.write(f"[eval step {step}] " + _format(last_eval, shown))
 
-    bar = tqdm(total=total, initial=start_step, disable=not progress or jax.process_index() != 0,
-               desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=start_step,
+        disable=not progress or jax.process_index() != 0,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     # Hang guard: with parallel.step_timeout_s > 0, a watchdog exits the process when no
     # step finishes in time. The checks below wait for each step one step behind (so
     # one step stays in flight); the watchdog starts after the first (compiling) step.
@@ -188,8 +228,9 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
         last_saved = step
 
     # Host->device copies run ahead of the step on a thread (data.prefetch_to_device).
-    device_batches = mesh_lib.prefetch_to_device(train_iter, to_device,
-                                                 int(config.data.get("prefetch_to_device", 2) or 0))
+    device_batches = mesh_lib.prefetch_to_device(
+        train_iter, to_device, int(config.data.get("prefetch_to_device", 2) or 0)
+    )
     checks = guard.StepChecks(int(tc.get("max_bad_steps", 20)), int(meta.get("bad_steps", 0)))
     try:
         with checks:
@@ -209,9 +250,15 @@ def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = 
                 if done % int(tc.log_every) == 0 or done == total:
                     checks.flush()
                     totals = cursor.totals()
-                    m = _train_row(m, pmap=pmap, samples=n_since * tc.batch_size, seconds=time.time() - t_last,
-                                   n_devices=n_dev, bad_steps=checks.total, skipped=int(totals[:, 1].sum())
-                                   if totals is not None else getattr(train_iter, "skipped", 0))
+                    m = _train_row(
+                        m,
+                        pmap=pmap,
+                        samples=n_since * tc.batch_size,
+                        seconds=time.time() - t_last,
+                        n_devices=n_dev,
+                        bad_steps=checks.total,
+                        skipped=int(totals[:, 1].sum()) if totals is not None else getattr(train_iter, "skipped", 0),
+                    )
                     writer.write(done, "train", m)
                     bar.set_postfix_str(f"loss={float(m['loss']):.4f} {m['samples_per_s']:.0f} samples/s")
                     t_last, n_since = time.time(), 0

@@ -1,4 +1,5 @@
 """Metrics to JSONL and TensorBoard, and the end-of-run plot (process 0 only)."""
+
 from __future__ import annotations
 
 import json
@@ -88,8 +89,9 @@ def truncate(workdir: str, step: int) -> int:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
         os.replace(path + ".tmp", path)
-        logging.getLogger(__name__).info("metrics.jsonl: dropped %d rows after step %d (re-done on resume) "
-                                         "or torn", dropped, step)
+        logging.getLogger(__name__).info(
+            "metrics.jsonl: dropped %d rows after step %d (re-done on resume) or torn", dropped, step
+        )
     return dropped
 
 

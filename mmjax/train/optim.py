@@ -1,4 +1,5 @@
 """AdamW with linear warmup + cosine decay, decay mask, clipping."""
+
 from __future__ import annotations
 
 import re
@@ -68,7 +69,8 @@ def scale_matching(mult: float, pattern: str) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         return jax.tree_util.tree_map_with_path(
-            lambda p, u: u * mult if pat.search(param_path(p)) else u, updates), state
+            lambda p, u: u * mult if pat.search(param_path(p)) else u, updates
+        ), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -85,8 +87,10 @@ def layer_ids(params) -> tuple[dict, int]:
     block (number of text blocks) + i."""
     paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if any(re.search(r"(^|/)encoder/blocks/", p) for p in paths):
-        raise ValueError("train.layer_decay needs one param per layer; with model.scan_layers=True the "
-                         "layers are stacked (set model.scan_layers=False to fine-tune with layer decay)")
+        raise ValueError(
+            "train.layer_decay needs one param per layer; with model.scan_layers=True the "
+            "layers are stacked (set model.scan_layers=False to fine-tune with layer decay)"
+        )
     n_text = len({m.group(1) for m in map(_TEXT_BLOCK.search, paths) if m})
 
     def block(path):
@@ -118,7 +122,8 @@ def scale_by_layer(decay: float) -> optax.GradientTransformation:
         del params
         ids, num_layers = layer_ids(updates)
         scaled = jax.tree_util.tree_map_with_path(
-            lambda p, u: u * (decay ** (num_layers + 1 - ids[param_path(p)])), updates)
+            lambda p, u: u * (decay ** (num_layers + 1 - ids[param_path(p)])), updates
+        )
         return scaled, state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -143,7 +148,7 @@ def trainable_mask(params, freeze=()):
     for pat in patterns:
         if not any(pat.search(s) for s in paths):
             sample = ", ".join(paths[:6])
-            raise ValueError(f"train.freeze pattern {pat.pattern!r} matches no parameter; "
-                             f"paths look like: {sample}, ...")
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: not any(pat.search(param_path(p)) for pat in patterns), params)
+            raise ValueError(
+                f"train.freeze pattern {pat.pattern!r} matches no parameter; paths look like: {sample}, ..."
+            )
+    return jax.tree_util.tree_map_with_path(lambda p, _: not any(pat.search(param_path(p)) for pat in patterns), params)

@@ -2,6 +2,7 @@
 mesh, optimizer, state plan, checkpointer, stages, evaluator), and `restore_params`,
 which reads a workdir's params for fine-tuning, eval, export and `mmjax embed`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,14 +16,16 @@ from mmjax import checkpoint as ckpt_lib
 from mmjax import workdir as workdir_lib
 from mmjax.models import zoo
 from mmjax.parallel import mesh as mesh_lib
-from mmjax.train import optim, step as step_lib
+from mmjax.train import optim
+from mmjax.train import step as step_lib
 
 
 class Setup:
     """Everything a run (train or eval) needs, built from a config and a workdir."""
 
     def __init__(self, config, workdir: str):
-        from mmjax.data import pipeline, tokenizer as tok_lib
+        from mmjax.data import pipeline
+        from mmjax.data import tokenizer as tok_lib
 
         self.config, self.workdir = config, workdir
         try:
@@ -34,7 +37,8 @@ class Setup:
         if self.init_from:
             self._prepare_finetune()
         get_tokenizer = lambda: tok_lib.get_tokenizer(
-            data.tokenizer, workdir, lambda: pipeline.captions(data, data.train_split))
+            data.tokenizer, workdir, lambda: pipeline.captions(data, data.train_split)
+        )
         if jax.process_count() == 1:
             self.tokenizer = get_tokenizer()
         else:
@@ -67,12 +71,13 @@ class Setup:
         self.image_shape = self.family.image_shape()
         self.text_shape = (1, data.text_len)
         self._init, self.abstract_state, self.state_sharding = step_lib.state_plan(
-            self.family, self.optimizer, self.mesh, self.image_shape, self.text_shape)
+            self.family, self.optimizer, self.mesh, self.image_shape, self.text_shape
+        )
         if self.mode == "pmap":
-            self.state_sharding = jax.tree_util.tree_map(lambda _: mesh_lib.replicated(self.mesh),
-                                                         self.abstract_state)
+            self.state_sharding = jax.tree_util.tree_map(lambda _: mesh_lib.replicated(self.mesh), self.abstract_state)
         self.checkpointer = ckpt_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), keep=int(config.train.keep_checkpoints),
+            os.path.join(workdir, "checkpoints"),
+            keep=int(config.train.keep_checkpoints),
             async_save=bool(config.train.get("async_checkpoints", True)),
         )
 
@@ -92,8 +97,9 @@ class Setup:
             spec = dict(spec)
             unknown = set(spec) - {"name", "until", "tasks", "freeze"}
             if unknown:
-                raise ValueError(f"train.stages[{i}] has unknown keys {sorted(unknown)}; "
-                                 "valid keys: name, until, tasks, freeze")
+                raise ValueError(
+                    f"train.stages[{i}] has unknown keys {sorted(unknown)}; valid keys: name, until, tasks, freeze"
+                )
             until = spec.get("until", tc.steps)
             # A float in (0, 1] is a fraction of train.steps, so a recipe's stages
             # follow --config.train.steps; an int is an absolute step.
@@ -109,9 +115,16 @@ class Setup:
                 family = zoo.build(model_cfg)
             freeze = tuple(spec.get("freeze", None) or tc.get("freeze", None) or ())
             trainable = optim.trainable_mask(self.abstract_state.params, freeze)
-            out.append(dict(name=spec.get("name", f"stage{i}"), until=until, family=family,
-                            tasks=tuple(getattr(family, "tasks", ()) or ()), freeze=freeze,
-                            trainable=trainable))
+            out.append(
+                dict(
+                    name=spec.get("name", f"stage{i}"),
+                    until=until,
+                    family=family,
+                    tasks=tuple(getattr(family, "tasks", ()) or ()),
+                    freeze=freeze,
+                    trainable=trainable,
+                )
+            )
         return out
 
     def _prepare_finetune(self):
@@ -126,6 +139,7 @@ class Setup:
         if not self.config.data.tokenizer.get("path") and os.path.exists(src_tok) and not os.path.exists(dst_tok):
             if jax.process_index() == 0:
                 import shutil
+
                 shutil.copyfile(src_tok, dst_tok + ".tmp")
                 os.replace(dst_tok + ".tmp", dst_tok)
         model = self.config.model
@@ -148,17 +162,32 @@ class Setup:
         weights = self.config.finetune.get("weights", "student")
         _, pretrained = finetune.pretrained_params(self.init_from, weights)
         prefix = "backbone/" if self.config.model.family in zoo.WRAPPERS else ""
-        params, report = finetune.transplant(jax.device_get(state.params), pretrained, prefix,
-                                             inflation=self.config.finetune.get("inflation", None) or "central")
-        logging.info("init from %s (%s): %d params loaded, %d left behind, resized %s, fresh %s",
-                     self.init_from, weights, report["loaded"], report["unused"], report["resized"],
-                     report["kept_init"])
+        params, report = finetune.transplant(
+            jax.device_get(state.params),
+            pretrained,
+            prefix,
+            inflation=self.config.finetune.get("inflation", None) or "central",
+        )
+        logging.info(
+            "init from %s (%s): %d params loaded, %d left behind, resized %s, fresh %s",
+            self.init_from,
+            weights,
+            report["loaded"],
+            report["unused"],
+            report["resized"],
+            report["kept_init"],
+        )
         family, optimizer = self.family, self.optimizer
 
         def rebuild(params, rng):
             extra = family.init_extra(params) if hasattr(family, "init_extra") else {}
-            return state.replace(params=params, opt_state=optimizer.init(params), rng=rng,
-                                 ema_params=extra.get("ema_params"), queues=extra.get("queues"))
+            return state.replace(
+                params=params,
+                opt_state=optimizer.init(params),
+                rng=rng,
+                ema_params=extra.get("ema_params"),
+                queues=extra.get("queues"),
+            )
 
         return jax.jit(rebuild, out_shardings=self.state_sharding)(params, state.rng)
 
@@ -194,13 +223,23 @@ class Setup:
 
         ev = self.config.eval
         if hasattr(self.family, "logits"):
-            return ClassificationEvaluator(self.family, self.config.data, self.mesh,
-                                           split=split or self.config.data.eval_split,
-                                           batch_size=int(ev.batch_size), tokenizer=self.tokenizer)
+            return ClassificationEvaluator(
+                self.family,
+                self.config.data,
+                self.mesh,
+                split=split or self.config.data.eval_split,
+                batch_size=int(ev.batch_size),
+                tokenizer=self.tokenizer,
+            )
         return Evaluator(
-            self.family, self.config.data, self.tokenizer, self.mesh,
-            split=split or self.config.data.eval_split, batch_size=int(ev.batch_size),
-            max_examples=ev.get("max_examples"), rerank_k=int(ev.get("rerank_k", 16)),
+            self.family,
+            self.config.data,
+            self.tokenizer,
+            self.mesh,
+            split=split or self.config.data.eval_split,
+            batch_size=int(ev.batch_size),
+            max_examples=ev.get("max_examples"),
+            rerank_k=int(ev.get("rerank_k", 16)),
             zero_shot=ev.get("zero_shot"),
         )
 
@@ -219,8 +258,10 @@ def restore_params(workdir: str, weights: str = "student", step: int | None = No
     setup = Setup(config, workdir)
     try:
         if weights == "ema" and setup.abstract_state.ema_params is None:
-            raise ValueError(f"weights='ema': the {config.model.family!r} run in {workdir} has no EMA teacher "
-                             "(only ALBEF-style families keep one); use weights='student'")
+            raise ValueError(
+                f"weights='ema': the {config.model.family!r} run in {workdir} has no EMA teacher "
+                "(only ALBEF-style families keep one); use weights='student'"
+            )
         restored = setup.restore(step)  # the newest step that verifies, or `step`
         if restored is None:
             raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")

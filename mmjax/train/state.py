@@ -1,4 +1,5 @@
 """The one record of everything that changes during training."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -11,6 +11,7 @@ its gradient with respect to the embeddings are taken over the full batch, and
 each micro-batch is then back-propagated through its towers with its slice of
 those embedding gradients. The result equals the full-batch gradient.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -48,8 +49,18 @@ def _merge_micro(tree):
     return jax.tree_util.tree_map(merge, tree)
 
 
-def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: Callable = identity,
-                   teacher=None, queues=None, step=None):
+def loss_and_grads(
+    family,
+    params,
+    batch,
+    rng,
+    *,
+    accum_steps: int = 1,
+    gather: Callable = identity,
+    teacher=None,
+    queues=None,
+    step=None,
+):
     """Returns `(loss, metrics, updates), grads` over the whole batch.
 
     `updates` are the family's non-gradient outputs (e.g. new feature queues).
@@ -68,7 +79,8 @@ def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: 
         raise ValueError(
             f"train.accum_steps={accum_steps}: gradient accumulation is GradCache-exact only for "
             f"contrastive-only families (clip); {type(family).__name__} has fusion losses. "
-            "Set train.accum_steps=1 and lower train.batch_size, or use more devices.")
+            "Set train.accum_steps=1 and lower train.batch_size, or use more devices."
+        )
 
     micro = _split_micro(batch, accum_steps)
     rngs = jax.random.split(rng, accum_steps)
@@ -93,8 +105,15 @@ def loss_and_grads(family, params, batch, rng, *, accum_steps: int = 1, gather: 
     return (loss, metrics, {}), grads
 
 
-def make_train_step(family, optimizer: optax.GradientTransformation, schedule=None, *, accum_steps: int = 1,
-                    collective: Collective = identity, trainable=None):
+def make_train_step(
+    family,
+    optimizer: optax.GradientTransformation,
+    schedule=None,
+    *,
+    accum_steps: int = 1,
+    collective: Collective = identity,
+    trainable=None,
+):
     """Builds the pure step function (not yet compiled).
 
     `collective`: `identity` for jit on a mesh (arrays are global), or
@@ -119,8 +138,15 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
     def train_step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
         (loss, metrics, extra), grads = loss_and_grads(
-            family, state.params, batch, step_rng, accum_steps=accum_steps, gather=collective,
-            teacher=state.ema_params, queues=state.queues, step=state.step,
+            family,
+            state.params,
+            batch,
+            step_rng,
+            accum_steps=accum_steps,
+            gather=collective,
+            teacher=state.ema_params,
+            queues=state.queues,
+            step=state.step,
         )
         grads, loss, metrics = collective.average((grads, loss, dict(metrics)))
         # The projected gradient: none pushes a param held at its bound further out
@@ -144,16 +170,18 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
         # every device takes the same branch.
         ok = all_finite((loss, grads, params, opt_state, queues))
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-        params, opt_state, ema_params, queues = keep((params, opt_state, ema_params, queues),
-                                                     (state.params, state.opt_state, state.ema_params, state.queues))
+        params, opt_state, ema_params, queues = keep(
+            (params, opt_state, ema_params, queues), (state.params, state.opt_state, state.ema_params, state.queues)
+        )
         metrics = dict(metrics)
         metrics["loss"] = loss
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
         metrics["bad_step"] = 1.0 - ok.astype(jnp.float32)
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
-                                  ema_params=ema_params, queues=queues)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, rng=rng, ema_params=ema_params, queues=queues
+        )
         return new_state, metrics
 
     return train_step
@@ -161,8 +189,11 @@ def make_train_step(family, optimizer: optax.GradientTransformation, schedule=No
 
 def all_finite(tree) -> jax.Array:
     """bool []: every float of `tree` is finite (ints and None count as finite)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 

@@ -15,6 +15,7 @@ from the teacher's logits; unweighted sum. The teacher (`ema_params`, a full cop
 of the params) and the queues live in the TrainState; the step updates the EMA
 after the optimizer update and writes the queues with the `updates` returned here.
 """
+
 from typing import Any
 
 import chex
@@ -25,185 +26,222 @@ import jax.numpy as jnp
 from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead, head_dense
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
-from mmjax.models.zoo.common import MomentumFamily, attention_spec, video_options
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import DTYPES, l2_normalize
+from mmjax.models.zoo.common import MomentumFamily, attention_spec, video_options
+from mmjax.objectives import alpha_at, enqueue, identity, itc_distill_loss, itm_loss, mask_tokens, mlm_loss
 from mmjax.parallel.collective import local
 from mmjax.parallel.sharding import names
-from mmjax.objectives import alpha_at, enqueue, identity, itc_distill_loss, itm_loss, mask_tokens, mlm_loss
 
 Dtype = Any
 MASK_ID, SPECIAL_IDS, FIRST_WORD_ID = 4, (0, 1, 2, 3, 4, 5), 6  # mmjax tokenizer ids
 
 
 class ALBEF(nn.Module):
-  """ViT + BERT-style text/fusion encoder + projections + ITM and MLM heads.
+    """ViT + BERT-style text/fusion encoder + projections + ITM and MLM heads.
 
-  Methods (apply with `method=`): `image_features(image) -> (emb [B,E], tokens
-  [B,T,Di])`, `text_features(ids) -> (emb [B,E], stream [B,L,D])`,
-  `fuse(stream, ids, image_tokens) -> fused [B,L,D]`, `itm_logits(fused) -> [B,2]`,
-  `mlm_logits(fused) -> [B,L,V]`, `fused_features(image, ids) -> [B,D]`;
-  `__call__(image, ids)` touches every param.
-  """
-  image: Any
-  text: Any
-  fusion_from: int
-  embed_dim: int
-  vocab_size: int
-  text_len: int
-  remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
-  attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
-  scan: bool = False  # nn.scan over the blocks (the image tower's transformer.Encoder)
-  video: Any = None  # ViT video keywords (common.video_options); None: an image model
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+    Methods (apply with `method=`): `image_features(image) -> (emb [B,E], tokens
+    [B,T,Di])`, `text_features(ids) -> (emb [B,E], stream [B,L,D])`,
+    `fuse(stream, ids, image_tokens) -> fused [B,L,D]`, `itm_logits(fused) -> [B,2]`,
+    `mlm_logits(fused) -> [B,L,V]`, `fused_features(image, ids) -> [B,D]`;
+    `__call__(image, ids)` touches every param.
+    """
 
-  def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    im, tx = self.image, self.text
-    self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"], im["mlp_dim"],
-                           pool="cls", posemb="learn", remat=self.remat, attention=self.attention, scan=self.scan,
-                           **dict(self.video or {}), **kw)
-    self.text_tower = BertTextEncoder(self.vocab_size, self.text_len, tx["width"], tx["depth"],
-                                      tx["heads"], tx["mlp_dim"], fusion_from=self.fusion_from,
-                                      remat=self.remat, attention=self.attention, **kw)
-    self.image_proj = head_dense(self.embed_dim, name="image_proj", param_dtype=self.param_dtype)  # float32 heads
-    self.text_proj = head_dense(self.embed_dim, name="text_proj", param_dtype=self.param_dtype)
-    self.itm_head = ItmHead(**kw)
-    self.mlm_head = MlmHead(self.vocab_size, **kw)
-    self.temp = self.param("temp", names(nn.initializers.constant(0.07)), (), jnp.float32)
+    image: Any
+    text: Any
+    fusion_from: int
+    embed_dim: int
+    vocab_size: int
+    text_len: int
+    remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
+    attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
+    scan: bool = False  # nn.scan over the blocks (the image tower's transformer.Encoder)
+    video: Any = None  # ViT video keywords (common.video_options); None: an image model
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-  def image_features(self, image_BxHxWx3):
-    chex.assert_rank(image_BxHxWx3, {4, 5})  # images, or clips [B, T, H, W, 3]
-    pooled, aux = self.image_tower(image_BxHxWx3)
-    return l2_normalize(self.image_proj(pooled)), aux["tokens"]
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        im, tx = self.image, self.text
+        self.image_tower = ViT(
+            im["patch"],
+            im["width"],
+            im["depth"],
+            im["heads"],
+            im["mlp_dim"],
+            pool="cls",
+            posemb="learn",
+            remat=self.remat,
+            attention=self.attention,
+            scan=self.scan,
+            **dict(self.video or {}),
+            **kw,
+        )
+        self.text_tower = BertTextEncoder(
+            self.vocab_size,
+            self.text_len,
+            tx["width"],
+            tx["depth"],
+            tx["heads"],
+            tx["mlp_dim"],
+            fusion_from=self.fusion_from,
+            remat=self.remat,
+            attention=self.attention,
+            **kw,
+        )
+        self.image_proj = head_dense(self.embed_dim, name="image_proj", param_dtype=self.param_dtype)  # float32 heads
+        self.text_proj = head_dense(self.embed_dim, name="text_proj", param_dtype=self.param_dtype)
+        self.itm_head = ItmHead(**kw)
+        self.mlm_head = MlmHead(self.vocab_size, **kw)
+        self.temp = self.param("temp", names(nn.initializers.constant(0.07)), (), jnp.float32)
 
-  def text_features(self, ids_BxL):
-    chex.assert_rank(ids_BxL, 2)
-    cls_BxD, aux = self.text_tower.encode_text(ids_BxL)
-    return l2_normalize(self.text_proj(cls_BxD)), aux["tokens"]
+    def image_features(self, image_BxHxWx3):
+        chex.assert_rank(image_BxHxWx3, {4, 5})  # images, or clips [B, T, H, W, 3]
+        pooled, aux = self.image_tower(image_BxHxWx3)
+        return l2_normalize(self.image_proj(pooled)), aux["tokens"]
 
-  def text_stream(self, ids_BxL):
-    """The text-only layers' output [B, L, D] alone (no projection): what MLM fuses."""
-    return self.text_tower.encode_text(ids_BxL)[1]["tokens"]
+    def text_features(self, ids_BxL):
+        chex.assert_rank(ids_BxL, 2)
+        cls_BxD, aux = self.text_tower.encode_text(ids_BxL)
+        return l2_normalize(self.text_proj(cls_BxD)), aux["tokens"]
 
-  def fuse(self, stream_BxLxD, ids_BxL, image_BxTxDi):
-    fused_BxLxD, _ = self.text_tower.fuse(stream_BxLxD, ids_BxL, image_BxTxDi)
-    return fused_BxLxD
+    def text_stream(self, ids_BxL):
+        """The text-only layers' output [B, L, D] alone (no projection): what MLM fuses."""
+        return self.text_tower.encode_text(ids_BxL)[1]["tokens"]
 
-  def itm_logits(self, fused_BxLxD):
-    return self.itm_head(fused_BxLxD[:, 0]).astype(jnp.float32)
+    def fuse(self, stream_BxLxD, ids_BxL, image_BxTxDi):
+        fused_BxLxD, _ = self.text_tower.fuse(stream_BxLxD, ids_BxL, image_BxTxDi)
+        return fused_BxLxD
 
-  def fused_features(self, image_BxHxWx3, ids_BxL):
-    """The fused [CLS] of an image-text pass (what ITM reads; VQA heads too): [B, D].
-    Touches the towers and fusion layers only, not the projections or heads."""
-    _, img_aux = self.image_tower(image_BxHxWx3)
-    return self.fuse(self.text_stream(ids_BxL), ids_BxL, img_aux["tokens"])[:, 0]
+    def itm_logits(self, fused_BxLxD):
+        return self.itm_head(fused_BxLxD[:, 0]).astype(jnp.float32)
 
-  def mlm_logits(self, fused_BxLxD):
-    return self.mlm_head(fused_BxLxD, self.text_tower.attend)
+    def fused_features(self, image_BxHxWx3, ids_BxL):
+        """The fused [CLS] of an image-text pass (what ITM reads; VQA heads too): [B, D].
+        Touches the towers and fusion layers only, not the projections or heads."""
+        _, img_aux = self.image_tower(image_BxHxWx3)
+        return self.fuse(self.text_stream(ids_BxL), ids_BxL, img_aux["tokens"])[:, 0]
 
-  def __call__(self, image, ids):
-    img_emb, img_tok = self.image_features(image)
-    txt_emb, stream = self.text_features(ids)
-    fused = self.fuse(stream, ids, img_tok)
-    return img_emb, txt_emb, self.itm_logits(fused), self.mlm_logits(fused)
+    def mlm_logits(self, fused_BxLxD):
+        return self.mlm_head(fused_BxLxD, self.text_tower.attend)
+
+    def __call__(self, image, ids):
+        img_emb, img_tok = self.image_features(image)
+        txt_emb, stream = self.text_features(ids)
+        fused = self.fuse(stream, ids, img_tok)
+        return img_emb, txt_emb, self.itm_logits(fused), self.mlm_logits(fused)
 
 
 class AlbefFamily(MomentumFamily):
-  """ALBEF for the generic train step and the evaluator.
+    """ALBEF for the generic train step and the evaluator.
 
-  model_config fields (besides CLIP's image/text/overrides/embed_dim/dtype):
-  fusion_from (text-only layers before the fusion layers), queue_size, momentum,
-  momentum_final (None = constant), alpha, alpha_ramp_steps, mlm_prob, temp_range
-  (clamp of the learned temperature, default ALBEF's (0.001, 0.5)), and
-  `tasks` (subset of itc, itm, mlm; default all three).
-  """
-  batch_keys = ("image", "text", "id")
-  TASKS = ("itc", "itm", "mlm")
-
-  def __init__(self, model_config):
-    cfg = model_config
-    self.config = cfg
-    self.image_size = int(cfg.get("image_size", 256))
-    self.text_len = int(cfg.get("text_len", 25))
-    self.num_frames = video_options(cfg)["num_frames"]
-    text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
-    self.fusion_from = int(cfg.get("fusion_from", text["depth"] // 2))
-    if not 0 <= self.fusion_from <= text["depth"]:
-      raise ValueError(f"model.fusion_from={self.fusion_from} must lie in [0, text depth "
-                       f"{text['depth']}]")
-    self._momentum_config(cfg, queue_size=65536)
-    self.mlm_prob = float(cfg.get("mlm_prob", 0.15))
-    self.tasks = self._tasks(cfg)
-    self.embed_dim = int(cfg.embed_dim)
-    self.model = ALBEF(
-        image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
-        text=text, fusion_from=self.fusion_from, embed_dim=self.embed_dim,
-        vocab_size=int(cfg.vocab_size), text_len=self.text_len,
-        remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
-        scan=bool(cfg.get("scan_layers", False)), video=video_options(cfg),
-        dtype=DTYPES[cfg.get("dtype", "float32")],
-        param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
-
-  def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None,
-                gather=identity):
-    """-> (loss, metrics, updates={'queues': new queues}).
-
-    batch: image [b,H,W,3] f32, text [b,L] i32, id [b] i32 (same id = same image;
-    never a negative). `teacher` (ema params) and `queues` come from the state.
+    model_config fields (besides CLIP's image/text/overrides/embed_dim/dtype):
+    fusion_from (text-only layers before the fusion layers), queue_size, momentum,
+    momentum_final (None = constant), alpha, alpha_ramp_steps, mlm_prob, temp_range
+    (clamp of the learned temperature, default ALBEF's (0.001, 0.5)), and
+    `tasks` (subset of itc, itm, mlm; default all three).
     """
-    m = self.model
-    image, ids, text_ids = batch["image"], batch["id"].astype(jnp.int32), batch["text"]
-    step = jnp.zeros((), jnp.int32) if step is None else step
-    rng_mlm, *rng_itm = jax.random.split(rng, 3)
-    alpha = alpha_at(step, self.alpha, self.alpha_ramp_steps)
-    temp = self.temp(params)
-    img_emb, img_tok = self._apply(params, m.image_features, image)
-    txt_emb, stream = self._apply(params, m.text_features, text_ids)
-    teacher = jax.lax.stop_gradient(teacher)
-    t_img, t_img_tok = self._apply(teacher, m.image_features, image)
-    t_txt, _ = self._apply(teacher, m.text_features, text_ids)
-    metrics, loss = {"alpha": alpha}, 0.0
 
-    if "itc" in self.tasks:
-      l_itc, mi = itc_distill_loss(img_emb, txt_emb, ids, t_img, t_txt, queues, temp, alpha,
-                                   gather=gather)
-      loss, metrics = loss + l_itc, {**metrics, **mi}
+    batch_keys = ("image", "text", "id")
+    TASKS = ("itc", "itm", "mlm")
 
-    if "itm" in self.tasks:
-      neg_txt, neg_img, labels, weights = self.itm_pairs(rng_itm, img_emb, txt_emb, ids, temp, gather,
-                                                         text=text_ids)
-      stream_all, text_all, img_tok_all = gather(stream), gather(text_ids), gather(img_tok)
-      fused = self._apply(params, m.fuse,
-                          jnp.concatenate([stream, stream_all[neg_txt], stream]),
-                          jnp.concatenate([text_ids, text_all[neg_txt], text_ids]),
-                          jnp.concatenate([img_tok, img_tok, img_tok_all[neg_img]]))
-      logits = self._apply(params, m.itm_logits, fused)
-      l_itm, mi = itm_loss(logits, labels, weights, gather=gather)
-      loss, metrics = loss + l_itm, {**metrics, **mi}
+    def __init__(self, model_config):
+        cfg = model_config
+        self.config = cfg
+        self.image_size = int(cfg.get("image_size", 256))
+        self.text_len = int(cfg.get("text_len", 25))
+        self.num_frames = video_options(cfg)["num_frames"]
+        text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
+        self.fusion_from = int(cfg.get("fusion_from", text["depth"] // 2))
+        if not 0 <= self.fusion_from <= text["depth"]:
+            raise ValueError(f"model.fusion_from={self.fusion_from} must lie in [0, text depth {text['depth']}]")
+        self._momentum_config(cfg, queue_size=65536)
+        self.mlm_prob = float(cfg.get("mlm_prob", 0.15))
+        self.tasks = self._tasks(cfg)
+        self.embed_dim = int(cfg.embed_dim)
+        self.model = ALBEF(
+            image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
+            text=text,
+            fusion_from=self.fusion_from,
+            embed_dim=self.embed_dim,
+            vocab_size=int(cfg.vocab_size),
+            text_len=self.text_len,
+            remat=remat_mode(cfg.get("remat", False)),
+            attention=attention_spec(cfg),
+            scan=bool(cfg.get("scan_layers", False)),
+            video=video_options(cfg),
+            dtype=DTYPES[cfg.get("dtype", "float32")],
+            param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"],
+        )
 
-    if "mlm" in self.tasks:
-      # Drawn for the global batch, then this call's rows: pmap == jit.
-      masked, target = local(gather, mask_tokens(
-          rng_mlm, gather(text_ids), vocab_size=m.vocab_size, mask_id=MASK_ID,
-          special_ids=SPECIAL_IDS, prob=self.mlm_prob, first_random_id=FIRST_WORD_ID))
-      m_stream = self._apply(params, m.text_stream, masked)
-      logits = self._apply(params, m.mlm_logits, self._apply(params, m.fuse, m_stream, masked, img_tok))
-      tm_stream = self._apply(teacher, m.text_stream, masked)
-      t_logits = self._apply(teacher, m.mlm_logits,
-                             self._apply(teacher, m.fuse, tm_stream, masked, t_img_tok))
-      l_mlm, mi = mlm_loss(logits, text_ids, target, teacher_logits_BxLxV=t_logits, alpha=alpha,
-                           gather=gather)
-      loss, metrics = loss + l_mlm, {**metrics, **mi}
+    def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=identity):
+        """-> (loss, metrics, updates={'queues': new queues}).
 
-    new_queues = enqueue(queues, gather(t_img), gather(t_txt), gather(ids))
-    metrics["loss"] = loss
-    return loss, metrics, {"queues": new_queues}
+        batch: image [b,H,W,3] f32, text [b,L] i32, id [b] i32 (same id = same image;
+        never a negative). `teacher` (ema params) and `queues` come from the state.
+        """
+        m = self.model
+        image, ids, text_ids = batch["image"], batch["id"].astype(jnp.int32), batch["text"]
+        step = jnp.zeros((), jnp.int32) if step is None else step
+        rng_mlm, *rng_itm = jax.random.split(rng, 3)
+        alpha = alpha_at(step, self.alpha, self.alpha_ramp_steps)
+        temp = self.temp(params)
+        img_emb, img_tok = self._apply(params, m.image_features, image)
+        txt_emb, stream = self._apply(params, m.text_features, text_ids)
+        teacher = jax.lax.stop_gradient(teacher)
+        t_img, t_img_tok = self._apply(teacher, m.image_features, image)
+        t_txt, _ = self._apply(teacher, m.text_features, text_ids)
+        metrics, loss = {"alpha": alpha}, 0.0
 
-  # --- evaluation (encoders and features: FeatureFamily) --------------------------
-  def itm_scores(self, params, image_tokens, stream, text):
-    """Log-odds that each (image, text) pair matches: [B,T,Di], [B,L,D], [B,L] -> [B]."""
-    logits = self._apply(params, self.model.itm_logits,
-                         self._apply(params, self.model.fuse, stream, text, image_tokens))
-    return logits[:, 1] - logits[:, 0]
+        if "itc" in self.tasks:
+            l_itc, mi = itc_distill_loss(img_emb, txt_emb, ids, t_img, t_txt, queues, temp, alpha, gather=gather)
+            loss, metrics = loss + l_itc, {**metrics, **mi}
+
+        if "itm" in self.tasks:
+            neg_txt, neg_img, labels, weights = self.itm_pairs(
+                rng_itm, img_emb, txt_emb, ids, temp, gather, text=text_ids
+            )
+            stream_all, text_all, img_tok_all = gather(stream), gather(text_ids), gather(img_tok)
+            fused = self._apply(
+                params,
+                m.fuse,
+                jnp.concatenate([stream, stream_all[neg_txt], stream]),
+                jnp.concatenate([text_ids, text_all[neg_txt], text_ids]),
+                jnp.concatenate([img_tok, img_tok, img_tok_all[neg_img]]),
+            )
+            logits = self._apply(params, m.itm_logits, fused)
+            l_itm, mi = itm_loss(logits, labels, weights, gather=gather)
+            loss, metrics = loss + l_itm, {**metrics, **mi}
+
+        if "mlm" in self.tasks:
+            # Drawn for the global batch, then this call's rows: pmap == jit.
+            masked, target = local(
+                gather,
+                mask_tokens(
+                    rng_mlm,
+                    gather(text_ids),
+                    vocab_size=m.vocab_size,
+                    mask_id=MASK_ID,
+                    special_ids=SPECIAL_IDS,
+                    prob=self.mlm_prob,
+                    first_random_id=FIRST_WORD_ID,
+                ),
+            )
+            m_stream = self._apply(params, m.text_stream, masked)
+            logits = self._apply(params, m.mlm_logits, self._apply(params, m.fuse, m_stream, masked, img_tok))
+            tm_stream = self._apply(teacher, m.text_stream, masked)
+            t_logits = self._apply(teacher, m.mlm_logits, self._apply(teacher, m.fuse, tm_stream, masked, t_img_tok))
+            l_mlm, mi = mlm_loss(logits, text_ids, target, teacher_logits_BxLxV=t_logits, alpha=alpha, gather=gather)
+            loss, metrics = loss + l_mlm, {**metrics, **mi}
+
+        new_queues = enqueue(queues, gather(t_img), gather(t_txt), gather(ids))
+        metrics["loss"] = loss
+        return loss, metrics, {"queues": new_queues}
+
+    # --- evaluation (encoders and features: FeatureFamily) --------------------------
+    def itm_scores(self, params, image_tokens, stream, text):
+        """Log-odds that each (image, text) pair matches: [B,T,Di], [B,L,D], [B,L] -> [B]."""
+        logits = self._apply(
+            params, self.model.itm_logits, self._apply(params, self.model.fuse, stream, text, image_tokens)
+        )
+        return logits[:, 1] - logits[:, 0]

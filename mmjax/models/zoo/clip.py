@@ -13,6 +13,7 @@ the text pooling rule; with act='quick_gelu' (or 'gelu'), ln_eps=1e-5 and
 text_pool='argmax' (or 'eos') the model computes what transformers' CLIPModel does
 (see mmjax.export.hf).
 """
+
 import math
 from typing import Any
 
@@ -22,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.fusion import head_dense
-from mmjax.models.text import POOLS as TEXT_POOLS, TextEncoder
-from mmjax.models.transformer import ACTIVATIONS, LN_EPS
-from mmjax.models.transformer import remat_mode
+from mmjax.models.text import POOLS as TEXT_POOLS
+from mmjax.models.text import TextEncoder
+from mmjax.models.transformer import ACTIVATIONS, LN_EPS, remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.common import Family, attention_spec, logit_scale_bounds, video_options
@@ -38,206 +39,243 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def l2_normalize(x, eps=1e-6):
-  """Row-wise L2 normalisation in float32: [..., E] -> [..., E] float32."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps * eps)
+    """Row-wise L2 normalisation in float32: [..., E] -> [..., E] float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps * eps)
 
 
 class CLIP(nn.Module):
-  """Image tower (ViT) + text tower (causal) + bias-free projections to E.
+    """Image tower (ViT) + text tower (causal) + bias-free projections to E.
 
-  `__call__(image: [B, H, W, 3] float32, text: [B, L] int32)
-   -> (img_emb: [B, E] float32, txt_emb: [B, E] float32, aux)`, both
-  L2-normalised. aux: {'image': ViT aux, 'text': text aux}. Params `t`
-  (log logit scale) and, for loss='sigmoid', `b` (logit bias) are created at
-  init by `__call__`. `project_image` / `project_text` give the projected features
-  before the normalisation (transformers' `get_image_features` / `get_text_features`).
-  """
-  image: Any            # parse_variant(..., kind='image') dict, frozen by flax
-  text: Any             # parse_variant(..., kind='text') dict
-  embed_dim: int
-  vocab_size: int
-  text_len: int
-  loss: str = "softmax"
-  pool: str = "cls"
-  posemb: str = "learn"
-  act: str = "gelu_tanh"       # MLP activation of both towers (transformer.ACTIVATIONS)
-  ln_eps: float = LN_EPS       # every LayerNorm's epsilon
-  text_pool: str = "last"      # text pooling rule (text.POOLS)
-  eos_id: Any = None           # the eos id, for text_pool='eos'
-  remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
-  attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
-  scan: bool = False  # nn.scan over the blocks (transformer.Encoder)
-  video: Any = None  # ViT video keywords (common.video_options); None: an image model
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+    `__call__(image: [B, H, W, 3] float32, text: [B, L] int32)
+     -> (img_emb: [B, E] float32, txt_emb: [B, E] float32, aux)`, both
+    L2-normalised. aux: {'image': ViT aux, 'text': text aux}. Params `t`
+    (log logit scale) and, for loss='sigmoid', `b` (logit bias) are created at
+    init by `__call__`. `project_image` / `project_text` give the projected features
+    before the normalisation (transformers' `get_image_features` / `get_text_features`).
+    """
 
-  def setup(self):
-    if self.loss not in LOSSES:
-      raise ValueError(f"model_config.loss must be one of {LOSSES}, got {self.loss!r}.")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    im, tx = self.image, self.text
-    self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"],
-                           im["mlp_dim"], pool=self.pool, posemb=self.posemb, patch_bias=False,
-                           pre_norm=True, act=self.act, ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, scan=self.scan,
-                           **dict(self.video or {}), **kw)
-    self.text_tower = TextEncoder(self.vocab_size, self.text_len, tx["width"],
-                                  tx["depth"], tx["heads"], tx["mlp_dim"],
-                                  pool=self.text_pool, eos_id=self.eos_id, act=self.act,
-                                  ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, scan=self.scan, **kw)
-    # The projections are heads: a float32 matmul whatever the compute dtype (fusion.head_dense).
-    proj = lambda name: head_dense(self.embed_dim, use_bias=False, name=name, param_dtype=self.param_dtype)
-    self.image_proj = proj("image_proj")
-    self.text_proj = proj("text_proj")
-    init_t = math.log(1 / 0.07) if self.loss == "softmax" else math.log(10.0)
-    self.t = self.param("t", names(nn.initializers.constant(init_t)), (), jnp.float32)
-    if self.loss == "sigmoid":
-      self.b = self.param("b", names(nn.initializers.constant(-10.0)), (), jnp.float32)
+    image: Any  # parse_variant(..., kind='image') dict, frozen by flax
+    text: Any  # parse_variant(..., kind='text') dict
+    embed_dim: int
+    vocab_size: int
+    text_len: int
+    loss: str = "softmax"
+    pool: str = "cls"
+    posemb: str = "learn"
+    act: str = "gelu_tanh"  # MLP activation of both towers (transformer.ACTIVATIONS)
+    ln_eps: float = LN_EPS  # every LayerNorm's epsilon
+    text_pool: str = "last"  # text pooling rule (text.POOLS)
+    eos_id: Any = None  # the eos id, for text_pool='eos'
+    remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
+    attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
+    scan: bool = False  # nn.scan over the blocks (transformer.Encoder)
+    video: Any = None  # ViT video keywords (common.video_options); None: an image model
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-  def _image(self, image_BxHxWx3):
-    chex.assert_rank(image_BxHxWx3, {4, 5})  # images, or clips [B, T, H, W, 3]
-    pooled, aux = self.image_tower(image_BxHxWx3)
-    return self.image_proj(pooled), aux
+    def setup(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"model_config.loss must be one of {LOSSES}, got {self.loss!r}.")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        im, tx = self.image, self.text
+        self.image_tower = ViT(
+            im["patch"],
+            im["width"],
+            im["depth"],
+            im["heads"],
+            im["mlp_dim"],
+            pool=self.pool,
+            posemb=self.posemb,
+            patch_bias=False,
+            pre_norm=True,
+            act=self.act,
+            ln_eps=self.ln_eps,
+            remat=self.remat,
+            attention=self.attention,
+            scan=self.scan,
+            **dict(self.video or {}),
+            **kw,
+        )
+        self.text_tower = TextEncoder(
+            self.vocab_size,
+            self.text_len,
+            tx["width"],
+            tx["depth"],
+            tx["heads"],
+            tx["mlp_dim"],
+            pool=self.text_pool,
+            eos_id=self.eos_id,
+            act=self.act,
+            ln_eps=self.ln_eps,
+            remat=self.remat,
+            attention=self.attention,
+            scan=self.scan,
+            **kw,
+        )
+        # The projections are heads: a float32 matmul whatever the compute dtype (fusion.head_dense).
+        proj = lambda name: head_dense(self.embed_dim, use_bias=False, name=name, param_dtype=self.param_dtype)
+        self.image_proj = proj("image_proj")
+        self.text_proj = proj("text_proj")
+        init_t = math.log(1 / 0.07) if self.loss == "softmax" else math.log(10.0)
+        self.t = self.param("t", names(nn.initializers.constant(init_t)), (), jnp.float32)
+        if self.loss == "sigmoid":
+            self.b = self.param("b", names(nn.initializers.constant(-10.0)), (), jnp.float32)
 
-  def _text(self, text_BxL):
-    chex.assert_rank(text_BxL, 2)
-    pooled, aux = self.text_tower(text_BxL)
-    return self.text_proj(pooled), aux
+    def _image(self, image_BxHxWx3):
+        chex.assert_rank(image_BxHxWx3, {4, 5})  # images, or clips [B, T, H, W, 3]
+        pooled, aux = self.image_tower(image_BxHxWx3)
+        return self.image_proj(pooled), aux
 
-  def encode_image(self, image_BxHxWx3):
-    """[B, H, W, 3] float32 -> (emb [B, E] float32, L2-normalised; aux)."""
-    feat_BxE, aux = self._image(image_BxHxWx3)
-    return l2_normalize(feat_BxE), aux
+    def _text(self, text_BxL):
+        chex.assert_rank(text_BxL, 2)
+        pooled, aux = self.text_tower(text_BxL)
+        return self.text_proj(pooled), aux
 
-  def encode_text(self, text_BxL):
-    """[B, L] int32 -> (emb [B, E] float32, L2-normalised; aux)."""
-    feat_BxE, aux = self._text(text_BxL)
-    return l2_normalize(feat_BxE), aux
+    def encode_image(self, image_BxHxWx3):
+        """[B, H, W, 3] float32 -> (emb [B, E] float32, L2-normalised; aux)."""
+        feat_BxE, aux = self._image(image_BxHxWx3)
+        return l2_normalize(feat_BxE), aux
 
-  def project_image(self, image_BxHxWx3):
-    """[B, H, W, 3] -> [B, E]: the projected image features, not normalised."""
-    return self._image(image_BxHxWx3)[0]
+    def encode_text(self, text_BxL):
+        """[B, L] int32 -> (emb [B, E] float32, L2-normalised; aux)."""
+        feat_BxE, aux = self._text(text_BxL)
+        return l2_normalize(feat_BxE), aux
 
-  def project_text(self, text_BxL):
-    """[B, L] int32 -> [B, E]: the projected text features, not normalised."""
-    return self._text(text_BxL)[0]
+    def project_image(self, image_BxHxWx3):
+        """[B, H, W, 3] -> [B, E]: the projected image features, not normalised."""
+        return self._image(image_BxHxWx3)[0]
 
-  def __call__(self, image, text):
-    img_BxE, img_aux = self.encode_image(image)
-    txt_BxE, txt_aux = self.encode_text(text)
-    chex.assert_equal_shape([img_BxE, txt_BxE])
-    return img_BxE, txt_BxE, dict(image=img_aux, text=txt_aux)
+    def project_text(self, text_BxL):
+        """[B, L] int32 -> [B, E]: the projected text features, not normalised."""
+        return self._text(text_BxL)[0]
+
+    def __call__(self, image, text):
+        img_BxE, img_aux = self.encode_image(image)
+        txt_BxE, txt_aux = self.encode_text(text)
+        chex.assert_equal_shape([img_BxE, txt_BxE])
+        return img_BxE, txt_BxE, dict(image=img_aux, text=txt_aux)
 
 
 class ClipFamily(Family):
-  """CLIP / SigLIP for the generic train step and evaluation.
+    """CLIP / SigLIP for the generic train step and evaluation.
 
-  `model_config` fields: family, image ('mu/8'), text ('mu'), image_overrides,
-  text_overrides, embed_dim, image_size, text_len, vocab_size, loss
-  ('softmax'|'sigmoid'), pool ('cls'|'gap'), dtype ('float32'|'bfloat16'),
-  optional remat (bool), max_logit_scale (default 100: after every update t is
-  projected into [0, ln 100], open_clip's clamp, for both losses; None = no upper
-  bound, big_vision's SigLIP), hard_negatives_scope ('batch': NegCLIP, every image
-  against all the batch's hard captions; 'own': against its own K),
-  act ('gelu_tanh'|'gelu'|'quick_gelu', default 'gelu_tanh'), ln_eps (default
-  1e-6), text_pool ('last'|'argmax'|'eos', default 'last'), eos_id (for 'eos'), and
-  for video CLIP num_frames, temporal, tubelet, temporal_kernel (common.video_options;
-  the batch's 'image' is then a clip [B, T, H, W, 3]).
-  """
-  batch_keys = ("image", "text", "hard_negatives", "hard_negatives_valid")
-
-  def __init__(self, model_config):
-    cfg = model_config
-    dtype_name = cfg.get("dtype", "float32")
-    if dtype_name not in DTYPES:
-      raise ValueError(f"model_config.dtype must be one of {list(DTYPES)}, "
-                       f"got {dtype_name!r}.")
-    loss = cfg.get("loss", "softmax")
-    if loss not in LOSSES:
-      raise ValueError(f"model_config.loss must be one of {LOSSES}, got {loss!r}.")
-    self.config = cfg
-    self.loss = loss
-    max_scale = cfg.get("max_logit_scale", 100.0)
-    self.max_logit_scale = None if max_scale is None else float(max_scale)
-    self.t_range = logit_scale_bounds(self.max_logit_scale)
-    self.hard_negatives_scope = cfg.get("hard_negatives_scope", None) or "batch"
-    if self.hard_negatives_scope not in NEG_SCOPES:
-      raise ValueError(f"model.hard_negatives_scope={self.hard_negatives_scope!r}; valid choices: "
-                       f"{', '.join(NEG_SCOPES)}")
-    self.image_size = int(cfg.get("image_size", 224))
-    self.text_len = int(cfg.get("text_len", 77))
-    self.num_frames = video_options(cfg)["num_frames"]
-    act = cfg.get("act", None) or "gelu_tanh"
-    if act not in ACTIVATIONS:
-      raise ValueError(f"model_config.act must be one of {list(ACTIVATIONS)}, got {act!r}.")
-    text_pool = cfg.get("text_pool", None) or "last"
-    if text_pool not in TEXT_POOLS:
-      raise ValueError(f"model_config.text_pool must be one of {list(TEXT_POOLS)}, got {text_pool!r}.")
-    eos_id = cfg.get("eos_id", None)
-    if text_pool == "eos" and eos_id is None:
-      raise ValueError("model_config.text_pool='eos' needs model_config.eos_id (the eos token id).")
-    ln_eps = cfg.get("ln_eps", None)
-    self.model = CLIP(
-        image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
-        text=parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text"),
-        embed_dim=int(cfg.embed_dim), vocab_size=int(cfg.vocab_size),
-        text_len=self.text_len, loss=loss, pool=cfg.get("pool", "cls"),
-        posemb=cfg.get("posemb", "learn"), act=act,
-        ln_eps=LN_EPS if ln_eps is None else float(ln_eps), text_pool=text_pool,
-        eos_id=None if eos_id is None else int(eos_id),
-        remat=remat_mode(cfg.get("remat", False)), attention=attention_spec(cfg),
-        scan=bool(cfg.get("scan_layers", False)), video=video_options(cfg), dtype=DTYPES[dtype_name],
-        param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
-
-  def embed(self, params, batch, rng=None):
-    """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}.
-
-    With 'hard_negatives' [B, K, L] i32 in the batch (NegCLIP-style captions
-    with swapped attributes) also 'neg': [B, K, E] and 'neg_valid': [B, K] float32
-    (1 = counts; from the batch's 'hard_negatives_valid' bool [B, K], all 1 if
-    absent; a float so that GradCache can carry it with the embeddings).
+    `model_config` fields: family, image ('mu/8'), text ('mu'), image_overrides,
+    text_overrides, embed_dim, image_size, text_len, vocab_size, loss
+    ('softmax'|'sigmoid'), pool ('cls'|'gap'), dtype ('float32'|'bfloat16'),
+    optional remat (bool), max_logit_scale (default 100: after every update t is
+    projected into [0, ln 100], open_clip's clamp, for both losses; None = no upper
+    bound, big_vision's SigLIP), hard_negatives_scope ('batch': NegCLIP, every image
+    against all the batch's hard captions; 'own': against its own K),
+    act ('gelu_tanh'|'gelu'|'quick_gelu', default 'gelu_tanh'), ln_eps (default
+    1e-6), text_pool ('last'|'argmax'|'eos', default 'last'), eos_id (for 'eos'), and
+    for video CLIP num_frames, temporal, tubelet, temporal_kernel (common.video_options;
+    the batch's 'image' is then a clip [B, T, H, W, 3]).
     """
-    del rng  # No dropout / stochastic depth yet.
-    img, txt, _ = self.model.apply({"params": params}, batch["image"], batch["text"])
-    emb = {"img": img, "txt": txt}
-    if "hard_negatives" in batch:
-      neg = batch["hard_negatives"]
-      chex.assert_rank(neg, 3)
-      b, k, length = neg.shape
-      flat = self.encode_text(params, neg.reshape(b * k, length))
-      emb["neg"] = flat.reshape(b, k, -1)
-      valid = batch.get("hard_negatives_valid", None)
-      emb["neg_valid"] = (jnp.ones((b, k), jnp.float32) if valid is None
-                          else jax.lax.stop_gradient(jnp.asarray(valid).astype(jnp.float32)))
-    return emb
 
-  def loss_from_embeddings(self, params, emb, *, gather=identity):
-    """(loss, metrics) from {'img','txt': [b, E]}; see mmjax.objectives for gather."""
-    neg = dict(txt_neg=emb.get("neg"), neg_valid=emb.get("neg_valid"), neg_scope=self.hard_negatives_scope,
-               gather=gather)
-    if self.loss == "softmax":
-      return itc_loss(emb["img"], emb["txt"], params["t"], **neg)
-    return sigmoid_loss(emb["img"], emb["txt"], params["t"], params["b"], **neg)
+    batch_keys = ("image", "text", "hard_negatives", "hard_negatives_valid")
 
-  def param_bounds(self) -> dict:
-    """t in [0, ln(model.max_logit_scale)] (open_clip's
-    `logit_scale.clamp_(0, math.log(100))` after each step); the forward uses t as it is."""
-    return {"t": self.t_range}
+    def __init__(self, model_config):
+        cfg = model_config
+        dtype_name = cfg.get("dtype", "float32")
+        if dtype_name not in DTYPES:
+            raise ValueError(f"model_config.dtype must be one of {list(DTYPES)}, got {dtype_name!r}.")
+        loss = cfg.get("loss", "softmax")
+        if loss not in LOSSES:
+            raise ValueError(f"model_config.loss must be one of {LOSSES}, got {loss!r}.")
+        self.config = cfg
+        self.loss = loss
+        max_scale = cfg.get("max_logit_scale", 100.0)
+        self.max_logit_scale = None if max_scale is None else float(max_scale)
+        self.t_range = logit_scale_bounds(self.max_logit_scale)
+        self.hard_negatives_scope = cfg.get("hard_negatives_scope", None) or "batch"
+        if self.hard_negatives_scope not in NEG_SCOPES:
+            raise ValueError(
+                f"model.hard_negatives_scope={self.hard_negatives_scope!r}; valid choices: {', '.join(NEG_SCOPES)}"
+            )
+        self.image_size = int(cfg.get("image_size", 224))
+        self.text_len = int(cfg.get("text_len", 77))
+        self.num_frames = video_options(cfg)["num_frames"]
+        act = cfg.get("act", None) or "gelu_tanh"
+        if act not in ACTIVATIONS:
+            raise ValueError(f"model_config.act must be one of {list(ACTIVATIONS)}, got {act!r}.")
+        text_pool = cfg.get("text_pool", None) or "last"
+        if text_pool not in TEXT_POOLS:
+            raise ValueError(f"model_config.text_pool must be one of {list(TEXT_POOLS)}, got {text_pool!r}.")
+        eos_id = cfg.get("eos_id", None)
+        if text_pool == "eos" and eos_id is None:
+            raise ValueError("model_config.text_pool='eos' needs model_config.eos_id (the eos token id).")
+        ln_eps = cfg.get("ln_eps", None)
+        self.model = CLIP(
+            image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
+            text=parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text"),
+            embed_dim=int(cfg.embed_dim),
+            vocab_size=int(cfg.vocab_size),
+            text_len=self.text_len,
+            loss=loss,
+            pool=cfg.get("pool", "cls"),
+            posemb=cfg.get("posemb", "learn"),
+            act=act,
+            ln_eps=LN_EPS if ln_eps is None else float(ln_eps),
+            text_pool=text_pool,
+            eos_id=None if eos_id is None else int(eos_id),
+            remat=remat_mode(cfg.get("remat", False)),
+            attention=attention_spec(cfg),
+            scan=bool(cfg.get("scan_layers", False)),
+            video=video_options(cfg),
+            dtype=DTYPES[dtype_name],
+            param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"],
+        )
 
-  def objective(self, params, batch, rng=None, *, teacher=None, queues=None,
-                gather=identity):
-    """-> (loss, metrics, updates); CLIP has no teacher or queues, updates = {}."""
-    del teacher, queues
-    loss, metrics = self.loss_from_embeddings(params, self.embed(params, batch, rng),
-                                              gather=gather)
-    return loss, metrics, {}
+    def embed(self, params, batch, rng=None):
+        """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}.
 
-  def encode_image(self, params, image):
-    """[B, H, W, 3] float32 -> [B, E] float32, L2-normalised."""
-    return self.model.apply({"params": params}, image,
-                            method=self.model.encode_image)[0]
+        With 'hard_negatives' [B, K, L] i32 in the batch (NegCLIP-style captions
+        with swapped attributes) also 'neg': [B, K, E] and 'neg_valid': [B, K] float32
+        (1 = counts; from the batch's 'hard_negatives_valid' bool [B, K], all 1 if
+        absent; a float so that GradCache can carry it with the embeddings).
+        """
+        del rng  # No dropout / stochastic depth yet.
+        img, txt, _ = self.model.apply({"params": params}, batch["image"], batch["text"])
+        emb = {"img": img, "txt": txt}
+        if "hard_negatives" in batch:
+            neg = batch["hard_negatives"]
+            chex.assert_rank(neg, 3)
+            b, k, length = neg.shape
+            flat = self.encode_text(params, neg.reshape(b * k, length))
+            emb["neg"] = flat.reshape(b, k, -1)
+            valid = batch.get("hard_negatives_valid", None)
+            emb["neg_valid"] = (
+                jnp.ones((b, k), jnp.float32)
+                if valid is None
+                else jax.lax.stop_gradient(jnp.asarray(valid).astype(jnp.float32))
+            )
+        return emb
 
-  def encode_text(self, params, text):
-    """[B, L] int32 -> [B, E] float32, L2-normalised."""
-    return self.model.apply({"params": params}, text,
-                            method=self.model.encode_text)[0]
+    def loss_from_embeddings(self, params, emb, *, gather=identity):
+        """(loss, metrics) from {'img','txt': [b, E]}; see mmjax.objectives for gather."""
+        neg = dict(
+            txt_neg=emb.get("neg"), neg_valid=emb.get("neg_valid"), neg_scope=self.hard_negatives_scope, gather=gather
+        )
+        if self.loss == "softmax":
+            return itc_loss(emb["img"], emb["txt"], params["t"], **neg)
+        return sigmoid_loss(emb["img"], emb["txt"], params["t"], params["b"], **neg)
+
+    def param_bounds(self) -> dict:
+        """t in [0, ln(model.max_logit_scale)] (open_clip's
+        `logit_scale.clamp_(0, math.log(100))` after each step); the forward uses t as it is."""
+        return {"t": self.t_range}
+
+    def objective(self, params, batch, rng=None, *, teacher=None, queues=None, gather=identity):
+        """-> (loss, metrics, updates); CLIP has no teacher or queues, updates = {}."""
+        del teacher, queues
+        loss, metrics = self.loss_from_embeddings(params, self.embed(params, batch, rng), gather=gather)
+        return loss, metrics, {}
+
+    def encode_image(self, params, image):
+        """[B, H, W, 3] float32 -> [B, E] float32, L2-normalised."""
+        return self.model.apply({"params": params}, image, method=self.model.encode_image)[0]
+
+    def encode_text(self, params, text):
+        """[B, L] int32 -> [B, E] float32, L2-normalised."""
+        return self.model.apply({"params": params}, text, method=self.model.encode_text)[0]

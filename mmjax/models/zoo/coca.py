@@ -15,6 +15,7 @@ E embed dim, n captioning queries, V vocabulary.
 - One forward gives both losses: `con_weight * ITC + cap_weight * LM` (CoCa:
   1 and 2), LM with optional label smoothing.
 """
+
 from typing import Any
 
 import chex
@@ -37,159 +38,205 @@ CLS_ID, BOS_ID, EOS_ID = 5, 2, 3  # mmjax tokenizer ids
 
 
 class AttentionalPooler(nn.Module):
-  """`tokens [B, T, D] -> [B, n, D]`: n learned queries cross-attend to the tokens."""
-  num_queries: int
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+    """`tokens [B, T, D] -> [B, n, D]`: n learned queries cross-attend to the tokens."""
 
-  @nn.compact
-  def __call__(self, tokens_BxTxD):
-    chex.assert_rank(tokens_BxTxD, 3)
-    b, _, d = tokens_BxTxD.shape
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = self.param("queries", names(nn.initializers.normal(0.02), None, "embed"), (self.num_queries, d),
-                   self.param_dtype)
-    q_BxnxD = jnp.broadcast_to(jnp.asarray(q, self.dtype)[None], (b, self.num_queries, d))
-    kv = nn.LayerNorm(name="ln_kv", **kw, **norm_init())(tokens_BxTxD)
-    out = MultiHeadAttention(self.num_heads, name="attn", **kw)(
-        nn.LayerNorm(name="ln_q", **kw, **norm_init())(q_BxnxD), inputs_kv=kv)
-    return nn.LayerNorm(name="ln_out", **kw, **norm_init())(out)
+    num_queries: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens_BxTxD):
+        chex.assert_rank(tokens_BxTxD, 3)
+        b, _, d = tokens_BxTxD.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = self.param(
+            "queries", names(nn.initializers.normal(0.02), None, "embed"), (self.num_queries, d), self.param_dtype
+        )
+        q_BxnxD = jnp.broadcast_to(jnp.asarray(q, self.dtype)[None], (b, self.num_queries, d))
+        kv = nn.LayerNorm(name="ln_kv", **kw, **norm_init())(tokens_BxTxD)
+        out = MultiHeadAttention(self.num_heads, name="attn", **kw)(
+            nn.LayerNorm(name="ln_q", **kw, **norm_init())(q_BxnxD), inputs_kv=kv
+        )
+        return nn.LayerNorm(name="ln_out", **kw, **norm_init())(out)
 
 
 class CoCa(nn.Module):
-  """Methods (apply with `method=`): `image_features(image) -> (emb [B,E], memory
-  [B,n,Di])`, `text_features(ids) -> (emb [B,E], unimodal states [B,L,D])`,
-  `caption_logits(states, ids, memory) -> [B,L,V]`; `__call__(image, ids) ->
-  (img_emb, txt_emb, logits)` is the one training forward."""
-  image: Any
-  text: Any
-  embed_dim: int
-  vocab_size: int
-  text_len: int
-  unimodal_layers: int
-  cap_queries: int = 16
-  remat: Any = False
-  attention: str = "xla"
-  video: Any = None  # ViT video keywords (common.video_options); None: an image model
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+    """Methods (apply with `method=`): `image_features(image) -> (emb [B,E], memory
+    [B,n,Di])`, `text_features(ids) -> (emb [B,E], unimodal states [B,L,D])`,
+    `caption_logits(states, ids, memory) -> [B,L,V]`; `__call__(image, ids) ->
+    (img_emb, txt_emb, logits)` is the one training forward."""
 
-  def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    im, tx = self.image, self.text
-    self.image_tower = ViT(im["patch"], im["width"], im["depth"], im["heads"], im["mlp_dim"], pool="gap",
-                           remat=self.remat, attention=self.attention, **dict(self.video or {}), **kw)
-    self.con_pool = AttentionalPooler(1, im["heads"], **kw)
-    self.cap_pool = AttentionalPooler(self.cap_queries, im["heads"], **kw)
-    self.image_proj = head_dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype)  # float32 heads
-    self.decoder = TextDecoder(self.vocab_size, self.text_len, tx["width"], tx["depth"], tx["heads"],
-                               tx["mlp_dim"], cross_from=self.unimodal_layers, attention=self.attention, **kw)
-    self.text_cls = self.param("text_cls", names(nn.initializers.normal(0.02), "embed"), (tx["width"],),
-                               self.param_dtype)
-    self.ln_cls = nn.LayerNorm(**kw, **norm_init())
-    self.text_proj = head_dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype)
-    self.t = self.param("t", names(nn.initializers.constant(jnp.log(1 / 0.07))), (), jnp.float32)
+    image: Any
+    text: Any
+    embed_dim: int
+    vocab_size: int
+    text_len: int
+    unimodal_layers: int
+    cap_queries: int = 16
+    remat: Any = False
+    attention: str = "xla"
+    video: Any = None  # ViT video keywords (common.video_options); None: an image model
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-  def image_features(self, image_BxHxWx3):
-    _, aux = self.image_tower(image_BxHxWx3)
-    tokens = aux["tokens"]
-    emb = l2_normalize(self.image_proj(self.con_pool(tokens)[:, 0]))
-    return emb, self.cap_pool(tokens)
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        im, tx = self.image, self.text
+        self.image_tower = ViT(
+            im["patch"],
+            im["width"],
+            im["depth"],
+            im["heads"],
+            im["mlp_dim"],
+            pool="gap",
+            remat=self.remat,
+            attention=self.attention,
+            **dict(self.video or {}),
+            **kw,
+        )
+        self.con_pool = AttentionalPooler(1, im["heads"], **kw)
+        self.cap_pool = AttentionalPooler(self.cap_queries, im["heads"], **kw)
+        self.image_proj = head_dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype)  # float32 heads
+        self.decoder = TextDecoder(
+            self.vocab_size,
+            self.text_len,
+            tx["width"],
+            tx["depth"],
+            tx["heads"],
+            tx["mlp_dim"],
+            cross_from=self.unimodal_layers,
+            attention=self.attention,
+            **kw,
+        )
+        self.text_cls = self.param(
+            "text_cls", names(nn.initializers.normal(0.02), "embed"), (tx["width"],), self.param_dtype
+        )
+        self.ln_cls = nn.LayerNorm(**kw, **norm_init())
+        self.text_proj = head_dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype)
+        self.t = self.param("t", names(nn.initializers.constant(jnp.log(1 / 0.07))), (), jnp.float32)
 
-  def text_features(self, ids_BxL):
-    b, length = ids_BxL.shape
-    x = self.decoder.embed_tokens(ids_BxL)
-    cls = jnp.broadcast_to(jnp.asarray(self.text_cls, x.dtype)[None, None], (b, 1, x.shape[-1]))
-    ids_c = jnp.concatenate([ids_BxL, jnp.full((b, 1), CLS_ID, ids_BxL.dtype)], axis=1)
-    y = self.decoder.run_blocks(jnp.concatenate([x, cls], axis=1), self.decoder.self_mask(ids_c),
-                                stop=self.unimodal_layers)
-    emb = l2_normalize(self.text_proj(self.ln_cls(y[:, -1])))
-    return emb, y[:, :length]
+    def image_features(self, image_BxHxWx3):
+        _, aux = self.image_tower(image_BxHxWx3)
+        tokens = aux["tokens"]
+        emb = l2_normalize(self.image_proj(self.con_pool(tokens)[:, 0]))
+        return emb, self.cap_pool(tokens)
 
-  def caption_logits(self, states_BxLxD, ids_BxL, memory_BxnxDi):
-    y = self.decoder.run_blocks(states_BxLxD, self.decoder.self_mask(ids_BxL), memory_BxnxDi,
-                                start=self.unimodal_layers)
-    return self.decoder.logits(y)
+    def text_features(self, ids_BxL):
+        b, length = ids_BxL.shape
+        x = self.decoder.embed_tokens(ids_BxL)
+        cls = jnp.broadcast_to(jnp.asarray(self.text_cls, x.dtype)[None, None], (b, 1, x.shape[-1]))
+        ids_c = jnp.concatenate([ids_BxL, jnp.full((b, 1), CLS_ID, ids_BxL.dtype)], axis=1)
+        y = self.decoder.run_blocks(
+            jnp.concatenate([x, cls], axis=1), self.decoder.self_mask(ids_c), stop=self.unimodal_layers
+        )
+        emb = l2_normalize(self.text_proj(self.ln_cls(y[:, -1])))
+        return emb, y[:, :length]
 
-  def __call__(self, image, ids):
-    img_emb, memory = self.image_features(image)
-    txt_emb, states = self.text_features(ids)
-    return img_emb, txt_emb, self.caption_logits(states, ids, memory)
+    def caption_logits(self, states_BxLxD, ids_BxL, memory_BxnxDi):
+        y = self.decoder.run_blocks(
+            states_BxLxD, self.decoder.self_mask(ids_BxL), memory_BxnxDi, start=self.unimodal_layers
+        )
+        return self.decoder.logits(y)
+
+    def __call__(self, image, ids):
+        img_emb, memory = self.image_features(image)
+        txt_emb, states = self.text_features(ids)
+        return img_emb, txt_emb, self.caption_logits(states, ids, memory)
 
 
 class CocaFamily(Family):
-  """CoCa for the generic step, the retrieval evaluator and captioning.
+    """CoCa for the generic step, the retrieval evaluator and captioning.
 
-  model_config: image / text variants (+ overrides), embed_dim, unimodal_layers
-  (text blocks without cross-attention; default half the text depth), cap_queries,
-  con_weight (1.0), cap_weight (2.0), label_smoothing (0.0), max_logit_scale (t is
-  projected into [0, ln max_logit_scale] after each update; default 100).
-  """
-  batch_keys = ("image", "text")
+    model_config: image / text variants (+ overrides), embed_dim, unimodal_layers
+    (text blocks without cross-attention; default half the text depth), cap_queries,
+    con_weight (1.0), cap_weight (2.0), label_smoothing (0.0), max_logit_scale (t is
+    projected into [0, ln max_logit_scale] after each update; default 100).
+    """
 
-  def __init__(self, model_config):
-    cfg = model_config
-    self.config = cfg
-    self.image_size = int(cfg.get("image_size", 224))
-    self.text_len = int(cfg.get("text_len", 76))
-    video = video_options(cfg)
-    self.num_frames = video["num_frames"]
-    text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
-    image = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
-    self.unimodal_layers = int(cfg.get("unimodal_layers", None) or text["depth"] // 2)
-    if not 0 < self.unimodal_layers < text["depth"]:
-      raise ValueError(f"model.unimodal_layers={self.unimodal_layers} must lie in [1, text depth - 1 = "
-                       f"{text['depth'] - 1}]: CoCa needs both unimodal and multimodal layers")
-    self.con_weight = float(cfg.get("con_weight", 1.0))
-    self.cap_weight = float(cfg.get("cap_weight", 2.0))
-    self.label_smoothing = float(cfg.get("label_smoothing", 0.0))
-    max_scale = cfg.get("max_logit_scale", 100.0)
-    self.max_logit_scale = None if max_scale is None else float(max_scale)
-    self.t_range = logit_scale_bounds(self.max_logit_scale)
-    self.model = CoCa(image=image, text=text, embed_dim=int(cfg.embed_dim), vocab_size=int(cfg.vocab_size),
-                      text_len=self.text_len, unimodal_layers=self.unimodal_layers,
-                      cap_queries=int(cfg.get("cap_queries", 16)), remat=remat_mode(cfg.get("remat", False)),
-                      attention=attention_spec(cfg), video=video, dtype=DTYPES[cfg.get("dtype", "float32")],
-                      param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"])
-    m = self.model
-    self.decoder = TextDecoder(m.vocab_size, m.text_len, text["width"], text["depth"], text["heads"],
-                               text["mlp_dim"], cross_from=self.unimodal_layers, attention=m.attention,
-                               dtype=m.dtype, param_dtype=m.param_dtype)
+    batch_keys = ("image", "text")
 
-  def _apply(self, params, method, *args):
-    return self.model.apply({"params": params}, *args, method=method)
+    def __init__(self, model_config):
+        cfg = model_config
+        self.config = cfg
+        self.image_size = int(cfg.get("image_size", 224))
+        self.text_len = int(cfg.get("text_len", 76))
+        video = video_options(cfg)
+        self.num_frames = video["num_frames"]
+        text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
+        image = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
+        self.unimodal_layers = int(cfg.get("unimodal_layers", None) or text["depth"] // 2)
+        if not 0 < self.unimodal_layers < text["depth"]:
+            raise ValueError(
+                f"model.unimodal_layers={self.unimodal_layers} must lie in [1, text depth - 1 = "
+                f"{text['depth'] - 1}]: CoCa needs both unimodal and multimodal layers"
+            )
+        self.con_weight = float(cfg.get("con_weight", 1.0))
+        self.cap_weight = float(cfg.get("cap_weight", 2.0))
+        self.label_smoothing = float(cfg.get("label_smoothing", 0.0))
+        max_scale = cfg.get("max_logit_scale", 100.0)
+        self.max_logit_scale = None if max_scale is None else float(max_scale)
+        self.t_range = logit_scale_bounds(self.max_logit_scale)
+        self.model = CoCa(
+            image=image,
+            text=text,
+            embed_dim=int(cfg.embed_dim),
+            vocab_size=int(cfg.vocab_size),
+            text_len=self.text_len,
+            unimodal_layers=self.unimodal_layers,
+            cap_queries=int(cfg.get("cap_queries", 16)),
+            remat=remat_mode(cfg.get("remat", False)),
+            attention=attention_spec(cfg),
+            video=video,
+            dtype=DTYPES[cfg.get("dtype", "float32")],
+            param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"],
+        )
+        m = self.model
+        self.decoder = TextDecoder(
+            m.vocab_size,
+            m.text_len,
+            text["width"],
+            text["depth"],
+            text["heads"],
+            text["mlp_dim"],
+            cross_from=self.unimodal_layers,
+            attention=m.attention,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+        )
 
-  def objective(self, params, batch, rng=None, *, gather=identity, **_):
-    """-> (loss, metrics, {}): con_weight * ITC + cap_weight * LM, one forward."""
-    del rng
-    img_emb, txt_emb, logits = self._apply(params, self.model.__call__, batch["image"], batch["text"])
-    l_con, mi = itc_loss(img_emb, txt_emb, params["t"], gather=gather)
-    l_cap, mc = lm_loss(logits, batch["text"], label_smoothing=self.label_smoothing, gather=gather)
-    loss = self.con_weight * l_con + self.cap_weight * l_cap
-    metrics = {**{("loss_itc" if k == "loss" else k): v for k, v in mi.items()}, **mc, "loss": loss}
-    return loss, metrics, {}
+    def _apply(self, params, method, *args):
+        return self.model.apply({"params": params}, *args, method=method)
 
-  def param_bounds(self) -> dict:
-    """t in [0, ln(model.max_logit_scale)] (open_clip's clamp after each step)."""
-    return {"t": self.t_range}
+    def objective(self, params, batch, rng=None, *, gather=identity, **_):
+        """-> (loss, metrics, {}): con_weight * ITC + cap_weight * LM, one forward."""
+        del rng
+        img_emb, txt_emb, logits = self._apply(params, self.model.__call__, batch["image"], batch["text"])
+        l_con, mi = itc_loss(img_emb, txt_emb, params["t"], gather=gather)
+        l_cap, mc = lm_loss(logits, batch["text"], label_smoothing=self.label_smoothing, gather=gather)
+        loss = self.con_weight * l_con + self.cap_weight * l_cap
+        metrics = {**{("loss_itc" if k == "loss" else k): v for k, v in mi.items()}, **mc, "loss": loss}
+        return loss, metrics, {}
 
-  # Retrieval (the evaluator's view) -------------------------------------------------
-  def encode_image(self, params, image):
-    return self._apply(params, self.model.image_features, image)[0]
+    def param_bounds(self) -> dict:
+        """t in [0, ln(model.max_logit_scale)] (open_clip's clamp after each step)."""
+        return {"t": self.t_range}
 
-  def encode_text(self, params, text):
-    return self._apply(params, self.model.text_features, text)[0]
+    # Retrieval (the evaluator's view) -------------------------------------------------
+    def encode_image(self, params, image):
+        return self._apply(params, self.model.image_features, image)[0]
 
-  # Captioning -----------------------------------------------------------------------
-  def caption(self, params, image, *, max_len=None, beams: int = 1, length_penalty: float = 0.6):
-    """Token ids [B, max_len] (bos first, PAD after eos): greedy, or beam search."""
-    max_len = int(max_len or self.text_len)
-    _, memory = self._apply(params, self.model.image_features, image)
-    kw = dict(max_len=max_len, bos_id=BOS_ID, eos_id=EOS_ID)
-    if beams > 1:
-      return beam_search(self.decoder, params["decoder"], memory, beams=beams, length_penalty=length_penalty,
-                         **kw)[0]
-    return greedy_decode(self.decoder, params["decoder"], memory, **kw)
+    def encode_text(self, params, text):
+        return self._apply(params, self.model.text_features, text)[0]
 
-
+    # Captioning -----------------------------------------------------------------------
+    def caption(self, params, image, *, max_len=None, beams: int = 1, length_penalty: float = 0.6):
+        """Token ids [B, max_len] (bos first, PAD after eos): greedy, or beam search."""
+        max_len = int(max_len or self.text_len)
+        _, memory = self._apply(params, self.model.image_features, image)
+        kw = dict(max_len=max_len, bos_id=BOS_ID, eos_id=EOS_ID)
+        if beams > 1:
+            return beam_search(
+                self.decoder, params["decoder"], memory, beams=beams, length_penalty=length_penalty, **kw
+            )[0]
+        return greedy_decode(self.decoder, params["decoder"], memory, **kw)

@@ -17,6 +17,7 @@ Losses (`model.vqa_loss`):
 ALBEF's release answers VQA with a generative answer decoder ranking candidate
 answers; mmjax uses this classifier head for every backbone.
 """
+
 from typing import Any
 
 import chex
@@ -33,66 +34,70 @@ LOSSES = ("softmax", "bce")
 
 
 class AnswerHead(nn.Module):
-  """[B, D] -> [B, num_answers] float32: Dense(2D) -> LayerNorm -> GELU -> Dense."""
-  num_answers: int
-  dtype: Any = jnp.float32
+    """[B, D] -> [B, num_answers] float32: Dense(2D) -> LayerNorm -> GELU -> Dense."""
 
-  @nn.compact
-  def __call__(self, x_BxD):
-    chex.assert_rank(x_BxD, 2)
-    d = x_BxD.shape[-1]
-    h = nn.Dense(2 * d, dtype=self.dtype, name="dense1", **dense_init("embed", "mlp"))(x_BxD)
-    h = nn.LayerNorm(dtype=self.dtype, name="norm", **norm_init())(h)
-    h = nn.gelu(h, approximate=False)
-    out = nn.Dense(self.num_answers, dtype=self.dtype, name="dense2", **dense_init("mlp", None))(h)
-    return jnp.asarray(out, jnp.float32)
+    num_answers: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxD):
+        chex.assert_rank(x_BxD, 2)
+        d = x_BxD.shape[-1]
+        h = nn.Dense(2 * d, dtype=self.dtype, name="dense1", **dense_init("embed", "mlp"))(x_BxD)
+        h = nn.LayerNorm(dtype=self.dtype, name="norm", **norm_init())(h)
+        h = nn.gelu(h, approximate=False)
+        out = nn.Dense(self.num_answers, dtype=self.dtype, name="dense2", **dense_init("mlp", None))(h)
+        return jnp.asarray(out, jnp.float32)
 
 
 class AnswerClassifier(nn.Module):
-  """`__call__(image [B,H,W,3], question ids [B,L]) -> answer logits [B, A]`."""
-  backbone: Any  # the fusion family's linen module (has `fused_features`)
-  num_answers: int
-  dtype: Any = jnp.float32
+    """`__call__(image [B,H,W,3], question ids [B,L]) -> answer logits [B, A]`."""
 
-  @nn.compact
-  def __call__(self, image_BxHxWx3, ids_BxL):
-    fused_BxD = self.backbone.fused_features(image_BxHxWx3, ids_BxL)
-    return AnswerHead(self.num_answers, self.dtype, name="head")(fused_BxD)
+    backbone: Any  # the fusion family's linen module (has `fused_features`)
+    num_answers: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image_BxHxWx3, ids_BxL):
+        fused_BxD = self.backbone.fused_features(image_BxHxWx3, ids_BxL)
+        return AnswerHead(self.num_answers, self.dtype, name="head")(fused_BxD)
 
 
 class VqaFamily(Family):
-  """Answer classification; eval reports top-1 / top-5 and top-1 per answer type."""
-  batch_keys = ("image", "text", "label")
+    """Answer classification; eval reports top-1 / top-5 and top-1 per answer type."""
 
-  def __init__(self, model_config):
-    cfg = model_config
-    self.backbone, backbone_cfg = build_backbone(cfg, "vqa", FUSION_FAMILIES)
-    self.num_classes = int(cfg.get("num_answers", 0) or 0)
-    if self.num_classes < 2:
-      raise ValueError(f"model.num_answers={self.num_classes}: need at least 2 answers")
-    self.loss = cfg.get("vqa_loss", "softmax")
-    if self.loss not in LOSSES:
-      raise ValueError(f"model.vqa_loss={self.loss!r}; valid choices: {', '.join(LOSSES)}")
-    self.config = cfg
-    self.image_size = int(backbone_cfg.get("image_size", 224))
-    self.text_len = int(backbone_cfg.get("text_len", 40))
-    self.model = AnswerClassifier(self.backbone.model, self.num_classes,
-                                  dtype=getattr(self.backbone.model, "dtype", jnp.float32))
+    batch_keys = ("image", "text", "label")
 
-  def logits(self, params, image, text):
-    return self.model.apply({"params": params}, image, text)
+    def __init__(self, model_config):
+        cfg = model_config
+        self.backbone, backbone_cfg = build_backbone(cfg, "vqa", FUSION_FAMILIES)
+        self.num_classes = int(cfg.get("num_answers", 0) or 0)
+        if self.num_classes < 2:
+            raise ValueError(f"model.num_answers={self.num_classes}: need at least 2 answers")
+        self.loss = cfg.get("vqa_loss", "softmax")
+        if self.loss not in LOSSES:
+            raise ValueError(f"model.vqa_loss={self.loss!r}; valid choices: {', '.join(LOSSES)}")
+        self.config = cfg
+        self.image_size = int(backbone_cfg.get("image_size", 224))
+        self.text_len = int(backbone_cfg.get("text_len", 40))
+        self.model = AnswerClassifier(
+            self.backbone.model, self.num_classes, dtype=getattr(self.backbone.model, "dtype", jnp.float32)
+        )
 
-  def objective(self, params, batch, rng=None, *, gather=None, **_):
-    """-> (loss, metrics, {}): the mean over the batch of the per-question loss."""
-    del rng
-    logits = self.logits(params, batch["image"], batch["text"])
-    labels = batch["label"].astype(jnp.int32)
-    if self.loss == "softmax":
-      logp = jax.nn.log_softmax(logits, axis=-1)
-      per = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-    else:
-      target = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
-      per = jnp.sum(jnp.logaddexp(0.0, logits) - target * logits, axis=-1)  # BCE with logits
-    loss = jnp.mean(per)
-    acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-    return loss, {"loss": loss, "train_top1": acc}, {}
+    def logits(self, params, image, text):
+        return self.model.apply({"params": params}, image, text)
+
+    def objective(self, params, batch, rng=None, *, gather=None, **_):
+        """-> (loss, metrics, {}): the mean over the batch of the per-question loss."""
+        del rng
+        logits = self.logits(params, batch["image"], batch["text"])
+        labels = batch["label"].astype(jnp.int32)
+        if self.loss == "softmax":
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            per = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+        else:
+            target = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
+            per = jnp.sum(jnp.logaddexp(0.0, logits) - target * logits, axis=-1)  # BCE with logits
+        loss = jnp.mean(per)
+        acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return loss, {"loss": loss, "train_top1": acc}, {}
