@@ -83,14 +83,12 @@ def get_config(arg=None):
     c.model.hard_negatives = 0
     # "batch": each image against all B*K hard captions of the batch (NegCLIP); "own": its own K.
     c.model.hard_negatives_scope = "batch"
-    c.model.num_frames = 0  # set from data.num_frames at run time (0: images)
     c.model.temporal = "none"  # video: "none" (joint), "divided", "local", "mean" (models/video.py)
     c.model.tubelet = 1  # video: frames per token (ViViT tubelets when > 1)
     c.model.temporal_kernel = 3  # video, temporal="local": the temporal convolution's length
     c.model.local_temporal = "release"  # video, temporal="local": mPLUG-2's module, or "mmjax_v1" (models/video.py)
-    c.model.image_size = 32  # set from data at run time
-    c.model.text_len = 16
-    c.model.vocab_size = 0  # set from the tokenizer at run time
+    # model.vocab_size, image_size, text_len, num_frames and total_steps are derived at run
+    # time from the tokenizer, data.* and train.* (config.derive_model_keys).
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 256

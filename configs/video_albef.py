@@ -19,7 +19,7 @@ def get_config(arg=None):
     c = config_lib.recipe(os.path.join(HERE, "albef.py"))
     video = config_lib.recipe(os.path.join(HERE, "video_clip.py"), arg)
     c.data, c.finetune = video.data, video.finetune
-    for key in ("num_frames", "temporal", "tubelet", "temporal_kernel", "local_temporal"):
+    for key in ("temporal", "tubelet", "temporal_kernel", "local_temporal"):  # model.num_frames: derived
         c.model[key] = video.model[key]
     c.train.batch_size, c.train.steps, c.train.ckpt_every = (
         video.train.batch_size,

@@ -16,6 +16,9 @@ import time
 import jax
 import numpy as np
 
+from mmjax import config as config_lib
+from mmjax import flops as flops_lib
+from mmjax.bench_device import decode_speed, matmul_ceiling, peak_memory_bytes  # noqa: F401 (bench.decode_speed)
 from mmjax.models import zoo
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.parallel import sharding as sharding_lib
@@ -40,21 +43,15 @@ def synthetic_batch(config, family, batch_size: int, seed: int = 0) -> dict:
         "text": text.astype(np.int32),
         "id": np.arange(batch_size, dtype=np.int32),
     }
-    if hasattr(family, "num_classes"):
+    if family.can("classify"):
         batch["label"] = rng.integers(0, family.num_classes, size=batch_size).astype(np.int32)
-    keys = getattr(family, "batch_keys", ("image", "text"))
-    return {k: v for k, v in batch.items() if k in keys}
+    return {k: v for k, v in batch.items() if k in family.batch_keys}
 
 
 def _prepare(config):
     """(family, optimizer, mesh, trainable mask, init, abstract state, state shardings)
     for the config's last stage, sized from the config alone (no tokenizer, no data)."""
-    with config.unlocked():
-        config.model.vocab_size = int(config.data.tokenizer.vocab_size)
-        config.model.image_size = int(config.data.image_size)
-        config.model.num_frames = int(config.data.get("num_frames", 0) or 0)
-        config.model.text_len = int(config.data.text_len)
-        config.model.total_steps = int(config.train.steps)
+    config_lib.derive_model_keys(config, int(config.data.tokenizer.vocab_size))
     tc = config.train
     stages = tc.get("stages", None)
     model_cfg = config.model
@@ -205,39 +202,6 @@ def format_plan(plan: dict) -> str:
     return "\n".join([head] + [f"  {label:<36}{gib(n)}" for label, n in rows])
 
 
-def matmul_ceiling(n: int | None = None, dtype=None, reps: int = 10) -> dict:
-    """The measured matmul throughput of one device: an n x n @ n x n product in
-    `dtype` (default bf16, n = 8192 on accelerators; f32, n = 1024 on CPU), best of
-    `reps` timed calls. MFU is reported against this, not a datasheet figure."""
-    import jax.numpy as jnp
-
-    dev = jax.local_devices()[0]
-    cpu = dev.platform == "cpu"
-    n = int(n or (1024 if cpu else 8192))
-    dtype = dtype or (jnp.float32 if cpu else jnp.bfloat16)
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.device_put(jax.random.normal(k1, (n, n), dtype), dev)
-    b = jax.device_put(jax.random.normal(k2, (n, n), dtype), dev)
-    f = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(f(a, b))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        best = min(best, time.perf_counter() - t0)
-    return {"matmul_n": n, "matmul_dtype": jnp.dtype(dtype).name, "matmul_tflops": 2 * n**3 / best / 1e12}
-
-
-def peak_memory_bytes() -> int | None:
-    """Peak bytes in use on this process's first device since start (None where the
-    backend does not report it, e.g. CPU)."""
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # not implemented on this backend
-        return None
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
 def _time_steps(fn, state, next_batch, steps: int, warmup: int):
     """(state, metrics, compile seconds, seconds per step, seconds waiting for data per step)."""
     t0 = time.perf_counter()
@@ -286,11 +250,10 @@ def _pipeline_batches(config, mesh, family, tok):
         process_count=n,
         hard_negatives=int(config.model.get("hard_negatives", 0) or 0),
     )
-    keys = getattr(family, "batch_keys", ("image", "text"))
 
     def next_batch():
         b = next(it)
-        b = {k: (np.asarray(v).astype(np.int32) if k == "id" else v) for k, v in b.items() if k in keys}
+        b = {k: (np.asarray(v).astype(np.int32) if k == "id" else v) for k, v in b.items() if k in family.batch_keys}
         return mesh_lib.global_batch(mesh, b)
 
     return next_batch
@@ -307,7 +270,7 @@ def _teacher_cost(family, state, batch_size: int, steps: int, step_s: float) -> 
         return ema, enqueue(state.queues, img, txt, ids) if state.queues is not None else None
 
     fn = jax.jit(ema_and_queues)
-    e = getattr(family, "embed_dim", 256)
+    e = family.embed_dim
     rng = np.random.default_rng(0)
     img, txt = (rng.normal(size=(batch_size, e)).astype(np.float32) for _ in range(2))
     ids = np.arange(batch_size, dtype=np.int32)
@@ -325,14 +288,13 @@ def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic",
     synthetic batch; with data='pipeline' it then times the same step fed by the real
     input pipeline (`pipeline_*` keys, and their ratio to the synthetic figure).
 
-    Reports compile time, step time, samples/s (per device), the analytic model
-    FLOPs (mmjax/flops.py) as TFLOP/s per device, MFU against the matmul ceiling
+    Reports compile time, step time, samples/s (per device), the family's analytic
+    model FLOPs (`Family.flops`) as TFLOP/s per device, MFU against the matmul ceiling
     measured in the same process (`matmul_ceiling`), and peak device memory; for
     families with an EMA teacher, the teacher update + queue write timed alone
-    (`ema_queue_ms`, `ema_queue_fraction` of the step).
+    (`ema_queue_ms`, `ema_queue_fraction` of the step). A family without a FLOP
+    formula is an error (before anything compiles).
     """
-    from mmjax import flops as flops_lib
-
     if data not in ("synthetic", "pipeline"):
         raise ValueError(f"bench data {data!r}; valid choices: synthetic, pipeline")
     if data == "pipeline":  # the family's vocabulary is the trained tokenizer's
@@ -341,6 +303,7 @@ def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic",
             config.data.tokenizer.vocab_size = int(tok.vocab_size)
     family, opt, mesh, trainable, init, abstract, shard = _prepare(config)
     tc = config.train
+    step_flops = flops_lib.train_step_flops(family, int(tc.batch_size))
     state = jax.jit(init, out_shardings=shard)(jax.random.PRNGKey(0))
     fn = _compiled_step(config, family, opt, mesh, trainable, shard)
     # Every process makes the same global batch and hands over its own rows.
@@ -364,18 +327,12 @@ def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic",
         "device_kind": jax.devices()[0].device_kind,
         "loss": float(m["loss"]),
     }
-    try:
-        step_flops = flops_lib.train_step_flops(family.config, int(tc.batch_size))
-    except ValueError:  # a family without a formula (classifier, vqa)
-        step_flops = None
-    if step_flops:
-        out["gflops_per_sample"] = step_flops / int(tc.batch_size) / 1e9
-        out["model_tflops_per_device"] = step_flops / dt / n_dev / 1e12
+    out["gflops_per_sample"] = step_flops / int(tc.batch_size) / 1e9
+    out["model_tflops_per_device"] = step_flops / dt / n_dev / 1e12
     if ceiling:
         out.update(matmul_ceiling())
-        if step_flops:
-            out["mfu"] = out["model_tflops_per_device"] / out["matmul_tflops"]
-    if state.ema_params is not None:
+        out["mfu"] = out["model_tflops_per_device"] / out["matmul_tflops"]
+    if family.can("teacher"):
         out.update(_teacher_cost(family, state, int(tc.batch_size), steps, dt))
     if data == "pipeline":
         next_batch = _pipeline_batches(config, mesh, family, tok)
@@ -389,47 +346,4 @@ def step_time(config, steps: int = 20, warmup: int = 3, data: str = "synthetic",
             }
         )
     out["peak_memory_bytes"] = peak_memory_bytes()
-    return out
-
-
-def decode_speed(
-    width: int = 256,
-    depth: int = 4,
-    heads: int = 4,
-    mlp_dim: int = 1024,
-    vocab: int = 8000,
-    max_len: int = 32,
-    memory_len: int = 65,
-    batch: int = 64,
-    reps: int = 3,
-    beams: int = 4,
-) -> dict:
-    """Captions per second of one randomly initialised TextDecoder, greedy with and
-    without the KV cache and beam search (cached), compiled once, best of `reps`."""
-    import jax.numpy as jnp
-
-    from mmjax.models.decoder import TextDecoder, beam_search, greedy_decode
-
-    m = TextDecoder(vocab, max_len, width, depth, heads, mlp_dim)
-    memory = jax.random.normal(jax.random.PRNGKey(1), (batch, memory_len, width))
-    params = m.init(jax.random.PRNGKey(0), jnp.full((batch, max_len), 2, jnp.int32), memory)["params"]
-    runs = {
-        "greedy_cached": lambda: greedy_decode(m, params, memory, max_len=max_len, bos_id=2, eos_id=3),
-        "greedy_uncached": lambda: greedy_decode(
-            m, params, memory, max_len=max_len, bos_id=2, eos_id=3, use_cache=False
-        ),
-        f"beam{beams}_cached": lambda: beam_search(m, params, memory, max_len=max_len, bos_id=2, eos_id=3, beams=beams)[
-            0
-        ],
-    }
-    out = {"batch": batch, "max_len": max_len, "width": width, "depth": depth, "platform": jax.devices()[0].platform}
-    for name, fn in runs.items():
-        jax.block_until_ready(fn())
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            best = min(best, time.perf_counter() - t0)
-        out[name + "_captions_per_s"] = batch / best
-    out["cache_speedup"] = out["greedy_cached_captions_per_s"] / out["greedy_uncached_captions_per_s"]
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+from collections.abc import Mapping
 
 import ml_collections
 
@@ -19,26 +20,58 @@ class ConfigError(ValueError):
     """A config key or value a user got wrong."""
 
 
-# Keys whose values must come from a fixed set: dotted key -> choices.
-CHOICES = {
-    "model.family": ("clip", "albef", "vlmo", "beit3", "coca", "blip", "classifier", "vqa"),
-    "model.temporal": ("none", "divided", "local", "mean"),  # models.video.TEMPORAL
-    "model.local_temporal": ("release", "mmjax_v1"),  # models.video.LOCAL_VARIANTS
-    "data.frame_sampling": ("uniform", "random"),  # data.video_io.SAMPLINGS
-    "model.vqa_loss": ("softmax", "bce"),
-    "finetune.weights": ("student", "ema"),
-    "finetune.inflation": ("central", "mean"),  # models.video.INFLATIONS
-    "model.loss": ("softmax", "sigmoid"),
-    "model.pool": ("cls", "gap"),
-    "model.posemb": ("learn", "sincos2d"),
-    "model.act": ("gelu_tanh", "gelu", "quick_gelu"),
-    "model.text_pool": ("last", "argmax", "eos"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
-    "train.mu_dtype": ("float32", "bfloat16"),
-    "parallel.mode": ("mesh", "pmap"),
-}
+WEIGHTS = ("student", "ema")  # a workdir's params: the student's, or the EMA teacher's
+PARALLEL_MODES = ("mesh", "pmap")
+MU_DTYPES = ("float32", "bfloat16")
+
+
+def _choices() -> dict:
+    """Keys whose values must come from a fixed set: dotted key -> the code's own tuple."""
+    from mmjax.data.video_io import SAMPLINGS
+    from mmjax.models import zoo
+    from mmjax.models.text import POOLS as TEXT_POOLS
+    from mmjax.models.transformer import ACTIVATIONS, REMAT_POLICIES
+    from mmjax.models.video import INFLATIONS, LOCAL_VARIANTS, TEMPORAL
+    from mmjax.models.zoo import clip, vqa
+    from mmjax.models.zoo.schema import DTYPES
+
+    return {
+        "model.family": tuple(zoo.FAMILIES),
+        "model.temporal": TEMPORAL,
+        "model.local_temporal": LOCAL_VARIANTS,
+        "data.frame_sampling": SAMPLINGS,
+        "model.vqa_loss": vqa.LOSSES,
+        "finetune.weights": WEIGHTS,
+        "finetune.inflation": INFLATIONS,
+        "model.loss": clip.LOSSES,
+        "model.pool": clip.POOLS,
+        "model.posemb": clip.POSEMBS,
+        "model.act": tuple(ACTIVATIONS),
+        "model.text_pool": tuple(TEXT_POOLS),
+        "model.dtype": tuple(DTYPES),
+        "model.param_dtype": tuple(DTYPES),
+        "model.remat": tuple(REMAT_POLICIES),
+        "train.mu_dtype": MU_DTYPES,
+        "parallel.mode": PARALLEL_MODES,
+    }
+
+
+class _Choices(Mapping):
+    """`_choices()`, read when used: the tuples live in the models, which import JAX (a
+    recipe module imports this one before anything needs them), and the family names
+    are the registry's as it is now."""
+
+    def __getitem__(self, key):
+        return _choices()[key]
+
+    def __iter__(self):
+        return iter(_choices())
+
+    def __len__(self):
+        return len(_choices())
+
+
+CHOICES = _Choices()
 
 
 def load(path_and_arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -271,18 +304,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
         with config.unlocked():
             config.data.cache_decoded = False
-    for key, choices in CHOICES.items():
+    for key, choices in _choices().items():
         value = get(config, key)
-        if value is not None and value not in choices:
+        if not key.startswith("model.") and value is not None and value not in choices:
             raise ConfigError(f"bad value for config key {key!r}: {value!r}; valid choices: {', '.join(choices)}")
-    attention = get(config, "model.attention")
-    if attention is not None:
-        from mmjax.models.attention import parse_attention
+    if "model" in config:  # the family's schema: its keys, their types and choices
+        from mmjax.models import zoo
 
-        try:
-            parse_attention(attention)
-        except ValueError as e:
-            raise ConfigError(f"bad value for config key 'model.attention': {e}") from None
+        zoo.check_config(config.model)
     for key in POSITIVE_INTS + NON_NEGATIVE_INTS:
         value = get(config, key)
         low = 1 if key in POSITIVE_INTS else 0
@@ -295,3 +324,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"bad value for config key 'train.accum_steps': {accum}; it must divide train.batch_size={bs}"
         )
+
+
+DERIVED_FROM = {
+    "vocab_size": "the tokenizer's vocabulary",
+    "image_size": "data.image_size",
+    "num_frames": "data.num_frames",
+    "text_len": "data.text_len",
+    "total_steps": "train.steps",
+}
+
+
+def derive_model_keys(config: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:
+    """Sets the model keys a run derives, in one place: model.vocab_size (`vocab_size`,
+    the tokenizer's; an imported model with model.keep_vocab_size keeps its own),
+    image_size, num_frames (0: images), text_len (from data.*) and total_steps (from
+    train.steps). A config that sets one of them to another value is a ConfigError
+    naming both: it would otherwise be replaced without a word."""
+    model = config.model
+    keep = model.get("keep_vocab_size", False) and model.get("vocab_size", None)
+    derived = {
+        "vocab_size": int(keep or vocab_size),
+        "image_size": int(config.data.image_size),
+        "num_frames": int(config.data.get("num_frames", 0) or 0),
+        "text_len": int(config.data.text_len),
+        "total_steps": int(config.train.steps),
+    }
+    for key, value in derived.items():
+        old = model.get(key, None)
+        if old is not None and old != value:
+            raise ConfigError(
+                f"model.{key}={old!r} contradicts {DERIVED_FROM[key]} ({value}): model.{key} is derived from it "
+                f"at run time; remove model.{key} from the config"
+            )
+    with config.unlocked():
+        for key, value in derived.items():
+            model[key] = value
+    return config

@@ -19,20 +19,10 @@ Towers: ViT = patch embedding 2*N*P^2*3*D + depth * layer(T) with T = N (+1 for 
 layer(L). Heads: projection 2*D*E, ITM 2*D*2,
 MLM 2*L*(D^2 + D*V) (transform + tied decoder over every position), MDM 2*N*D*P^2*3.
 
-Per family, forward FLOPs per sample:
-- CLIP / SigLIP: image tower + text tower + both projections + the i2t and t2i
-  logits against the global batch, 2 * 2*B*E.
-- ALBEF: the student's image tower, text layers and projections; ITC against the
-  batch and the queue (Q slots) for the student and the teacher, 4 * 2*(B+Q)*E;
-  ITM: hard-negative similarities 2 * 2*B*E and the fusion layers on 3 pairs (one
-  positive, two negatives) + the ITM head; MLM: text layers + fusion layers on the
-  masked text + the MLM head. The teacher: image tower, text layers, projections,
-  and the MLM pass again.
-- VLMo / BEiT-3 (per task): itc: image-only and text-only passes + projections +
-  logits (VLMo's VL-FFN ITC, `model.itc_vlffn`: the top depth - vl_from layers again
-  on both passes + two projections + logits); itm: similarities + 3 joint passes over T+L tokens + head; mlm: a joint
-  pass + MLM head; tmlm: a text pass + MLM head; mdm: an image pass + MDM head.
-  (Experts do not change the count: every token goes through one FFN.)
+Each family owns its formula (`Family.flops(batch)` in mmjax/models/zoo/<family>.py,
+stated in its docstring) built from the helpers here; a CoCa-style attentional
+pooler with q queries over T tokens of width D adds pooler(q, T, D) = 2q*2D^2 (query
+and output projections) + 2T*2D^2 (keys and values) + 2*2*q*T*D.
 
 Train step FLOPs = 3 x (the forward of what gets gradients) + 1 x (the teacher's
 forward): the backward pass costs two forwards. Recomputation under remat is not
@@ -45,7 +35,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from mmjax.models.variants import parse_variant
 from mmjax.models.video import LOCAL_WHEN_UNSET
 
 
@@ -67,14 +56,19 @@ def _tokens(v, image_size, cls=True):
     return (image_size // v["patch"]) ** 2 + (1 if cls else 0)
 
 
-def _video(cfg):
-    """(frames T, token frames T', temporal) of a video model config; T = 0 for images."""
-    frames = int(cfg.get("num_frames", None) or 0)
-    return frames, frames // int(cfg.get("tubelet", None) or 1), cfg.get("temporal", None) or "none"
+def pooler(q, t, d):
+    return 2 * q * 2 * d * d + 2 * t * 2 * d * d + 2 * 2 * q * t * d
 
 
-def vision(cfg, v, cls=True):
-    """The vision tower's forward per sample: `vit` for an image; for a clip of T
+def _video(c):
+    """(frames T, token frames T', temporal) of a parsed video model config; T = 0 for images."""
+    frames = int(c.num_frames or 0)
+    return frames, frames // int(c.tubelet or 1), c.temporal or "none"
+
+
+def vision(c, v, cls=True):
+    """The vision tower's forward per sample (`c`: a parsed model config with the video
+    keys, zoo/schema.py's TowerConfig): `vit` for an image; for a clip of T
     frames (model.num_frames; T' = T / tubelet token frames, N patches, c = 1 with a
     [CLS]) the patch (or tubelet) embedding 2*T*N*P^2*3*D plus, per block:
       'none'     layer(T'N + c)                         one joint sequence
@@ -85,123 +79,62 @@ def vision(cfg, v, cls=True):
                  and the MLP over T'(N + c) tokens, each frame keeping its [CLS])
     with spatial = T'(2S*4D^2 + 2*2*S^2*D) + 2*2*(T'N + c)*D*M, S = N + c: attention
     per frame, the [CLS] copied into each, then the MLP over every token."""
-    size = int(cfg.image_size)
-    frames, t, temporal = _video(cfg)
+    size = int(c.image_size)
+    frames, t, temporal = _video(c)
     if not frames:
         return vit(v, size, cls=cls)
     if temporal == "mean":
         return frames * vit(v, size, cls=cls)
-    n, c, d, m = (size // v["patch"]) ** 2, int(cls), v["width"], v["mlp_dim"]
+    n, k, d, m = (size // v["patch"]) ** 2, int(cls), v["width"], v["mlp_dim"]
     embed = 2 * frames * n * v["patch"] ** 2 * 3 * d
     if temporal == "none":
-        return embed + v["depth"] * layer(t * n + c, d, m)
-    s = n + c
-    spatial = t * (2 * s * 4 * d * d + 2 * 2 * s * s * d) + 2 * 2 * (t * n + c) * d * m
+        return embed + v["depth"] * layer(t * n + k, d, m)
+    s = n + k
+    spatial = t * (2 * s * 4 * d * d + 2 * 2 * s * s * d) + 2 * 2 * (t * n + k) * d * m
+    kernel = int(c.temporal_kernel or 3)
     if temporal == "divided":
         time = 2 * t * n * 4 * d * d + 2 * 2 * n * t * t * d + 2 * t * n * d * d
-    elif (cfg.get("local_temporal", None) or LOCAL_WHEN_UNSET) == "mmjax_v1":
-        r, k = max(d // 4, 1), int(cfg.get("temporal_kernel", None) or 3)
-        time = 2 * t * n * d * r + 2 * t * n * r * k + 2 * t * n * r * d
+    elif (c.local_temporal or LOCAL_WHEN_UNSET) == "mmjax_v1":
+        r = max(d // 4, 1)
+        time = 2 * t * n * d * r + 2 * t * n * r * kernel + 2 * t * n * r * d
     else:  # the release: before and after attention; the MLP also over the T' - 1 extra [CLS]
-        r, k = max(d // 2, 1), int(cfg.get("temporal_kernel", None) or 3)
-        time = 2 * (2 * t * n * d * r + 2 * t * n * r * k + 2 * t * n * r * d) + 2 * 2 * (t - 1) * c * d * m
+        r = max(d // 2, 1)
+        time = 2 * (2 * t * n * d * r + 2 * t * n * r * kernel + 2 * t * n * r * d) + 2 * 2 * (t - 1) * k * d * m
     return embed + v["depth"] * (spatial + time)
 
 
-def vision_tokens(cfg, v, cls=True):
+def vision_tokens(c, v, cls=True):
     """The tokens a vision tower hands on (cross-attention memory): N + c for an image,
     T'N + c for a clip, T(N + c) for 'mean'."""
-    frames, t, temporal = _video(cfg)
-    one = _tokens(v, int(cfg.image_size), cls)
+    frames, t, temporal = _video(c)
+    one = _tokens(v, int(c.image_size), cls)
     if not frames:
         return one
     return frames * one if temporal == "mean" else t * (one - int(cls)) + int(cls)
 
 
-def clip_forward(cfg, batch: int) -> dict:
-    im = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
-    tx = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
-    e, length = int(cfg.embed_dim), int(cfg.text_len)
-    image = vision(cfg, im, cls=cfg.get("pool", "cls") == "cls") + 2 * im["width"] * e
-    text = tx["depth"] * layer(length, tx["width"], tx["mlp_dim"]) + 2 * tx["width"] * e
-    return {"student": image + text + 2 * 2 * batch * e, "teacher": 0}
+def _family(model):
+    """A family object, or the family a model config section builds."""
+    from mmjax.models import zoo
+
+    return model if isinstance(model, zoo.Family) else zoo.build(model)
 
 
-def albef_forward(cfg, batch: int) -> dict:
-    im = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
-    tx = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
-    e, length, vocab = int(cfg.embed_dim), int(cfg.text_len), int(cfg.vocab_size)
-    ff = int(cfg.get("fusion_from", tx["depth"] // 2))
-    q = int(cfg.get("queue_size", 65536))
-    tasks = tuple(cfg.get("tasks", None) or ("itc", "itm", "mlm"))
-    d, m = tx["width"], tx["mlp_dim"]
-    t_img = vision_tokens(cfg, im)
-    image = vision(cfg, im) + 2 * im["width"] * e
-    text = ff * layer(length, d, m) + 2 * d * e
-    fusion = (tx["depth"] - ff) * cross_layer(length, d, m, t_img, im["width"])
-    mlm_head = 2 * length * (d * d + d * vocab)
-    student, teacher = image + text, image + text
-    if "itc" in tasks:
-        student += 2 * 2 * (batch + q) * e
-        teacher += 2 * 2 * (batch + q) * e
-    if "itm" in tasks:
-        student += 2 * 2 * batch * e + 3 * (fusion + 2 * d * 2)
-    if "mlm" in tasks:
-        student += ff * layer(length, d, m) + fusion + mlm_head
-        teacher += ff * layer(length, d, m) + fusion + mlm_head
-    return {"student": student, "teacher": teacher}
-
-
-def multiway_forward(cfg, batch: int) -> dict:
-    s = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
-    e, size, length, vocab = int(cfg.embed_dim), int(cfg.image_size), int(cfg.text_len), int(cfg.vocab_size)
-    family = cfg.get("family", "vlmo")
-    default = ("itc", "itm", "mlm") if family == "vlmo" else ("mlm", "tmlm", "mdm")
-    tasks = tuple(cfg.get("tasks", None) or default)
-    d, m, p = s["width"], s["mlp_dim"], s["patch"]
-    n = (size // p) ** 2
-    t_img = n + 1
-    img_pass = s["depth"] * layer(t_img, d, m)
-    txt_pass = s["depth"] * layer(length, d, m)
-    joint = s["depth"] * layer(t_img + length, d, m)
-    patch = 2 * n * p * p * 3 * d
-    mlm_head = 2 * length * (d * d + d * vocab)
-    out = 0
-    if "itc" in tasks or "itm" in tasks:
-        out += patch + img_pass + txt_pass + 2 * 2 * d * e
-    if "itc" in tasks:
-        out += 2 * 2 * batch * e
-        vl_from = cfg.get("vl_from", None) if family == "vlmo" else None
-        if vl_from is not None and cfg.get("itc_vlffn", None):  # VLMo's ITC on VL-FFN features
-            top = s["depth"] - int(vl_from)
-            out += top * (layer(t_img, d, m) + layer(length, d, m)) + 2 * 2 * d * e + 2 * 2 * batch * e
-    if "itm" in tasks:
-        out += 2 * 2 * batch * e + 3 * (joint + 2 * d * 2)
-    if "mlm" in tasks:
-        out += patch + joint + mlm_head
-    if "tmlm" in tasks:
-        out += txt_pass + mlm_head
-    if "mdm" in tasks:
-        out += patch + img_pass + 2 * n * d * p * p * 3
-    return {"student": out, "teacher": 0}
-
-
-FORWARD = {"clip": clip_forward, "albef": albef_forward, "vlmo": multiway_forward, "beit3": multiway_forward}
-
-
-def forward_flops(model_config, batch: int) -> dict:
+def forward_flops(model, batch: int) -> dict:
     """{'student': forward FLOPs per sample of what gets gradients, 'teacher': the
-    EMA teacher's forward per sample} for the family's configured tasks."""
-    family = model_config.get("family")
-    if family not in FORWARD:
-        raise ValueError(f"no analytic FLOP count for model.family={family!r}; valid choices: {', '.join(FORWARD)}")
-    return FORWARD[family](model_config, int(batch))
+    EMA teacher's forward per sample} for the family's configured tasks (`model`: a
+    family or a model config section). A family without a formula is an error."""
+    family = _family(model)
+    try:
+        return family.flops(int(batch))
+    except NotImplementedError as e:
+        raise ValueError(str(e)) from None
 
 
-def train_step_flops(model_config, batch: int) -> float:
+def train_step_flops(model, batch: int) -> float:
     """Model FLOPs of one train step over the global batch (3x student forward +
     teacher forward, per sample, times the batch)."""
-    f = forward_flops(model_config, batch)
+    f = forward_flops(model, batch)
     return float(batch) * (3 * f["student"] + f["teacher"])
 
 

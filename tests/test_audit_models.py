@@ -39,6 +39,8 @@ def family(**kw):
         image_size=16,
         text_len=12,
     )
+    if kw.get("family") in ("vlmo", "beit3"):  # one tower: no text keys (they would be ignored)
+        base = {k: v for k, v in base.items() if not k.startswith("text")} | {"text_len": 12}
     return zoo.build(ml_collections.ConfigDict({**base, **kw}))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mmjax import checkpoint as ckpt_lib
+from mmjax import checkpoint_manifest as manifest_lib
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train.state import TrainState
 
@@ -166,7 +167,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, caplog, damage, manifes
     ck = ckpt_lib.Checkpointer(str(tmp_path))
     ck.save(4, _state(4), {"data_position": 4})
     ck.close()
-    assert ckpt_lib.verify_files(str(tmp_path / "4")) is None
+    assert manifest_lib.verify_files(str(tmp_path / "4")) is None
 
 
 def test_no_usable_step_is_one_clear_error(tmp_path):
@@ -222,7 +223,7 @@ def test_disk_full_is_named_and_keeps_the_last_good_step(tmp_path, monkeypatch, 
     monkeypatch.undo()
     ck.close()
     ckpt_lib.Checkpointer(str(tmp_path)).remove_partial_saves()  # the next start (writes may still land until then)
-    assert sorted(os.listdir(tmp_path)) == ["2"] and ckpt_lib.verify_files(str(tmp_path / "2")) is None
+    assert sorted(os.listdir(tmp_path)) == ["2"] and manifest_lib.verify_files(str(tmp_path / "2")) is None
     assert isinstance(ckpt_lib.SaveError("x"), ValueError)  # the CLI's exit 2, one line
 
 
@@ -249,7 +250,7 @@ def test_a_save_orbax_names_otherwise_is_still_sealed(tmp_path, monkeypatch):
     for step in (2, 4):
         manifest = ckpt_lib.read_manifest(str(tmp_path / str(step)))
         assert manifest is not None and manifest["step"] == step
-        assert ckpt_lib.verify_files(str(tmp_path / str(step))) is None
+        assert manifest_lib.verify_files(str(tmp_path / str(step))) is None
 
 
 def test_partial_saves_are_removed_on_the_next_start(tmp_path):

@@ -47,6 +47,8 @@ def test_data_modules_import_without_tensorflow():
     code = (
         "import sys, mmjax.data.tokenizer, mmjax.data.shapes_gen, mmjax.data.files, "
         "mmjax.data.emoji_pairs, mmjax.data.pipeline, mmjax.data.images, mmjax.data.video_io; "
+        "from mmjax.data import schema, sources; "
+        "assert len(sources.registered()) == 3; schema.check_data_config({'name': 'shapes', 'shapes': {'seed': 1}}); "
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'tensorflow_datasets')]; assert not bad, bad"
     )
@@ -346,7 +348,5 @@ def test_emoji_pairs_and_splits():
     assert 0.75 < frac["train"] < 0.85
     assert 0.07 < frac["validation"] < 0.13 and 0.07 < frac["test"] < 0.13
     assert emoji_pairs.pairs() == pairs  # stable
-    from mmjax.data.emoji_ds import load_rgb
-
-    img = load_rgb(os.path.join(emoji_pairs.png_dir(), files[0]))
+    img = emoji_pairs.load_rgb(os.path.join(emoji_pairs.png_dir(), files[0]))
     assert img.shape == (72, 72, 3) and img.dtype == np.uint8

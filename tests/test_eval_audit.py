@@ -14,6 +14,7 @@ from mmjax import cli
 from mmjax import config as config_lib
 from mmjax.data import shapes_gen
 from mmjax.eval import retrieval, run, zero_shot
+from mmjax.models.zoo import Family
 from mmjax.parallel import mesh as mesh_lib
 from tiny import DEMO, tiny_config, write_images
 
@@ -97,10 +98,12 @@ class WordTokenizer:
         return out
 
 
-class StubItmFamily:
+class StubItmFamily(Family):
     """ITC embeddings from mean pixel colour and a bag of words; an ITM head whose score
     is known in closed form: text ids . w_itm + 10 * (the image's mean red value), so a
     pair scored with the wrong image changes the answer."""
+
+    capabilities = frozenset({"encode", "itm"})
 
     def __init__(self, vocab, length, dim=8):
         rng = np.random.default_rng(0)

@@ -172,6 +172,7 @@ def test_kill9_and_sigterm_then_resume_is_bit_exact(reference, data_dir, tmp_pat
     and metrics.jsonl has every step once with the uninterrupted run's losses. (The
     kills run in child processes, the SIGTERM in this one.)"""
     from mmjax import checkpoint as ckpt_lib
+    from mmjax import checkpoint_manifest as manifest_lib
     from mmjax.train import guard, loop
 
     workdir = str(tmp_path / "w")
@@ -211,7 +212,7 @@ def test_kill9_and_sigterm_then_resume_is_bit_exact(reference, data_dir, tmp_pat
     monkeypatch.undo()
     assert stop.value.code == guard.PREEMPTED_EXIT == 143 and stop.value.step == 6
     assert sorted(os.listdir(ckpts)) == ["4", "6"]  # the partial 8 was removed; keep-2
-    assert ckpt_lib.verify_files(os.path.join(ckpts, "6")) is None
+    assert manifest_lib.verify_files(os.path.join(ckpts, "6")) is None
     resumed = loop.train(_albef_config(data_dir), workdir, progress=False)
     _assert_bit_equal(resumed["final_state"], reference[1])
     rows, ref_rows = _train_rows(workdir), _train_rows(reference[0])

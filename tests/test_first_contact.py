@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -332,9 +333,8 @@ def test_eval_takes_overrides_of_the_saved_config(saved_workdir, monkeypatch, ca
     class FakeSetup:  # records the config eval builds its Setup from; no data, no restore
         def __init__(self, config, workdir):
             seen["config"] = config
-
-        def restore(self):
-            return None
+            self.checkpointer = types.SimpleNamespace(close=lambda: None)
+            self.state_sharding = types.SimpleNamespace(params=None)
 
     monkeypatch.setattr(setup_lib, "Setup", FakeSetup)
     code = cli.main(

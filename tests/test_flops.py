@@ -2,6 +2,8 @@
 matmuls actually traced in each family's objective, and the counter against hand
 counts."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,6 +11,7 @@ import pytest
 
 from mmjax import bench, flops
 from mmjax import config as config_lib
+from mmjax.models import zoo
 from tiny import ROOT
 
 
@@ -30,6 +33,7 @@ def test_counter_on_hand_counted_programs():
     assert flops.count_dot_flops(jax.grad(loss, argnums=(0, 1)), x, w) == 3 * 2 * 4 * 8 * 16
 
 
+TINY = ["data.image_size=16", "data.text_len=12", "data.tokenizer.vocab_size=50"]
 VIDEO = ["data.num_frames=4", "data.name=moving_shapes"]
 CASES = [
     ("demo", []),
@@ -45,7 +49,17 @@ CASES = [
     ("video_albef:mean", []),
     ("albef", VIDEO + ["model.temporal=local"]),
     ("video_clip:local", ["model.local_temporal=mmjax_v1"]),
+    ("coca", []),
+    ("coca", VIDEO + ["model.temporal=divided"]),
+    ("blip", []),
+    ("blip", ["model.tasks=('itm', 'lm')"]),
+    ("blip", VIDEO + ["model.temporal=none"]),
+    ("finetune_shapes", []),
+    ("finetune_vqa:albef", []),
+    ("finetune_vqa:vlmo", []),
+    ("finetune_vqa:beit3", []),
 ]
+TEACHER = ("albef", "video_albef", "blip")  # recipes whose objective runs an EMA teacher (ITC)
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=[f"{i}-{n}" for i, (n, _) in enumerate(CASES)])
@@ -56,27 +70,58 @@ def test_formula_equals_the_traced_matmuls(name, extra):
     b = 8
     path, _, arg = name.partition(":")
     cfg = config_lib.load(
-        f"{ROOT}/configs/{path}.py" + (":" + arg if arg else ""),
-        ["data.image_size=16", "data.text_len=12", "data.tokenizer.vocab_size=50", f"train.batch_size={b}", *extra],
+        f"{ROOT}/configs/{path}.py" + (":" + arg if arg else ""), [*TINY, f"train.batch_size={b}", *extra]
     )
     fam, *_ = bench._prepare(cfg)
     batch = bench.synthetic_batch(cfg, fam, b)
     params = jax.eval_shape(lambda: fam.init_params(jax.random.PRNGKey(0)))
-    extra_state = jax.eval_shape(fam.init_extra, params) if hasattr(fam, "init_extra") else None
+    extra_state = jax.eval_shape(fam.init_extra, params)
 
     def objective(p, batch, ex):
-        kw = {}
-        if ex:
-            kw = dict(teacher=ex["ema_params"], queues=ex["queues"], step=jnp.zeros((), jnp.int32))
+        kw = dict(teacher=ex.get("ema_params"), queues=ex.get("queues"), step=jnp.zeros((), jnp.int32))
         return fam.objective(p, batch, jax.random.PRNGKey(0), **kw)[0]
 
     counted = flops.count_dot_flops(objective, params, batch, extra_state)
     f = flops.forward_flops(cfg.model, b)
+    assert f == fam.flops(b)  # the family's own formula
     assert counted == b * (f["student"] + f["teacher"]), (counted, f)
-    assert (f["teacher"] > 0) == ("albef" in name)
+    assert (f["teacher"] > 0) == (path in TEACHER and "itc" in fam.tasks), f
     if int(cfg.model.get("num_frames", 0) or 0):
         image_only = flops.forward_flops(ml_collections.ConfigDict(dict(cfg.model.to_dict(), num_frames=0)), b)
         assert f["student"] > image_only["student"]  # the clip costs more than one frame
+
+
+def test_every_recipe_has_a_flop_formula():
+    """`mmjax bench` reports MFU for every family in configs/: each recipe's family
+    (built shapes-only, at the recipe's own sizes) has a positive train-step FLOP count."""
+    names = sorted(p[:-3] for p in os.listdir(f"{ROOT}/configs") if p.endswith(".py"))
+    families = set()
+    for name in names:
+        cfg = config_lib.load(f"{ROOT}/configs/{name}.py")
+        fam, *_ = bench._prepare(cfg)
+        assert flops.train_step_flops(fam, 8) > 0, name
+        families.add(cfg.model.family)
+    assert families == set(zoo.FAMILIES)  # and every registered family has a recipe
+
+
+def test_a_family_without_a_formula_is_an_error(monkeypatch):
+    from mmjax.models.zoo import contract
+    from mmjax.models.zoo.clip import ClipFamily
+
+    monkeypatch.setattr(contract, "FAMILIES", dict(contract.FAMILIES))
+    monkeypatch.setattr(zoo, "FAMILIES", contract.FAMILIES)
+    contract.register("noflops")(type("NoFlops", (ClipFamily,), {"flops": contract.Family.flops}))
+    cfg = config_lib.load(f"{ROOT}/configs/demo.py", ["model.family=noflops", *TINY, "train.batch_size=8"])
+    with pytest.raises(ValueError, match="'noflops' has no FLOP formula"):
+        bench.step_time(cfg, steps=1, warmup=0, ceiling=False)  # before anything compiles
+
+
+def test_bench_reports_mfu_for_coca_and_blip():
+    for name in ("coca", "blip"):
+        extra = ["model.queue_size=16"] if name == "blip" else []
+        cfg = config_lib.load(f"{ROOT}/configs/{name}.py", [*TINY, "train.batch_size=8", *extra])
+        row = bench.step_time(cfg, steps=1, warmup=0)
+        assert row["mfu"] > 0 and row["gflops_per_sample"] > 0, row
 
 
 def test_clip_b16_is_the_issue_s_123_gflop_per_sample():
@@ -85,5 +130,6 @@ def test_clip_b16_is_the_issue_s_123_gflop_per_sample():
     f = flops.forward_flops(cfg.model, 256)
     assert f["student"] / 1e9 == pytest.approx(41.09, abs=0.01)
     assert flops.train_step_flops(cfg.model, 256) == pytest.approx(256 * 3 * f["student"])
+    assert flops.forward_flops(fam, 256) == f
     with pytest.raises(ValueError, match="valid choices"):
         flops.forward_flops(type(cfg.model)({"family": "nope"}), 8)

@@ -236,24 +236,26 @@ def test_convert_to_workdir_restores_and_matches(hf_dirs, tmp_path):
     assert (m.family, m.act, m.ln_eps, m.text_pool, m.eos_id) == ("clip", "gelu", 1e-5, "eos", 256)
     assert (m.image_size, m.text_len, m.vocab_size, m.embed_dim) == (30, 16, 257, 24)
     assert (saved.data.image_size, saved.data.text_len) == (30, 16)
-    # Restore the way setup_lib.Setup does: state_plan's shardings on this run's mesh.
+    # A params-only step 0 (what finetune --init-from, eval and export read through the
+    # workdir layer), restored onto state_plan's param shardings on another mesh.
     family = zoo.build(saved.model)
     optimizer = optim.make_optimizer(saved.train)
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     _, abstract, shardings = step_lib.state_plan(family, optimizer, mesh, (1, 30, 30, 3), (1, 16))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), async_save=False)
-    state, meta = checkpointer.restore(ckpt_lib.abstract_with_shardings(abstract, shardings))
+    state, meta = checkpointer.restore({"params": ckpt_lib.abstract_with_shardings(abstract.params, shardings.params)})
     checkpointer.close()
-    assert int(state.step) == 0 and meta["data_position"] == 0 and meta["source"] == "hf-clip"
+    assert checkpointer.restored_step == 0 and meta["data_position"] == 0 and meta["source"] == "hf-clip"
+    assert meta["params_only"]
     cfg = hf_parity.PARITY_CONFIGS[EOS]
     images, ids = hf_parity.parity_inputs(cfg, batch=3, seed=4)
     ref_img, ref_txt = hf_parity.hf_features(hf_model, images, ids)
-    params = jax.device_get(state.params)
+    params = jax.device_get(state["params"])
     img, txt = _project(family.model, params, images, ids)
     assert hf_parity._rel(img, ref_img) <= TOL and hf_parity._rel(txt, ref_txt) <= TOL
-    # The fresh optimizer state: Adam moments of zeros, shaped like the params.
-    mu = [x for x in jax.tree_util.tree_leaves(state.opt_state) if x.shape == (257, 40)]
-    assert mu and all(not np.any(np.asarray(x)) for x in mu)
+    # Params only: no optimizer state (a fine-tuning run makes its own), no EMA teacher for CLIP.
+    manifest = ckpt_lib.read_manifest(os.path.join(wd, "checkpoints", "0"))
+    assert manifest["shapes"] and all(k.startswith("['params']") for k in manifest["shapes"])
     # And out again: the same state dict transformers started from.
     out = hf_workdir.export_workdir(wd, str(tmp_path / "out"))
     back = transformers.CLIPModel.from_pretrained(out).eval()
@@ -262,8 +264,9 @@ def test_convert_to_workdir_restores_and_matches(hf_dirs, tmp_path):
         hf_workdir.convert_to_workdir(src, wd)
     with pytest.raises(ValueError, match="no EMA teacher"):
         hf_workdir.export_workdir(wd, str(tmp_path / "ema"), weights="ema")
-    # mmjax's own Setup restores it too (the imported vocabulary size is kept, not
-    # replaced by the size of a tokenizer trained on the run's data).
+    # mmjax's own Setup (as `mmjax eval` builds one) takes it too: the workdir layer reads
+    # the params onto its shardings (the imported vocabulary size is kept, not replaced
+    # by the size of a tokenizer trained on the run's data).
     from mmjax.train import setup as setup_lib
 
     run = workdir_lib.load_config_json(wd)
@@ -272,9 +275,10 @@ def test_convert_to_workdir_restores_and_matches(hf_dirs, tmp_path):
         run.data.shapes.num_train, run.data.shapes.num_validation, run.data.shapes.num_test = 64, 8, 8
         run.data.shapes.image_size, run.data.tokenizer.vocab_size = 30, 40
     setup = setup_lib.Setup(run, wd)
-    restored, _ = setup.restore()
     setup.checkpointer.close()
-    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(params)):
+    restored, step = workdir_lib.read_params(wd, sharding=setup.state_sharding.params)
+    assert step == 0
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

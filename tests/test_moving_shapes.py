@@ -146,9 +146,11 @@ def test_builder_records_are_the_generator_frames(tmp_path):
     import tensorflow_datasets as tfds
     from PIL import Image
 
-    from mmjax.data.moving_shapes import MmjaxMovingShapes, make_config
+    from mmjax.data.builders import MmjaxMovingShapes, MovingShapesConfig, make_config
 
-    cfg = make_config(image_size=16, num_frames=4, num_train=8, num_validation=4, num_test=4, seed=3)
+    cfg = make_config(
+        MovingShapesConfig, image_size=16, num_frames=4, num_train=8, num_validation=4, num_test=4, seed=3
+    )
     assert cfg.name == "s16_t4_n8-4-4_seed3"
     b = MmjaxMovingShapes(config=cfg, data_dir=str(tmp_path))
     b.download_and_prepare()

@@ -70,7 +70,7 @@ def _loss_and_grads(cfg_name, extra, seed=0):
     batch = {k: jnp.asarray(v) for k, v in bench.synthetic_batch(cfg, fam, 8, seed).items()}
     params = fam.init_params(jax.random.PRNGKey(seed))
     kw = {}
-    if hasattr(fam, "init_extra"):
+    if fam.can("teacher"):
         ex = fam.init_extra(params)
         kw = dict(teacher=ex["ema_params"], queues=ex["queues"], step=jnp.zeros((), jnp.int32))
 

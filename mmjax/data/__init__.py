@@ -1,9 +1,11 @@
-"""mmjax data layer: TFDS builders (shapes, emoji), file lists, tokenizer, tf.data pipeline.
+"""mmjax data layer: sources (built-in TFDS sets, file lists, TFDS catalog; one file
+each in `sources/`), the data config schema, decode/augment, tokenizer, and the
+tf.data pipeline (docs/data.md).
 
-TensorFlow is imported lazily, inside functions of `pipeline` (and by the builder
-modules `shapes` / `emoji_ds`, which `pipeline` imports lazily). Those functions go
-through `require_tf()` / `require_tfds()` first, so an install without the `data`
-extra fails with one line saying what to install (`MissingExtraError`).
+TensorFlow is imported lazily, inside functions (and by the `builders` module, which
+`sources.builtin` imports lazily). Those functions go through `require_tf()` /
+`require_tfds()` first, so an install without the `data` extra fails with one line
+saying what to install (`MissingExtraError`).
 """
 
 from __future__ import annotations

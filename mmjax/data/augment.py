@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mmjax.data import require_tf, shapes_gen, video_io
 from mmjax.data.decode import decode_media, normalize, num_frames
-from mmjax.data.sources import cfg_get
+from mmjax.data.schema import option
 
 MAX_NEGATIVES = shapes_gen.MAX_NEGATIVES
 
@@ -28,12 +28,12 @@ def pick_negatives(hn, k: int, seed):
 
 def train_map(data_config, seed, hard_negatives: int = 0):
     tf = require_tf()
-    size = int(cfg_get(data_config, "image_size", 224))
-    scale = tuple(float(x) for x in cfg_get(data_config, "augment.crop_scale", (0.5, 1.0)))
-    ratio = tuple(float(x) for x in cfg_get(data_config, "augment.aspect", (3 / 4, 4 / 3)))
-    flip = bool(cfg_get(data_config, "augment.flip", False))
+    size = int(option(data_config, "image_size"))
+    scale = tuple(float(x) for x in option(data_config, "augment.crop_scale"))
+    ratio = tuple(float(x) for x in option(data_config, "augment.aspect"))
+    flip = bool(option(data_config, "augment.flip"))
     t = num_frames(data_config)
-    sampling = video_io.check_sampling(cfg_get(data_config, "frame_sampling", "random"))
+    sampling = video_io.check_sampling(option(data_config, "frame_sampling"))
 
     crop_is_identity = scale == (1.0, 1.0) and ratio == (1.0, 1.0)
 
@@ -83,7 +83,7 @@ def train_map(data_config, seed, hard_negatives: int = 0):
 
 def eval_map(data_config):
     tf = require_tf()
-    size = int(cfg_get(data_config, "image_size", 224))
+    size = int(option(data_config, "image_size"))
     t = num_frames(data_config)
 
     def fn(pos, rec):

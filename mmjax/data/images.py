@@ -16,9 +16,9 @@ def load_images(data_config, paths) -> tuple[np.ndarray, list[str]]:
     """-> (images [N, S, S, 3] float32, the paths that decoded). An unreadable or
     undecodable file is skipped with a warning (the file and the decoder's reason), never
     a crash. No paths: no TensorFlow needed (a text-only `mmjax embed`)."""
-    from mmjax.data import decode, require_tf, sources
+    from mmjax.data import decode, require_tf, schema
 
-    size = int(sources.cfg_get(data_config, "image_size", 224))
+    size = int(schema.option(data_config, "image_size"))
     if not paths:
         return np.zeros((0, size, size, 3), np.float32), []
     tf = require_tf()
@@ -44,10 +44,10 @@ def read_texts(path: str) -> list[str]:
 def load_videos(data_config, paths) -> tuple[np.ndarray, list[str]]:
     """-> (clips [N, T, S, S, 3] float32 with T = data.num_frames, the paths that
     decoded). An unreadable video is skipped with a warning, never a crash."""
-    from mmjax.data import decode, require_tf, sources, video_io
+    from mmjax.data import decode, require_tf, schema, video_io
 
     tf = require_tf()
-    size, t = int(sources.cfg_get(data_config, "image_size", 224)), decode.num_frames(data_config)
+    size, t = int(schema.option(data_config, "image_size")), decode.num_frames(data_config)
     if not t:
         raise ValueError("this model reads images, not videos (its data.num_frames is 0)")
     out, ok = [], []

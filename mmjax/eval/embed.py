@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from mmjax import workdir as workdir_lib
 from mmjax.parallel import mesh as mesh_lib
 
 
@@ -43,13 +44,29 @@ def _load_media(config, images=(), videos=()):
     return images_lib.load_images(config.data, list(images))
 
 
-def _restore(workdir: str, weights: str):
-    """(params, setup, step, batch size: eval.batch_size rounded to the device count)."""
-    from mmjax.train import setup as setup_lib
+class Opened:
+    """A workdir opened for inference on this machine (`mmjax.workdir.open_workdir`):
+    its `config`, `family`, `tokenizer` (read on first use), `params` and `step`, a
+    data mesh of this machine's devices (`mesh`) and eval.batch_size rounded to it
+    (`batch_size`)."""
 
-    params, setup, step = setup_lib.restore_params(workdir, weights)
-    n_dev = setup.mesh.devices.size
-    return params, setup, step, max(n_dev, (int(setup.config.eval.batch_size) // n_dev) * n_dev)
+    def __init__(self, workdir: str, weights: str = "student", step: int | None = None):
+        self.workdir = workdir_lib.open_workdir(workdir, weights=weights, step=step)
+        self.config, self.family = self.workdir.config, self.workdir.family
+        self.params, self.step = self.workdir.params, self.workdir.step
+        self.mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+        n_dev = self.mesh.devices.size
+        self.batch_size = max(n_dev, (int(self.config.eval.batch_size) // n_dev) * n_dev)
+
+    @property
+    def tokenizer(self):
+        return self.workdir.tokenizer
+
+
+def _restore(workdir: str, weights: str):
+    """(params, opened, step, batch size): `Opened` as the tuple `mmjax classify` takes."""
+    opened = Opened(workdir, weights)
+    return opened.params, opened, opened.step, opened.batch_size
 
 
 def embed(
@@ -57,25 +74,26 @@ def embed(
 ) -> dict:
     from mmjax.data import images as images_lib
 
-    params, setup, step, bs = _restore(workdir, weights)
-    config, family = setup.config, setup.family
-    if not hasattr(family, "encode_image"):
+    opened = Opened(workdir, weights)
+    params, step, bs = opened.params, opened.step, opened.batch_size
+    config, family = opened.config, opened.family
+    if not family.can("encode"):
         raise ValueError(f"family {config.model.family!r} has no image/text encoders to embed with")
-    rep = mesh_lib.replicated(setup.mesh)
+    rep = mesh_lib.replicated(opened.mesh)
     result = {"step": np.int64(step)}
     pixels, ok = _load_media(config, images, videos)
     result["image_paths"] = np.asarray(ok, dtype=str)
     result["skipped"] = np.asarray(sorted(set(map(str, tuple(images) + tuple(videos))) - set(ok)), dtype=str)
     if len(pixels):
         enc = jax.jit(lambda x: family.encode_image(params, x), out_shardings=rep)
-        result["image_emb"] = _batched(enc, setup.mesh, pixels, bs).astype(np.float32)
+        result["image_emb"] = _batched(enc, opened.mesh, pixels, bs).astype(np.float32)
     if texts_file:
         texts = images_lib.read_texts(texts_file)
-        ids = setup.tokenizer.encode(texts, int(config.data.text_len))
+        ids = opened.tokenizer.encode(texts, int(config.data.text_len))
         enc = jax.jit(lambda x: family.encode_text(params, x), out_shardings=rep)
         result["texts"] = np.asarray(texts, dtype=str)
         result["text_emb"] = (
-            _batched(enc, setup.mesh, ids, bs).astype(np.float32) if texts else np.zeros((0, 0), np.float32)
+            _batched(enc, opened.mesh, ids, bs).astype(np.float32) if texts else np.zeros((0, 0), np.float32)
         )
     np.savez(out, **result)
     return {
@@ -100,16 +118,17 @@ def caption(
     """Captions of image (or, for a video model, video) files from a captioning workdir
     (CoCa, BLIP): [{'image', 'caption'}], greedy or beam search; files that do not
     decode are skipped with a warning."""
-    params, setup, _, bs = _restore(workdir, weights)
-    config, family = setup.config, setup.family
-    if not hasattr(family, "caption"):
+    opened = Opened(workdir, weights)
+    params, bs = opened.params, opened.batch_size
+    config, family = opened.config, opened.family
+    if not family.can("caption"):
         raise ValueError(f"family {config.model.family!r} does not caption; captioning families: coca, blip")
     pixels, ok = _load_media(config, images, videos)
     if not len(pixels):
         return []
     fn = jax.jit(
         lambda x: family.caption(params, x, max_len=max_len, beams=int(beams), length_penalty=length_penalty),
-        out_shardings=mesh_lib.replicated(setup.mesh),
+        out_shardings=mesh_lib.replicated(opened.mesh),
     )
-    ids = _batched(fn, setup.mesh, pixels, bs)
-    return [{"image": path, "caption": setup.tokenizer.decode(row)} for path, row in zip(ok, ids)]
+    ids = _batched(fn, opened.mesh, pixels, bs)
+    return [{"image": path, "caption": opened.tokenizer.decode(row)} for path, row in zip(ok, ids)]

@@ -38,7 +38,7 @@ class Evaluator:
         self.split, self.max_examples = split, max_examples
         # Families with an ITM head (ALBEF, BLIP, VLMo) also report ITM-re-ranked
         # recall and the binding probe scored by ITM.
-        self.has_itm = hasattr(family, "itm_scores")
+        self.has_itm = family.can("itm")
         self.rerank_k = int(rerank_k) if self.has_itm else 0
         self.unfit_prompts = 0
         try:
@@ -57,7 +57,8 @@ class Evaluator:
         rep = mesh_lib.replicated(mesh)
         self._enc_img = jax.jit(family.encode_image, out_shardings=rep)
         self._enc_txt = jax.jit(family.encode_text, out_shardings=rep)
-        if hasattr(family, "caption"):  # CoCa / BLIP: greedy captions of the eval images
+        self.captions = family.can("caption")
+        if self.captions:  # CoCa / BLIP: greedy captions of the eval images
             self._caption = jax.jit(
                 lambda p, x: family.caption(p, x, max_len=int(data_config.text_len)), out_shardings=rep
             )
@@ -117,42 +118,42 @@ class Evaluator:
             out.append(np.asarray(self._enc_txt(params, arr))[: self.batch_size - pad])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
-    def __call__(self, params) -> dict:
+    def _embed_split(self, params):
+        """Embeds the split (up to max_examples) -> (dict of lists per field, iterator)."""
         from mmjax.data import pipeline  # lazy: TensorFlow lives behind this import
 
         it = pipeline.make_eval_iterator(self.data_config, self.tokenizer, self.split, self.batch_size)
-        imgs, txts, caps, labels, negs, neg_valid, generated = [], [], [], [], [], [], []
-        img_toks, streams, text_ids = [], [], []
-        seen = 0
+        fields = ("img", "txt", "caps", "labels", "negs", "neg_valid", "generated", "img_tok", "stream", "text_ids")
+        out, seen = {k: [] for k in fields}, 0
         for batch in it:
             valid = np.asarray(batch["valid"], bool)
             arrays = self._global({"image": batch["image"], "text": batch["text"]})
             if self.has_itm:
-                emb, tok = self._img_feat(params, arrays["image"])
-                imgs.append(np.asarray(emb)[valid])
-                img_toks.append(np.asarray(tok)[valid])
-                emb, stream = self._txt_feat(params, arrays["text"])
-                txts.append(np.asarray(emb)[valid])
-                streams.append(np.asarray(stream)[valid])
-                text_ids.append(np.asarray(batch["text"])[valid])
+                for name, x in zip(("img", "img_tok"), self._img_feat(params, arrays["image"])):
+                    out[name].append(np.asarray(x)[valid])
+                for name, x in zip(("txt", "stream"), self._txt_feat(params, arrays["text"])):
+                    out[name].append(np.asarray(x)[valid])
+                out["text_ids"].append(np.asarray(batch["text"])[valid])
             else:
-                imgs.append(np.asarray(self._enc_img(params, arrays["image"]))[valid])
-                txts.append(np.asarray(self._enc_txt(params, arrays["text"]))[valid])
-            caps.extend(np.asarray(batch["caption"])[valid].tolist())
-            if hasattr(self, "_caption"):
-                generated.extend(
-                    self.tokenizer.decode(row) for row in np.asarray(self._caption(params, arrays["image"]))[valid]
-                )
+                out["img"].append(np.asarray(self._enc_img(params, arrays["image"]))[valid])
+                out["txt"].append(np.asarray(self._enc_txt(params, arrays["text"]))[valid])
+            out["caps"].extend(np.asarray(batch["caption"])[valid].tolist())
+            if self.captions:
+                ids = np.asarray(self._caption(params, arrays["image"]))[valid]
+                out["generated"].extend(self.tokenizer.decode(row) for row in ids)
             if "label" in batch:
-                labels.append(np.asarray(batch["label"])[valid])
+                out["labels"].append(np.asarray(batch["label"])[valid])
             if "hard_negatives" in batch:
-                hn = np.asarray(batch["hard_negatives"])[valid]  # [b, K, L]
-                negs.append(hn)
-                neg_valid.append(np.asarray(batch["hard_negatives_valid"], bool)[valid])
+                out["negs"].append(np.asarray(batch["hard_negatives"])[valid])  # [b, K, L]
+                out["neg_valid"].append(np.asarray(batch["hard_negatives_valid"], bool)[valid])
             seen += int(valid.sum())
             if self.max_examples and seen >= self.max_examples:
                 break
-        if seen == 0:
+        return out, it
+
+    def __call__(self, params) -> dict:
+        got, it = self._embed_split(params)
+        if not got["caps"]:
             logging.warning(
                 "eval split %r of %r is empty: no evaluation (for a file list, "
                 "set data.eval_fraction to hold some rows out)",
@@ -160,61 +161,69 @@ class Evaluator:
                 self.data_config.name,
             )
             return {"num_images": 0}
-        img, txt = np.concatenate(imgs), np.concatenate(txts)
+        img, txt, caps = np.concatenate(got["img"]), np.concatenate(got["txt"]), got["caps"]
         metrics = retrieval.retrieval_metrics(img, txt, caps)
+        tokens = {k: np.concatenate(got[k]) for k in ("img_tok", "stream", "text_ids")} if self.has_itm else None
         if self.rerank_k:
             metrics.update(
-                self._rerank(
-                    params, img, txt, caps, np.concatenate(img_toks), np.concatenate(streams), np.concatenate(text_ids)
-                )
+                self._rerank(params, img, txt, caps, tokens["img_tok"], tokens["stream"], tokens["text_ids"])
             )
-        if negs:
-            hn = np.concatenate(negs)
-            n, k, length = hn.shape
-            hv = np.concatenate(neg_valid)
-            flat = hn.reshape(n * k, length)
-            if self.has_itm:
-                neg_emb, neg_stream = self._batched(lambda a: self._txt_feat(params, a["text"]), {"text": flat})
-            else:
-                neg_emb = self._encode_text(params, flat)
-            scorings = {"": (np.sum(img * txt, axis=-1), np.einsum("nd,nkd->nk", img, neg_emb.reshape(n, k, -1)))}
-            if self.has_itm:
-                # The same probe through the fusion encoder: each image against its own
-                # caption and its swapped ones, scored by the ITM head.
-                tok = np.concatenate(img_toks)
-                own_itm = self._itm_pairs(params, tok, np.concatenate(streams), np.concatenate(text_ids))
-                neg_itm = self._itm_pairs(params, np.repeat(tok, k, axis=0), neg_stream, flat)
-                scorings["_itm"] = (own_itm, neg_itm.reshape(n, k))
-            for suffix, (own_s, neg_s) in scorings.items():
-                if pipeline.num_frames(self.data_config):
-                    # Clips (moving_shapes): the negatives are the captions of the clip played
-                    # backwards (first) and of its events in the other order. An order-blind
-                    # model scores a clip and its reversal alike: the time probe's chance is 0.5.
-                    probe = retrieval.binding_accuracy_scores(own_s, neg_s[:, :1], hv[:, :1])
-                    metrics["time_probe_acc" + suffix] = probe["binding_acc"]
-                    metrics["time_probe_chance"] = probe["binding_chance"]
-                    probe = retrieval.binding_accuracy_scores(own_s, neg_s, hv)
-                    metrics["order_probe_acc" + suffix] = probe["binding_acc"]
-                    metrics["order_probe_chance"] = probe["binding_chance"]
-                else:
-                    probe = retrieval.binding_accuracy_scores(own_s, neg_s, hv)
-                    metrics["binding_acc" + suffix], metrics["binding_chance"] = (
-                        probe["binding_acc"],
-                        probe["binding_chance"],
-                    )
-        if labels and self.prompts is not None:
+        if got["negs"]:
+            metrics.update(self._probes(params, img, txt, got, tokens))
+        if got["labels"] and self.prompts is not None:
             _, ids = self.prompts
             class_txt = zero_shot_lib.class_embeddings(lambda toks: self._encode_text(params, toks), ids)
-            metrics.update(retrieval.zero_shot_accuracy(img, class_txt, np.concatenate(labels)))
-        elif labels and self.unfit_prompts:
+            metrics.update(retrieval.zero_shot_accuracy(img, class_txt, np.concatenate(got["labels"])))
+        elif got["labels"] and self.unfit_prompts:
             metrics["zero_shot_unfit_prompts"] = self.unfit_prompts  # no zero_shot_top1 from cut prompts
-        if generated:
-            metrics.update(retrieval.caption_metrics(generated, caps))
-            for g, c in zip(generated[:3], caps[:3]):
+        if got["generated"]:
+            metrics.update(retrieval.caption_metrics(got["generated"], caps))
+            for g, c in zip(got["generated"][:3], caps[:3]):
                 logging.info("caption: %r (reference %r)", g, c)
         skipped = getattr(it, "skipped", 0)
         if skipped:
             metrics["skipped_records"] = int(skipped)
+        return metrics
+
+    def _probes(self, params, img, txt, got, tokens) -> dict:
+        """The attribute-binding probe (images) or the time and order probes (clips):
+        each image against its own caption and its hard negatives, scored by the
+        embeddings and, with an ITM head, by ITM."""
+        from mmjax.data import pipeline
+
+        hn, hv = np.concatenate(got["negs"]), np.concatenate(got["neg_valid"])
+        n, k, length = hn.shape
+        flat = hn.reshape(n * k, length)
+        if self.has_itm:
+            neg_emb, neg_stream = self._batched(lambda a: self._txt_feat(params, a["text"]), {"text": flat})
+        else:
+            neg_emb = self._encode_text(params, flat)
+        scorings = {"": (np.sum(img * txt, axis=-1), np.einsum("nd,nkd->nk", img, neg_emb.reshape(n, k, -1)))}
+        if self.has_itm:
+            # The same probe through the fusion encoder: each image against its own
+            # caption and its swapped ones, scored by the ITM head.
+            tok = tokens["img_tok"]
+            own_itm = self._itm_pairs(params, tok, tokens["stream"], tokens["text_ids"])
+            neg_itm = self._itm_pairs(params, np.repeat(tok, k, axis=0), neg_stream, flat)
+            scorings["_itm"] = (own_itm, neg_itm.reshape(n, k))
+        metrics = {}
+        for suffix, (own_s, neg_s) in scorings.items():
+            if pipeline.num_frames(self.data_config):
+                # Clips (moving_shapes): the negatives are the captions of the clip played
+                # backwards (first) and of its events in the other order. An order-blind
+                # model scores a clip and its reversal alike: the time probe's chance is 0.5.
+                probe = retrieval.binding_accuracy_scores(own_s, neg_s[:, :1], hv[:, :1])
+                metrics["time_probe_acc" + suffix] = probe["binding_acc"]
+                metrics["time_probe_chance"] = probe["binding_chance"]
+                probe = retrieval.binding_accuracy_scores(own_s, neg_s, hv)
+                metrics["order_probe_acc" + suffix] = probe["binding_acc"]
+                metrics["order_probe_chance"] = probe["binding_chance"]
+            else:
+                probe = retrieval.binding_accuracy_scores(own_s, neg_s, hv)
+                metrics["binding_acc" + suffix], metrics["binding_chance"] = (
+                    probe["binding_acc"],
+                    probe["binding_chance"],
+                )
         return metrics
 
 
@@ -226,7 +235,7 @@ class ClassificationEvaluator:
 
     def __init__(self, family, data_config, mesh, *, split: str, batch_size: int, tokenizer=None):
         self.family, self.data_config, self.mesh, self.split = family, data_config, mesh, split
-        self.uses_text = "text" in getattr(family, "batch_keys", ())
+        self.uses_text = "text" in family.batch_keys
         if self.uses_text and tokenizer is None:
             raise ValueError("this family reads text (the question): pass the run's tokenizer")
         self.tokenizer = tokenizer if self.uses_text else _NoText()

@@ -202,10 +202,13 @@ def classify_files(
     names = clean_class_names(class_names)
     params, setup, _, bs = embed_lib._restore(workdir, weights)
     config, family = setup.config, setup.family
-    if not (hasattr(family, "encode_image") and hasattr(family, "encode_text")):
+    if not family.can("encode"):
+        from mmjax.models import zoo
+
+        able = [n for n, cls in zoo.FAMILIES.items() if "encode" in cls.capabilities]
         raise ValueError(
             f"family {config.model.family!r} has no image/text encoders to classify with; "
-            "zero-shot families: clip, albef, vlmo, beit3, coca, blip"
+            f"zero-shot families: {', '.join(able)}"
         )
     if templates is None or (not isinstance(templates, str) and len(templates) == 0):
         templates = (config.get("eval", {}).get("zero_shot", {}) or {}).get("templates")

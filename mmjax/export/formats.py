@@ -47,15 +47,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.export import stablehlo
+from mmjax.export.stablehlo import DEFAULT_PLATFORMS, IMAGE_FILE, TEXT_FILE  # noqa: F401 - the layout's names
+
 FORMATS = ("safetensors", "stablehlo")
 FORMAT_VERSION = "1"
 PARAMS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EXPORT_JSON = "export.json"
-IMAGE_FILE = "image_encoder.stablehlo"
-TEXT_FILE = "text_encoder.stablehlo"
 TOKENIZER_FILE = "tokenizer.model"
-DEFAULT_PLATFORMS = ("cpu", "cuda")
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
 _BF16_AS_U16 = "bf16_as_uint16"  # metadata: names stored as the raw bits of bfloat16
 
@@ -73,20 +73,20 @@ def mmjax_version() -> str:
 
 
 def _restore(workdir: str, weights: str, step: int | None = None):
-    """(params as host numpy, info) of a workdir's latest (or `step`'s) checkpoint."""
-    from mmjax.train import setup as setup_lib
+    """(params as host numpy, info) of a workdir's newest usable (or `step`'s) checkpoint."""
+    from mmjax import workdir as workdir_lib
 
-    params, setup, step = setup_lib.restore_params(workdir, weights, step)
-    config = setup.config
+    opened = workdir_lib.open_workdir(workdir, weights=weights, step=step)
+    config = opened.config
     info = dict(
         config=config,
-        setup=setup,
-        family=setup.family,
-        step=int(step),
+        workdir=opened,
+        family=opened.family,
+        step=opened.step,
         weights=weights,
         model_config=json.loads(config.model.to_json_best_effort()),
     )
-    return params, info
+    return opened.params, info
 
 
 def export_workdir(
@@ -319,72 +319,26 @@ def load_safetensors(path: str):
 # ----------------------------------------------------------------------------- stablehlo
 
 
-def export_encoders(
-    family, params, *, image_size: int, text_len: int, platforms=DEFAULT_PLATFORMS, precision: str | None = None
-):
-    """(image Exported, text Exported, param names in argument order).
-
-    Each takes `(params: list of arrays in that order, x)` with x an image batch
-    [b, H, W, 3] float32 or ids [b, L] int32 (b symbolic) and returns the
-    L2-normalised [b, E] float32 embeddings of `family.encode_image` / `encode_text`.
-    precision: None (jax's default) or a `jax.default_matmul_precision` value such as
-    'highest', fixed in the exported programs.
-    """
-    from jax import export
-
-    for method in ("encode_image", "encode_text"):
-        if not callable(getattr(family, method, None)):
-            raise ValueError(f"stablehlo export needs the family's {method}; {type(family).__name__} has none")
-    names = list(flatten(params))
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    avals = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in leaves]
-
-    def tower(method):
-        def fn(flat_params, x):
-            return method(jax.tree_util.tree_unflatten(treedef, flat_params), x)
-
-        return jax.jit(fn)
-
-    image = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {image_size}, {image_size}, 3"), jnp.float32)
-    text = jax.ShapeDtypeStruct(export.symbolic_shape(f"b, {text_len}"), jnp.int32)
-    with jax.default_matmul_precision(precision):
-        exp_image = export.export(tower(family.encode_image), platforms=platforms)(avals, image)
-        exp_text = export.export(tower(family.encode_text), platforms=platforms)(avals, text)
-    return exp_image, exp_text, names
-
-
-def _aval_json(aval) -> dict:
-    return dict(shape=[d if isinstance(d, int) else str(d) for d in aval.shape], dtype=np.dtype(aval.dtype).name)
-
-
 def _export_stablehlo(info, params, out: str, platforms, precision=None) -> list[str]:
     from mmjax.data import pipeline
 
-    config, setup = info["config"], info["setup"]
+    config, opened = info["config"], info["workdir"]
     data = config.data
     image_size, text_len = int(data.image_size), int(data.text_len)
-    exp_image, exp_text, names = export_encoders(
+    tok = opened.tokenizer  # the special ids in export.json are the run's
+    exp_image, exp_text, names = stablehlo.export_encoders(
         info["family"], params, image_size=image_size, text_len=text_len, platforms=platforms, precision=precision
     )
-    files = []
-    for name, exp in ((IMAGE_FILE, exp_image), (TEXT_FILE, exp_text)):
-        path = os.path.join(out, name)
-        with open(path + ".tmp", "wb") as f:
-            f.write(exp.serialize())
-        os.replace(path + ".tmp", path)
-        files.append(path)
+    files = stablehlo.write_programs(exp_image, exp_text, out)
     files.append(
         save_safetensors(
             os.path.join(out, PARAMS_FILE), params, info["model_config"], weights=info["weights"], step=info["step"]
         )
     )
-    tok = setup.tokenizer
-    has_tokenizer = os.path.isfile(getattr(tok, "model_path", ""))
-    if has_tokenizer:
-        shutil.copyfile(tok.model_path, os.path.join(out, TOKENIZER_FILE))
-        files.append(os.path.join(out, TOKENIZER_FILE))
-    mean = [float(v) for v in (data.get("mean", None) or pipeline.MEAN)]
-    std = [float(v) for v in (data.get("std", None) or pipeline.STD)]
+    shutil.copyfile(tok.model_path, os.path.join(out, TOKENIZER_FILE))
+    files.append(os.path.join(out, TOKENIZER_FILE))
+    mean = data.get("mean", None) or pipeline.MEAN
+    std = data.get("std", None) or pipeline.STD
     spec = {
         "format": "mmjax-stablehlo",
         "format_version": int(FORMAT_VERSION),
@@ -400,29 +354,8 @@ def _export_stablehlo(info, params, out: str, platforms, precision=None) -> list
             "order": names,
             "note": "both encoders take these tensors, as a list in this order, first",
         },
-        "image": {
-            "file": IMAGE_FILE,
-            "input": _aval_json(exp_image.in_avals[-1]),
-            "output": _aval_json(exp_image.out_avals[0]),
-            "image_size": image_size,
-            "mean": mean,
-            "std": std,
-            "preprocess": "RGB pixels resized to image_size, x / 255, then (x - mean) / std",
-        },
-        "text": {
-            "file": TEXT_FILE,
-            "input": _aval_json(exp_text.in_avals[-1]),
-            "output": _aval_json(exp_text.out_avals[0]),
-            "text_len": text_len,
-            "pad_id": int(tok.pad_id),
-            "bos_id": int(tok.bos_id),
-            "eos_id": int(tok.eos_id),
-            "vocab_size": int(tok.vocab_size),
-            "lowercase": True,
-            "tokenizer": TOKENIZER_FILE if has_tokenizer else None,
-            "preprocess": "lower-case, sentencepiece ids, [bos] + ids[:text_len - 2] + [eos], "
-            "padded with pad_id to text_len",
-        },
+        "image": stablehlo.image_spec(exp_image, image_size, mean, std),
+        "text": stablehlo.text_spec(exp_text, text_len, tok, TOKENIZER_FILE),
         "output": "L2-normalised embeddings; cosine similarity = dot product",
     }
     files.append(_write_json(os.path.join(out, EXPORT_JSON), spec))

@@ -82,14 +82,7 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        if images.ndim not in (4, 5):
-            raise ValueError(f"ViT takes images [B, H, W, C] or clips [B, T, H, W, C], got shape {images.shape}")
-        if self.pool not in ("cls", "gap"):
-            raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}.")
-        if images.ndim == 5 and not self.num_frames:
-            raise ValueError(f"a clip {images.shape} needs a video model: set model.num_frames (> 0)")
-        check_temporal(self.temporal)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self._check(images)
         video = self.num_frames > 0
         x = images[:, None] if video and images.ndim == 4 else images  # an image: a one-frame clip
         clips = x.shape[0]
@@ -97,8 +90,44 @@ class ViT(nn.Module):
             x = x.reshape((-1,) + x.shape[2:])
             video = False
         b, h, w = x.shape[0], x.shape[-3], x.shape[-2]
+        x_BxTxNxD = self._embed_patches(x, video).astype(self.dtype)
+        _, t, n, _ = x_BxTxNxD.shape
+        x_BxLxD = self._add_positions(x_BxTxNxD, h, w)
+        if self.pre_norm:
+            x_BxLxD = nn.LayerNorm(epsilon=self.ln_eps, **norm_init(), name="ln_pre", **self._kw())(x_BxLxD)
+        x_BxLxD, enc_aux = self._encode(x_BxLxD, video and self.temporal in ("divided", "local"), t)
+        cls = self.pool == "cls"
+        pooled_BxD = x_BxLxD[:, 0] if cls else jnp.mean(x_BxLxD, axis=1)
+        if b != clips:  # 'mean': the clip is the mean of its frames; its tokens are all frames' tokens
+            pooled_BxD = jnp.mean(pooled_BxD.reshape(clips, -1, self.width), axis=1)
+            x_BxLxD = x_BxLxD.reshape(clips, -1, self.width)
+            t = b // clips
+        chex.assert_shape(pooled_BxD, (clips, self.width))
+        aux = dict(
+            tokens=x_BxLxD,
+            patch_grid=(h // self.patch_size, w // self.patch_size),
+            frames=t,
+            encoder=enc_aux,
+            pooled=pooled_BxD,
+        )
+        return pooled_BxD, aux
+
+    def _kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _check(self, images):
+        if images.ndim not in (4, 5):
+            raise ValueError(f"ViT takes images [B, H, W, C] or clips [B, T, H, W, C], got shape {images.shape}")
+        if self.pool not in ("cls", "gap"):
+            raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}.")
+        if images.ndim == 5 and not self.num_frames:
+            raise ValueError(f"a clip {images.shape} needs a video model: set model.num_frames (> 0)")
+        check_temporal(self.temporal)
+
+    def _embed_patches(self, x, video: bool):
+        """images [B, H, W, C] or clips [B, T, H, W, C] -> tokens [B, T, N, D] (T = 1 for images)."""
         if video:
-            x_BxTxNxD = FrameEmbed(
+            return FrameEmbed(
                 self.patch_size,
                 self.width,
                 self.num_frames,
@@ -106,14 +135,16 @@ class ViT(nn.Module):
                 tubelet=self.tubelet,
                 use_bias=self.patch_bias,
                 name="patch_embed",
-                **kw,
+                **self._kw(),
             )(x)
-        else:
-            x_BxTxNxD = PatchEmbed(self.patch_size, self.width, use_bias=self.patch_bias, name="patch_embed", **kw)(x)[
-                :, None
-            ]
-        _, t, n, _ = x_BxTxNxD.shape
-        x_BxTxNxD = x_BxTxNxD.astype(self.dtype)
+        return PatchEmbed(self.patch_size, self.width, use_bias=self.patch_bias, name="patch_embed", **self._kw())(x)[
+            :, None
+        ]
+
+    def _add_positions(self, x_BxTxNxD, h: int, w: int):
+        """tokens [B, T, N, D] -> [B, L, D]: each frame's tokens plus the spatial position
+        embedding, and the [CLS] token (pool='cls') in front with its own position."""
+        b, t, n, _ = x_BxTxNxD.shape
         cls = self.pool == "cls"
         if cls:  # created before the position table, as always (param init order sets their values)
             cls_1x1xD = self.param(
@@ -137,12 +168,15 @@ class ViT(nn.Module):
         if cls:
             cls_Bx1xD = jnp.broadcast_to(jnp.asarray(cls_1x1xD, self.dtype) + pos_1xSxD[:, :1], (b, 1, self.width))
             x_BxLxD = jnp.concatenate([cls_Bx1xD, x_BxLxD], axis=1)
-        if self.pre_norm:
-            x_BxLxD = nn.LayerNorm(epsilon=self.ln_eps, **norm_init(), name="ln_pre", **kw)(x_BxLxD)
-        if video and self.temporal in ("divided", "local"):
+        return x_BxLxD
+
+    def _encode(self, x_BxLxD, mixes_frames: bool, t: int):
+        """The blocks: `VideoEncoder` where frames mix ('divided', 'local'), else `Encoder`."""
+        common = dict(act=self.act, ln_eps=self.ln_eps, remat=self.remat, attention=self.attention, name="encoder")
+        if mixes_frames:
             if self.scan:
                 raise ValueError(f"model.scan_layers works with model.temporal 'none' or 'mean', not {self.temporal!r}")
-            x_BxLxD, enc_aux = VideoEncoder(
+            return VideoEncoder(
                 self.depth,
                 self.num_heads,
                 self.mlp_dim,
@@ -150,39 +184,10 @@ class ViT(nn.Module):
                 temporal=self.temporal,
                 temporal_kernel=self.temporal_kernel,
                 local_temporal=self.local_temporal,
-                cls_token=cls,
-                act=self.act,
-                ln_eps=self.ln_eps,
-                remat=self.remat,
-                attention=self.attention,
-                name="encoder",
-                **kw,
+                cls_token=self.pool == "cls",
+                **common,
+                **self._kw(),
             )(x_BxLxD)
-        else:
-            x_BxLxD, enc_aux = Encoder(
-                self.depth,
-                self.num_heads,
-                self.mlp_dim,
-                final_norm=True,
-                act=self.act,
-                ln_eps=self.ln_eps,
-                remat=self.remat,
-                attention=self.attention,
-                scan=self.scan,
-                name="encoder",
-                **kw,
-            )(x_BxLxD)
-        pooled_BxD = x_BxLxD[:, 0] if cls else jnp.mean(x_BxLxD, axis=1)
-        if b != clips:  # 'mean': the clip is the mean of its frames; its tokens are all frames' tokens
-            pooled_BxD = jnp.mean(pooled_BxD.reshape(clips, -1, self.width), axis=1)
-            x_BxLxD = x_BxLxD.reshape(clips, -1, self.width)
-            t = b // clips
-        chex.assert_shape(pooled_BxD, (clips, self.width))
-        aux = dict(
-            tokens=x_BxLxD,
-            patch_grid=(h // self.patch_size, w // self.patch_size),
-            frames=t,
-            encoder=enc_aux,
-            pooled=pooled_BxD,
-        )
-        return pooled_BxD, aux
+        return Encoder(
+            self.depth, self.num_heads, self.mlp_dim, final_norm=True, scan=self.scan, **common, **self._kw()
+        )(x_BxLxD)

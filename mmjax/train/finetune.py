@@ -44,13 +44,13 @@ def source(src: str) -> tuple[str, int | None]:
 
 def pretrained_params(src: str, weights: str = "student"):
     """(model config, params) of a pretraining workdir's checkpoint (host numpy), read
-    on this machine's devices whatever topology wrote it (`mmjax.train.setup.restore_params`)."""
-    from mmjax.train import setup as setup_lib
+    params-only on this machine whatever topology wrote it (`mmjax.workdir.open_workdir`)."""
+    from mmjax import workdir as workdir_lib
 
     workdir, step = source(src)
-    params, setup, step = setup_lib.restore_params(workdir, weights, step)
-    log.info("init from %s step %d (%s weights)", workdir, step, weights)
-    return setup.config.model, params
+    opened = workdir_lib.open_workdir(workdir, weights=weights, step=step)
+    log.info("init from %s step %d (%s weights)", workdir, opened.step, weights)
+    return opened.config.model, opened.params
 
 
 def interpolate_posemb(table, new_len: int):

@@ -1,65 +1,128 @@
-"""The training loop: batches -> step -> metrics, progress, checkpoints, evals."""
+"""The training loop: batches -> step -> metrics and progress, with the checkpoints
+(train/checkpointing.py) and evals (train/evaluation.py) due on the way.
+
+`train` opens the run (train/setup.py builds its context; a workdir's newest usable
+checkpoint is restored), runs the steps and finishes (the last save, the final eval,
+the plot). `_Run` holds what changes while the steps run: the state, the data
+position, the step checks, the metric writer and the progress bar.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from mmjax import checkpoint as ckpt_lib
-from mmjax import workdir as workdir_lib
 from mmjax.parallel import distributed
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.parallel.collective import PmapCollective, identity
-from mmjax.train import guard
+from mmjax.train import checkpointing, evaluation, guard
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import step as step_lib
-from mmjax.train.setup import Setup
 
 
-def _format(metrics: dict, keys) -> str:
-    return " ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
+def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Trains (or resumes) in `workdir`; returns the final eval metrics.
+
+    `stop_at`: leave after that many steps with a checkpoint, as a preempted job
+    would (the schedule still runs to `train.steps`); a later call resumes.
+    SIGTERM: the current step finishes, a checkpoint is saved and `guard.Preempted`
+    (SystemExit 143) is raised. `guard.NonFiniteError` after train.max_bad_steps
+    non-finite steps in a row; `checkpoint.SaveError` when a save fails.
+    """
+    setup, state, meta = checkpointing.open_run(config, workdir)
+    run = _Run(config, workdir, setup, state, meta, progress=progress, stop_at=stop_at)
+    run.run_steps()
+    if run.checks.stop:  # SIGTERM (on some process): every process saves this step and leaves
+        if run.last_saved != run.done:
+            run.save(run.done)
+        checkpointing.leave_preempted(setup, run.writer, run.done)
+    return run.finish()
 
 
-def _restore_for_training(setup: Setup, config, workdir: str):
-    """(state, meta) of the newest usable checkpoint, or None. A checkpoint of another
-    model shape is one error naming the config keys that changed since it was saved."""
-    try:
-        return setup.restore(require=("data_position",), quarantine=True)
-    except (ckpt_lib.StateMismatch, ckpt_lib.CheckpointError) as e:
-        old = os.path.join(workdir, "config.json")
-        diff = workdir_lib.config_diff(workdir_lib.load_config_json(workdir), config) if os.path.isfile(old) else []
-        if not diff:
-            raise
-        if isinstance(e, ckpt_lib.StateMismatch):
-            raise ValueError(
-                f"cannot resume {workdir}: the workdir's config differs from this run's in keys: "
-                f"{', '.join(diff)}; use another --workdir, or the workdir's values ({e})"
-            ) from None
-        raise ckpt_lib.CheckpointError(
-            f"{e} (the workdir's config also differs from this run's in keys: {', '.join(diff)})"
-        ) from None
+def _train_iterator(config, setup, pmap: bool, data_position: int, cursor):
+    """This process's rows of the global batches from `data_position` on (ValueError
+    when a batch does not divide over the batch shards)."""
+    from mmjax.data import pipeline
+
+    tc, n_proc = config.train, jax.process_count()
+    n_shards = setup.mesh.devices.size if pmap else mesh_lib.batch_shards(setup.mesh)
+    if tc.batch_size % n_shards or (tc.batch_size // tc.accum_steps) % n_shards:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} (micro-batch {tc.batch_size // tc.accum_steps}) "
+            f"must divide evenly over {n_shards} batch shards (data x fsdp devices)"
+        )
+    return pipeline.make_train_iterator(
+        config.data,
+        setup.tokenizer,
+        tc.batch_size // n_proc,
+        seed=int(config.seed),
+        start_batch=data_position,
+        process_index=jax.process_index(),
+        process_count=n_proc,
+        hard_negatives=int(config.model.get("hard_negatives", 0)),
+        **cursor.start,
+    )
 
 
-def _open_run(config, workdir: str):
-    """(setup, state, meta) of a new or resumed run: the workdir checked, the newest
-    usable checkpoint restored (or a fresh state), config.json written, partial saves
-    of a dead run removed."""
-    workdir_lib.check_workdir(workdir)
-    setup = Setup(config, workdir)
-    restored = _restore_for_training(setup, config, workdir)
-    workdir_lib.save_config_json(config, workdir)
-    setup.checkpointer.remove_partial_saves()
-    if restored is None:
-        return setup, setup.fresh_state(), {"data_position": 0}
-    state, meta = restored
-    logging.info("resuming at step %d (data position %d)", setup.checkpointer.restored_step, meta["data_position"])
-    return setup, state, meta
+class _StageSteps:
+    """`self(step)` -> the compiled step of the training stage `step` falls in
+    (`Setup.stages`), compiled on first use."""
+
+    def __init__(self, setup, accum_steps: int, pmap: bool):
+        self.setup, self.accum_steps, self.pmap = setup, accum_steps, pmap
+        self.metric_shard = mesh_lib.replicated(setup.mesh)
+        self.batch_shard = mesh_lib.batch_sharding(setup.mesh)
+        self.stages = setup.stages()
+        self.compiled = {}
+
+    def __call__(self, step: int):
+        stages = self.stages
+        i = next((i for i, st in enumerate(stages) if step < st["until"]), len(stages) - 1)
+        if i not in self.compiled:
+            st, setup = stages[i], self.setup
+            fn = step_lib.make_train_step(
+                st["family"],
+                setup.optimizer,
+                setup.schedule,
+                accum_steps=self.accum_steps,
+                trainable=st["trainable"],
+                collective=PmapCollective(mesh_lib.DATA) if self.pmap else identity,
+            )
+            self.compiled[i] = (
+                step_lib.compile_pmap_step(fn)
+                if self.pmap
+                else step_lib.compile_step(
+                    fn, setup.state_sharding, self.batch_shard, self.metric_shard, mesh=setup.mesh
+                )
+            )
+            if len(stages) > 1:
+                tqdm.write(f"[stage {st['name']}] from step {step}: tasks={st['tasks']} frozen={list(st['freeze'])}")
+        return self.compiled[i]
+
+
+class _Watchdog:
+    """Hang guard: with parallel.step_timeout_s > 0, a watchdog exits the process when
+    no step finishes in time. The step checks wait for each step one step behind (so
+    one step stays in flight); the watchdog starts after the first (compiling) step."""
+
+    def __init__(self, timeout_s: float, start_step: int):
+        self.timeout_s, self.start_step, self.dog = timeout_s, start_step, None
+
+    def beat(self, done: int):
+        if self.timeout_s <= 0:
+            return
+        if self.dog is None and done > self.start_step + 1:
+            self.dog = distributed.StepWatchdog(self.timeout_s)
+        if self.dog is not None:
+            self.dog.beat()
+
+    def close(self):
+        if self.dog is not None:
+            self.dog.close()
 
 
 def _train_row(m, *, pmap: bool, samples: int, seconds: float, n_devices: int, bad_steps: int, skipped) -> dict:
@@ -73,229 +136,132 @@ def _train_row(m, *, pmap: bool, samples: int, seconds: float, n_devices: int, b
     return m
 
 
-def _leave_preempted(setup: Setup, writer, step: int):
-    """After SIGTERM's checkpoint of `step`: waits for it, says so, raises Preempted."""
-    setup.checkpointer.close()
-    writer.close()
-    msg = f"mmjax: preempted: saved step {step}; exiting with code {guard.PREEMPTED_EXIT} (run again to resume)"
-    logging.warning(msg)
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
-    raise guard.Preempted(step)
+class _Run:
+    """One run from its first step to its last: the state, the data stream and its
+    position, the compiled steps, the evaluator, the metric writer, the progress bar."""
 
-
-def _save_checkpoint(setup: Setup, step: int, state, meta: dict) -> None:
-    """Saves unless some value of the state is not finite (then NonFiniteError)."""
-    state = setup.to_checkpoint_layout(state)
-    if not bool(jax.jit(step_lib.all_finite)((state.params, state.opt_state, state.ema_params, state.queues))):
-        raise guard.NonFiniteError(
-            f"step {step}: the state holds non-finite values; not saved (the last "
-            f"checkpoint is step {setup.checkpointer.latest_step()})"
+    def __init__(self, config, workdir: str, setup, state, meta: dict, *, progress: bool, stop_at: int | None):
+        tc = config.train
+        self.config, self.workdir, self.setup, self.state = config, workdir, setup, state
+        self.meta = meta
+        self.data_position = int(meta["data_position"])
+        self.start = int(np.asarray(setup.to_checkpoint_layout(state).step.addressable_data(0)))
+        metrics_lib.truncate(workdir, self.start)  # rows of steps this run re-does, a torn last line
+        self.total = int(tc.steps)
+        self.end = self.total if stop_at is None else min(self.total, int(stop_at))
+        self.done = self.last_saved = self.start
+        self.pmap = setup.mode == "pmap"
+        self.cursor = guard.DataCursor(meta, jax.process_count(), jax.process_index())
+        self.train_iter = _train_iterator(config, setup, self.pmap, self.data_position, self.cursor)
+        self.step_fn = _StageSteps(setup, int(tc.accum_steps), self.pmap)
+        self.batch_keys = setup.family.batch_keys
+        self.evaluator = evaluation.make_evaluator(setup, config)
+        self.writer = metrics_lib.MetricWriter(workdir)
+        self.last_eval: dict = {}
+        self.bar = tqdm(
+            total=self.total,
+            initial=self.start,
+            disable=not progress or jax.process_index() != 0,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
         )
-    setup.checkpointer.save(step, state, meta)
+        self.watchdog = _Watchdog(float(config.parallel.get("step_timeout_s", 0) or 0), self.start)
+        self.t_last, self.n_since = time.time(), 0
+        self.checks = None  # guard.StepChecks, made when the steps start
 
-
-def train(config, workdir: str, *, progress: bool = True, stop_at: int | None = None) -> dict:
-    """Trains (or resumes) in `workdir`; returns the final eval metrics.
-
-    `stop_at`: leave after that many steps with a checkpoint, as a preempted job
-    would (the schedule still runs to `train.steps`); a later call resumes.
-    SIGTERM: the current step finishes, a checkpoint is saved and `guard.Preempted`
-    (SystemExit 143) is raised. `guard.NonFiniteError` after train.max_bad_steps
-    non-finite steps in a row; `checkpoint.SaveError` when a save fails.
-    """
-    from mmjax.data import pipeline
-
-    setup, state, meta = _open_run(config, workdir)
-    tc = config.train
-    data_position = int(meta["data_position"])
-    start_step = int(np.asarray(setup.to_checkpoint_layout(state).step.addressable_data(0)))
-    metrics_lib.truncate(workdir, start_step)  # rows of steps this run re-does, a torn last line
-    total = int(tc.steps)
-    pmap = setup.mode == "pmap"
-
-    n_proc = jax.process_count()
-    n_dev = setup.mesh.devices.size
-    n_shards = n_dev if pmap else mesh_lib.batch_shards(setup.mesh)
-    if tc.batch_size % n_shards or (tc.batch_size // tc.accum_steps) % n_shards:
-        raise ValueError(
-            f"train.batch_size={tc.batch_size} (micro-batch {tc.batch_size // tc.accum_steps}) "
-            f"must divide evenly over {n_shards} batch shards (data x fsdp devices)"
+    def run_steps(self):
+        """Steps `start`..`end` (fewer when SIGTERM stops the run), with the logs, saves
+        and evals due on the way."""
+        # Host->device copies run ahead of the step on a thread (data.prefetch_to_device).
+        batches = mesh_lib.prefetch_to_device(
+            self.train_iter, self._to_device, int(self.config.data.get("prefetch_to_device", 2) or 0)
         )
-    local_batch = tc.batch_size // n_proc
-    cursor = guard.DataCursor(meta, n_proc, jax.process_index())
-    train_iter = pipeline.make_train_iterator(
-        config.data,
-        setup.tokenizer,
-        local_batch,
-        seed=int(config.seed),
-        start_batch=data_position,
-        process_index=jax.process_index(),
-        process_count=n_proc,
-        hard_negatives=int(config.model.get("hard_negatives", 0)),
-        **cursor.start,
-    )
-    metric_shard = mesh_lib.replicated(setup.mesh)
-    batch_shard = mesh_lib.batch_sharding(setup.mesh)
-    stages = setup.stages()
-    compiled = {}
+        tc = self.config.train
+        self.checks = guard.StepChecks(int(tc.get("max_bad_steps", 20)), int(self.meta.get("bad_steps", 0)))
+        try:
+            with self.checks:
+                for step in range(self.start, self.end):
+                    self._step(step, *next(batches))
+                    if self.checks.stop:
+                        break
+                self.checks.flush()
+                self.checks.raise_failure()
+        except guard.NonFiniteError as e:
+            self.setup.checkpointer.close()
+            last = self.setup.checkpointer.latest_step()
+            raise guard.NonFiniteError(f"{e} (the last checkpoint is step {last})") from None
+        finally:
+            self.bar.close()
+            batches.close()
+            self.watchdog.close()
 
-    def step_fn_for(step: int):
-        """The compiled step of the stage `step` falls in (compiled on first use)."""
-        i = next((i for i, st in enumerate(stages) if step < st["until"]), len(stages) - 1)
-        if i not in compiled:
-            st = stages[i]
-            fn = step_lib.make_train_step(
-                st["family"],
-                setup.optimizer,
-                setup.schedule,
-                accum_steps=int(tc.accum_steps),
-                trainable=st["trainable"],
-                collective=PmapCollective(mesh_lib.DATA) if pmap else identity,
-            )
-            compiled[i] = (
-                step_lib.compile_pmap_step(fn)
-                if pmap
-                else step_lib.compile_step(fn, setup.state_sharding, batch_shard, metric_shard, mesh=setup.mesh)
-            )
-            if len(stages) > 1:
-                tqdm.write(f"[stage {st['name']}] from step {step}: tasks={st['tasks']} frozen={list(st['freeze'])}")
-        return compiled[i]
-
-    batch_keys = getattr(setup.family, "batch_keys", ("image", "text", "hard_negatives"))
-    evaluator = setup.evaluator() if config.eval.every or config.eval.at_end else None
-    if evaluator is not None:  # a missing or empty eval split fails now, not after hours
-        n_eval = pipeline.num_examples(config.data, config.data.eval_split)
-        if n_eval == 0:
-            raise ValueError(
-                f"eval split {config.data.eval_split!r} of {config.data.name!r} is empty; "
-                "set data.eval_fraction (file lists) or eval.every=0 eval.at_end=false"
-            )
-    writer = metrics_lib.MetricWriter(workdir)
-    last_eval: dict = {}
-
-    def run_eval(step):
-        nonlocal last_eval
-        t0 = time.time()
-        last_eval = evaluator(setup.to_checkpoint_layout(state).params)
-        last_eval["eval_seconds"] = time.time() - t0
-        writer.write(step, "eval", last_eval)
-        shown = (
-            "i2t_r@1",
-            "i2t_itm_r@1",
-            "i2t_r@5",
-            "t2i_r@1",
-            "t2i_itm_r@1",
-            "binding_acc",
-            "time_probe_acc",
-            "zero_shot_top1",
-            "i2t_chance@1",
-            "top1",
-            "top5",
-            "caption_exact",
-            "caption_cider",
-        )
-        tqdm.write(f"[eval step {step}] " + _format(last_eval, shown))
-
-    bar = tqdm(
-        total=total,
-        initial=start_step,
-        disable=not progress or jax.process_index() != 0,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    # Hang guard: with parallel.step_timeout_s > 0, a watchdog exits the process when no
-    # step finishes in time. The checks below wait for each step one step behind (so
-    # one step stays in flight); the watchdog starts after the first (compiling) step.
-    step_timeout = float(config.parallel.get("step_timeout_s", 0) or 0)
-    watchdog = None
-    t_last, n_since = time.time(), 0
-    end = total if stop_at is None else min(total, int(stop_at))
-    done = last_saved = start_step
-
-    def to_device(batch):
+    def _to_device(self, batch):
         data_state = batch.pop("data_state", None)  # host-only: where the stream stands after this batch
-        batch = {k: batch[k] for k in batch_keys if k in batch}
+        batch = {k: batch[k] for k in self.batch_keys if k in batch}
         if "id" in batch:  # int64 from tf.data; jax runs without x64
             batch["id"] = np.asarray(batch["id"]).astype(np.int32)
-        return (mesh_lib.pmap_batch(batch) if pmap else mesh_lib.global_batch(setup.mesh, batch)), data_state
+        return (mesh_lib.pmap_batch(batch) if self.pmap else mesh_lib.global_batch(self.setup.mesh, batch)), data_state
 
-    def save(step):
-        nonlocal last_saved
-        meta = {"data_position": data_position, "bad_steps": checks.total, **cursor.meta(cursor.totals())}
-        _save_checkpoint(setup, step, state, meta)
-        last_saved = step
+    def _step(self, step: int, batch, data_state):
+        tc, ev = self.config.train, self.config.eval
+        self.state, m = self.step_fn(step)(self.state, batch)
+        self.cursor.consumed(data_state)
+        self.data_position += 1
+        self.n_since += 1
+        self.done = done = step + 1
+        self.checks.push(done, m["bad_step"])  # waits for the previous step
+        self.watchdog.beat(done)
+        if done % int(tc.log_every) == 0 or done == self.total:
+            self._log(done, m)
+        self.bar.update(1)
+        self.checks.raise_failure()
+        if tc.ckpt_every and done % int(tc.ckpt_every) == 0 and done != self.end:
+            self.save(done)
+        if ev.every and done % int(ev.every) == 0 and done != self.total:
+            self.evaluate(done)
 
-    # Host->device copies run ahead of the step on a thread (data.prefetch_to_device).
-    device_batches = mesh_lib.prefetch_to_device(
-        train_iter, to_device, int(config.data.get("prefetch_to_device", 2) or 0)
-    )
-    checks = guard.StepChecks(int(tc.get("max_bad_steps", 20)), int(meta.get("bad_steps", 0)))
-    try:
-        with checks:
-            for step in range(start_step, end):
-                batch, data_state = next(device_batches)
-                state, m = step_fn_for(step)(state, batch)
-                cursor.consumed(data_state)
-                data_position += 1
-                n_since += 1
-                done = step + 1
-                checks.push(done, m["bad_step"])  # waits for the previous step
-                if step_timeout > 0:
-                    if watchdog is None and done > start_step + 1:
-                        watchdog = distributed.StepWatchdog(step_timeout)
-                    if watchdog is not None:
-                        watchdog.beat()
-                if done % int(tc.log_every) == 0 or done == total:
-                    checks.flush()
-                    totals = cursor.totals()
-                    m = _train_row(
-                        m,
-                        pmap=pmap,
-                        samples=n_since * tc.batch_size,
-                        seconds=time.time() - t_last,
-                        n_devices=n_dev,
-                        bad_steps=checks.total,
-                        skipped=int(totals[:, 1].sum()) if totals is not None else getattr(train_iter, "skipped", 0),
-                    )
-                    writer.write(done, "train", m)
-                    bar.set_postfix_str(f"loss={float(m['loss']):.4f} {m['samples_per_s']:.0f} samples/s")
-                    t_last, n_since = time.time(), 0
-                bar.update(1)
-                checks.raise_failure()
-                if tc.ckpt_every and done % int(tc.ckpt_every) == 0 and done != end:
-                    save(done)
-                if config.eval.every and done % int(config.eval.every) == 0 and done != total:
-                    run_eval(done)
-                if checks.stop:
-                    break
-            checks.flush()
-            checks.raise_failure()
-    except guard.NonFiniteError as e:
+    def _log(self, done: int, m):
+        self.checks.flush()
+        totals = self.cursor.totals()
+        m = _train_row(
+            m,
+            pmap=self.pmap,
+            samples=self.n_since * self.config.train.batch_size,
+            seconds=time.time() - self.t_last,
+            n_devices=self.setup.mesh.devices.size,
+            bad_steps=self.checks.total,
+            skipped=int(totals[:, 1].sum()) if totals is not None else getattr(self.train_iter, "skipped", 0),
+        )
+        self.writer.write(done, "train", m)
+        self.bar.set_postfix_str(f"loss={float(m['loss']):.4f} {m['samples_per_s']:.0f} samples/s")
+        self.t_last, self.n_since = time.time(), 0
+
+    def save(self, step: int):
+        cursor = self.cursor
+        meta = {"data_position": self.data_position, "bad_steps": self.checks.total, **cursor.meta(cursor.totals())}
+        checkpointing.save_checkpoint(self.setup, step, self.state, meta)
+        self.last_saved = step
+
+    def evaluate(self, step: int):
+        self.last_eval = evaluation.run_eval(self.evaluator, self.setup, self.state, self.writer, step)
+
+    def finish(self) -> dict:
+        """The last save and the final eval; -> the result (the last eval's metrics,
+        step, plot, final_state)."""
+        setup = self.setup
+        if self.end > self.start or setup.checkpointer.latest_step() is None:
+            self.save(self.end)
+        if self.evaluator is not None and self.config.eval.at_end and self.end == self.total:
+            self.evaluate(self.total)
         setup.checkpointer.close()
-        raise guard.NonFiniteError(f"{e} (the last checkpoint is step {setup.checkpointer.latest_step()})") from None
-    finally:
-        bar.close()
-        device_batches.close()
-        if watchdog is not None:
-            watchdog.close()
-    if checks.stop:  # SIGTERM (on some process): every process saves this step and leaves
-        if last_saved != done:
-            save(done)
-        _leave_preempted(setup, writer, done)
-    if end > start_step or setup.checkpointer.latest_step() is None:
-        save(end)
-    if evaluator is not None and config.eval.at_end and end == total:
-        run_eval(total)
-    setup.checkpointer.close()
-    writer.close()
-    plot_path = metrics_lib.plot(workdir)
-    skipped = cursor.skipped if cursor.records is not None else getattr(train_iter, "skipped", 0)
-    if skipped:
-        logging.warning("skipped %d unreadable records during training", skipped)
-    result = dict(last_eval)
-    result["step"] = end
-    result["plot"] = plot_path
-    result["final_state"] = setup.to_checkpoint_layout(state)
-    return result
+        self.writer.close()
+        plot_path = metrics_lib.plot(self.workdir)
+        skipped = self.cursor.skipped if self.cursor.records is not None else getattr(self.train_iter, "skipped", 0)
+        if skipped:
+            logging.warning("skipped %d unreadable records during training", skipped)
+        result = dict(self.last_eval)
+        result["step"] = self.end
+        result["plot"] = plot_path
+        result["final_state"] = setup.to_checkpoint_layout(self.state)
+        return result

@@ -1,6 +1,6 @@
 """A run's context built from a config and a workdir (`Setup`: tokenizer, family,
-mesh, optimizer, state plan, checkpointer, stages, evaluator), and `restore_params`,
-which reads a workdir's params for fine-tuning, eval, export and `mmjax embed`.
+mesh, optimizer, state plan, checkpointer, stages, evaluator). A workdir's params
+alone are read by `mmjax.workdir.open_workdir` (`restore_params` here calls it).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 
 from mmjax import checkpoint as ckpt_lib
 from mmjax import workdir as workdir_lib
@@ -245,29 +244,7 @@ class Setup:
 
 
 def restore_params(workdir: str, weights: str = "student", step: int | None = None):
-    """(params as host numpy, setup, step) of a workdir's latest (or `step`'s) checkpoint:
-    the student params or the EMA teacher. Read onto a plain data mesh of this
-    machine's devices, whatever mesh, device count or mode wrote it (fine-tuning,
-    export and `mmjax embed` need the values, not the layout)."""
-    if weights not in ("student", "ema"):
-        raise ValueError(f"weights {weights!r}; valid choices: student, ema")
-    config = workdir_lib.load_config_json(workdir)
-    with config.unlocked():
-        config.parallel.mode = "mesh"
-        config.parallel.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
-    setup = Setup(config, workdir)
-    try:
-        if weights == "ema" and setup.abstract_state.ema_params is None:
-            raise ValueError(
-                f"weights='ema': the {config.model.family!r} run in {workdir} has no EMA teacher "
-                "(only ALBEF-style families keep one); use weights='student'"
-            )
-        restored = setup.restore(step)  # the newest step that verifies, or `step`
-        if restored is None:
-            raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-        step = setup.checkpointer.restored_step
-    finally:
-        setup.checkpointer.close()
-    state = setup.to_checkpoint_layout(restored[0])
-    tree = state.params if weights == "student" else state.ema_params
-    return jax.tree.map(np.asarray, jax.device_get(tree)), setup, int(step)
+    """(params as host numpy, opened workdir, step): `mmjax.workdir.open_workdir`, the one
+    params reader (the opened workdir has the `config`, `family` and `tokenizer`)."""
+    opened = workdir_lib.open_workdir(workdir, weights=weights, step=step)
+    return opened.params, opened, opened.step

@@ -68,14 +68,15 @@ def loss_and_grads(
     if accum_steps == 1:
 
         def objective(p):
-            kw = dict(teacher=teacher, queues=queues, step=step) if teacher is not None or queues is not None else {}
-            loss, metrics, updates = family.objective(p, batch, rng, gather=gather, **kw)
+            loss, metrics, updates = family.objective(
+                p, batch, rng, teacher=teacher, queues=queues, step=step, gather=gather
+            )
             return loss, (metrics, updates)
 
         (loss, (metrics, updates)), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return (loss, metrics, updates), grads
 
-    if not hasattr(family, "loss_from_embeddings"):
+    if not family.can("accumulate"):
         raise ValueError(
             f"train.accum_steps={accum_steps}: gradient accumulation is GradCache-exact only for "
             f"contrastive-only families (clip); {type(family).__name__} has fusion losses. "
@@ -202,7 +203,7 @@ def init_state(family, optimizer, rng, image_shape, text_shape) -> TrainState:
     (`state_plan` gives the function and the shardings)."""
     init_rng, state_rng = jax.random.split(rng)
     params = family.init_params(init_rng, image_shape, text_shape)
-    extra = family.init_extra(params) if hasattr(family, "init_extra") else {}
+    extra = family.init_extra(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

@@ -1,38 +1,54 @@
 """Model families: `build(model_config)` -> a family object.
 
-A family has `.model` (the linen module), `init_params`, `objective`,
-`encode_image`, `encode_text`; optionally `batch_keys` (the batch fields it reads),
-`init_extra` + `teacher_update` (an EMA teacher and feature queues in the state),
-`embed` + `loss_from_embeddings` (contrastive-only: GradCache accumulation), and
-`image_features` + `text_features` + `itm_scores` (ITM re-ranking in the eval).
+A family is one module here that registers its class with `@register("name")`
+(contract.py: the contract every family follows, its declared capabilities and its
+config schema). This package imports each of its modules once, so `FAMILIES` (the
+registry), `build` and `config.CHOICES["model.family"]` see a new family without
+another list to edit.
 """
 
-from mmjax.models.zoo.albef import ALBEF, AlbefFamily
-from mmjax.models.zoo.blip import BLIP, BlipFamily
-from mmjax.models.zoo.classifier import WRAPPERS, Classifier, ClassifierFamily
-from mmjax.models.zoo.clip import CLIP, ClipFamily
-from mmjax.models.zoo.coca import CoCa, CocaFamily
-from mmjax.models.zoo.multiway import Multiway, MultiwayFamily
-from mmjax.models.zoo.vqa import AnswerClassifier, VqaFamily
+import importlib
+import pkgutil
 
-FAMILIES = {
-    "clip": ClipFamily,
-    "albef": AlbefFamily,
-    "vlmo": MultiwayFamily,
-    "beit3": MultiwayFamily,
-    "classifier": ClassifierFamily,
-    "vqa": VqaFamily,
-    "coca": CocaFamily,
-    "blip": BlipFamily,
-}
+from mmjax.models.zoo.contract import CAPABILITIES, FAMILIES, Family, check_contract, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from mmjax.models.zoo.albef import ALBEF, AlbefFamily  # noqa: E402
+from mmjax.models.zoo.blip import BLIP, BlipFamily  # noqa: E402
+from mmjax.models.zoo.classifier import WRAPPERS, Classifier, ClassifierFamily, WrapperConfig  # noqa: E402
+from mmjax.models.zoo.clip import CLIP, ClipFamily  # noqa: E402
+from mmjax.models.zoo.coca import CoCa, CocaFamily  # noqa: E402
+from mmjax.models.zoo.multiway import Multiway, MultiwayFamily  # noqa: E402
+from mmjax.models.zoo.vqa import AnswerClassifier, VqaFamily  # noqa: E402
 
 
 def build(model_config):
-    """model_config.family -> family object (e.g. ClipFamily(model_config))."""
+    """model_config.family -> family object (e.g. ClipFamily(model_config)), its
+    config checked against the family's schema and its contract checked once."""
+    from mmjax.config import ConfigError
+
     family = model_config.get("family", None)
     if family not in FAMILIES:
-        raise ValueError(f"model_config.family must be one of {sorted(FAMILIES)}, got {family!r}.")
-    return FAMILIES[family](model_config)
+        raise ConfigError(f"bad value for config key 'model.family': {family!r}; valid choices: {', '.join(FAMILIES)}")
+    out = FAMILIES[family](model_config)
+    check_contract(out)
+    return out
+
+
+def check_config(model_config) -> None:
+    """Checks a model config section against its family's schema without building
+    anything (ConfigError for an unknown family or key, a type, a choice); a
+    wrapper's backbone section is checked against its own family's."""
+    from mmjax.config import ConfigError
+
+    family = model_config.get("family", None)
+    if family not in FAMILIES:
+        raise ConfigError(f"bad value for config key 'model.family': {family!r}; valid choices: {', '.join(FAMILIES)}")
+    parsed = FAMILIES[family].Config.parse(model_config)
+    if isinstance(parsed, WrapperConfig) and parsed.backbone:
+        check_config(parsed.backbone)
 
 
 def build_module(model_config):
@@ -41,22 +57,27 @@ def build_module(model_config):
 
 
 __all__ = [
-    "BLIP",
-    "BlipFamily",
-    "CoCa",
-    "CocaFamily",
-    "AnswerClassifier",
-    "VqaFamily",
-    "Classifier",
-    "ClassifierFamily",
     "ALBEF",
-    "AlbefFamily",
+    "BLIP",
+    "CAPABILITIES",
     "CLIP",
-    "ClipFamily",
-    "Multiway",
-    "MultiwayFamily",
     "FAMILIES",
     "WRAPPERS",
+    "AlbefFamily",
+    "AnswerClassifier",
+    "BlipFamily",
+    "Classifier",
+    "ClassifierFamily",
+    "ClipFamily",
+    "CoCa",
+    "CocaFamily",
+    "Family",
+    "Multiway",
+    "MultiwayFamily",
+    "VqaFamily",
     "build",
     "build_module",
+    "check_config",
+    "check_contract",
+    "register",
 ]

@@ -16,6 +16,7 @@ of the params) and the queues live in the TrainState; the step updates the EMA
 after the optimizer update and writes the queues with the `updates` returned here.
 """
 
+import dataclasses
 from typing import Any
 
 import chex
@@ -23,12 +24,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.flops import cross_layer, layer, vision, vision_tokens
 from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead, head_dense
-from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
-from mmjax.models.zoo.clip import DTYPES, l2_normalize
-from mmjax.models.zoo.common import MomentumFamily, attention_spec, video_options
+from mmjax.models.zoo.clip import l2_normalize
+from mmjax.models.zoo.common import MomentumConfig, MomentumFamily, video_options
+from mmjax.models.zoo.contract import register
+from mmjax.models.zoo.schema import key
 from mmjax.objectives import alpha_at, enqueue, identity, itc_distill_loss, itm_loss, mask_tokens, mlm_loss
 from mmjax.parallel.collective import local
 from mmjax.parallel.sharding import names
@@ -132,46 +135,49 @@ class ALBEF(nn.Module):
         return img_emb, txt_emb, self.itm_logits(fused), self.mlm_logits(fused)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AlbefConfig(MomentumConfig):
+    """ALBEF's keys (besides MomentumConfig's and TowerConfig's): fusion_from (text-only
+    layers before the fusion layers; None = half the text depth), mlm_prob; tasks:
+    a subset of itc, itm, mlm (() = all three)."""
+
+    image_size: int = key(256, derived=True)
+    text_len: int = key(25, derived=True)
+    fusion_from: int = key(None, none=True)
+    mlm_prob: float = key(0.15)
+
+
+@register("albef")
 class AlbefFamily(MomentumFamily):
-    """ALBEF for the generic train step and the evaluator.
+    """ALBEF for the generic train step and the evaluator (keys: AlbefConfig)."""
 
-    model_config fields (besides CLIP's image/text/overrides/embed_dim/dtype):
-    fusion_from (text-only layers before the fusion layers), queue_size, momentum,
-    momentum_final (None = constant), alpha, alpha_ramp_steps, mlm_prob, temp_range
-    (clamp of the learned temperature, default ALBEF's (0.001, 0.5)), and
-    `tasks` (subset of itc, itm, mlm; default all three).
-    """
-
+    Config = AlbefConfig
+    capabilities = MomentumFamily.capabilities | {"fuse"}
     batch_keys = ("image", "text", "id")
     TASKS = ("itc", "itm", "mlm")
 
     def __init__(self, model_config):
-        cfg = model_config
-        self.config = cfg
-        self.image_size = int(cfg.get("image_size", 256))
-        self.text_len = int(cfg.get("text_len", 25))
-        self.num_frames = video_options(cfg)["num_frames"]
-        text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
-        self.fusion_from = int(cfg.get("fusion_from", text["depth"] // 2))
+        c = self.Config.parse(model_config)
+        self.config, self.c = model_config, c
+        self.image_size, self.text_len, self.num_frames = c.image_size, c.text_len, c.num_frames
+        self.image_variant = parse_variant(c.image, c.image_overrides, kind="image")
+        self.text_variant = text = parse_variant(c.text, c.text_overrides, kind="text")
+        self.fusion_from = text["depth"] // 2 if c.fusion_from is None else c.fusion_from
         if not 0 <= self.fusion_from <= text["depth"]:
             raise ValueError(f"model.fusion_from={self.fusion_from} must lie in [0, text depth {text['depth']}]")
-        self._momentum_config(cfg, queue_size=65536)
-        self.mlm_prob = float(cfg.get("mlm_prob", 0.15))
-        self.tasks = self._tasks(cfg)
-        self.embed_dim = int(cfg.embed_dim)
+        self._momentum_config(c)
+        self.mlm_prob = c.mlm_prob
+        self.embed_dim = c.embed_dim
         self.model = ALBEF(
-            image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
+            image=self.image_variant,
             text=text,
             fusion_from=self.fusion_from,
             embed_dim=self.embed_dim,
-            vocab_size=int(cfg.vocab_size),
+            vocab_size=c.need("vocab_size"),
             text_len=self.text_len,
-            remat=remat_mode(cfg.get("remat", False)),
-            attention=attention_spec(cfg),
-            scan=bool(cfg.get("scan_layers", False)),
-            video=video_options(cfg),
-            dtype=DTYPES[cfg.get("dtype", "float32")],
-            param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"],
+            scan=c.scan_layers,
+            video=video_options(c.video_keys()),
+            **c.module_kw(),
         )
 
     def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=identity):
@@ -239,6 +245,53 @@ class AlbefFamily(MomentumFamily):
         return loss, metrics, {"queues": new_queues}
 
     # --- evaluation (encoders and features: FeatureFamily) --------------------------
+    def fused_features(self, params, image, text):
+        """The fused [CLS] of an image-text pass (what ITM and a VQA head read): [B, D]."""
+        return self._apply(params, self.model.fused_features, image, text)
+
+    # --- FLOPs per sample (mmjax/flops.py) -------------------------------------------
+    def image_flops(self) -> int:
+        im = self.image_variant
+        return vision(self.c, im) + 2 * im["width"] * self.embed_dim
+
+    def fused_flops(self) -> tuple:
+        """-> (fused_features' forward FLOPs per sample, its width D): the image tower,
+        the text-only layers and the fusion layers."""
+        tx = self.text_variant
+        return vision(self.c, self.image_variant) + self._text_flops() + self._fusion_flops(), tx["width"]
+
+    def _text_flops(self):
+        tx = self.text_variant
+        return self.fusion_from * layer(self.text_len, tx["width"], tx["mlp_dim"])
+
+    def _fusion_flops(self):
+        im, tx = self.image_variant, self.text_variant
+        t_img = vision_tokens(self.c, im)
+        return (tx["depth"] - self.fusion_from) * cross_layer(
+            self.text_len, tx["width"], tx["mlp_dim"], t_img, im["width"]
+        )
+
+    def flops(self, batch: int) -> dict:
+        """Student: image tower, text layers and projections; ITC against the batch and
+        the queue (Q slots), 2*2*(B+Q)*E; ITM: hard-negative similarities 2*2*B*E and the
+        fusion layers on 3 pairs + the ITM head; MLM: text + fusion layers on the masked
+        text + the MLM head. Teacher: image tower, text layers, projections, its ITC
+        logits, and the MLM pass again."""
+        d, e, length = self.text_variant["width"], self.embed_dim, self.text_len
+        fusion = self._fusion_flops()
+        mlm = self._text_flops() + fusion + 2 * length * (d * d + d * self.model.vocab_size)
+        student = teacher = self.image_flops() + self._text_flops() + 2 * d * e
+        if "itc" in self.tasks:
+            student, teacher = (
+                student + 2 * 2 * (batch + self.queue_size) * e,
+                teacher + 2 * 2 * (batch + self.queue_size) * e,
+            )
+        if "itm" in self.tasks:
+            student += 2 * 2 * batch * e + 3 * (fusion + 2 * d * 2)
+        if "mlm" in self.tasks:
+            student, teacher = student + mlm, teacher + mlm
+        return {"student": student, "teacher": teacher}
+
     def itm_scores(self, params, image_tokens, stream, text):
         """Log-odds that each (image, text) pair matches: [B,T,Di], [B,L,D], [B,L] -> [B]."""
         logits = self._apply(

@@ -34,6 +34,7 @@ momentum encoders); keeping the whole tree lets `--weights ema` evaluate and
 caption.
 """
 
+import dataclasses
 from typing import Any
 
 import chex
@@ -41,135 +42,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
+from mmjax.flops import cross_layer, layer, vision, vision_tokens
 from mmjax.models.decoder import beam_search, greedy_decode
-from mmjax.models.embed import WordEmbed
 from mmjax.models.fusion import ItmHead, head_dense
-from mmjax.models.transformer import Mlp, maybe_remat, remat_mode
+from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
-from mmjax.models.zoo.clip import DTYPES, l2_normalize
-from mmjax.models.zoo.common import MomentumFamily, attention_spec, video_options
+from mmjax.models.zoo.blip_text import BOS_ID, EOS_ID, BlipText
+from mmjax.models.zoo.clip import l2_normalize
+from mmjax.models.zoo.common import MomentumConfig, MomentumFamily, video_options
+from mmjax.models.zoo.contract import register
+from mmjax.models.zoo.schema import key
 from mmjax.objectives import alpha_at, enqueue, identity, itc_distill_loss, itm_loss, lm_loss
-from mmjax.parallel.sharding import constrain, names, norm_init
+from mmjax.parallel.sharding import names
 
 Dtype = Any
-PAD_ID, BOS_ID, EOS_ID, CLS_ID = 0, 2, 3, 5  # mmjax tokenizer ids; bos = [Decode], <cls> = ITC's [CLS]
-MODES = ("text", "encode", "decode")
-
-
-class BlipBlock(nn.Module):
-    """Pre-LN block, one param set for the three modes (module docstring).
-
-    `__call__(x [B,L,D], self_mask, memory [B,T,Di] | None, memory_mask, mode)`:
-    x + SelfAttn(LN(x)) with `attn` ('text', 'encode') or `attn_dec` ('decode');
-    x + CrossAttn(LN(x), memory) with the shared `cross_attn` (not in 'text');
-    x + Mlp(LN(x)) with the shared `mlp`. The causal mask comes with `self_mask`.
-    """
-
-    num_heads: int
-    mlp_dim: int
-    decode: bool = False  # KV caches for captioning (decoder self-attention, cross-attention)
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BxLxD, self_mask, memory_BxTxDi=None, memory_mask=None, mode: str = "text"):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        dec = mode == "decode"
-        sfx = "_dec" if dec else ""
-        x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
-        h = nn.LayerNorm(name="ln1" + sfx, **kw, **norm_init())(x_BxLxD)
-        x_BxLxD = x_BxLxD + MultiHeadAttention(
-            self.num_heads, attention=self.attention, decode=self.decode and dec, name="attn" + sfx, **kw
-        )(h, mask=self_mask)
-        if mode != "text":
-            h = nn.LayerNorm(name="ln_cross", **kw, **norm_init())(x_BxLxD)
-            x_BxLxD = x_BxLxD + MultiHeadAttention(
-                self.num_heads, attention=self.attention, decode=self.decode and dec, name="cross_attn", **kw
-            )(h, inputs_kv=memory_BxTxDi, mask=memory_mask)
-        h = nn.LayerNorm(name="ln2", **kw, **norm_init())(x_BxLxD)
-        return x_BxLxD + Mlp(self.mlp_dim, name="mlp", **kw)(h)
-
-
-class BlipText(nn.Module):
-    """BLIP's text transformer. Params: `embed` (token/embedding, pos_embedding),
-    `enc_token` [D], `block<i>` (BlipBlock), `ln_final`, `bias` [V].
-
-    `run(ids, mode, memory, memory_valid) -> [B, L, D]` (after ln_final);
-    `logits(y) -> [B, L, V]`; `__call__(ids, memory, memory_valid=None,
-    positions_L=None) -> [B, L, V]` is the decoder mode with TextDecoder's
-    interface, so `decoder.greedy_decode` / `beam_search` drive it (`decode=True`:
-    cached decoder self-attention and cross-attention keys / values).
-    """
-
-    vocab_size: int
-    max_len: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    decode: bool = False
-    remat: Any = "none"
-    attention: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed = WordEmbed(self.vocab_size, self.width, self.max_len, **kw)
-        self.enc_token = self.param(
-            "enc_token", names(nn.initializers.normal(0.02), "embed"), (self.width,), self.param_dtype
-        )
-        # mode (argument 5, counting self) is a python string: static under remat.
-        block_cls = BlipBlock if self.decode else maybe_remat(BlipBlock, self.remat, static_argnums=(5,))
-        self.blocks = [
-            block_cls(self.num_heads, self.mlp_dim, self.decode, self.attention, name=f"block{i:02d}", **kw)
-            for i in range(self.depth)
-        ]
-        self.ln_final = nn.LayerNorm(**kw, **norm_init())
-        self.bias = self.param("bias", names(nn.initializers.zeros, "vocab"), (self.vocab_size,), self.param_dtype)
-
-    def embed_tokens(self, ids_BxL, mode: str, positions_L=None):
-        """Word + position embeddings; position 0 becomes <cls> ('text') or the
-        learned [Encode] embedding ('encode'); 'decode' keeps bos = [Decode]."""
-        chex.assert_rank(ids_BxL, 2)
-        if mode == "text":
-            ids_BxL = ids_BxL.at[:, 0].set(CLS_ID)
-        x_BxLxD = self.embed(ids_BxL, positions_L)
-        if mode == "encode":
-            enc_D = jnp.asarray(self.enc_token, x_BxLxD.dtype) + jnp.asarray(self.embed.pos[0], x_BxLxD.dtype)
-            x_BxLxD = x_BxLxD.at[:, 0].set(jnp.broadcast_to(enc_D, x_BxLxD[:, 0].shape))
-        return x_BxLxD
-
-    def self_mask(self, ids_BxL, mode: str, positions_L=None):
-        """Key padding (+ causal in 'decode'); None for a cached decoding step."""
-        if self.decode and positions_L is not None:
-            return None
-        return combine_masks(
-            padding_mask(ids_BxL != PAD_ID), causal_mask(ids_BxL.shape[1]) if mode == "decode" else None
-        )
-
-    def run(self, ids_BxL, mode: str, memory_BxTxDi=None, memory_valid_BxT=None, positions_L=None):
-        if mode not in MODES:
-            raise ValueError(f"BLIP text mode {mode!r}; valid choices: {', '.join(MODES)}")
-        if (memory_BxTxDi is None) != (mode == "text"):
-            raise ValueError(f"BLIP text mode {mode!r} {'takes no' if mode == 'text' else 'needs'} image tokens")
-        x = self.embed_tokens(ids_BxL, mode, positions_L)
-        mask = self.self_mask(ids_BxL, mode, positions_L)
-        memory_mask = None if memory_valid_BxT is None else padding_mask(memory_valid_BxT)
-        for block in self.blocks:
-            x = block(x, mask, memory_BxTxDi, memory_mask, mode)
-        return self.ln_final(x)
-
-    def logits(self, y_BxLxD):
-        # float32 logits: float32 accumulation in WordEmbed.attend, the bias added in float32.
-        return self.embed.attend(y_BxLxD) + jnp.asarray(self.bias, jnp.float32)[None, None]
-
-    def __call__(self, ids_BxL, memory_BxTxDi, memory_valid_BxT=None, positions_L=None):
-        chex.assert_rank(memory_BxTxDi, 3)
-        return self.logits(self.run(ids_BxL, "decode", memory_BxTxDi, memory_valid_BxT, positions_L))
 
 
 class BLIP(nn.Module):
@@ -247,58 +134,90 @@ class BLIP(nn.Module):
         return img_emb, txt_emb, self.itm_logits(img_tok, ids), self.lm_logits(img_tok, ids)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlipConfig(MomentumConfig):
+    """BLIP's keys (besides MomentumConfig's and TowerConfig's): itc_weight /
+    itm_weight / lm_weight (1.0 each), label_smoothing (LM; BLIP's 0.1); tasks: a
+    subset of itc, itm, lm (() = all three)."""
+
+    text_len: int = key(30, derived=True)
+    queue_size: int = key(57600)
+    label_smoothing: float = key(0.1)
+    itc_weight: float = key(1.0)
+    itm_weight: float = key(1.0)
+    lm_weight: float = key(1.0)
+
+
+@register("blip")
 class BlipFamily(MomentumFamily):
     """BLIP for the generic train step, the evaluator (ITC retrieval, ITM re-ranking,
-    captions) and `mmjax caption`.
+    captions) and `mmjax caption` (keys: BlipConfig)."""
 
-    model_config fields (besides CLIP's image/text/overrides/embed_dim/dtype):
-    queue_size, momentum, momentum_final (None = constant), alpha,
-    alpha_ramp_steps, temp_range (default BLIP's (0.001, 0.5)), tasks (subset of
-    itc, itm, lm; default all), itc_weight / itm_weight / lm_weight (1.0 each),
-    label_smoothing (LM; default BLIP's 0.1), remat, attention, scan_layers.
-    """
-
+    Config = BlipConfig
+    capabilities = MomentumFamily.capabilities | {"caption"}
     batch_keys = ("image", "text", "id")
     TASKS = ("itc", "itm", "lm")
 
     def __init__(self, model_config):
-        cfg = model_config
-        self.config = cfg
-        self.image_size = int(cfg.get("image_size", 224))
-        self.text_len = int(cfg.get("text_len", 30))
-        self.num_frames = video_options(cfg)["num_frames"]
-        self._momentum_config(cfg, queue_size=57600)
-        self.label_smoothing = float(cfg.get("label_smoothing", 0.1))
-        self.weights = {t: float(cfg.get(f"{t}_weight", 1.0)) for t in self.TASKS}
-        self.tasks = self._tasks(cfg)
-        for key, value, ok, want in [
+        c = self.Config.parse(model_config)
+        self.config, self.c = model_config, c
+        self.image_size, self.text_len, self.num_frames = c.image_size, c.text_len, c.num_frames
+        self._momentum_config(c)
+        self.label_smoothing = c.label_smoothing
+        self.weights = {"itc": c.itc_weight, "itm": c.itm_weight, "lm": c.lm_weight}
+        for key_, value, ok, want in [
             ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
             *[(f"{t}_weight", w, w >= 0, "a non-negative number") for t, w in self.weights.items()],
         ]:
             if not ok:
-                raise ValueError(f"model.{key}={value!r}; expected {want}")
-        self.embed_dim = int(cfg.embed_dim)
-        text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
-        kw = dict(
-            attention=attention_spec(cfg),
-            dtype=DTYPES[cfg.get("dtype", "float32")],
-            param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"],
-        )
+                raise ValueError(f"model.{key_}={value!r}; expected {want}")
+        self.embed_dim = c.embed_dim
+        self.image_variant = parse_variant(c.image, c.image_overrides, kind="image")
+        self.text_variant = text = parse_variant(c.text, c.text_overrides, kind="text")
+        kw = c.module_kw()
         self.model = BLIP(
-            image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
+            image=self.image_variant,
             text=text,
             embed_dim=self.embed_dim,
-            vocab_size=int(cfg.vocab_size),
+            vocab_size=c.need("vocab_size"),
             text_len=self.text_len,
-            remat=remat_mode(cfg.get("remat", False)),
-            scan=bool(cfg.get("scan_layers", False)),
-            video=video_options(cfg),
+            scan=c.scan_layers,
+            video=video_options(c.video_keys()),
             **kw,
         )
+        del kw["remat"]
         # The decoder mode alone (params: params['text_tower']), for cached captioning.
         self.decoder = BlipText(
-            int(cfg.vocab_size), self.text_len, text["width"], text["depth"], text["heads"], text["mlp_dim"], **kw
+            c.vocab_size, self.text_len, text["width"], text["depth"], text["heads"], text["mlp_dim"], **kw
         )
+
+    # --- FLOPs per sample (mmjax/flops.py) -------------------------------------------
+    def image_flops(self) -> int:
+        im = self.image_variant
+        return vision(self.c, im) + 2 * im["width"] * self.embed_dim
+
+    def flops(self, batch: int) -> dict:
+        """Student: image tower + projection; with ITC or ITM the unimodal text pass +
+        projection; ITC: 2*2*(B+Q)*E against the teacher's batch and queue features;
+        ITM: hard-negative similarities 2*2*B*E and the image-grounded encoder (every
+        layer cross-attends to the T image tokens) on 3 pairs + the ITM head; LM: the
+        decoder mode + the tied LM head. Teacher (ITC only): image and text passes,
+        projections and its ITC logits."""
+        im, tx, e, length = self.image_variant, self.text_variant, self.embed_dim, self.text_len
+        d, m, depth = tx["width"], tx["mlp_dim"], tx["depth"]
+        grounded = depth * cross_layer(length, d, m, vision_tokens(self.c, im), im["width"])
+        text = depth * layer(length, d, m) + 2 * d * e
+        student, teacher = self.image_flops(), 0
+        if "itc" in self.tasks or "itm" in self.tasks:
+            student += text
+        if "itc" in self.tasks:
+            student += 2 * 2 * (batch + self.queue_size) * e
+            teacher += self.image_flops() + text + 2 * 2 * (batch + self.queue_size) * e
+        if "itm" in self.tasks:
+            student += 2 * 2 * batch * e + 3 * (grounded + 2 * d * 2)
+        if "lm" in self.tasks:
+            student += grounded + 2 * length * d * self.model.vocab_size
+        return {"student": student, "teacher": teacher}
 
     # --- objective ----------------------------------------------------------------
     def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=identity):

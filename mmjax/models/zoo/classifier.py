@@ -12,6 +12,7 @@ Linear probe: `train.freeze = ("^backbone/",)`; full fine-tune: no freeze, with
 `train.layer_decay` (layer-wise lr decay).
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax.models.zoo.common import Family
+from mmjax.models.zoo.contract import Family, register
+from mmjax.models.zoo.schema import ModelConfig, key
 from mmjax.parallel.sharding import dense_init
 
 
@@ -29,11 +31,12 @@ class Classifier(nn.Module):
     backbone: Any  # the backbone family's linen module
     num_classes: int
     feature_scale: float = 10.0
+    clip_backbone: bool = False  # the backbone is a CLIP (its image embedding: `encode_image`)
 
     @nn.compact
     def __call__(self, image_BxHxWx3):
-        method = "image_features" if hasattr(self.backbone, "image_features") else "encode_image"
-        emb_BxE = getattr(self.backbone, method)(image_BxHxWx3)[0]
+        encode = self.backbone.encode_image if self.clip_backbone else self.backbone.image_features
+        emb_BxE = encode(image_BxHxWx3)[0]
         head = nn.Dense(
             self.num_classes,
             name="head",
@@ -43,52 +46,82 @@ class Classifier(nn.Module):
         return head(jnp.asarray(emb_BxE, jnp.float32) * self.feature_scale).astype(jnp.float32)
 
 
-def build_backbone(cfg, wrapper: str, allowed=None):
-    """(backbone family, its model config) from `cfg.backbone`, with the image size,
-    text length and vocabulary of the fine-tuning run (`cfg.image_size` etc., which
-    Setup fills from the data and tokenizer) replacing the checkpoint's."""
+def build_backbone(c, wrapper: str, capability: str):
+    """(backbone family, its model config) from the parsed wrapper config `c`
+    (`c.backbone`), with the image size, text length and vocabulary of the
+    fine-tuning run (`c.image_size` etc., derived from its data and tokenizer)
+    replacing the checkpoint's; the backbone must declare `capability`."""
     from mmjax.models import zoo
 
-    backbone_cfg = cfg.get("backbone", None)
-    if not backbone_cfg:
+    if not c.backbone:
         raise ValueError(
             "model.backbone must hold the backbone's model config (e.g. the pretraining "
             "workdir's model section); `mmjax finetune --init-from` fills it in"
         )
-    backbone_cfg = ml_collections.ConfigDict(dict(backbone_cfg))
+    backbone_cfg = ml_collections.ConfigDict(dict(c.backbone))
     with backbone_cfg.unlocked():  # sizes follow the fine-tuning data
         for k in ("image_size", "text_len", "vocab_size"):
-            if cfg.get(k, None) is not None:
-                backbone_cfg[k] = cfg[k]
+            if getattr(c, k) is not None:
+                backbone_cfg[k] = getattr(c, k)
     family = backbone_cfg.get("family")
     if family in WRAPPERS:
         raise ValueError(f"model.backbone cannot itself be a {family} (it wraps a pretraining family)")
-    if allowed is not None and family not in allowed:
+    allowed = [n for n, cls in zoo.FAMILIES.items() if capability in cls.capabilities and n not in WRAPPERS]
+    if family not in allowed:
         raise ValueError(
-            f"model.family={wrapper!r} needs a backbone with fused image-text features; "
+            f"model.family={wrapper!r} needs a backbone with capability {capability!r}; "
             f"model.backbone.family={family!r}; valid choices: {', '.join(allowed)}"
         )
     return zoo.build(backbone_cfg), backbone_cfg
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WrapperConfig(ModelConfig):
+    """The keys of a fine-tuning wrapper: backbone (the pretraining family's model
+    config); image_size / text_len / vocab_size are the fine-tuning run's (None: the
+    backbone's)."""
+
+    backbone: dict = key({})
+    image_size: int = key(None, none=True, derived=True)
+    text_len: int = key(None, none=True, derived=True)
+    vocab_size: int = key(None, none=True, derived=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClassifierConfig(WrapperConfig):
+    num_classes: int = key(0)
+    feature_scale: float = key(10.0)
+
+
 WRAPPERS = ("classifier", "vqa")  # families whose params sit under `backbone/` + a head
 
 
+@register("classifier")
 class ClassifierFamily(Family):
-    """Softmax cross entropy on `label`; eval reports top-1 / top-5 accuracy."""
+    """Softmax cross entropy on `label`; eval reports top-1 / top-5 accuracy (keys:
+    ClassifierConfig: backbone, num_classes, feature_scale)."""
 
+    Config = ClassifierConfig
+    capabilities = frozenset({"classify"})
     batch_keys = ("image", "label")
 
     def __init__(self, model_config):
-        cfg = model_config
-        self.backbone, backbone_cfg = build_backbone(cfg, "classifier")
-        self.num_classes = int(cfg.get("num_classes", 0) or 0)
+        c = self.Config.parse(model_config)
+        self.backbone, backbone_cfg = build_backbone(c, "classifier", "encode")
+        self.num_classes = c.num_classes
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={self.num_classes}: need at least 2 classes")
-        self.config = cfg
-        self.image_size = int(backbone_cfg.get("image_size", 224))
-        self.text_len = int(backbone_cfg.get("text_len", 16))
-        self.model = Classifier(self.backbone.model, self.num_classes, float(cfg.get("feature_scale", 10.0)))
+        self.config, self.c = model_config, c
+        self.image_size = self.backbone.image_size
+        self.text_len = self.backbone.text_len
+        self.model = Classifier(
+            self.backbone.model, self.num_classes, c.feature_scale, clip_backbone="clip" in self.backbone.names
+        )
+
+    def flops(self, batch: int) -> dict:
+        """The backbone's image embedding + the head 2*E*C."""
+        del batch
+        return {"student": self.backbone.image_flops() + 2 * self.backbone.embed_dim * self.num_classes, "teacher": 0}
 
     def init_params(self, rng, image_shape=None, text_shape=None, *, boxed=False):
         del text_shape
@@ -99,9 +132,9 @@ class ClassifierFamily(Family):
     def logits(self, params, image):
         return self.model.apply({"params": params}, image)
 
-    def objective(self, params, batch, rng=None, *, gather=None, **_):
+    def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=None):
         """-> (loss, metrics, {}): mean cross entropy over the batch, accuracy."""
-        del rng
+        del rng, teacher, queues, step, gather
         logits = self.logits(params, batch["image"])
         labels = batch["label"].astype(jnp.int32)
         logp = jax.nn.log_softmax(logits, axis=-1)

@@ -14,6 +14,7 @@ text_pool='argmax' (or 'eos') the model computes what transformers' CLIPModel do
 (see mmjax.export.hf).
 """
 
+import dataclasses
 import math
 from typing import Any
 
@@ -22,20 +23,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.flops import layer, vision
 from mmjax.models.fusion import head_dense
 from mmjax.models.text import POOLS as TEXT_POOLS
 from mmjax.models.text import TextEncoder
-from mmjax.models.transformer import ACTIVATIONS, LN_EPS, remat_mode
+from mmjax.models.transformer import ACTIVATIONS, LN_EPS
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
-from mmjax.models.zoo.common import Family, attention_spec, logit_scale_bounds, video_options
+from mmjax.models.zoo.common import Family, logit_scale_bounds, video_options
+from mmjax.models.zoo.contract import register
+from mmjax.models.zoo.schema import ANY, DTYPES, TowerConfig, key
 from mmjax.objectives import identity, itc_loss, sigmoid_loss
 from mmjax.objectives.contrastive import NEG_SCOPES
 from mmjax.parallel.sharding import names
 
 Dtype = Any
 LOSSES = ("softmax", "sigmoid")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+POOLS = ("cls", "gap")  # the ViT's pooling: its [CLS] token, or the mean of the patch tokens
+POSEMBS = ("learn", "sincos2d")  # vit.ViT's position embeddings
+__all__ = ["CLIP", "ClipFamily", "ClipConfig", "DTYPES", "l2_normalize"]
 
 
 def l2_normalize(x, eps=1e-6):
@@ -157,75 +163,87 @@ class CLIP(nn.Module):
         return img_BxE, txt_BxE, dict(image=img_aux, text=txt_aux)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClipConfig(TowerConfig):
+    """CLIP / SigLIP's keys (besides TowerConfig's image / text variants, overrides,
+    embed_dim, dtype, video keys): loss ('softmax' | 'sigmoid'), pool ('cls' | 'gap'),
+    posemb, act, ln_eps, text_pool ('last' | 'argmax' | 'eos'), eos_id (for 'eos'),
+    scan_layers (nn.scan over the ViT and text blocks), max_logit_scale (after every
+    update t is projected into [0, ln max_logit_scale], open_clip's clamp; None = no
+    upper bound, big_vision's SigLIP), hard_negatives (K NegCLIP captions per image,
+    read by the data pipeline) and hard_negatives_scope ('batch': every image against
+    all the batch's hard captions; 'own': against its own K)."""
+
+    loss: str = key("softmax", choices=LOSSES)
+    pool: str = key("cls", choices=POOLS)
+    posemb: str = key("learn", choices=POSEMBS)
+    act: str = key("gelu_tanh", choices=tuple(ACTIVATIONS))
+    ln_eps: float = key(LN_EPS)
+    text_pool: str = key("last", choices=tuple(TEXT_POOLS))
+    eos_id: int = key(None, none=True, inert=ANY)
+    scan_layers: bool = key(False)
+    max_logit_scale: float = key(100.0, none=True)
+    hard_negatives: int = key(0)
+    hard_negatives_scope: str = key("batch", choices=NEG_SCOPES, inert=ANY)
+
+    def check(self):
+        super().check()
+        if self.text_pool == "eos" and self.eos_id is None:
+            raise ValueError("model_config.text_pool='eos' needs model_config.eos_id (the eos token id).")
+
+
+@register("clip")
 class ClipFamily(Family):
-    """CLIP / SigLIP for the generic train step and evaluation.
+    """CLIP / SigLIP for the generic train step and evaluation (keys: ClipConfig; for
+    video CLIP the batch's 'image' is a clip [B, T, H, W, 3])."""
 
-    `model_config` fields: family, image ('mu/8'), text ('mu'), image_overrides,
-    text_overrides, embed_dim, image_size, text_len, vocab_size, loss
-    ('softmax'|'sigmoid'), pool ('cls'|'gap'), dtype ('float32'|'bfloat16'),
-    optional remat (bool), max_logit_scale (default 100: after every update t is
-    projected into [0, ln 100], open_clip's clamp, for both losses; None = no upper
-    bound, big_vision's SigLIP), hard_negatives_scope ('batch': NegCLIP, every image
-    against all the batch's hard captions; 'own': against its own K),
-    act ('gelu_tanh'|'gelu'|'quick_gelu', default 'gelu_tanh'), ln_eps (default
-    1e-6), text_pool ('last'|'argmax'|'eos', default 'last'), eos_id (for 'eos'), and
-    for video CLIP num_frames, temporal, tubelet, temporal_kernel (common.video_options;
-    the batch's 'image' is then a clip [B, T, H, W, 3]).
-    """
-
+    Config = ClipConfig
+    capabilities = frozenset({"encode", "accumulate"})
     batch_keys = ("image", "text", "hard_negatives", "hard_negatives_valid")
 
     def __init__(self, model_config):
-        cfg = model_config
-        dtype_name = cfg.get("dtype", "float32")
-        if dtype_name not in DTYPES:
-            raise ValueError(f"model_config.dtype must be one of {list(DTYPES)}, got {dtype_name!r}.")
-        loss = cfg.get("loss", "softmax")
-        if loss not in LOSSES:
-            raise ValueError(f"model_config.loss must be one of {LOSSES}, got {loss!r}.")
-        self.config = cfg
-        self.loss = loss
-        max_scale = cfg.get("max_logit_scale", 100.0)
-        self.max_logit_scale = None if max_scale is None else float(max_scale)
+        c = self.Config.parse(model_config)
+        self.config, self.c, self.loss = model_config, c, c.loss
+        self.max_logit_scale = c.max_logit_scale
         self.t_range = logit_scale_bounds(self.max_logit_scale)
-        self.hard_negatives_scope = cfg.get("hard_negatives_scope", None) or "batch"
-        if self.hard_negatives_scope not in NEG_SCOPES:
-            raise ValueError(
-                f"model.hard_negatives_scope={self.hard_negatives_scope!r}; valid choices: {', '.join(NEG_SCOPES)}"
-            )
-        self.image_size = int(cfg.get("image_size", 224))
-        self.text_len = int(cfg.get("text_len", 77))
-        self.num_frames = video_options(cfg)["num_frames"]
-        act = cfg.get("act", None) or "gelu_tanh"
-        if act not in ACTIVATIONS:
-            raise ValueError(f"model_config.act must be one of {list(ACTIVATIONS)}, got {act!r}.")
-        text_pool = cfg.get("text_pool", None) or "last"
-        if text_pool not in TEXT_POOLS:
-            raise ValueError(f"model_config.text_pool must be one of {list(TEXT_POOLS)}, got {text_pool!r}.")
-        eos_id = cfg.get("eos_id", None)
-        if text_pool == "eos" and eos_id is None:
-            raise ValueError("model_config.text_pool='eos' needs model_config.eos_id (the eos token id).")
-        ln_eps = cfg.get("ln_eps", None)
-        self.model = CLIP(
-            image=parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image"),
-            text=parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text"),
-            embed_dim=int(cfg.embed_dim),
-            vocab_size=int(cfg.vocab_size),
-            text_len=self.text_len,
-            loss=loss,
-            pool=cfg.get("pool", "cls"),
-            posemb=cfg.get("posemb", "learn"),
-            act=act,
-            ln_eps=LN_EPS if ln_eps is None else float(ln_eps),
-            text_pool=text_pool,
-            eos_id=None if eos_id is None else int(eos_id),
-            remat=remat_mode(cfg.get("remat", False)),
-            attention=attention_spec(cfg),
-            scan=bool(cfg.get("scan_layers", False)),
-            video=video_options(cfg),
-            dtype=DTYPES[dtype_name],
-            param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"],
+        self.hard_negatives_scope = c.hard_negatives_scope
+        self.image_size, self.text_len, self.num_frames, self.embed_dim = (
+            c.image_size,
+            c.text_len,
+            c.num_frames,
+            c.embed_dim,
         )
+        self.image_variant = parse_variant(c.image, c.image_overrides, kind="image")
+        self.text_variant = parse_variant(c.text, c.text_overrides, kind="text")
+        self.model = CLIP(
+            image=self.image_variant,
+            text=self.text_variant,
+            embed_dim=c.embed_dim,
+            vocab_size=c.need("vocab_size"),
+            text_len=c.text_len,
+            loss=c.loss,
+            pool=c.pool,
+            posemb=c.posemb,
+            act=c.act,
+            ln_eps=c.ln_eps,
+            text_pool=c.text_pool,
+            eos_id=c.eos_id,
+            scan=c.scan_layers,
+            video=video_options(c.video_keys()),
+            **c.module_kw(),
+        )
+
+    def image_flops(self) -> int:
+        """Forward FLOPs per sample of the image embedding (tower + projection)."""
+        im = self.image_variant
+        return vision(self.c, im, cls=self.c.pool == "cls") + 2 * im["width"] * self.embed_dim
+
+    def flops(self, batch: int) -> dict:
+        """Image tower + text tower + both projections + the i2t and t2i logits
+        against the global batch, 2 * 2*B*E."""
+        tx, e = self.text_variant, self.embed_dim
+        text = tx["depth"] * layer(self.text_len, tx["width"], tx["mlp_dim"]) + 2 * tx["width"] * e
+        return {"student": self.image_flops() + text + 2 * 2 * batch * e, "teacher": 0}
 
     def embed(self, params, batch, rng=None):
         """batch {'image': [B,H,W,3] f32, 'text': [B,L] i32} -> {'img','txt': [B,E]}.
@@ -266,9 +284,9 @@ class ClipFamily(Family):
         `logit_scale.clamp_(0, math.log(100))` after each step); the forward uses t as it is."""
         return {"t": self.t_range}
 
-    def objective(self, params, batch, rng=None, *, teacher=None, queues=None, gather=identity):
+    def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=identity):
         """-> (loss, metrics, updates); CLIP has no teacher or queues, updates = {}."""
-        del teacher, queues
+        del teacher, queues, step
         loss, metrics = self.loss_from_embeddings(params, self.embed(params, batch, rng), gather=gather)
         return loss, metrics, {}
 

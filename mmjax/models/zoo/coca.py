@@ -16,20 +16,23 @@ E embed dim, n captioning queries, V vocabulary.
   1 and 2), LM with optional label smoothing.
 """
 
+import dataclasses
 from typing import Any
 
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.flops import cross_layer, layer, pooler, vision, vision_tokens
 from mmjax.models.attention import MultiHeadAttention
 from mmjax.models.decoder import TextDecoder, beam_search, greedy_decode
 from mmjax.models.fusion import head_dense
-from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
-from mmjax.models.zoo.clip import DTYPES, l2_normalize
-from mmjax.models.zoo.common import Family, attention_spec, logit_scale_bounds, video_options
+from mmjax.models.zoo.clip import l2_normalize
+from mmjax.models.zoo.common import Family, logit_scale_bounds, video_options
+from mmjax.models.zoo.contract import register
+from mmjax.models.zoo.schema import TowerConfig, key
 from mmjax.objectives import identity, itc_loss, lm_loss
 from mmjax.parallel.sharding import names, norm_init
 
@@ -145,72 +148,95 @@ class CoCa(nn.Module):
         return img_emb, txt_emb, self.caption_logits(states, ids, memory)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CocaConfig(TowerConfig):
+    """CoCa's keys (besides TowerConfig's): unimodal_layers (text blocks without
+    cross-attention; None = half the text depth), cap_queries, con_weight (1.0),
+    cap_weight (2.0), label_smoothing (0.0), max_logit_scale (t is projected into
+    [0, ln max_logit_scale] after each update; 100)."""
+
+    text_len: int = key(76, derived=True)
+    unimodal_layers: int = key(None, none=True)
+    cap_queries: int = key(16)
+    con_weight: float = key(1.0)
+    cap_weight: float = key(2.0)
+    label_smoothing: float = key(0.0)
+    max_logit_scale: float = key(100.0, none=True)
+
+
+@register("coca")
 class CocaFamily(Family):
-    """CoCa for the generic step, the retrieval evaluator and captioning.
+    """CoCa for the generic step, the retrieval evaluator and captioning (keys: CocaConfig)."""
 
-    model_config: image / text variants (+ overrides), embed_dim, unimodal_layers
-    (text blocks without cross-attention; default half the text depth), cap_queries,
-    con_weight (1.0), cap_weight (2.0), label_smoothing (0.0), max_logit_scale (t is
-    projected into [0, ln max_logit_scale] after each update; default 100).
-    """
-
+    Config = CocaConfig
+    capabilities = frozenset({"encode", "caption"})
     batch_keys = ("image", "text")
 
     def __init__(self, model_config):
-        cfg = model_config
-        self.config = cfg
-        self.image_size = int(cfg.get("image_size", 224))
-        self.text_len = int(cfg.get("text_len", 76))
-        video = video_options(cfg)
-        self.num_frames = video["num_frames"]
-        text = parse_variant(cfg.text, cfg.get("text_overrides", None), kind="text")
-        image = parse_variant(cfg.image, cfg.get("image_overrides", None), kind="image")
-        self.unimodal_layers = int(cfg.get("unimodal_layers", None) or text["depth"] // 2)
+        c = self.Config.parse(model_config)
+        self.config, self.c = model_config, c
+        self.image_size, self.text_len, self.num_frames = c.image_size, c.text_len, c.num_frames
+        self.text_variant = text = parse_variant(c.text, c.text_overrides, kind="text")
+        self.image_variant = parse_variant(c.image, c.image_overrides, kind="image")
+        self.unimodal_layers = c.unimodal_layers or text["depth"] // 2
         if not 0 < self.unimodal_layers < text["depth"]:
             raise ValueError(
                 f"model.unimodal_layers={self.unimodal_layers} must lie in [1, text depth - 1 = "
                 f"{text['depth'] - 1}]: CoCa needs both unimodal and multimodal layers"
             )
-        self.con_weight = float(cfg.get("con_weight", 1.0))
-        self.cap_weight = float(cfg.get("cap_weight", 2.0))
-        self.label_smoothing = float(cfg.get("label_smoothing", 0.0))
-        max_scale = cfg.get("max_logit_scale", 100.0)
-        self.max_logit_scale = None if max_scale is None else float(max_scale)
+        self.con_weight, self.cap_weight, self.label_smoothing = c.con_weight, c.cap_weight, c.label_smoothing
+        self.max_logit_scale = c.max_logit_scale
         self.t_range = logit_scale_bounds(self.max_logit_scale)
+        self.embed_dim = c.embed_dim
+        kw = c.module_kw()
         self.model = CoCa(
-            image=image,
+            image=self.image_variant,
             text=text,
-            embed_dim=int(cfg.embed_dim),
-            vocab_size=int(cfg.vocab_size),
+            embed_dim=c.embed_dim,
+            vocab_size=c.need("vocab_size"),
             text_len=self.text_len,
             unimodal_layers=self.unimodal_layers,
-            cap_queries=int(cfg.get("cap_queries", 16)),
-            remat=remat_mode(cfg.get("remat", False)),
-            attention=attention_spec(cfg),
-            video=video,
-            dtype=DTYPES[cfg.get("dtype", "float32")],
-            param_dtype=DTYPES[cfg.get("param_dtype", None) or "float32"],
+            cap_queries=c.cap_queries,
+            video=video_options(c.video_keys()),
+            **kw,
         )
-        m = self.model
+        del kw["remat"]
         self.decoder = TextDecoder(
-            m.vocab_size,
-            m.text_len,
+            c.vocab_size,
+            self.text_len,
             text["width"],
             text["depth"],
             text["heads"],
             text["mlp_dim"],
             cross_from=self.unimodal_layers,
-            attention=m.attention,
-            dtype=m.dtype,
-            param_dtype=m.param_dtype,
+            **kw,
         )
+
+    # FLOPs per sample (mmjax/flops.py) ---------------------------------------------------
+    def image_flops(self) -> int:
+        """The ViT (no [CLS]: attentional pooling reads its tokens), the contrastive and
+        the captioning poolers, the projection."""
+        im, c = self.image_variant, self.c
+        t, d = vision_tokens(c, im, cls=False), im["width"]
+        return vision(c, im, cls=False) + pooler(1, t, d) + pooler(c.cap_queries, t, d) + 2 * d * self.embed_dim
+
+    def flops(self, batch: int) -> dict:
+        """Image path + the unimodal text layers over L+1 tokens (the [CLS] appended) +
+        projection; the multimodal layers cross-attend to the cap_queries tokens; the
+        tied LM head 2*L*D*V; the i2t and t2i logits 2 * 2*B*E."""
+        im, tx, e, length = self.image_variant, self.text_variant, self.embed_dim, self.text_len
+        d, m, u = tx["width"], tx["mlp_dim"], self.unimodal_layers
+        text = u * layer(length + 1, d, m) + 2 * d * e
+        multimodal = (tx["depth"] - u) * cross_layer(length, d, m, self.c.cap_queries, im["width"])
+        lm_head = 2 * length * d * self.model.vocab_size
+        return {"student": self.image_flops() + text + multimodal + lm_head + 2 * 2 * batch * e, "teacher": 0}
 
     def _apply(self, params, method, *args):
         return self.model.apply({"params": params}, *args, method=method)
 
-    def objective(self, params, batch, rng=None, *, gather=identity, **_):
+    def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=identity):
         """-> (loss, metrics, {}): con_weight * ITC + cap_weight * LM, one forward."""
-        del rng
+        del rng, teacher, queues, step
         img_emb, txt_emb, logits = self._apply(params, self.model.__call__, batch["image"], batch["text"])
         l_con, mi = itc_loss(img_emb, txt_emb, params["t"], gather=gather)
         l_cap, mc = lm_loss(logits, batch["text"], label_smoothing=self.label_smoothing, gather=gather)

@@ -2,47 +2,14 @@
 families (ALBEF, VLMo, BEiT-3) applying one method of their linen module and the
 evaluator's view of them."""
 
+import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def clamp_params(params, bounds: dict):
-    """`params` with each top-level scalar named in `bounds` ({name: (low, high)})
-    clipped to its range; every other leaf is returned as is. Works on dicts and
-    FrozenDicts alike (the tree's structure is kept), under jit and pmap."""
-
-    def one(path, x):
-        name = path[0].key if len(path) == 1 and hasattr(path[0], "key") else None
-        if name in bounds:
-            low, high = bounds[name]
-            return jnp.clip(x, low, high).astype(x.dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def bound_grads(params, grads, bounds: dict):
-    """`grads` with the gradient of each top-level scalar named in `bounds` set to 0
-    where the param sits at (or past) a bound and a descent step would move it further
-    out: at the low bound a positive gradient, at the high bound a negative one (the
-    projected gradient of a box constraint). The projection after the update would
-    undo such a step anyway; left in, the gradient of a temperature held at 0.01 (tens,
-    against the rest's ~1) dominates the global norm, and `train.grad_clip` then
-    scales every other gradient down by as much. A gradient pointing back into the
-    range passes unchanged, so the param can still leave its bound."""
-
-    def one(path, g, x):
-        name = path[0].key if len(path) == 1 and hasattr(path[0], "key") else None
-        if name not in bounds:
-            return g
-        low, high = bounds[name]
-        out = ((x <= low) & (g > 0)) | ((x >= high) & (g < 0))
-        return jnp.where(out, jnp.zeros_like(g), g)
-
-    return jax.tree_util.tree_map_with_path(one, grads, params)
+from mmjax.models.zoo.contract import Family, bound_grads, clamp_params  # noqa: F401 (re-exported)
+from mmjax.models.zoo.schema import TowerConfig, key
 
 
 def logit_scale_bounds(max_logit_scale) -> tuple:
@@ -63,62 +30,17 @@ def float32_copy(tree):
     )
 
 
-class Family:
-    """`init_params` from dummy inputs of the family's image size and text length (and,
-    for a video model, `num_frames` frames)."""
-
-    model = None
-    image_size = 224
-    text_len = 77
-    num_frames = 0  # > 0: the image input is a clip [B, T, H, W, 3]
-
-    def init_params(self, rng, image_shape=None, text_shape=None, *, boxed=False):
-        """Params from dummy zeros; shapes are static tuples (eval_shape-friendly).
-
-        image_shape: (B, H, W, 3), default (1, image_size, image_size, 3), or for a video
-        model (B, T, H, W, 3), default (1, num_frames, image_size, image_size, 3);
-        text_shape: (B, L), default (1, text_len). `boxed=True` keeps each param in its
-        `nn.LogicallyPartitioned` box (its logical axis names, for sharding); the
-        default returns plain arrays.
-        """
-        image = jnp.zeros(tuple(image_shape or self.image_shape()), jnp.float32)
-        text = jnp.zeros(tuple(text_shape or (1, self.text_len)), jnp.int32)
-        params = self.model.init(rng, image, text)["params"]
-        return params if boxed else nn.unbox(params)
-
-    def param_bounds(self) -> dict:
-        """{top-level param name: (low, high)}: the params kept inside a range (a learned
-        temperature or logit scale); none by default."""
-        return {}
-
-    def project_params(self, params):
-        """Params after an optimizer update -> params inside their `param_bounds` (ALBEF's
-        `temp.clamp_`, open_clip's `logit_scale.clamp_`). The step calls it after every
-        update."""
-        return clamp_params(params, self.param_bounds())
-
-    def project_grads(self, params, grads):
-        """Gradients -> the projected gradient of `param_bounds` (`bound_grads`): none
-        pushes a param that sits at its bound further out. The step calls it before the
-        optimizer (so before gradient clipping and Adam's moments)."""
-        return bound_grads(params, grads, self.param_bounds())
-
-    def image_shape(self, batch: int = 1) -> tuple:
-        """The shape of an input batch: (B, S, S, 3), or (B, T, S, S, 3) for a video model."""
-        frames = (self.num_frames,) if self.num_frames else ()
-        return (batch,) + frames + (self.image_size, self.image_size, 3)
-
-
 class FeatureFamily(Family):
     """Base of families whose `.model` has `image_features(image) -> (emb, tokens)` and
-    `text_features(ids) -> (emb, tokens)`; the subclass adds `itm_scores`. `itm_pairs`
+    `text_features(ids) -> (emb, tokens)`; the subclass adds `itm_scores` and
+    `image_flops` (capabilities 'encode' and 'itm'). `itm_pairs`
     draws the ITM hard negatives of every fusion family (ALBEF, BLIP, VLMo, BEiT-3).
 
     The evaluator ranks by the L2-normalised embeddings (`encode_image`/`encode_text`)
     and re-ranks with ITM on the tokens (`image_features`/`text_features`).
     """
 
-    model = None
+    capabilities = frozenset({"encode", "itm"})
 
     def _apply(self, params, method, *args):
         return self.model.apply({"params": params}, *args, method=method)
@@ -165,27 +87,37 @@ class FeatureFamily(Family):
         return neg_txt, neg_img, labels, weights
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MomentumConfig(TowerConfig):
+    """The keys of the families with an EMA teacher and feature queues (ALBEF, BLIP):
+    queue_size, momentum, momentum_final (None = constant), alpha, alpha_ramp_steps,
+    temp_range (clamp of the learned temperature, ALBEF's and BLIP's (0.001, 0.5)),
+    tasks (() = all of the family's), scan_layers (nn.scan over the image tower's
+    blocks; the BERT-style text / fusion encoder is not scanned)."""
+
+    scan_layers: bool = key(False)
+    queue_size: int = key(65536)
+    momentum: float = key(0.995)
+    momentum_final: float = key(None, none=True)
+    alpha: float = key(0.4)
+    alpha_ramp_steps: int = key(0)
+    temp_range: tuple = key((0.001, 0.5))
+    tasks: tuple = key(())
+
+
 class MomentumFamily(FeatureFamily):
-    """Base of the families with an EMA teacher and feature queues (ALBEF, BLIP): their
-    shared config keys, the state they add, and the projection of the temperature.
+    """Base of the families with an EMA teacher and feature queues (ALBEF, BLIP): the
+    state they add and the projection of the temperature (keys: MomentumConfig;
+    model.total_steps, derived from train.steps, ends a momentum ramp)."""
 
-    Keys: queue_size, momentum, momentum_final (None = constant), total_steps (set by
-    the loop), alpha, alpha_ramp_steps, temp_range (clamp of the learned temperature,
-    default ALBEF's and BLIP's (0.001, 0.5)).
-    """
+    capabilities = FeatureFamily.capabilities | {"teacher"}
 
-    TEMP_RANGE = (0.001, 0.5)
-
-    def _momentum_config(self, cfg, queue_size: int):
-        """Reads the keys above (`queue_size`: the family's default) and checks them."""
-        self.queue_size = int(cfg.get("queue_size", queue_size))
-        self.momentum = float(cfg.get("momentum", 0.995))
-        self.momentum_final = cfg.get("momentum_final", None)
-        self.total_steps = int(cfg.get("total_steps", 0) or 0)
-        self.alpha = float(cfg.get("alpha", 0.4))
-        self.alpha_ramp_steps = int(cfg.get("alpha_ramp_steps", 0))
-        self.temp_range = tuple(float(x) for x in (cfg.get("temp_range", None) or self.TEMP_RANGE))
-        for key, value, ok, want in [
+    def _momentum_config(self, c):
+        """Reads MomentumConfig's keys from the parsed config `c` and checks them."""
+        self.queue_size, self.momentum, self.momentum_final = c.queue_size, c.momentum, c.momentum_final
+        self.total_steps, self.alpha, self.alpha_ramp_steps = c.total_steps, c.alpha, c.alpha_ramp_steps
+        self.temp_range = tuple(float(x) for x in c.temp_range)
+        for name, value, ok, want in [
             ("queue_size", self.queue_size, self.queue_size > 0, "a positive integer"),
             ("momentum", self.momentum, 0 <= self.momentum <= 1, "in [0, 1]"),
             ("alpha", self.alpha, 0 <= self.alpha <= 1, "in [0, 1]"),
@@ -197,14 +129,11 @@ class MomentumFamily(FeatureFamily):
             ),
         ]:
             if not ok:
-                raise ValueError(f"model.{key}={value!r}; expected {want}")
-
-    def _tasks(self, cfg):
-        tasks = tuple(cfg.get("tasks", None) or self.TASKS)
-        bad = [t for t in tasks if t not in self.TASKS]
+                raise ValueError(f"model.{name}={value!r}; expected {want}")
+        self.tasks = c.tasks or self.TASKS
+        bad = [t for t in self.tasks if t not in self.TASKS]
         if bad:
             raise ValueError(f"model.tasks {bad} unknown; valid choices: {', '.join(self.TASKS)}")
-        return tasks
 
     def init_extra(self, params):
         """The teacher starts as a float32 copy of the student, whatever
@@ -229,15 +158,6 @@ class MomentumFamily(FeatureFamily):
     def param_bounds(self) -> dict:
         """ALBEF's / BLIP's `temp.clamp_(0.001, 0.5)` on the parameter (model.temp_range)."""
         return {"temp": self.temp_range}
-
-
-def attention_spec(model_config) -> str:
-    """model.attention (default 'xla'), validated: 'xla' | 'cudnn', optionally '/N'."""
-    from mmjax.models.attention import parse_attention
-
-    spec = str(model_config.get("attention", None) or "xla")
-    parse_attention(spec)
-    return spec
 
 
 def video_options(model_config) -> dict:

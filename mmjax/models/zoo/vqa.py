@@ -18,6 +18,7 @@ ALBEF's release answers VQA with a generative answer decoder ranking candidate
 answers; mmjax uses this classifier head for every backbone.
 """
 
+import dataclasses
 from typing import Any
 
 import chex
@@ -25,11 +26,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.zoo.classifier import build_backbone
-from mmjax.models.zoo.common import Family
+from mmjax.models.zoo.classifier import WrapperConfig, build_backbone
+from mmjax.models.zoo.contract import Family, register
+from mmjax.models.zoo.schema import key
 from mmjax.parallel.sharding import dense_init, norm_init
 
-FUSION_FAMILIES = ("albef", "vlmo", "beit3")
 LOSSES = ("softmax", "bce")
 
 
@@ -63,33 +64,45 @@ class AnswerClassifier(nn.Module):
         return AnswerHead(self.num_answers, self.dtype, name="head")(fused_BxD)
 
 
-class VqaFamily(Family):
-    """Answer classification; eval reports top-1 / top-5 and top-1 per answer type."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VqaConfig(WrapperConfig):
+    num_answers: int = key(0)
+    vqa_loss: str = key("softmax", choices=LOSSES)
 
+
+@register("vqa")
+class VqaFamily(Family):
+    """Answer classification; eval reports top-1 / top-5 and top-1 per answer type
+    (keys: VqaConfig: backbone, num_answers, vqa_loss)."""
+
+    Config = VqaConfig
+    capabilities = frozenset({"classify"})
     batch_keys = ("image", "text", "label")
 
     def __init__(self, model_config):
-        cfg = model_config
-        self.backbone, backbone_cfg = build_backbone(cfg, "vqa", FUSION_FAMILIES)
-        self.num_classes = int(cfg.get("num_answers", 0) or 0)
+        c = self.Config.parse(model_config)
+        self.backbone, backbone_cfg = build_backbone(c, "vqa", "fuse")
+        self.num_classes = c.num_answers
         if self.num_classes < 2:
             raise ValueError(f"model.num_answers={self.num_classes}: need at least 2 answers")
-        self.loss = cfg.get("vqa_loss", "softmax")
-        if self.loss not in LOSSES:
-            raise ValueError(f"model.vqa_loss={self.loss!r}; valid choices: {', '.join(LOSSES)}")
-        self.config = cfg
-        self.image_size = int(backbone_cfg.get("image_size", 224))
-        self.text_len = int(backbone_cfg.get("text_len", 40))
-        self.model = AnswerClassifier(
-            self.backbone.model, self.num_classes, dtype=getattr(self.backbone.model, "dtype", jnp.float32)
-        )
+        self.loss = c.vqa_loss
+        self.config, self.c = model_config, c
+        self.image_size = self.backbone.image_size
+        self.text_len = self.backbone.text_len
+        self.model = AnswerClassifier(self.backbone.model, self.num_classes, dtype=self.backbone.model.dtype)
+
+    def flops(self, batch: int) -> dict:
+        """The backbone's fused features + the answer head 2*D*2D + 2*2D*A."""
+        del batch
+        fused, d = self.backbone.fused_flops()
+        return {"student": fused + 2 * d * 2 * d + 2 * 2 * d * self.num_classes, "teacher": 0}
 
     def logits(self, params, image, text):
         return self.model.apply({"params": params}, image, text)
 
-    def objective(self, params, batch, rng=None, *, gather=None, **_):
+    def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=None):
         """-> (loss, metrics, {}): the mean over the batch of the per-question loss."""
-        del rng
+        del rng, teacher, queues, step, gather
         logits = self.logits(params, batch["image"], batch["text"])
         labels = batch["label"].astype(jnp.int32)
         if self.loss == "softmax":

@@ -1,0 +1,235 @@
+"""What each `mmjax` subcommand does: one small handler per command.
+
+A handler takes the parsed flags and the `--config.KEY=VALUE` overrides and returns
+the exit code (None: 0); mmjax/cli.py holds the table of commands and their flags and
+turns a user's mistake into exit code 2. jax, TensorFlow and the training code are
+imported inside the handlers, so `mmjax --help` (and a command that fails on its
+flags) starts at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from mmjax import config as config_lib
+
+
+def print_result(result: dict, workdir: str):
+    keys = [k for k in result if k not in ("final_state", "plot") and isinstance(result[k], (int, float))]
+    print(
+        "\nresult:", json.dumps({k: round(result[k], 4) if isinstance(result[k], float) else result[k] for k in keys})
+    )
+    if result.get("plot"):
+        print(f"plot: {result['plot']}")
+    print(f"workdir: {workdir}")
+
+
+def initialize(args, config):
+    """Multi-process start-up before any device is touched (a no-op for one process)."""
+    from mmjax.parallel import distributed
+
+    par = config.get("parallel", {})
+    distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        init_timeout_s=int(par.get("init_timeout_s", 300)),
+        heartbeat_timeout_s=int(par.get("heartbeat_timeout_s", 60)),
+    )
+
+
+# ---------------------------------------------------------------- train, finetune, eval
+
+
+def train(args, overrides):
+    config = config_lib.load(args.config, overrides)
+    if args.dry_run:
+        return dry_run(config)
+    _fit(args, config, stop_at=args.stop_at)
+
+
+def dry_run(config) -> int:
+    """`mmjax train --dry-run`: the step compiled for the configured mesh, bytes per device."""
+    from mmjax import bench
+
+    plan = bench.memory_plan(config)
+    print(bench.format_plan(plan))
+    print(json.dumps(plan))
+    return 0
+
+
+def finetune(args, overrides):
+    config = finetune_config(config_lib.load(args.config, overrides), args.init_from, args.weights)
+    _fit(args, config)
+
+
+def finetune_config(config, init_from: str, weights: str | None):
+    """The recipe with `finetune.init_from` (absolute) and, when given, `finetune.weights`
+    set from the command line (a recipe without a `finetune` section gets one)."""
+    if not os.path.isdir(init_from):
+        raise FileNotFoundError(f"--init-from {init_from!r} is not a directory")
+    import ml_collections
+
+    with config.unlocked():
+        if "finetune" not in config:
+            config.finetune = ml_collections.ConfigDict(
+                {"init_from": None, "weights": "student", "inflation": "central"}
+            )
+        config.finetune.init_from = os.path.abspath(init_from)
+        if weights:
+            config.finetune.weights = weights
+    return config
+
+
+def _fit(args, config, **train_kw):
+    initialize(args, config)
+    from mmjax.train import loop
+
+    result = loop.train(config, args.workdir, progress=not args.no_progress, **train_kw)
+    print_result(result, args.workdir)
+
+
+def evaluate(args, overrides):
+    from mmjax import workdir as workdir_lib
+    from mmjax.train import setup as setup_lib
+
+    config = workdir_lib.load_config_json(args.workdir)
+    if overrides:  # on the saved config; keys that shape the checkpoint are refused
+        config = config_lib.override_saved(config, overrides)
+    initialize(args, config)
+    setup = setup_lib.Setup(config, args.workdir)
+    setup.checkpointer.close()  # eval reads the params alone, through the workdir layer
+    # (a converted workdir holds params only; FileNotFoundError "no checkpoint in ...")
+    params, step = workdir_lib.read_params(args.workdir, sharding=setup.state_sharding.params)
+    metrics = setup.evaluator(args.split)(params)
+    metrics["step"] = step
+    print_result(metrics, args.workdir)
+
+
+# ---------------------------------------------------------------- a workdir's model on your files
+
+
+def embed(args, overrides):
+    if not args.images and not args.videos and not args.texts:
+        raise config_lib.ConfigError("mmjax embed needs --images (or --videos) and/or --texts")
+    from mmjax.eval.embed import embed as embed_files
+
+    summary = embed_files(
+        args.workdir, images=args.images, videos=args.videos, texts_file=args.texts, out=args.out, weights=args.weights
+    )
+    print(json.dumps(summary))
+
+
+def caption(args, overrides):
+    if not args.images and not args.videos:
+        raise config_lib.ConfigError("mmjax caption needs --images or --videos")
+    from mmjax.eval.embed import caption as caption_files
+
+    for row in caption_files(
+        args.workdir,
+        images=args.images,
+        videos=args.videos,
+        weights=args.weights,
+        beams=args.beams,
+        max_len=args.max_len,
+        length_penalty=args.length_penalty,
+    ):
+        print(f"{row['image']}\t{row['caption']}")
+
+
+def classify(args, overrides):
+    from mmjax.eval import zero_shot
+
+    names = (
+        zero_shot.read_class_names(args.classes_file)
+        if args.classes_file
+        else zero_shot.split_class_names(args.classes)
+    )
+    rows = zero_shot.classify_files(args.workdir, args.images, names, templates=args.templates, weights=args.weights)
+    if not rows:
+        raise ValueError(f"none of the {len(args.images)} --images could be read as an image")
+    for row in rows:
+        print(f"{row['image']}\t{row['class']}\t{row['score']:.4f}")
+
+
+# ---------------------------------------------------------------- export, convert
+
+
+def export(args, overrides):
+    if args.format == "hf-clip":
+        from mmjax.export import hf_workdir
+
+        path = hf_workdir.export_workdir(args.workdir, args.out, args.weights, step=args.step)
+        print(json.dumps({"format": "hf-clip", "out": path, "weights": args.weights}))
+        return
+    from mmjax.export import formats
+
+    summary = formats.export_workdir(
+        args.workdir,
+        args.out,
+        args.format,
+        args.weights,
+        step=args.step,
+        dtype=args.dtype,
+        platforms=tuple(p for p in args.platforms.split(",") if p),
+        precision=None if args.precision == "default" else args.precision,
+    )
+    print(json.dumps(summary, default=str))
+
+
+def convert(args, overrides):
+    from mmjax.export import hf_workdir
+
+    hf_workdir.convert_to_workdir(args.src, args.workdir)
+    print(json.dumps({"workdir": args.workdir, "from": args.source_format, "src": args.src}))
+
+
+# ---------------------------------------------------------------- data, bench
+
+
+def data(args, overrides):
+    config = config_lib.load(args.config, overrides)
+    from mmjax.data import pipeline
+
+    if args.action == "prepare":
+        for split in (config.data.train_split, config.data.eval_split):
+            print(f"{config.data.name}/{split}: {pipeline.num_examples(config.data, split)} examples")
+    else:
+        print(
+            json.dumps(pipeline.pipeline_throughput(config.data, args.batch_size, args.batches, threads=args.threads))
+        )
+
+
+def bench(args, overrides):
+    from mmjax import bench as bench_lib
+
+    if args.batch_size:
+        overrides = [*overrides, f"train.batch_size={args.batch_size}"]
+    configs = [config_lib.load(path, overrides) for path in args.config]
+    initialize(args, configs[0])
+    if args.max_batch:
+        return _max_batch(args, configs)
+    rows = [
+        bench_lib.step_time(c, args.steps, args.warmup, data=args.data, ceiling=not args.no_ceiling) for c in configs
+    ]
+    for path, row in zip(args.config, rows):
+        row["config"] = path
+        row["ratio"] = row["ms_per_step"] / rows[0]["ms_per_step"]
+        if row.get("processes", 1) == 1 or __import__("jax").process_index() == 0:
+            print(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}))
+
+
+def _max_batch(args, configs) -> int:
+    """`mmjax bench --max-batch`: per config, the largest global batch whose compiled step fits."""
+    import math
+
+    import jax
+
+    from mmjax import bench as bench_lib
+
+    limit = int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None
+    multiple = math.lcm(8, jax.device_count())  # whole batches per device
+    for path, c in zip(args.config, configs):
+        print(json.dumps({"config": path, **bench_lib.max_batch(c, limit, multiple=multiple)}))
+    return 0

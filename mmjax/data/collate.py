@@ -1,0 +1,69 @@
+"""A tf.data batch (numpy, after decode and augment) -> the batch contract of
+docs/architecture.md: captions and hard negatives tokenized in python (deterministic),
+eval batches padded to a fixed shape with a `valid` mask."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmjax.data.augment import MAX_NEGATIVES
+
+
+def _texts(strings) -> list[str]:
+    return [c.decode("utf-8") for c in strings.reshape(-1)]
+
+
+def train_batch(b, tokenizer, text_len: int, negatives: int) -> dict:
+    """image, id, text (+ label; + hard_negatives [B, K, L] and their mask with K > 0)."""
+    if b is None:
+        raise StopIteration
+    out = {
+        "image": b["image"],
+        "id": b["id"].astype(np.int64),
+        "text": tokenizer.encode(_texts(b["caption"]), text_len),
+    }
+    if "label" in b:
+        out["label"] = b["label"].astype(np.int32)
+    if negatives:
+        ids = tokenizer.encode(_texts(b["hard_negatives"]), text_len)
+        out["hard_negatives"] = ids.reshape(len(b["id"]), negatives, text_len)
+        out["hard_negatives_valid"] = b["hard_negatives_valid"].astype(bool)
+    return out
+
+
+def empty_eval_batch(batch_size: int, image_shape, text_len: int, has_label: bool, has_neg: bool) -> dict:
+    """Zeros of an eval batch's keys and shapes; every row invalid (id -1)."""
+    B, L = batch_size, text_len
+    out = {
+        "image": np.zeros([B, *image_shape], np.float32),
+        "text": np.zeros([B, L], np.int32),
+        "id": np.full([B], -1, np.int64),
+        "valid": np.zeros([B], bool),
+        "caption": np.array([""] * B, dtype=object),
+    }
+    if has_label:
+        out["label"] = np.zeros([B], np.int32)
+    if has_neg:
+        out["hard_negatives"] = np.zeros([B, MAX_NEGATIVES, L], np.int32)
+        out["hard_negatives_valid"] = np.zeros([B, MAX_NEGATIVES], bool)
+    return out
+
+
+def eval_batch(b, tokenizer, text_len: int, out: dict) -> dict:
+    """Fills the first n rows of `out` (an empty_eval_batch) from the n records of `b`."""
+    n = 0 if b is None else len(b["id"])
+    out["valid"] = np.arange(len(out["valid"])) < n
+    if not n:
+        return out
+    caps = _texts(b["caption"])
+    out["image"][:n] = b["image"]
+    out["text"][:n] = tokenizer.encode(caps, text_len)
+    out["id"][:n] = b["id"]
+    out["caption"][:n] = caps
+    if "label" in out:
+        out["label"][:n] = b["label"]
+    if "hard_negatives" in out:
+        ids = tokenizer.encode(_texts(b["hard_negatives"]), text_len)
+        out["hard_negatives"][:n] = ids.reshape(n, MAX_NEGATIVES, text_len)
+        out["hard_negatives_valid"][:n] = b["hard_negatives_valid"]
+    return out

@@ -1,0 +1,102 @@
+"""The data config schema: every key under `data`, declared once with its default.
+
+The keys every pipeline reads are declared here (`COMMON`); each source declares its
+own (`Source.keys` in `mmjax.data.sources`: `data.path` for file lists, `data.shapes.*`
+for the built-in sets, ...). A recipe may carry the sections of other sources (the
+demo recipe holds `data.shapes` and `data.moving_shapes` whatever `data.name` is), so
+the valid keys are the union over every registered source. `option` reads a value or
+its declared default; `check_data_config` rejects a key that nothing declares.
+"""
+
+from __future__ import annotations
+
+COMMON = {
+    "name": None,  # the source: a registered name (mmjax.data.sources), else a TFDS catalog dataset
+    "train_split": "train",
+    "eval_split": "test",
+    "image_size": 224,  # pixels per side after resizing
+    "text_len": 32,  # tokens per text, bos and eos included
+    "num_frames": 0,  # 0: images; T > 0: every record becomes a clip of T frames
+    "frame_sampling": "random",  # training clips: a random frame per segment, or "uniform" (the centres)
+    "shuffle_buffer": 10000,
+    "num_parallel_calls": -1,  # tf.data map parallelism; -1: AUTOTUNE
+    "prefetch_to_device": 2,  # batches copied to the devices ahead of the step (the train loop)
+    "cache_decoded": False,  # keep decoded pixels in memory (sources that allow it)
+    "augment": {"crop_scale": (0.5, 1.0), "aspect": (3 / 4, 4 / 3), "flip": False},
+    "tokenizer": {"path": None, "vocab_size": 8000},  # a sentencepiece .model, else trained on the captions
+}
+
+
+def cfg_get(cfg, dotted: str, default=None):
+    """cfg['a']['b'] for 'a.b' on a ConfigDict or a plain dict; default if absent/None."""
+    for part in dotted.split("."):
+        if cfg is None:
+            return default
+        try:
+            cfg = cfg[part]
+        except (KeyError, AttributeError, TypeError, IndexError):
+            return default
+    return default if cfg is None else cfg
+
+
+def declared() -> dict:
+    """{key: default or {key: default}} over COMMON and every registered source."""
+    from mmjax.data import sources
+
+    out = dict(COMMON)
+    for cls in sources.registered():
+        for key, default in cls.keys.items():
+            if key in out and out[key] != default:
+                raise RuntimeError(f"data key {key!r} declared twice with different defaults ({cls.__name__})")
+            out[key] = default
+    return out
+
+
+def default(dotted: str):
+    """The declared default of data key `dotted` ('augment.flip'); KeyError if undeclared."""
+    value = COMMON if dotted.split(".")[0] in COMMON else declared()
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"data.{dotted} is not declared in the data schema (mmjax.data.schema)")
+        value = value[part]
+    return value
+
+
+def option(data_config, dotted: str):
+    """data_config's value of `dotted`, or its declared default when absent or None."""
+    return cfg_get(data_config, dotted, default(dotted))
+
+
+def _keys(section) -> list[str]:
+    return list(section.keys())
+
+
+def _is_section(value) -> bool:
+    import ml_collections
+
+    return isinstance(value, (dict, ml_collections.ConfigDict))
+
+
+def _check(section, schema: dict, where: str, error) -> None:
+    for key in _keys(section):
+        here = f"{where}.{key}"
+        if key not in schema:
+            raise error(f"unknown config key {here!r}; valid keys under {where!r}: {', '.join(sorted(schema))}")
+        value, sub = section[key], schema[key]
+        if not isinstance(sub, dict) or value is None:
+            continue
+        if not _is_section(value):
+            raise error(f"config key {here!r} is a section with keys {', '.join(sorted(sub))}; got {value!r}")
+        _check(value, sub, here, error)
+
+
+def check_data_config(data_config) -> None:
+    """ConfigError naming the first key under `data` (or under one of its sections) that
+    no source declares, and the valid keys there. None (no data section) passes."""
+    from mmjax.config import ConfigError
+
+    if data_config is None:
+        return
+    if not _is_section(data_config):
+        raise ConfigError(f"config key 'data' is a section; got {data_config!r}")
+    _check(data_config, declared(), "data", ConfigError)

@@ -1,0 +1,158 @@
+"""Where records come from: one `Source` per kind of dataset, one file each in this
+package, registered by the `data.name` values it serves.
+
+- `builtin.py`: the datasets mmjax generates locally (shapes, shapes_vqa,
+  moving_shapes, emoji; builders in `mmjax.data.builders`);
+- `file_list.py`: CSV/JSONL lists of local images or videos (`data.name='files'`);
+- `catalog.py`: any other name, a TFDS catalog dataset the user has prepared (never
+  downloaded).
+
+A new source is one new module here: a `Source` subclass decorated with `@register`;
+every module of the package is imported when a source is first looked up, so nothing
+else in the pipeline changes. Its data keys (`keys`, with their defaults) join the
+schema (`mmjax.data.schema`).
+
+Records (`Source.records`) are a tf.data.Dataset of dicts of still-encoded media:
+'image' (encoded bytes) or 'image_path' (a file), or a clip: 'video' (the encoded
+bytes of each frame, [n]) or 'video_path'; 'caption' (string); 'id' (int64, the
+record's index in its split); and, where the dataset has them, 'label' (int64) and
+'hard_negatives' (string [n]). Decoding, augmenting, tokenizing and batching are the
+pipeline's (`mmjax.data.pipeline`). TensorFlow is imported lazily, in methods.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from mmjax.data import schema
+
+
+class Source:
+    """One dataset as the pipeline sees it, made from the `data` config section."""
+
+    names: tuple[str, ...] = ()  # the data.name values it serves
+    fallback = False  # serves every name no other source claims (the TFDS catalog)
+    keys: dict = {}  # the data keys it reads, with defaults ({...} for a section)
+    cache_allowed = False  # data.cache_decoded may keep its decoded images in memory
+    summary = ""  # a few words for the message about an unknown dataset name
+
+    def __init__(self, data_config):
+        self.config = data_config
+        self.name = schema.cfg_get(data_config, "name")
+
+    def option(self, dotted: str):
+        """This config's value of data key `dotted`, or its declared default."""
+        return schema.option(self.config, dotted)
+
+    def records(self, split: str):
+        """tf.data.Dataset of the encoded records of `split` (module docstring)."""
+        raise NotImplementedError
+
+    def num_examples(self, split: str) -> int:
+        raise NotImplementedError
+
+    def captions(self, split: str) -> list[str]:
+        """All captions of `split` (to train a tokenizer)."""
+        ds = self.records(split).map(lambda r: r["caption"])
+        return [c.decode("utf-8") for c in ds.as_numpy_iterator()]
+
+    def label_names(self) -> list[str] | None:
+        """Class names (label index = position), for zero-shot prompts; None without labels."""
+        return None
+
+    def answer_types(self) -> list[str] | None:
+        """The type of each label (VQA answer types), or None."""
+        return None
+
+    def has_hard_negatives(self) -> bool:
+        """Whether records carry 'hard_negatives' (captions of other scenes)."""
+        return False
+
+    def dropped(self, split: str) -> int:
+        """Records skipped before the stream starts (a list's missing files)."""
+        return 0
+
+    def describe(self, split: str) -> str:
+        """The source and split, for messages."""
+        return f"dataset {self.name!r} (split {split!r})"
+
+
+_BY_NAME: dict[str, type[Source]] = {}
+_CLASSES: list[type[Source]] = []
+_FALLBACK: list[type[Source]] = []
+_DISCOVERED = [False]
+
+
+def register(cls: type[Source]) -> type[Source]:
+    """Class decorator: `cls` serves `cls.names` (and every other name if `cls.fallback`)."""
+    for name in cls.names:
+        if _BY_NAME.get(name, cls) is not cls:
+            raise ValueError(f"data source {name!r} registered twice: {_BY_NAME[name].__name__}, {cls.__name__}")
+        _BY_NAME[name] = cls
+    if cls.fallback:
+        if _FALLBACK and _FALLBACK[0] is not cls:
+            raise ValueError(f"two fallback data sources: {_FALLBACK[0].__name__}, {cls.__name__}")
+        _FALLBACK[:] = [cls]
+    if cls not in _CLASSES:
+        _CLASSES.append(cls)
+    return cls
+
+
+def _discover() -> None:
+    """Imports every module of this package once (each registers its sources)."""
+    if not _DISCOVERED[0]:
+        _DISCOVERED[0] = True
+        for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+            importlib.import_module(f"{__name__}.{module}")
+
+
+def registered() -> list[type[Source]]:
+    """Every registered source class, in registration order."""
+    _discover()
+    return list(_CLASSES)
+
+
+def names() -> list[str]:
+    """Every data.name a source claims (the fallback serves the rest)."""
+    _discover()
+    return list(_BY_NAME)
+
+
+def source_class(name) -> type[Source]:
+    _discover()
+    return _BY_NAME.get(name) or _FALLBACK[0]
+
+
+def source_for(data_config) -> Source:
+    """The source that `data_config` (the `data` section) names."""
+    return source_class(schema.cfg_get(data_config, "name"))(data_config)
+
+
+def cache_allowed(name) -> bool:
+    """Whether data.cache_decoded may keep the decoded images of data.name in memory."""
+    return source_class(name).cache_allowed
+
+
+def load_records(data_config, split: str):
+    """tf.data.Dataset of the undecoded records of `split` (module docstring)."""
+    return source_for(data_config).records(split)
+
+
+def num_examples(data_config, split: str) -> int:
+    return source_for(data_config).num_examples(split)
+
+
+def captions(data_config, split: str) -> list[str]:
+    """All captions of `split` (for tokenizer training)."""
+    return source_for(data_config).captions(split)
+
+
+def label_names(data_config) -> list[str] | None:
+    """Class names for zero-shot prompts (label index = position), or None."""
+    return source_for(data_config).label_names()
+
+
+def answer_types(data_config) -> list[str] | None:
+    """The type of each label (VQA answer types: colour, shape, size, yes/no), or None."""
+    return source_for(data_config).answer_types()

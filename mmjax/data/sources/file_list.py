@@ -1,0 +1,70 @@
+"""Lists of the user's own files (`data.name='files'`): a CSV or JSONL at data.path,
+read by `mmjax.data.files` (rows of image or video paths, captions and optional
+labels). Missing files are dropped when the list is read and counted as skipped
+before the stream; data.eval_fraction holds out a stable fraction as 'test'."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from mmjax.data import files as files_lib
+from mmjax.data import require_tf
+from mmjax.data.sources import Source, register
+
+
+@register
+class FileListSource(Source):
+    names = ("files",)
+    keys = {"path": None, "eval_fraction": 0.0}  # the list; the fraction held out as 'test'
+    summary = "'files' for your own list"
+
+    def __init__(self, data_config):
+        super().__init__(data_config)
+        self._list = None
+
+    def _read(self):
+        """-> (every kept row, the missing paths, the label names); read once."""
+        if self._list is None:
+            path = self.option("path")
+            if not path:
+                raise ValueError("data.name='files' needs data.path (a CSV or JSONL list)")
+            files_lib.check_eval_fraction(self.option("eval_fraction"))
+            rows, missing = files_lib.read_list(path, text_len=int(self.option("text_len")))
+            self._list = rows, missing, files_lib.label_names(rows)
+        return self._list
+
+    def rows(self, split: str) -> list[dict]:
+        return files_lib.split_rows(self._read()[0], split, self.option("eval_fraction"))
+
+    def records(self, split: str):
+        tf = require_tf()
+        rows, names = self.rows(split), self._read()[2]
+        key = files_lib.path_key(rows)
+        cols = {
+            key: [r[key] for r in rows],
+            "caption": [r["caption"] for r in rows],
+            "id": np.array([r["id"] for r in rows], np.int64),
+        }
+        if names:
+            idx = {n: i for i, n in enumerate(names)}
+            cols["label"] = np.array([idx.get(r.get("label"), -1) for r in rows], np.int64)
+        if not rows:
+            cols[key] = cols["caption"] = np.zeros([0], object).astype(str)
+        return tf.data.Dataset.from_tensor_slices(cols)
+
+    def num_examples(self, split: str) -> int:
+        return len(self.rows(split))
+
+    def captions(self, split: str) -> list[str]:
+        return [r["caption"] for r in self.rows(split)]
+
+    def label_names(self) -> list[str] | None:
+        return self._read()[2]
+
+    def dropped(self, split: str) -> int:
+        return len(self._read()[1])
+
+    def describe(self, split: str) -> str:
+        return f"data.path={os.path.expanduser(str(self.option('path')))} (split {split!r})"
