@@ -190,14 +190,14 @@ def convert(args, overrides):
 
 def data(args, overrides):
     config = config_lib.load(args.config, overrides)
-    from mmjax.data import pipeline
+    from mmjax.data import pipeline, throughput
 
     if args.action == "prepare":
         for split in (config.data.train_split, config.data.eval_split):
             print(f"{config.data.name}/{split}: {pipeline.num_examples(config.data, split)} examples")
     else:
         print(
-            json.dumps(pipeline.pipeline_throughput(config.data, args.batch_size, args.batches, threads=args.threads))
+            json.dumps(throughput.pipeline_throughput(config.data, args.batch_size, args.batches, threads=args.threads))
         )
 
 

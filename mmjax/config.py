@@ -15,10 +15,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-    """A config key or value a user got wrong."""
-
+from mmjax.errors import ConfigError  # callers raise and catch it as `config.ConfigError` too
 
 WEIGHTS = ("student", "ema")  # a workdir's params: the student's, or the EMA teacher's
 PARALLEL_MODES = ("mesh", "pmap")

@@ -113,28 +113,20 @@ def vision_tokens(c, v, cls=True):
     return frames * one if temporal == "mean" else t * (one - int(cls)) + int(cls)
 
 
-def _family(model):
-    """A family object, or the family a model config section builds."""
-    from mmjax.models import zoo
-
-    return model if isinstance(model, zoo.Family) else zoo.build(model)
-
-
-def forward_flops(model, batch: int) -> dict:
+def forward_flops(family, batch: int) -> dict:
     """{'student': forward FLOPs per sample of what gets gradients, 'teacher': the
-    EMA teacher's forward per sample} for the family's configured tasks (`model`: a
-    family or a model config section). A family without a formula is an error."""
-    family = _family(model)
+    EMA teacher's forward per sample} for the family's configured tasks (`family`: a
+    built family, `zoo.build(config.model)`). A family without a formula is an error."""
     try:
         return family.flops(int(batch))
     except NotImplementedError as e:
         raise ValueError(str(e)) from None
 
 
-def train_step_flops(model, batch: int) -> float:
+def train_step_flops(family, batch: int) -> float:
     """Model FLOPs of one train step over the global batch (3x student forward +
     teacher forward, per sample, times the batch)."""
-    f = forward_flops(model, batch)
+    f = forward_flops(family, batch)
     return float(batch) * (3 * f["student"] + f["teacher"])
 
 

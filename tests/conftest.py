@@ -24,5 +24,19 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # persistent cache lets them share the compiled code within a session.
 import tempfile  # noqa: E402
 
+import pytest  # noqa: E402
+
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "mmjax_test_jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture
+def scratch_registry():
+    """Families a test registers are gone after it: the one registry (zoo.FAMILIES) is
+    restored to what it held."""
+    from mmjax.models import zoo
+
+    saved = dict(zoo.FAMILIES)
+    yield zoo.FAMILIES
+    zoo.FAMILIES.clear()
+    zoo.FAMILIES.update(saved)

@@ -84,9 +84,9 @@ def test_a_new_source_is_one_registered_class(counting_source):
     from mmjax.data import pipeline as P
 
     cfg = {"name": "counting", "image_size": 4, "text_len": 10, "shuffle_buffer": 10, "counting": {"n": 5}}
-    schema.check_data_config(cfg)
+    sources.check_data_config(cfg)
     with pytest.raises(ConfigError, match=r"'data\.counting\.m'; valid keys under 'data\.counting': n"):
-        schema.check_data_config(dict(cfg, counting={"m": 1}))
+        sources.check_data_config(dict(cfg, counting={"m": 1}))
     assert P.num_examples(cfg, "train") == 5 and P.captions(cfg, "train")[-1] == "item 4"
     assert P.label_names(cfg) is None and P.answer_types(cfg) is None
     batches = list(P.make_eval_iterator(cfg, _Tok(), "test", 4))
@@ -110,7 +110,7 @@ def test_every_recipe_passes_the_schema():
     recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
     assert len(recipes) >= 10
     for path in recipes:
-        schema.check_data_config(config_lib.recipe(path).data)
+        sources.check_data_config(config_lib.recipe(path).data)
 
 
 @pytest.mark.parametrize(
@@ -130,24 +130,24 @@ def test_an_unknown_data_key_is_an_error(key, value, named, valid):
         section, _, leaf = key.rpartition(".")
         (cfg.data[section] if section else cfg.data)[leaf] = value
     with pytest.raises(ConfigError) as e:
-        schema.check_data_config(cfg.data)
+        sources.check_data_config(cfg.data)
     msg = str(e.value)
     assert f"unknown config key {named!r}" in msg and valid in msg.split("valid keys")[1] and "\n" not in msg
 
 
 def test_a_section_must_be_a_dict():
     with pytest.raises(ConfigError, match=r"'data\.shapes' is a section with keys image_size, num_test"):
-        schema.check_data_config({"name": "shapes", "shapes": 3})
-    schema.check_data_config({"name": "files", "path": "x.csv", "shapes": None, "augment": {"flip": True}})
-    schema.check_data_config(None)
+        sources.check_data_config({"name": "shapes", "shapes": 3})
+    sources.check_data_config({"name": "files", "path": "x.csv", "shapes": None, "augment": {"flip": True}})
+    sources.check_data_config(None)
 
 
 def test_options_read_the_declared_defaults():
     assert schema.option({}, "image_size") == 224 and schema.option({"image_size": None}, "image_size") == 224
     assert schema.option({"augment": {"flip": True}}, "augment.flip") is True
     assert schema.option({"augment": {"flip": True}}, "augment.aspect") == (3 / 4, 4 / 3)
-    assert schema.option({}, "shapes.num_train") == 20000 and schema.option({}, "moving_shapes.num_train") == 10000
-    assert schema.option({"path": "a.csv"}, "path") == "a.csv" and schema.option({}, "eval_fraction") == 0.0
+    assert sources.option({}, "shapes.num_train") == 20000 and sources.option({}, "moving_shapes.num_train") == 10000
+    assert sources.option({"path": "a.csv"}, "path") == "a.csv" and sources.option({}, "eval_fraction") == 0.0
     with pytest.raises(KeyError, match="data.nope is not declared"):
         schema.option({"nope": 1}, "nope")
 

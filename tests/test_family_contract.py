@@ -70,11 +70,9 @@ def test_registry_names_every_family_once_and_config_choices_read_it():
         contract.register("clip")(type("Other", (ClipFamily,), {}))
 
 
-def test_a_family_is_one_registered_class(monkeypatch):
+def test_a_family_is_one_registered_class(scratch_registry):
     """A new family: a class with @register; build, the config choices and the
     schema see it without another list."""
-    monkeypatch.setattr(contract, "FAMILIES", dict(contract.FAMILIES))
-    monkeypatch.setattr(zoo, "FAMILIES", contract.FAMILIES)
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class ToyConfig(ClipConfig):

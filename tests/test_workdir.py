@@ -302,12 +302,6 @@ def _cycles(graph):
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 in progress: circles mmjax.config <-> models.zoo (<-> flops), data.schema <-> "
-    "data.sources and data.pipeline <-> data.throughput remain; strict: passing fails the run, "
-    "so the marker goes once they are gone",
-)
 def test_no_import_circle_and_no_train_below_train():
     """No two modules of the package import each other, directly or around a circle,
     counting the imports inside functions; eval, export, checkpoint, the workdir layer

@@ -23,7 +23,6 @@ from mmjax.data.decode import MEAN, STD, cache_decoded, check_decodable, num_fra
 from mmjax.data.iterator import BatchIterator, local_positions
 from mmjax.data.schema import option
 from mmjax.data.sources import answer_types, captions, label_names, load_records, num_examples  # noqa: F401
-from mmjax.data.throughput import pipeline_throughput  # noqa: F401
 
 
 def _options(threads=None):

@@ -4,8 +4,9 @@ The keys every pipeline reads are declared here (`COMMON`); each source declares
 own (`Source.keys` in `mmjax.data.sources`: `data.path` for file lists, `data.shapes.*`
 for the built-in sets, ...). A recipe may carry the sections of other sources (the
 demo recipe holds `data.shapes` and `data.moving_shapes` whatever `data.name` is), so
-the valid keys are the union over every registered source. `option` reads a value or
-its declared default; `check_data_config` rejects a key that nothing declares.
+the valid keys are the union over every registered source (`sources.declared()`).
+`option` reads a value or its declared default; `sources.check_data_config` rejects a
+key that nothing declares (with `check_section` here).
 """
 
 from __future__ import annotations
@@ -39,45 +40,33 @@ def cfg_get(cfg, dotted: str, default=None):
     return default if cfg is None else cfg
 
 
-def declared() -> dict:
-    """{key: default or {key: default}} over COMMON and every registered source."""
-    from mmjax.data import sources
-
-    out = dict(COMMON)
-    for cls in sources.registered():
-        for key, default in cls.keys.items():
-            if key in out and out[key] != default:
-                raise RuntimeError(f"data key {key!r} declared twice with different defaults ({cls.__name__})")
-            out[key] = default
-    return out
-
-
-def default(dotted: str):
-    """The declared default of data key `dotted` ('augment.flip'); KeyError if undeclared."""
-    value = COMMON if dotted.split(".")[0] in COMMON else declared()
+def default(dotted: str, declared: dict = COMMON):
+    """The declared default of data key `dotted` ('augment.flip') in `declared` (COMMON,
+    or `sources.declared()` for the union with every source's keys); KeyError if undeclared."""
+    value = declared
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise KeyError(f"data.{dotted} is not declared in the data schema (mmjax.data.schema)")
+            raise KeyError(f"data.{dotted} is not declared in the data schema (mmjax.data.schema, Source.keys)")
         value = value[part]
     return value
 
 
-def option(data_config, dotted: str):
+def option(data_config, dotted: str, declared: dict = COMMON):
     """data_config's value of `dotted`, or its declared default when absent or None."""
-    return cfg_get(data_config, dotted, default(dotted))
+    return cfg_get(data_config, dotted, default(dotted, declared))
 
 
 def _keys(section) -> list[str]:
     return list(section.keys())
 
 
-def _is_section(value) -> bool:
+def is_section(value) -> bool:
     import ml_collections
 
     return isinstance(value, (dict, ml_collections.ConfigDict))
 
 
-def _check(section, schema: dict, where: str, error) -> None:
+def check_section(section, schema: dict, where: str, error) -> None:
     for key in _keys(section):
         here = f"{where}.{key}"
         if key not in schema:
@@ -85,18 +74,6 @@ def _check(section, schema: dict, where: str, error) -> None:
         value, sub = section[key], schema[key]
         if not isinstance(sub, dict) or value is None:
             continue
-        if not _is_section(value):
+        if not is_section(value):
             raise error(f"config key {here!r} is a section with keys {', '.join(sorted(sub))}; got {value!r}")
-        _check(value, sub, here, error)
-
-
-def check_data_config(data_config) -> None:
-    """ConfigError naming the first key under `data` (or under one of its sections) that
-    no source declares, and the valid keys there. None (no data section) passes."""
-    from mmjax.config import ConfigError
-
-    if data_config is None:
-        return
-    if not _is_section(data_config):
-        raise ConfigError(f"config key 'data' is a section; got {data_config!r}")
-    _check(data_config, declared(), "data", ConfigError)
+        check_section(value, sub, here, error)

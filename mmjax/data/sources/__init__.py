@@ -26,6 +26,7 @@ import importlib
 import pkgutil
 
 from mmjax.data import schema
+from mmjax.errors import ConfigError
 
 
 class Source:
@@ -43,7 +44,7 @@ class Source:
 
     def option(self, dotted: str):
         """This config's value of data key `dotted`, or its declared default."""
-        return schema.option(self.config, dotted)
+        return schema.option(self.config, dotted, declared())
 
     def records(self, split: str):
         """tf.data.Dataset of the encoded records of `split` (module docstring)."""
@@ -156,3 +157,29 @@ def label_names(data_config) -> list[str] | None:
 def answer_types(data_config) -> list[str] | None:
     """The type of each label (VQA answer types: colour, shape, size, yes/no), or None."""
     return source_for(data_config).answer_types()
+
+
+def declared() -> dict:
+    """{key: default or {key: default}} over schema.COMMON and every registered source."""
+    out = dict(schema.COMMON)
+    for cls in registered():
+        for key, default in cls.keys.items():
+            if key in out and out[key] != default:
+                raise RuntimeError(f"data key {key!r} declared twice with different defaults ({cls.__name__})")
+            out[key] = default
+    return out
+
+
+def option(data_config, dotted: str):
+    """data_config's value of data key `dotted` (any source's), or its declared default."""
+    return schema.option(data_config, dotted, declared())
+
+
+def check_data_config(data_config) -> None:
+    """ConfigError naming the first key under `data` (or under one of its sections) that
+    no source declares, and the valid keys there. None (no data section) passes."""
+    if data_config is None:
+        return
+    if not schema.is_section(data_config):
+        raise ConfigError(f"config key 'data' is a section; got {data_config!r}")
+    schema.check_section(data_config, declared(), "data", ConfigError)

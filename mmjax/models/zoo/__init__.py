@@ -10,7 +10,7 @@ another list to edit.
 import importlib
 import pkgutil
 
-from mmjax.models.zoo.contract import CAPABILITIES, FAMILIES, Family, check_contract, register
+from mmjax.models.zoo.contract import CAPABILITIES, FAMILIES, Family, build, check_config, check_contract, register
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -22,33 +22,6 @@ from mmjax.models.zoo.clip import CLIP, ClipFamily  # noqa: E402
 from mmjax.models.zoo.coca import CoCa, CocaFamily  # noqa: E402
 from mmjax.models.zoo.multiway import Multiway, MultiwayFamily  # noqa: E402
 from mmjax.models.zoo.vqa import AnswerClassifier, VqaFamily  # noqa: E402
-
-
-def build(model_config):
-    """model_config.family -> family object (e.g. ClipFamily(model_config)), its
-    config checked against the family's schema and its contract checked once."""
-    from mmjax.config import ConfigError
-
-    family = model_config.get("family", None)
-    if family not in FAMILIES:
-        raise ConfigError(f"bad value for config key 'model.family': {family!r}; valid choices: {', '.join(FAMILIES)}")
-    out = FAMILIES[family](model_config)
-    check_contract(out)
-    return out
-
-
-def check_config(model_config) -> None:
-    """Checks a model config section against its family's schema without building
-    anything (ConfigError for an unknown family or key, a type, a choice); a
-    wrapper's backbone section is checked against its own family's."""
-    from mmjax.config import ConfigError
-
-    family = model_config.get("family", None)
-    if family not in FAMILIES:
-        raise ConfigError(f"bad value for config key 'model.family': {family!r}; valid choices: {', '.join(FAMILIES)}")
-    parsed = FAMILIES[family].Config.parse(model_config)
-    if isinstance(parsed, WrapperConfig) and parsed.backbone:
-        check_config(parsed.backbone)
 
 
 def build_module(model_config):
@@ -63,6 +36,7 @@ __all__ = [
     "CLIP",
     "FAMILIES",
     "WRAPPERS",
+    "WrapperConfig",
     "AlbefFamily",
     "AnswerClassifier",
     "BlipFamily",

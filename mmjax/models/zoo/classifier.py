@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax.models.zoo.contract import Family, register
+from mmjax.models.zoo.contract import FAMILIES, Family, build, register
 from mmjax.models.zoo.schema import ModelConfig, key
 from mmjax.parallel.sharding import dense_init
 
@@ -51,8 +51,6 @@ def build_backbone(c, wrapper: str, capability: str):
     (`c.backbone`), with the image size, text length and vocabulary of the
     fine-tuning run (`c.image_size` etc., derived from its data and tokenizer)
     replacing the checkpoint's; the backbone must declare `capability`."""
-    from mmjax.models import zoo
-
     if not c.backbone:
         raise ValueError(
             "model.backbone must hold the backbone's model config (e.g. the pretraining "
@@ -66,13 +64,13 @@ def build_backbone(c, wrapper: str, capability: str):
     family = backbone_cfg.get("family")
     if family in WRAPPERS:
         raise ValueError(f"model.backbone cannot itself be a {family} (it wraps a pretraining family)")
-    allowed = [n for n, cls in zoo.FAMILIES.items() if capability in cls.capabilities and n not in WRAPPERS]
+    allowed = [n for n, cls in FAMILIES.items() if capability in cls.capabilities and n not in WRAPPERS]
     if family not in allowed:
         raise ValueError(
             f"model.family={wrapper!r} needs a backbone with capability {capability!r}; "
             f"model.backbone.family={family!r}; valid choices: {', '.join(allowed)}"
         )
-    return zoo.build(backbone_cfg), backbone_cfg
+    return build(backbone_cfg), backbone_cfg
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

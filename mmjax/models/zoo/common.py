@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.zoo.contract import Family, bound_grads, clamp_params  # noqa: F401 (re-exported)
-from mmjax.models.zoo.schema import TowerConfig, key
+from mmjax.models.zoo.schema import TowerConfig, key, video_options  # noqa: F401 (re-exported)
 
 
 def logit_scale_bounds(max_logit_scale) -> tuple:
@@ -158,31 +158,3 @@ class MomentumFamily(FeatureFamily):
     def param_bounds(self) -> dict:
         """ALBEF's / BLIP's `temp.clamp_(0.001, 0.5)` on the parameter (model.temp_range)."""
         return {"temp": self.temp_range}
-
-
-def video_options(model_config) -> dict:
-    """The video keys of a model config, validated -> ViT keyword arguments.
-
-    model.num_frames (0 or absent: an image model; T > 0: clips of T frames, images taken
-    as one-frame clips), model.temporal (video.TEMPORAL, default 'none'), model.tubelet
-    (frames per token, default 1), model.temporal_kernel ('local' module, default 3),
-    model.local_temporal ('local' variant, video.LOCAL_VARIANTS; the recipes set 'release', a
-    config without the key reads as video.LOCAL_WHEN_UNSET, what workdirs older than it trained).
-    """
-    from mmjax.models.video import LOCAL_WHEN_UNSET, check_local_variant, check_temporal
-
-    frames = int(model_config.get("num_frames", None) or 0)
-    temporal = check_temporal(str(model_config.get("temporal", None) or "none"))
-    tubelet = int(model_config.get("tubelet", None) or 1)
-    kernel = int(model_config.get("temporal_kernel", None) or 3)
-    if frames < 0 or tubelet < 1 or kernel < 1:
-        raise ValueError(
-            f"model.num_frames={frames}, model.tubelet={tubelet}, model.temporal_kernel={kernel}: "
-            "need num_frames >= 0 and tubelet, temporal_kernel >= 1"
-        )
-    if frames and frames % tubelet:
-        raise ValueError(f"model.num_frames={frames} is not a multiple of model.tubelet={tubelet}")
-    if tubelet > 1 and temporal == "mean":
-        raise ValueError("model.temporal='mean' encodes frames one by one: it takes model.tubelet=1")
-    local = check_local_variant(str(model_config.get("local_temporal", None) or LOCAL_WHEN_UNSET))
-    return dict(num_frames=frames, temporal=temporal, tubelet=tubelet, temporal_kernel=kernel, local_temporal=local)

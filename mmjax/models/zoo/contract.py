@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.zoo.schema import ModelConfig
+from mmjax.errors import ConfigError
+from mmjax.models.zoo.schema import FAMILIES, ModelConfig
 
 # capability -> the family methods it brings (what callers may then use).
 CAPABILITIES = {
@@ -42,8 +43,6 @@ CAPABILITIES = {
     # fused image-text features [B, D] (a VQA backbone), and their FLOPs per sample
     "fuse": ("fused_features", "fused_flops"),
 }
-
-FAMILIES: dict = {}  # name -> family class, filled by @register in the zoo modules
 
 
 def register(*names):
@@ -200,3 +199,28 @@ class Family:
         """The shape of an input batch: (B, S, S, 3), or (B, T, S, S, 3) for a video model."""
         frames = (self.num_frames,) if self.num_frames else ()
         return (batch,) + frames + (self.image_size, self.image_size, 3)
+
+
+def _lookup(model_config):
+    family = model_config.get("family", None)
+    if family not in FAMILIES:
+        raise ConfigError(f"bad value for config key 'model.family': {family!r}; valid choices: {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
+def build(model_config):
+    """model_config.family -> family object (e.g. ClipFamily(model_config)), its
+    config checked against the family's schema and its contract checked once."""
+    out = _lookup(model_config)(model_config)
+    check_contract(out)
+    return out
+
+
+def check_config(model_config) -> None:
+    """Checks a model config section against its family's schema without building
+    anything (ConfigError for an unknown family or key, a type, a choice); a
+    wrapper's backbone section (`model.backbone`) is checked against its own family's."""
+    parsed = _lookup(model_config).Config.parse(model_config)
+    backbone = getattr(parsed, "backbone", None)
+    if backbone:
+        check_config(backbone)

@@ -13,10 +13,11 @@ import typing
 
 import jax.numpy as jnp
 
-from mmjax.config import ConfigError
+from mmjax.errors import ConfigError
 from mmjax.models.video import LOCAL_VARIANTS, TEMPORAL
 
 ANY = "<any value>"  # `inert=ANY`: a key that asks for nothing by itself (it refines another key)
+FAMILIES: dict = {}  # the registry: name -> family class, filled by contract.register in the zoo modules
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -143,8 +144,6 @@ def _required(field) -> bool:
 def _check_foreign(cls, family, name, value):
     """A key `cls` does not declare: accepted only where another family declares it
     and the value asks for nothing (`key(inert=...)`)."""
-    from mmjax.models.zoo.contract import FAMILIES
-
     owners = {n: c.Config.keys()[name] for n, c in FAMILIES.items() if name in c.Config.keys()}
     valid = ", ".join(sorted(cls.keys()))
     if not owners:
@@ -211,11 +210,37 @@ class TowerConfig(ComputeConfig):
     local_temporal: str = key(None, none=True, choices=LOCAL_VARIANTS, inert=ANY)
 
     def check(self):
-        from mmjax.models.zoo.common import video_options
-
         super().check()
         video_options(self.video_keys())
 
     def video_keys(self) -> dict:
         keys = ("num_frames", "temporal", "tubelet", "temporal_kernel", "local_temporal")
         return {k: getattr(self, k) for k in keys}
+
+
+def video_options(model_config) -> dict:
+    """The video keys of a model config, validated -> ViT keyword arguments.
+
+    model.num_frames (0 or absent: an image model; T > 0: clips of T frames, images taken
+    as one-frame clips), model.temporal (video.TEMPORAL, default 'none'), model.tubelet
+    (frames per token, default 1), model.temporal_kernel ('local' module, default 3),
+    model.local_temporal ('local' variant, video.LOCAL_VARIANTS; the recipes set 'release', a
+    config without the key reads as video.LOCAL_WHEN_UNSET, what workdirs older than it trained).
+    """
+    from mmjax.models.video import LOCAL_WHEN_UNSET, check_local_variant, check_temporal
+
+    frames = int(model_config.get("num_frames", None) or 0)
+    temporal = check_temporal(str(model_config.get("temporal", None) or "none"))
+    tubelet = int(model_config.get("tubelet", None) or 1)
+    kernel = int(model_config.get("temporal_kernel", None) or 3)
+    if frames < 0 or tubelet < 1 or kernel < 1:
+        raise ValueError(
+            f"model.num_frames={frames}, model.tubelet={tubelet}, model.temporal_kernel={kernel}: "
+            "need num_frames >= 0 and tubelet, temporal_kernel >= 1"
+        )
+    if frames and frames % tubelet:
+        raise ValueError(f"model.num_frames={frames} is not a multiple of model.tubelet={tubelet}")
+    if tubelet > 1 and temporal == "mean":
+        raise ValueError("model.temporal='mean' encodes frames one by one: it takes model.tubelet=1")
+    local = check_local_variant(str(model_config.get("local_temporal", None) or LOCAL_WHEN_UNSET))
+    return dict(num_frames=frames, temporal=temporal, tubelet=tubelet, temporal_kernel=kernel, local_temporal=local)
