@@ -58,18 +58,16 @@ def decode_speed(
     import jax.numpy as jnp
 
     from mmjax.models.decoder import TextDecoder, beam_search, greedy_decode
+    from mmjax.models.tokens import MMJAX
 
     m = TextDecoder(vocab, max_len, width, depth, heads, mlp_dim)
     memory = jax.random.normal(jax.random.PRNGKey(1), (batch, memory_len, width))
-    params = m.init(jax.random.PRNGKey(0), jnp.full((batch, max_len), 2, jnp.int32), memory)["params"]
+    ids = dict(bos_id=MMJAX["bos"], eos_id=MMJAX["eos"])  # mmjax's tokenizer (the decoder's pad_id default)
+    params = m.init(jax.random.PRNGKey(0), jnp.full((batch, max_len), ids["bos_id"], jnp.int32), memory)["params"]
     runs = {
-        "greedy_cached": lambda: greedy_decode(m, params, memory, max_len=max_len, bos_id=2, eos_id=3),
-        "greedy_uncached": lambda: greedy_decode(
-            m, params, memory, max_len=max_len, bos_id=2, eos_id=3, use_cache=False
-        ),
-        f"beam{beams}_cached": lambda: beam_search(m, params, memory, max_len=max_len, bos_id=2, eos_id=3, beams=beams)[
-            0
-        ],
+        "greedy_cached": lambda: greedy_decode(m, params, memory, max_len=max_len, **ids),
+        "greedy_uncached": lambda: greedy_decode(m, params, memory, max_len=max_len, **ids, use_cache=False),
+        f"beam{beams}_cached": lambda: beam_search(m, params, memory, max_len=max_len, **ids, beams=beams)[0],
     }
     out = {"batch": batch, "max_len": max_len, "width": width, "depth": depth, "platform": jax.devices()[0].platform}
     for name, fn in runs.items():

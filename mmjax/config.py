@@ -228,8 +228,6 @@ def get(config, dotted: str, default=None):
     return node
 
 
-BUILTIN_DATASETS = ("shapes", "shapes_vqa", "moving_shapes", "emoji")
-
 # Integer keys checked by `validate` when a config has them (a step count of 0 would
 # divide by zero in the loop, a keep-N of 0 would delete every checkpoint).
 POSITIVE_INTS = (
@@ -285,19 +283,22 @@ def override_saved(config: ml_collections.ConfigDict, overrides) -> ml_collectio
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks choice-valued keys and basic numeric ranges.
+    """Checks choice-valued keys, basic numeric ranges, the model section against its
+    family's schema and the data section against the sources' (unknown keys).
 
     Resolves one hint: `data.cache_decoded` (keep decoded pixels in memory) holds for
-    the built-in datasets only; with another `data.name` it is turned off, with a
-    warning, so a recipe written for `shapes` still streams a user's own files.
+    the sources that allow it (the built-in sets); with another `data.name` it is turned
+    off, with a warning, so a recipe written for `shapes` still streams a user's own files.
     """
-    if get(config, "data.cache_decoded") and get(config, "data.name") not in BUILTIN_DATASETS:
+    from mmjax.data import sources
+
+    sources.check_data_config(config.get("data"))
+    name = get(config, "data.name")
+    if get(config, "data.cache_decoded") and not sources.cache_allowed(name):
         import logging
 
         logging.getLogger(__name__).warning(
-            "data.cache_decoded applies to the built-in datasets %s only; streaming %r",
-            BUILTIN_DATASETS,
-            get(config, "data.name"),
+            "data.cache_decoded applies to the built-in datasets only; streaming %r", name
         )
         with config.unlocked():
             config.data.cache_decoded = False
@@ -329,15 +330,20 @@ DERIVED_FROM = {
     "num_frames": "data.num_frames",
     "text_len": "data.text_len",
     "total_steps": "train.steps",
+    "token_ids": "the tokenizer's special ids",
 }
 
 
-def derive_model_keys(config: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:
+def derive_model_keys(
+    config: ml_collections.ConfigDict, vocab_size: int, token_ids: Mapping | None = None
+) -> ml_collections.ConfigDict:
     """Sets the model keys a run derives, in one place: model.vocab_size (`vocab_size`,
     the tokenizer's; an imported model with model.keep_vocab_size keeps its own),
-    image_size, num_frames (0: images), text_len (from data.*) and total_steps (from
-    train.steps). A config that sets one of them to another value is a ConfigError
-    naming both: it would otherwise be replaced without a word."""
+    token_ids (`token_ids`, the tokenizer's special ids, `Tokenizer.special_ids`; not
+    given: left as is, and an unset key reads as mmjax's ids), image_size, num_frames
+    (0: images), text_len (from data.*) and total_steps (from train.steps). A config
+    that sets one of them to another value is a ConfigError naming both: it would
+    otherwise be replaced without a word."""
     model = config.model
     keep = model.get("keep_vocab_size", False) and model.get("vocab_size", None)
     derived = {
@@ -347,8 +353,11 @@ def derive_model_keys(config: ml_collections.ConfigDict, vocab_size: int) -> ml_
         "text_len": int(config.data.text_len),
         "total_steps": int(config.train.steps),
     }
+    if token_ids is not None:
+        derived["token_ids"] = dict(token_ids)
     for key, value in derived.items():
         old = model.get(key, None)
+        old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old
         if old is not None and old != value:
             raise ConfigError(
                 f"model.{key}={old!r} contradicts {DERIVED_FROM[key]} ({value}): model.{key} is derived from it "

@@ -65,11 +65,26 @@ class Tokenizer:
         self.unk_id = self.sp.unk_id()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
-        self.mask_id = self.sp.piece_to_id("<mask>")
-        self.cls_id = self.sp.piece_to_id("<cls>")
+        self.mask_id = self._piece("<mask>")
+        self.cls_id = self._piece("<cls>")
         self.vocab_size = self.sp.get_piece_size()
         self.truncated = 0  # texts cut to fit max_len so far (a silent cut hides words)
         self._warned = False
+
+    def _piece(self, piece: str):
+        """The id of a user-defined piece, or None where the model has none (sentencepiece
+        answers an unknown piece with the unk id)."""
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and self.sp.id_to_piece(i) != piece else i
+
+    @property
+    def special_ids(self) -> dict:
+        """{'pad', 'unk', 'bos', 'eos', 'mask', 'cls': id, or None where the model has no
+        such token}: the contract with the models (`mmjax.models.tokens`, `model.token_ids`)."""
+        ids = dict(
+            pad=self.pad_id, unk=self.unk_id, bos=self.bos_id, eos=self.eos_id, mask=self.mask_id, cls=self.cls_id
+        )
+        return {k: None if v is None or v < 0 else int(v) for k, v in ids.items()}
 
     def encode(self, texts: list[str], max_len: int) -> np.ndarray:
         """list of N str -> int32 [N, max_len] (max_len >= 2)."""
@@ -98,7 +113,7 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """int ids [L] -> str, dropping pad/bos/eos/cls/mask."""
-        special = {self.pad_id, self.bos_id, self.eos_id, self.cls_id, self.mask_id}
+        special = {i for k, i in self.special_ids.items() if k != "unk"}
         return self.sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if int(i) not in special])
 
 

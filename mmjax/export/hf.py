@@ -130,13 +130,14 @@ def _tree_map(fn, tree):
     return {k: _tree_map(fn, v) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
 
 
-def save_clip(model, variables, out_dir: str, *, eos_id=None, image_mean=None, image_std=None) -> str:
+def save_clip(model, variables, out_dir: str, *, eos_id=None, token_ids=None, image_mean=None, image_std=None) -> str:
     """Writes `out_dir/config.json` + `model.safetensors` for `transformers.CLIPModel`,
     and `preprocessor_config.json` for `transformers.CLIPImageProcessor`.
 
     model: an mmjax CLIP module (HFCLIP from load_clip, or ClipFamily(...).model);
     variables: {'params': params} or the params. eos_id: for a model with mmjax's
-    text_pool='last', the eos id written to the config (default 3, mmjax's tokenizer).
+    text_pool='last', the eos id written to the config; token_ids: the tokenizer's special
+    ids (`Tokenizer.special_ids`: its bos / eos / pad go to the config; default mmjax's).
     image_mean / image_std: the normalisation (default mmjax's, OpenAI CLIP's values).
     Returns out_dir. ValueError names what does not fit transformers' CLIP.
     """
@@ -154,7 +155,7 @@ def save_clip(model, variables, out_dir: str, *, eos_id=None, image_mean=None, i
         for k in ("width", "depth", "heads", "mlp_dim"):
             if int(attrs[k]) != spec[tower][k]:
                 raise ValueError(f"{tower} {k}: the module says {attrs[k]}, the params {spec[tower][k]}")
-    config = hf_config(model, spec, eos_id=eos_id)
+    config = hf_config(model, spec, eos_id=eos_id, token_ids=token_ids)
     sd = state_dict_from_params(params, spec)
     os.makedirs(out_dir, exist_ok=True)
     save_file(sd, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from mmjax.models.tokens import MMJAX
+
 if TYPE_CHECKING:
     from mmjax.models.zoo.clip import CLIP
 
@@ -48,7 +50,7 @@ VISION_DEFAULTS = dict(
 CLIP_DEFAULTS = dict(projection_dim=512, logit_scale_init_value=2.6592)
 LEGACY_EOS = 2  # transformers pools at input_ids.argmax(-1) when eos_token_id == 2
 LEGACY_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)  # OpenAI's early configs
-MMJAX_IDS = dict(bos_token_id=2, eos_token_id=3, pad_token_id=0)  # mmjax.data.tokenizer
+MMJAX_IDS = dict(bos_token_id=MMJAX["bos"], eos_token_id=MMJAX["eos"], pad_token_id=MMJAX["pad"])  # mmjax tokenizer
 
 
 def _square(value, what):
@@ -192,8 +194,9 @@ def check_exportable(model: CLIP) -> None:
         )
 
 
-def _token_ids(model: CLIP, eos_id=None) -> dict:
-    """The bos/eos/pad ids of the exported config, which fix how transformers pools the text."""
+def _token_ids(model: CLIP, eos_id=None, token_ids=None) -> dict:
+    """The bos/eos/pad ids of the exported config, which fix how transformers pools the
+    text; `token_ids`: the workdir tokenizer's special ids (`Tokenizer.special_ids`)."""
     known = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), getattr(model, "hf_token_ids", None) or ()))
     if model.text_pool == "argmax":
         ids = known if known.get("eos_token_id") == LEGACY_EOS else dict(LEGACY_IDS)
@@ -202,6 +205,9 @@ def _token_ids(model: CLIP, eos_id=None) -> dict:
         ids["eos_token_id"] = int(model.eos_id)
     else:  # 'last': mmjax's tokenizer puts one eos last, then pad 0: the first eos is the same token
         ids = dict(MMJAX_IDS)
+        for name in ("bos", "eos", "pad"):
+            if (token_ids or {}).get(name) is not None:
+                ids[f"{name}_token_id"] = int(token_ids[name])
         if eos_id is not None:
             ids["eos_token_id"] = int(eos_id)
         if ids["eos_token_id"] == LEGACY_EOS:
@@ -215,10 +221,10 @@ def _token_ids(model: CLIP, eos_id=None) -> dict:
     return ids
 
 
-def hf_config(model: CLIP, spec: dict, *, eos_id=None) -> dict:
+def hf_config(model: CLIP, spec: dict, *, eos_id=None, token_ids=None) -> dict:
     """The transformers config.json of mmjax CLIP `model` with the shapes of `spec`."""
     check_exportable(model)
-    ids = _token_ids(model, eos_id)
+    ids = _token_ids(model, eos_id, token_ids)
     act, eps, e = ACT_TO_HF[model.act], float(model.ln_eps), spec["embed_dim"]
     im, tx = spec["image"], spec["text"]
     common = dict(

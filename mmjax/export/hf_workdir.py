@@ -156,9 +156,9 @@ def export_workdir(workdir: str, out_dir: str, weights: str = "student", *, step
     tokenizer = opened.tokenizer_path
     data = config.get("data", {})
     mean, std = data.get("mean", None), data.get("std", None)  # as formats' stablehlo export
-    eos_id = int(opened.tokenizer.eos_id) if tokenizer else None  # None: mmjax's default, 3
+    token_ids = opened.tokenizer.special_ids if tokenizer else None  # None: mmjax's ids
     out = save_clip(
-        opened.family.model, {"params": opened.params}, out_dir, eos_id=eos_id, image_mean=mean, image_std=std
+        opened.family.model, {"params": opened.params}, out_dir, token_ids=token_ids, image_mean=mean, image_std=std
     )
     if tokenizer:
         shutil.copyfile(tokenizer, os.path.join(out, TOKENIZER_FILE))

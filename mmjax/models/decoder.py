@@ -27,11 +27,11 @@ import jax.numpy as jnp
 
 from mmjax.models.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
 from mmjax.models.embed import WordEmbed
+from mmjax.models.tokens import MMJAX
 from mmjax.models.transformer import Mlp
 from mmjax.parallel.sharding import names, norm_init
 
 Dtype = Any
-PAD_ID = 0
 
 
 class DecoderBlock(nn.Module):
@@ -80,6 +80,7 @@ class TextDecoder(nn.Module):
     cross_from: int = 0
     decode: bool = False
     attention: str = "xla"
+    pad_id: int = MMJAX["pad"]  # the tokenizer's (model.token_ids): key padding, never emitted
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -111,7 +112,7 @@ class TextDecoder(nn.Module):
         """Causal + key padding; None for a cached decoding step (the cache masks)."""
         if self.decode and positions_L is not None:
             return None
-        return combine_masks(padding_mask(ids_BxL != PAD_ID), causal_mask(ids_BxL.shape[1]))
+        return combine_masks(padding_mask(ids_BxL != self.pad_id), causal_mask(ids_BxL.shape[1]))
 
     def run_blocks(self, x_BxLxD, self_mask, memory_BxSxDm=None, memory_valid_BxS=None, start=0, stop=None):
         memory_mask = None if memory_valid_BxS is None else padding_mask(memory_valid_BxS)
@@ -156,13 +157,14 @@ def greedy_decode(
     decode=True clone of it keeps keys and values, otherwise every step re-runs the
     whole prefix through the causal decoder."""
     b = memory_BxSxDm.shape[0]
-    tokens = jnp.zeros((b, max_len), jnp.int32).at[:, 0].set(bos_id)
+    pad = model.pad_id  # the tokenizer's (a static attribute of the module)
+    tokens = jnp.full((b, max_len), pad, jnp.int32).at[:, 0].set(bos_id)
     done = jnp.zeros((b,), bool)
 
     def pick(logits_BxV, done):
-        logits_BxV = logits_BxV.at[:, PAD_ID].set(-jnp.inf)  # a caption never emits padding
+        logits_BxV = logits_BxV.at[:, pad].set(-jnp.inf)  # a caption never emits padding
         nxt = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, PAD_ID, nxt)
+        nxt = jnp.where(done, pad, nxt)
         return nxt, done | (nxt == eos_id)
 
     if use_cache:
@@ -224,7 +226,8 @@ def beam_search(
     b, k = memory_BxSxDm.shape[0], int(beams)
     rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)  # [B, ...] -> [B*K, ...]
     memory, valid = rep(memory_BxSxDm), rep(memory_valid_BxS)
-    tokens = jnp.zeros((b, k, max_len), jnp.int32).at[:, :, 0].set(bos_id)
+    pad = model.pad_id  # the tokenizer's (a static attribute of the module)
+    tokens = jnp.full((b, k, max_len), pad, jnp.int32).at[:, :, 0].set(bos_id)
     scores = jnp.full((b, k), -jnp.inf).at[:, 0].set(0.0)  # one live beam at the start
     done = jnp.zeros((b, k), bool)
     lengths = jnp.zeros((b, k), jnp.int32)
@@ -243,8 +246,8 @@ def beam_search(
         )
         v = logits.shape[-1]
         logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1).reshape(b, k, v)
-        logp = logp.at[:, :, PAD_ID].set(-jnp.inf)
-        finished = jnp.full((v,), -jnp.inf).at[PAD_ID].set(0.0)
+        logp = logp.at[:, :, pad].set(-jnp.inf)
+        finished = jnp.full((v,), -jnp.inf).at[pad].set(0.0)
         logp = jnp.where(done[:, :, None], finished, logp)
         cand = (scores[:, :, None] + logp).reshape(b, k * v)
         scores, idx = jax.lax.top_k(cand, k)

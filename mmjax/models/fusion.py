@@ -25,11 +25,11 @@ import jax.numpy as jnp
 
 from mmjax.models.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
 from mmjax.models.embed import WordEmbed
+from mmjax.models.tokens import MMJAX
 from mmjax.models.transformer import Block, Mlp, maybe_remat
 from mmjax.parallel.sharding import dense_init, names, norm_init
 
 Dtype = Any
-PAD_ID = 0
 
 
 class FusionBlock(nn.Module):
@@ -79,7 +79,7 @@ class BertTextEncoder(nn.Module):
     -> (fused: [B, L, D], aux)` = `encode_text` then `fuse` (use it for init: it
     creates every param).
 
-    Self-attention masks padding (pad id 0) and, with `causal=True`, future
+    Self-attention masks padding (`pad_id`, the tokenizer's) and, with `causal=True`, future
     positions (BLIP/CoCa decoders). `fusion_from=0` gives BLIP's image-grounded
     encoder (cross-attention in every block); `fusion_from=6, depth=12` ALBEF.
 
@@ -97,6 +97,7 @@ class BertTextEncoder(nn.Module):
     mlp_dim: int
     fusion_from: int
     causal: bool = False
+    pad_id: int = MMJAX["pad"]  # the tokenizer's (model.token_ids)
     remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
     attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
     dtype: Dtype = jnp.float32
@@ -122,7 +123,9 @@ class BertTextEncoder(nn.Module):
     def self_mask(self, ids_BxL):
         """Self-attention mask [B, 1, L|1, L] bool: padding (and causal if set)."""
         chex.assert_rank(ids_BxL, 2)
-        return combine_masks(padding_mask(ids_BxL != PAD_ID), causal_mask(ids_BxL.shape[1]) if self.causal else None)
+        return combine_masks(
+            padding_mask(ids_BxL != self.pad_id), causal_mask(ids_BxL.shape[1]) if self.causal else None
+        )
 
     def __call__(self, ids_BxL, image_BxNxDi, image_valid_BxN=None):
         _, text_aux = self.encode_text(ids_BxL)

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 
 from mmjax.models.attention import causal_mask, combine_masks, padding_mask
 from mmjax.models.embed import WordEmbed
+from mmjax.models.tokens import MMJAX
 from mmjax.models.transformer import LN_EPS, Encoder
 
 Dtype = Any
-PAD_ID = 0
+PAD_ID = MMJAX["pad"]  # the default: mmjax tokenizer's (a family passes its tokenizer's)
 POOLS = ("last", "argmax", "eos")
 
 
@@ -68,6 +69,7 @@ class TextEncoder(nn.Module):
     causal: bool = True
     pool: str = "last"
     eos_id: Any = None  # int, for pool='eos'
+    pad_id: int = PAD_ID  # the tokenizer's, for pool='last' (model.token_ids)
     act: str = "gelu_tanh"
     ln_eps: float = LN_EPS
     remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
@@ -106,10 +108,10 @@ class TextEncoder(nn.Module):
         b, length = ids_BxL.shape
         chex.assert_shape(x_BxLxD, (b, length, self.width))
         # Only mmjax's own rule knows a pad id; transformers' rules attend causally.
-        pad = padding_mask(ids_BxL != PAD_ID) if self.pool == "last" else None
+        pad = padding_mask(ids_BxL != self.pad_id) if self.pool == "last" else None
         mask = combine_masks(pad, causal_mask(length) if self.causal else None)
         x_BxLxD, enc_aux = self.encoder(x_BxLxD, mask)
-        eos_B = pool_index(ids_BxL, self.pool, self.eos_id)
+        eos_B = pool_index(ids_BxL, self.pool, self.eos_id, self.pad_id)
         pooled_BxD = jnp.take_along_axis(x_BxLxD, eos_B[:, None, None], axis=1)[:, 0]
         chex.assert_shape(pooled_BxD, (b, self.width))
         aux = dict(tokens=x_BxLxD, eos_index=eos_B, mask=mask, encoder=enc_aux, pooled=pooled_BxD)

@@ -1,17 +1,23 @@
 """Masked language modelling: BERT token masking and the (distilled) MLM loss.
 
 Shape letters: B batch, L sequence length, V vocabulary size.
-mmjax's tokenizer reserves ids pad 0, unk 1, bos 2, eos 3, mask 4, cls 5.
+The special ids come from the tokenizer (`mmjax.models.tokens.TokenIds.mlm`); the
+defaults are those of mmjax's tokenizer (pad 0, unk 1, bos 2, eos 3, mask 4, cls 5).
 """
 
 import chex
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.tokens import TokenIds
 from mmjax.parallel.collective import global_mean, identity
 
+_MMJAX = TokenIds()
 
-def mask_tokens(rng, ids_BxL, *, vocab_size, mask_id, special_ids=(0, 1, 2, 3, 4, 5), prob=0.15, first_random_id=6):
+
+def mask_tokens(
+    rng, ids_BxL, *, vocab_size, mask_id, special_ids=_MMJAX.special, prob=0.15, first_random_id=_MMJAX.first_word
+):
     """BERT masking.
 
     Each token whose id is not in `special_ids` is selected independently with

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from mmjax import checkpoint as ckpt_lib
+from mmjax import config as config_lib
 from mmjax import workdir as workdir_lib
 from mmjax.models import zoo
 from mmjax.parallel import mesh as mesh_lib
@@ -52,14 +53,9 @@ class Setup:
             multihost_utils.sync_global_devices("mmjax: data and tokenizer ready")
             if jax.process_index() != 0:
                 self.tokenizer = get_tokenizer()
-        with config.unlocked():
-            # An imported model (mmjax convert) keeps its own vocabulary size.
-            keep = config.model.get("keep_vocab_size", False) and int(config.model.get("vocab_size", 0) or 0)
-            config.model.vocab_size = int(keep or self.tokenizer.vocab_size)
-            config.model.image_size = int(data.image_size)
-            config.model.num_frames = int(data.get("num_frames", 0) or 0)  # 0: images; T: clips
-            config.model.text_len = int(data.text_len)
-            config.model.total_steps = int(config.train.steps)  # for momentum / ramp schedules
+        # vocab_size, token_ids, image_size, num_frames, text_len, total_steps: from the
+        # tokenizer and data.* / train.*; a config value that contradicts them is a ConfigError.
+        config_lib.derive_model_keys(config, self.tokenizer.vocab_size, self.tokenizer.special_ids)
         self.family = zoo.build(config.model)
         self.mode = config.parallel.get("mode", "mesh")
         # pmap keeps a replica of the state per device; its checkpoints use the
@@ -179,7 +175,7 @@ class Setup:
         family, optimizer = self.family, self.optimizer
 
         def rebuild(params, rng):
-            extra = family.init_extra(params) if hasattr(family, "init_extra") else {}
+            extra = family.init_extra(params)
             return state.replace(
                 params=params,
                 opt_state=optimizer.init(params),
@@ -221,7 +217,7 @@ class Setup:
         from mmjax.eval.run import ClassificationEvaluator, Evaluator
 
         ev = self.config.eval
-        if hasattr(self.family, "logits"):
+        if self.family.can("classify"):
             return ClassificationEvaluator(
                 self.family,
                 self.config.data,

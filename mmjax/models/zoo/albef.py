@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from mmjax.flops import cross_layer, layer, vision, vision_tokens
 from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead, head_dense
+from mmjax.models.tokens import MMJAX
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import l2_normalize
@@ -37,7 +38,6 @@ from mmjax.parallel.collective import local
 from mmjax.parallel.sharding import names
 
 Dtype = Any
-MASK_ID, SPECIAL_IDS, FIRST_WORD_ID = 4, (0, 1, 2, 3, 4, 5), 6  # mmjax tokenizer ids
 
 
 class ALBEF(nn.Module):
@@ -56,6 +56,7 @@ class ALBEF(nn.Module):
     embed_dim: int
     vocab_size: int
     text_len: int
+    pad_id: int = MMJAX["pad"]  # the tokenizer's (model.token_ids)
     remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
     attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
     scan: bool = False  # nn.scan over the blocks (the image tower's transformer.Encoder)
@@ -88,6 +89,7 @@ class ALBEF(nn.Module):
             tx["heads"],
             tx["mlp_dim"],
             fusion_from=self.fusion_from,
+            pad_id=self.pad_id,
             remat=self.remat,
             attention=self.attention,
             **kw,
@@ -168,6 +170,7 @@ class AlbefFamily(MomentumFamily):
         self._momentum_config(c)
         self.mlm_prob = c.mlm_prob
         self.embed_dim = c.embed_dim
+        self.mlm_kw = c.tokens.mlm("model.tasks 'mlm'") if "mlm" in self.tasks else {}
         self.model = ALBEF(
             image=self.image_variant,
             text=text,
@@ -175,6 +178,7 @@ class AlbefFamily(MomentumFamily):
             embed_dim=self.embed_dim,
             vocab_size=c.need("vocab_size"),
             text_len=self.text_len,
+            pad_id=c.tokens.need("pad", "ALBEF's text encoder"),
             scan=c.scan_layers,
             video=video_options(c.video_keys()),
             **c.module_kw(),
@@ -227,10 +231,8 @@ class AlbefFamily(MomentumFamily):
                     rng_mlm,
                     gather(text_ids),
                     vocab_size=m.vocab_size,
-                    mask_id=MASK_ID,
-                    special_ids=SPECIAL_IDS,
                     prob=self.mlm_prob,
-                    first_random_id=FIRST_WORD_ID,
+                    **self.mlm_kw,
                 ),
             )
             m_stream = self._apply(params, m.text_stream, masked)

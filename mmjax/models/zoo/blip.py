@@ -48,7 +48,7 @@ from mmjax.models.fusion import ItmHead, head_dense
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
-from mmjax.models.zoo.blip_text import BOS_ID, EOS_ID, BlipText
+from mmjax.models.zoo.blip_text import BlipText
 from mmjax.models.zoo.clip import l2_normalize
 from mmjax.models.zoo.common import MomentumConfig, MomentumFamily, video_options
 from mmjax.models.zoo.contract import register
@@ -73,6 +73,7 @@ class BLIP(nn.Module):
     embed_dim: int
     vocab_size: int
     text_len: int
+    text_ids: Any = None  # BlipText's token keywords (pad_id, cls_id: the tokenizer's); None: mmjax's
     remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
     attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
     scan: bool = False  # nn.scan over the image tower's blocks
@@ -106,6 +107,7 @@ class BLIP(nn.Module):
             tx["mlp_dim"],
             remat=remat_mode(self.remat),
             attention=self.attention,
+            **dict(self.text_ids or {}),
             **kw,
         )
         self.image_proj = head_dense(self.embed_dim, name="image_proj", param_dtype=self.param_dtype)  # float32 heads
@@ -175,12 +177,17 @@ class BlipFamily(MomentumFamily):
         self.image_variant = parse_variant(c.image, c.image_overrides, kind="image")
         self.text_variant = text = parse_variant(c.text, c.text_overrides, kind="text")
         kw = c.module_kw()
+        tok = c.tokens
+        self.bos_eos = dict(bos_id=tok.need("bos", "BLIP's decoder"), eos_id=tok.need("eos", "BLIP's decoder"))
+        self.pad_id = tok.need("pad", "BLIP's text transformer")
+        text_ids = dict(pad_id=self.pad_id, cls_id=tok.need("cls", "BLIP's ITC text encoder"))
         self.model = BLIP(
             image=self.image_variant,
             text=text,
             embed_dim=self.embed_dim,
             vocab_size=c.need("vocab_size"),
             text_len=self.text_len,
+            text_ids=text_ids,
             scan=c.scan_layers,
             video=video_options(c.video_keys()),
             **kw,
@@ -188,7 +195,7 @@ class BlipFamily(MomentumFamily):
         del kw["remat"]
         # The decoder mode alone (params: params['text_tower']), for cached captioning.
         self.decoder = BlipText(
-            c.vocab_size, self.text_len, text["width"], text["depth"], text["heads"], text["mlp_dim"], **kw
+            c.vocab_size, self.text_len, text["width"], text["depth"], text["heads"], text["mlp_dim"], **text_ids, **kw
         )
 
     # --- FLOPs per sample (mmjax/flops.py) -------------------------------------------
@@ -267,7 +274,7 @@ class BlipFamily(MomentumFamily):
 
         if "lm" in self.tasks:
             logits = self._apply(params, m.lm_logits, img_tok, text)
-            l_lm, mi = lm_loss(logits, text, label_smoothing=self.label_smoothing, gather=gather)
+            l_lm, mi = lm_loss(logits, text, label_smoothing=self.label_smoothing, pad_id=self.pad_id, gather=gather)
             loss, metrics = loss + self.weights["lm"] * l_lm, {**metrics, **mi}
 
         metrics["loss"] = loss
@@ -290,7 +297,7 @@ class BlipFamily(MomentumFamily):
         the decoder mode cross-attends to every image token."""
         max_len = int(max_len or self.text_len)
         _, memory = self._apply(params, self.model.image_features, image)
-        kw = dict(max_len=max_len, bos_id=BOS_ID, eos_id=EOS_ID)
+        kw = dict(max_len=max_len, **self.bos_eos)
         if beams > 1:
             return beam_search(
                 self.decoder, params["text_tower"], memory, beams=beams, length_penalty=length_penalty, **kw

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 
 from mmjax.models.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
 from mmjax.models.embed import WordEmbed
+from mmjax.models.tokens import MMJAX
 from mmjax.models.transformer import Mlp, maybe_remat
 from mmjax.parallel.sharding import constrain, names, norm_init
 
 Dtype = Any
-PAD_ID, BOS_ID, EOS_ID, CLS_ID = 0, 2, 3, 5  # mmjax tokenizer ids; bos = [Decode], <cls> = ITC's [CLS]
 MODES = ("text", "encode", "decode")
 
 
@@ -77,6 +77,8 @@ class BlipText(nn.Module):
     decode: bool = False
     remat: Any = "none"
     attention: str = "xla"
+    pad_id: int = MMJAX["pad"]  # the tokenizer's ids (model.token_ids); bos = [Decode]
+    cls_id: int = MMJAX["cls"]  # <cls>: ITC's [CLS]
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -100,7 +102,7 @@ class BlipText(nn.Module):
         learned [Encode] embedding ('encode'); 'decode' keeps bos = [Decode]."""
         chex.assert_rank(ids_BxL, 2)
         if mode == "text":
-            ids_BxL = ids_BxL.at[:, 0].set(CLS_ID)
+            ids_BxL = ids_BxL.at[:, 0].set(self.cls_id)
         x_BxLxD = self.embed(ids_BxL, positions_L)
         if mode == "encode":
             enc_D = jnp.asarray(self.enc_token, x_BxLxD.dtype) + jnp.asarray(self.embed.pos[0], x_BxLxD.dtype)
@@ -112,7 +114,7 @@ class BlipText(nn.Module):
         if self.decode and positions_L is not None:
             return None
         return combine_masks(
-            padding_mask(ids_BxL != PAD_ID), causal_mask(ids_BxL.shape[1]) if mode == "decode" else None
+            padding_mask(ids_BxL != self.pad_id), causal_mask(ids_BxL.shape[1]) if mode == "decode" else None
         )
 
     def run(self, ids_BxL, mode: str, memory_BxTxDi=None, memory_valid_BxT=None, positions_L=None):

@@ -58,7 +58,7 @@ def build_backbone(c, wrapper: str, capability: str):
         )
     backbone_cfg = ml_collections.ConfigDict(dict(c.backbone))
     with backbone_cfg.unlocked():  # sizes follow the fine-tuning data
-        for k in ("image_size", "text_len", "vocab_size"):
+        for k in ("image_size", "text_len", "vocab_size", "token_ids"):
             if getattr(c, k) is not None:
                 backbone_cfg[k] = getattr(c, k)
     family = backbone_cfg.get("family")

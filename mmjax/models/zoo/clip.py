@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from mmjax.flops import layer, vision
 from mmjax.models.fusion import head_dense
+from mmjax.models.text import PAD_ID, TextEncoder
 from mmjax.models.text import POOLS as TEXT_POOLS
-from mmjax.models.text import TextEncoder
 from mmjax.models.transformer import ACTIVATIONS, LN_EPS
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
@@ -73,6 +73,7 @@ class CLIP(nn.Module):
     ln_eps: float = LN_EPS  # every LayerNorm's epsilon
     text_pool: str = "last"  # text pooling rule (text.POOLS)
     eos_id: Any = None  # the eos id, for text_pool='eos'
+    pad_id: int = PAD_ID  # the tokenizer's pad id, for text_pool='last' (model.token_ids)
     remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
     attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
     scan: bool = False  # nn.scan over the blocks (transformer.Encoder)
@@ -112,6 +113,7 @@ class CLIP(nn.Module):
             tx["mlp_dim"],
             pool=self.text_pool,
             eos_id=self.eos_id,
+            pad_id=self.pad_id,
             act=self.act,
             ln_eps=self.ln_eps,
             remat=self.remat,
@@ -228,6 +230,8 @@ class ClipFamily(Family):
             ln_eps=c.ln_eps,
             text_pool=c.text_pool,
             eos_id=c.eos_id,
+            # transformers' pooling rules ('argmax', 'eos') know no pad id; mmjax's 'last' needs one
+            pad_id=c.tokens.need("pad", "model.text_pool='last'") if c.text_pool == "last" else PAD_ID,
             scan=c.scan_layers,
             video=video_options(c.video_keys()),
             **c.module_kw(),

@@ -24,9 +24,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.flops import cross_layer, layer, pooler, vision, vision_tokens
-from mmjax.models.attention import MultiHeadAttention
+from mmjax.models.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
 from mmjax.models.decoder import TextDecoder, beam_search, greedy_decode
 from mmjax.models.fusion import head_dense
+from mmjax.models.tokens import MMJAX
 from mmjax.models.variants import parse_variant
 from mmjax.models.vit import ViT
 from mmjax.models.zoo.clip import l2_normalize
@@ -37,7 +38,6 @@ from mmjax.objectives import identity, itc_loss, lm_loss
 from mmjax.parallel.sharding import names, norm_init
 
 Dtype = Any
-CLS_ID, BOS_ID, EOS_ID = 5, 2, 3  # mmjax tokenizer ids
 
 
 class AttentionalPooler(nn.Module):
@@ -77,6 +77,7 @@ class CoCa(nn.Module):
     text_len: int
     unimodal_layers: int
     cap_queries: int = 16
+    pad_id: int = MMJAX["pad"]  # the tokenizer's (model.token_ids)
     remat: Any = False
     attention: str = "xla"
     video: Any = None  # ViT video keywords (common.video_options); None: an image model
@@ -110,6 +111,7 @@ class CoCa(nn.Module):
             tx["mlp_dim"],
             cross_from=self.unimodal_layers,
             attention=self.attention,
+            pad_id=self.pad_id,
             **kw,
         )
         self.text_cls = self.param(
@@ -129,10 +131,9 @@ class CoCa(nn.Module):
         b, length = ids_BxL.shape
         x = self.decoder.embed_tokens(ids_BxL)
         cls = jnp.broadcast_to(jnp.asarray(self.text_cls, x.dtype)[None, None], (b, 1, x.shape[-1]))
-        ids_c = jnp.concatenate([ids_BxL, jnp.full((b, 1), CLS_ID, ids_BxL.dtype)], axis=1)
-        y = self.decoder.run_blocks(
-            jnp.concatenate([x, cls], axis=1), self.decoder.self_mask(ids_c), stop=self.unimodal_layers
-        )
+        valid = jnp.concatenate([ids_BxL != self.pad_id, jnp.ones((b, 1), bool)], axis=1)  # + the [CLS]
+        mask = combine_masks(padding_mask(valid), causal_mask(length + 1))
+        y = self.decoder.run_blocks(jnp.concatenate([x, cls], axis=1), mask, stop=self.unimodal_layers)
         emb = l2_normalize(self.text_proj(self.ln_cls(y[:, -1])))
         return emb, y[:, :length]
 
@@ -189,6 +190,9 @@ class CocaFamily(Family):
         self.t_range = logit_scale_bounds(self.max_logit_scale)
         self.embed_dim = c.embed_dim
         kw = c.module_kw()
+        tok = c.tokens
+        self.pad_id = tok.need("pad", "CoCa's text decoder")
+        self.bos_eos = dict(bos_id=tok.need("bos", "CoCa's captioner"), eos_id=tok.need("eos", "CoCa's captioner"))
         self.model = CoCa(
             image=self.image_variant,
             text=text,
@@ -197,6 +201,7 @@ class CocaFamily(Family):
             text_len=self.text_len,
             unimodal_layers=self.unimodal_layers,
             cap_queries=c.cap_queries,
+            pad_id=self.pad_id,
             video=video_options(c.video_keys()),
             **kw,
         )
@@ -209,6 +214,7 @@ class CocaFamily(Family):
             text["heads"],
             text["mlp_dim"],
             cross_from=self.unimodal_layers,
+            pad_id=self.pad_id,
             **kw,
         )
 
@@ -239,7 +245,9 @@ class CocaFamily(Family):
         del rng, teacher, queues, step
         img_emb, txt_emb, logits = self._apply(params, self.model.__call__, batch["image"], batch["text"])
         l_con, mi = itc_loss(img_emb, txt_emb, params["t"], gather=gather)
-        l_cap, mc = lm_loss(logits, batch["text"], label_smoothing=self.label_smoothing, gather=gather)
+        l_cap, mc = lm_loss(
+            logits, batch["text"], label_smoothing=self.label_smoothing, pad_id=self.pad_id, gather=gather
+        )
         loss = self.con_weight * l_con + self.cap_weight * l_cap
         metrics = {**{("loss_itc" if k == "loss" else k): v for k, v in mi.items()}, **mc, "loss": loss}
         return loss, metrics, {}
@@ -260,7 +268,7 @@ class CocaFamily(Family):
         """Token ids [B, max_len] (bos first, PAD after eos): greedy, or beam search."""
         max_len = int(max_len or self.text_len)
         _, memory = self._apply(params, self.model.image_features, image)
-        kw = dict(max_len=max_len, bos_id=BOS_ID, eos_id=EOS_ID)
+        kw = dict(max_len=max_len, **self.bos_eos)
         if beams > 1:
             return beam_search(
                 self.decoder, params["decoder"], memory, beams=beams, length_penalty=length_penalty, **kw

@@ -51,8 +51,6 @@ from mmjax.objectives import (
 )
 from mmjax.parallel.collective import local
 
-MASK_ID, SPECIAL_IDS, FIRST_WORD_ID = 4, (0, 1, 2, 3, 4, 5), 6
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MultiwayConfig(ComputeConfig):
@@ -104,6 +102,7 @@ class MultiwayFamily(FeatureFamily):
         if bad:
             raise ValueError(f"model.tasks {bad} unknown; valid choices: {', '.join(self.TASKS)}")
         self.mlm_prob = c.mlm_prob or defaults["mlm_prob"]
+        self.mlm_kw = c.tokens.mlm(f"model.tasks {self.tasks}") if {"mlm", "tmlm"} & set(self.tasks) else {}
         self.tmlm_prob, self.mdm_ratio, self.mlm_weight = c.tmlm_prob, c.mdm_ratio, c.mlm_weight
         self.max_logit_scale = c.max_logit_scale
         self.t_range = logit_scale_bounds(self.max_logit_scale)
@@ -131,6 +130,7 @@ class MultiwayFamily(FeatureFamily):
             layout=layout,
             vl_from=vl_from,
             itc_vl=self.itc_vl,
+            pad_id=c.tokens.need("pad", "the multiway text embedding"),
             **c.module_kw(),
         )
 
@@ -215,10 +215,8 @@ class MultiwayFamily(FeatureFamily):
             rng,
             gather(text),
             vocab_size=self.model.vocab_size,
-            mask_id=MASK_ID,
-            special_ids=SPECIAL_IDS,
             prob=prob,
-            first_random_id=FIRST_WORD_ID,
+            **self.mlm_kw,
         )
         return local(gather, drawn)
 

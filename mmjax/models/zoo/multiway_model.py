@@ -16,11 +16,11 @@ from mmjax.models.attention import padding_mask
 from mmjax.models.embed import PatchEmbed, WordEmbed
 from mmjax.models.fusion import ItmHead, MlmHead, head_dense
 from mmjax.models.multiway import MultiwayEncoder
+from mmjax.models.tokens import MMJAX
 from mmjax.models.zoo.clip import l2_normalize
 from mmjax.parallel.sharding import dense_init, names
 
 Dtype = Any
-PAD_ID = 0
 
 
 class Multiway(nn.Module):
@@ -34,6 +34,7 @@ class Multiway(nn.Module):
     layout: str = "vlmo"
     vl_from: Any = None
     itc_vl: bool = False  # VLMo's second ITC on VL-FFN features (needs vl_from)
+    pad_id: int = MMJAX["pad"]  # the tokenizer's (model.token_ids)
     remat: Any = False  # False | 'none' | True | 'full' | 'dots' (transformer.REMAT_POLICIES)
     attention: str = "xla"  # 'xla' | 'cudnn', '/N' pads lengths to a multiple of N (attention.py)
     dtype: Dtype = jnp.float32
@@ -103,7 +104,7 @@ class Multiway(nn.Module):
         return y
 
     def text_pass(self, txt_BxLxD, ids_BxL):
-        mask = padding_mask(ids_BxL != PAD_ID)
+        mask = padding_mask(ids_BxL != self.pad_id)
         y, _ = self.encoder(txt_BxLxD, mask, (("text", txt_BxLxD.shape[1]),))
         return y
 
@@ -120,7 +121,7 @@ class Multiway(nn.Module):
     def joint_pass(self, img_BxTxD, txt_BxLxD, ids_BxL):
         """-> (image part [B, T, D], text part [B, L, D], pooled first token [B, D])."""
         t, length = img_BxTxD.shape[1], txt_BxLxD.shape[1]
-        valid_txt = ids_BxL != PAD_ID
+        valid_txt = ids_BxL != self.pad_id
         valid_img = jnp.ones(img_BxTxD.shape[:2], bool)
         if self.layout == "vlmo":  # VLMo's release: [text ; image]
             x = jnp.concatenate([txt_BxLxD, img_BxTxD], axis=1)
@@ -167,7 +168,7 @@ class Multiway(nn.Module):
     def text_features_vl(self, ids):
         """-> (emb [B, E], VL-FFN emb [B, E], tokens [B, L, D]) of the text-only pass."""
         tok = self.text_tokens(ids)
-        y, y_vl = self._with_vl(tok, padding_mask(ids != PAD_ID), (("text", tok.shape[1]),))
+        y, y_vl = self._with_vl(tok, padding_mask(ids != self.pad_id), (("text", tok.shape[1]),))
         return self.text_embedding(y), l2_normalize(self.vl_text_proj(y_vl[:, 0])), tok
 
     def fused_features(self, image, ids):

@@ -14,6 +14,7 @@ import typing
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
+from mmjax.models.tokens import TokenIds
 from mmjax.models.video import LOCAL_VARIANTS, TEMPORAL
 
 ANY = "<any value>"  # `inert=ANY`: a key that asks for nothing by itself (it refines another key)
@@ -88,6 +89,7 @@ class ModelConfig:
     text_len: int = key(77, derived=True)
     num_frames: int = key(0, derived=True)
     total_steps: int = key(0, derived=True)
+    token_ids: dict = key(None, none=True, derived=True)  # the tokenizer's special ids; None: mmjax's (tokens.py)
     keep_vocab_size: bool = key(False)  # an imported model keeps its vocabulary (mmjax convert)
 
     @classmethod
@@ -126,6 +128,12 @@ class ModelConfig:
 
     def check(self):
         """Checks across keys (subclasses extend it); ConfigError / ValueError."""
+        self.tokens  # noqa: B018 (a bad token name fails here)
+
+    @property
+    def tokens(self) -> TokenIds:
+        """The tokenizer's special ids (`model.token_ids`; a config without it: mmjax's)."""
+        return TokenIds.of(self.token_ids)
 
     def need(self, name: str):
         """A derived key's value, or a ConfigError saying the run sets it."""
