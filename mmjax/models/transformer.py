@@ -157,6 +157,14 @@ class Encoder(nn.Module):
     def __call__(self, x_BxLxD, mask=None):
         chex.assert_rank(x_BxLxD, 3)
         aux = {}
+        block_kw = dict(
+            fused_qkv=self.fused_qkv,
+            attention=self.attention,
+            act=self.act,
+            ln_eps=self.ln_eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         if self.scan:
             layers = nn.scan(
                 maybe_remat(ScanBlock, self.remat, prevent_cse=False),
@@ -166,30 +174,10 @@ class Encoder(nn.Module):
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, _ = layers(
-                self.num_heads,
-                self.mlp_dim,
-                fused_qkv=self.fused_qkv,
-                attention=self.attention,
-                act=self.act,
-                ln_eps=self.ln_eps,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="blocks",
-            )(x_BxLxD, mask)
+            x_BxLxD, _ = layers(self.num_heads, self.mlp_dim, **block_kw, name="blocks")(x_BxLxD, mask)
         block_cls = maybe_remat(Block, self.remat)
         for i in range(0 if self.scan else self.depth):
-            x_BxLxD = block_cls(
-                self.num_heads,
-                self.mlp_dim,
-                fused_qkv=self.fused_qkv,
-                attention=self.attention,
-                act=self.act,
-                ln_eps=self.ln_eps,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"block{i:02d}",
-            )(x_BxLxD, mask)
+            x_BxLxD = block_cls(self.num_heads, self.mlp_dim, **block_kw, name=f"block{i:02d}")(x_BxLxD, mask)
             aux[f"block{i:02d}"] = x_BxLxD
         if self.final_norm:
             x_BxLxD = nn.LayerNorm(

@@ -343,20 +343,27 @@ class VideoEncoder(nn.Module):
                 self.mlp_dim,
                 self.num_frames,
                 temporal=self.temporal,
-                temporal_kernel=self.temporal_kernel,
-                cls_token=self.cls_token,
-                act=self.act,
-                ln_eps=self.ln_eps,
-                attention=self.attention,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
+                **self._block_kw(),
                 name=f"block{i:02d}",
             )(x_BxSxD)
             aux[f"block{i:02d}"] = x_BxSxD
-        x_BxSxD = nn.LayerNorm(
+        return self._final_norm(x_BxSxD), aux
+
+    def _block_kw(self) -> dict:
+        return dict(
+            temporal_kernel=self.temporal_kernel,
+            cls_token=self.cls_token,
+            act=self.act,
+            ln_eps=self.ln_eps,
+            attention=self.attention,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    def _final_norm(self, x):
+        return nn.LayerNorm(
             epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final", **norm_init()
-        )(x_BxSxD)
-        return x_BxSxD, aux
+        )(x)
 
     def _per_frame(self, x_BxSxD):
         """The release's 'local' encoder: every frame its own [CLS] until the end."""
@@ -370,22 +377,8 @@ class VideoEncoder(nn.Module):
         block_cls = maybe_remat(LocalTemporalBlock, self.remat)
         aux = {}
         for i in range(self.depth):
-            x_BxTxSfxD = block_cls(
-                self.num_heads,
-                self.mlp_dim,
-                temporal_kernel=self.temporal_kernel,
-                cls_token=self.cls_token,
-                act=self.act,
-                ln_eps=self.ln_eps,
-                attention=self.attention,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"block{i:02d}",
-            )(x_BxTxSfxD)
+            x_BxTxSfxD = block_cls(self.num_heads, self.mlp_dim, **self._block_kw(), name=f"block{i:02d}")(x_BxTxSfxD)
             aux[f"block{i:02d}"] = x_BxTxSfxD
         cls_BxcxD = jnp.mean(x_BxTxSfxD[:, :, :c], axis=1)  # averaged once, after the last block
         x_BxSxD = jnp.concatenate([cls_BxcxD, x_BxTxSfxD[:, :, c:].reshape(b, t * n, d)], axis=1)
-        x_BxSxD = nn.LayerNorm(
-            epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final", **norm_init()
-        )(x_BxSxD)
-        return x_BxSxD, aux
+        return self._final_norm(x_BxSxD), aux

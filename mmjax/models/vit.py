@@ -191,3 +191,19 @@ class ViT(nn.Module):
         return Encoder(
             self.depth, self.num_heads, self.mlp_dim, final_norm=True, scan=self.scan, **common, **self._kw()
         )(x_BxLxD)
+
+
+def image_tower(variant: dict, owner: nn.Module, **kw) -> ViT:
+    """A family module's image tower: a ViT of `variant` (`parse_variant(kind='image')`:
+    patch, width, depth, heads, mlp_dim) with the owner module's `remat`, `attention`,
+    `scan` (where it has one), `video` keywords and dtypes; `kw` (pool, posemb, ...) on top.
+    Call it in the owner's `setup`."""
+    own = dict(
+        remat=owner.remat,
+        attention=owner.attention,
+        scan=getattr(owner, "scan", False),
+        dtype=owner.dtype,
+        param_dtype=owner.param_dtype,
+        **dict(getattr(owner, "video", None) or {}),
+    )
+    return ViT(variant["patch"], variant["width"], variant["depth"], variant["heads"], variant["mlp_dim"], **own, **kw)

@@ -28,7 +28,7 @@ from mmjax.flops import cross_layer, layer, vision, vision_tokens
 from mmjax.models.fusion import BertTextEncoder, ItmHead, MlmHead, head_dense
 from mmjax.models.tokens import MMJAX
 from mmjax.models.variants import parse_variant
-from mmjax.models.vit import ViT
+from mmjax.models.vit import image_tower
 from mmjax.models.zoo.clip import l2_normalize
 from mmjax.models.zoo.common import MomentumConfig, MomentumFamily, video_options
 from mmjax.models.zoo.contract import register
@@ -67,20 +67,7 @@ class ALBEF(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         im, tx = self.image, self.text
-        self.image_tower = ViT(
-            im["patch"],
-            im["width"],
-            im["depth"],
-            im["heads"],
-            im["mlp_dim"],
-            pool="cls",
-            posemb="learn",
-            remat=self.remat,
-            attention=self.attention,
-            scan=self.scan,
-            **dict(self.video or {}),
-            **kw,
-        )
+        self.image_tower = image_tower(im, self, pool="cls", posemb="learn")
         self.text_tower = BertTextEncoder(
             self.vocab_size,
             self.text_len,

@@ -47,7 +47,7 @@ from mmjax.models.decoder import beam_search, greedy_decode
 from mmjax.models.fusion import ItmHead, head_dense
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
-from mmjax.models.vit import ViT
+from mmjax.models.vit import image_tower
 from mmjax.models.zoo.blip_text import BlipText
 from mmjax.models.zoo.clip import l2_normalize
 from mmjax.models.zoo.common import MomentumConfig, MomentumFamily, video_options
@@ -84,20 +84,7 @@ class BLIP(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         im, tx = self.image, self.text
-        self.image_tower = ViT(
-            im["patch"],
-            im["width"],
-            im["depth"],
-            im["heads"],
-            im["mlp_dim"],
-            pool="cls",
-            posemb="learn",
-            remat=self.remat,
-            attention=self.attention,
-            scan=self.scan,
-            **dict(self.video or {}),
-            **kw,
-        )
+        self.image_tower = image_tower(im, self, pool="cls", posemb="learn")
         self.text_tower = BlipText(
             self.vocab_size,
             self.text_len,

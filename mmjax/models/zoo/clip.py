@@ -29,7 +29,7 @@ from mmjax.models.text import PAD_ID, TextEncoder
 from mmjax.models.text import POOLS as TEXT_POOLS
 from mmjax.models.transformer import ACTIVATIONS, LN_EPS
 from mmjax.models.variants import parse_variant
-from mmjax.models.vit import ViT
+from mmjax.models.vit import image_tower
 from mmjax.models.zoo.common import Family, logit_scale_bounds, video_options
 from mmjax.models.zoo.contract import register
 from mmjax.models.zoo.schema import ANY, DTYPES, TowerConfig, key
@@ -86,23 +86,15 @@ class CLIP(nn.Module):
             raise ValueError(f"model_config.loss must be one of {LOSSES}, got {self.loss!r}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         im, tx = self.image, self.text
-        self.image_tower = ViT(
-            im["patch"],
-            im["width"],
-            im["depth"],
-            im["heads"],
-            im["mlp_dim"],
+        self.image_tower = image_tower(
+            im,
+            self,
             pool=self.pool,
             posemb=self.posemb,
             patch_bias=False,
             pre_norm=True,
             act=self.act,
             ln_eps=self.ln_eps,
-            remat=self.remat,
-            attention=self.attention,
-            scan=self.scan,
-            **dict(self.video or {}),
-            **kw,
         )
         self.text_tower = TextEncoder(
             self.vocab_size,

@@ -29,7 +29,7 @@ from mmjax.models.decoder import TextDecoder, beam_search, greedy_decode
 from mmjax.models.fusion import head_dense
 from mmjax.models.tokens import MMJAX
 from mmjax.models.variants import parse_variant
-from mmjax.models.vit import ViT
+from mmjax.models.vit import image_tower
 from mmjax.models.zoo.clip import l2_normalize
 from mmjax.models.zoo.common import Family, logit_scale_bounds, video_options
 from mmjax.models.zoo.contract import register
@@ -87,18 +87,7 @@ class CoCa(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         im, tx = self.image, self.text
-        self.image_tower = ViT(
-            im["patch"],
-            im["width"],
-            im["depth"],
-            im["heads"],
-            im["mlp_dim"],
-            pool="gap",
-            remat=self.remat,
-            attention=self.attention,
-            **dict(self.video or {}),
-            **kw,
-        )
+        self.image_tower = image_tower(im, self, pool="gap")
         self.con_pool = AttentionalPooler(1, im["heads"], **kw)
         self.cap_pool = AttentionalPooler(self.cap_queries, im["heads"], **kw)
         self.image_proj = head_dense(self.embed_dim, use_bias=False, param_dtype=self.param_dtype)  # float32 heads
