@@ -217,6 +217,21 @@ def _family_name(workdir: str) -> str:
         return "this"
 
 
+def params_only_step(workdir: str) -> int | None:
+    """The newest step of `workdir` when it holds params alone (`save_params`: what `mmjax
+    convert` writes; its manifest lists no optimizer state), else None."""
+    from mmjax import checkpoint_manifest as manifest_lib
+
+    steps = _steps(workdir)
+    if not steps:
+        return None
+    step = max(steps)
+    shapes = (manifest_lib.read_manifest(os.path.join(checkpoint_dir(workdir), str(step))) or {}).get("shapes")
+    if shapes and all(k.startswith(("['params']", "['ema_params']")) for k in shapes):
+        return step
+    return None
+
+
 def save_params(workdir: str, params, *, ema_params=None, step: int = 0, meta: dict | None = None) -> str:
     """Writes checkpoints/STEP with a params-only state item ({'params'} and, for a
     family with a teacher, {'ema_params'}) and `meta` (plus data_position 0 and

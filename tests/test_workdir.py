@@ -242,6 +242,11 @@ def test_converted_workdir_finetunes(data_dir, tmp_path, capsys):
     tuned = workdir_lib.open_workdir(ft)
     assert tuned.step == 2
     _assert_bits_equal(tuned.params["backbone"]["image_tower"], imported["image_tower"])
+    # the converted workdir starts fine-tuning runs; resuming it as a training run is one clear error
+    capsys.readouterr()
+    assert workdir_lib.params_only_step(wd) == 0 and workdir_lib.params_only_step(ft) is None
+    assert cli.main(["train", "--config", f"{ROOT}/configs/demo.py", "--workdir", wd, "--no-progress"]) == 2
+    assert "holds params alone (as `mmjax convert` writes)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- imports

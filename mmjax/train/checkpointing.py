@@ -46,6 +46,12 @@ def open_run(config, workdir: str):
     usable checkpoint restored (or a fresh state), config.json written, partial saves
     of a dead run removed."""
     workdir_lib.check_workdir(workdir)
+    params_only = workdir_lib.params_only_step(workdir)
+    if params_only is not None:
+        raise ValueError(
+            f"cannot resume {workdir}: its step {params_only} holds params alone (as `mmjax convert` writes), "
+            f"no optimizer state; start a run from it with `mmjax finetune --init-from {workdir} --workdir NEW_DIR`"
+        )
     setup = Setup(config, workdir)
     restored = _restore_for_training(setup, config, workdir)
     workdir_lib.save_config_json(config, workdir)
