@@ -126,6 +126,9 @@ def make_train_iterator(
     source = sources.source_for(data_config)
     split = option(data_config, "train_split")
     K = int(hard_negatives or 0)
+    if source.reader(split) is not None:  # random access: the index-based pipeline
+        return _index_iterator(source, data_config, tokenizer, batch_size, seed, start_batch, skipped, K,
+                               process_index, process_count, threads)  # fmt: skip
     ds = _train_records(source, split, K)
     n_proc, rank = int(process_count), int(process_index)
     start = int(start_batch) * int(batch_size) * n_proc if start_record is None else int(start_record)
@@ -156,6 +159,28 @@ def make_train_iterator(
         missing=missing,
         to_local=to_local,
         state=True,
+    )
+
+
+def _index_iterator(source, data_config, tokenizer, batch_size, seed, start_batch, skipped, K, rank, n_proc, threads):
+    """`index_pipeline.IndexTrainIterator`: positioned by the global batch index alone (the
+    stream position and the per-process counts of the stream path are not needed)."""
+    from mmjax.data.index_pipeline import IndexTrainIterator
+
+    if K:
+        raise ValueError(f"model.hard_negatives={K} but {source.describe('train')} carries no hard negatives")
+    return IndexTrainIterator(
+        source,
+        data_config,
+        tokenizer,
+        batch_size,
+        seed=int(seed),
+        start_batch=int(start_batch),
+        process_index=int(rank),
+        process_count=int(n_proc),
+        skipped=int(skipped),
+        num_parallel_calls=_parallel_calls(data_config),
+        options=_options(threads),
     )
 
 

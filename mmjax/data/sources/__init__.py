@@ -53,6 +53,14 @@ class Source:
     def num_examples(self, split: str) -> int:
         raise NotImplementedError
 
+    def reader(self, split: str):
+        """A random-access reader of `split` (`len`, `read(keys) -> [sample or None]`,
+        `bytes_read`, `fingerprint`: `mmjax.data.records.ArrayRecordShards`), or None for a
+        source read as a stream. With a reader, training takes the index-based pipeline
+        (`mmjax.data.index_pipeline`: a global order, each process reading only its rows)."""
+        del split
+        return None
+
     def captions(self, split: str) -> list[str]:
         """All captions of `split` (to train a tokenizer)."""
         ds = self.records(split).map(lambda r: r["caption"])
