@@ -42,6 +42,9 @@ setup(
         # Parity checks against transformers' CLIP (tests/test_hf.py); install torch
         # first, a CPU build (torch==2.13.0 resolves to one here), then this extra.
         "hf": ["transformers>=4.45"],
+        # `mmjax data convert ... --runner beam` (mmjax/data/convert_beam.py). Its own venv:
+        # apache-beam pins protobuf<7, pyarrow<26 and pillow<13, below the `data` extra's.
+        "beam": ["apache-beam>=2.60", "array-record>=0.5"],
     },
     entry_points={"console_scripts": ["mmjax=mmjax.cli:main"]},
 )

@@ -12,6 +12,7 @@
     mmjax eval  --workdir DIR [--split test] [--config.eval.max_examples=200 ...]
     mmjax data prepare --config configs/demo.py
     mmjax data bench --config configs/demo.py:emoji --config.data.image_size=224
+    mmjax data convert 'dl/{00000..00127}.tar' --out shards/ [--dedup --min-side 64 --runner beam]
     mmjax bench --config configs/demo.py --config configs/albef.py [--steps 20]
     mmjax --version
 
@@ -32,6 +33,7 @@ from typing import Callable
 
 from mmjax import commands
 from mmjax import config as config_lib
+from mmjax.user_errors import user_error
 
 OVERRIDES_EPILOG = """\
 config overrides:
@@ -212,17 +214,54 @@ COMMANDS = {
         ),
         Command(
             "data",
-            "prepare a built-in dataset or measure the input pipeline",
+            "prepare a built-in dataset, measure the input pipeline, or convert a dataset to ArrayRecord shards",
             commands.data,
             (
-                arg("action", choices=("prepare", "bench")),
-                arg("--config", required=True),
-                arg("--batch-size", type=int, default=64),
-                arg("--batches", type=int, default=30),
-                arg("--threads", type=int, default=None),
+                arg("action", choices=("prepare", "bench", "convert")),
+                arg(
+                    "src",
+                    nargs="?",
+                    default=None,
+                    help="convert: tar shards (a brace pattern dir/{00000..00127}.tar or a directory), "
+                    "a CSV/JSONL list, or tfds:NAME[/CONFIG]",
+                ),
+                arg("--config", default=None, help="prepare, bench (required): path/to/config.py[:arg]"),
+                arg("--batch-size", type=int, default=64, help="bench"),
+                arg("--batches", type=int, default=30, help="bench"),
+                arg("--threads", type=int, default=None, help="bench"),
+                arg("--out", default=None, help="convert (required): the output directory"),
+                arg("--split", default="train", help="convert: the split to write (and to read from tfds:)"),
+                arg("--workers", type=int, default=None, help="convert: processes (default: the local cores)"),
+                arg("--records-per-shard", type=int, default=10000, help="convert: list and tfds: rows per shard"),
+                arg("--min-side", type=int, default=0, help="convert: skip images whose smaller side is shorter"),
+                arg(
+                    "--caption-chars",
+                    default="1,10000",
+                    metavar="MIN,MAX",
+                    help="convert: skip captions whose length in characters is outside [MIN, MAX]",
+                ),
+                arg(
+                    "--dedup",
+                    action="store_true",
+                    help="convert: skip exact duplicates (the same media bytes as an earlier sample)",
+                ),
+                arg("--data-dir", default=None, help="convert: the TFDS data_dir of a tfds: source"),
+                arg(
+                    "--runner",
+                    choices=("local", "beam"),
+                    default="local",
+                    help="convert: a local process pool, or an Apache Beam pipeline (the beam extra)",
+                ),
+                arg(
+                    "--beam-options",
+                    default="",
+                    help='convert --runner beam: Beam pipeline flags, given as --beam-options="--runner=DataflowRunner '
+                    '--project=P ..." (default: the local DirectRunner over --workers processes)',
+                    metavar='"FLAGS"',
+                ),
             ),
             overrides=True,
-            epilog=OVERRIDES_EPILOG,
+            epilog=OVERRIDES_EPILOG + "\n  They apply to prepare and bench; convert takes none.",
         ),
         Command(
             "bench",
@@ -318,61 +357,10 @@ def _split_overrides(argv):
     return rest, overrides
 
 
-# ---------------------------------------------------------------- user errors -> exit 2
-
-
-def _os_error(e: OSError) -> str:
-    """'Not a directory: workdirs/x/wd (a path above it is a regular file)' and the like."""
-    hints = {
-        NotADirectoryError: " (a path above it is a regular file, not a directory)",
-        IsADirectoryError: " (a directory where a file was expected)",
-        FileExistsError: " (a regular file where a directory was expected)",
-        PermissionError: " (no permission: a read-only workdir or file?)",
-    }
-    if e.filename is None or not e.strerror:  # raised with mmjax's own message
-        return str(e)
-    hint = next((h for cls, h in hints.items() if isinstance(e, cls)), "")
-    return f"{e.strerror}: {e.filename}{hint}"
-
-
-# Packages of the `data` extra: a raw ModuleNotFoundError of one becomes one line.
-_EXTRA_MODULES = {
-    "tensorflow": "TensorFlow",
-    "tensorflow_datasets": "TensorFlow Datasets",
-    "av": "PyAV (video decoding)",
-}
-
-
-def _missing_extra(e: ImportError, command) -> str | None:
-    """The one-line message for a missing `data` extra, or None for another ImportError."""
-    try:
-        from mmjax.data import MissingExtraError
-    except ImportError:
-        MissingExtraError = ()
-    if MissingExtraError and isinstance(e, MissingExtraError):
-        return str(e)
-    root = (e.name or "").split(".")[0]
-    if root not in _EXTRA_MODULES:
-        return None
-    what = f"mmjax {command}" if command else "this command"
-    return f"{what} needs {_EXTRA_MODULES[root]} ({e}): pip install -e '.[data]' (or pip install 'mmjax[data]')"
-
-
-def _user_error(e: Exception, command) -> str | None:
-    """The one line for a mistake a user made, or None (a bug: its traceback shows)."""
-    if isinstance(e, (config_lib.ConfigError, FileNotFoundError, ValueError)):
-        return str(e)  # ValueError: a variant name, a shape or a path a user gave; the message names it
-    if isinstance(e, (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
-        return _os_error(e)  # a read-only workdir, a workdir under (or at) a regular file
-    if isinstance(e, ImportError):
-        return _missing_extra(e, command)
-    return None
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
+    for noisy in ("absl", "tensorflow", "jax._src", "orbax", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
@@ -383,7 +371,7 @@ def main(argv=None) -> int:
             raise config_lib.ConfigError(f"mmjax {command.name} takes no --config overrides")
         return command.run(args, overrides) or 0
     except (ValueError, OSError, ImportError) as e:  # ConfigError is a ValueError
-        message = _user_error(e, argv[0] if argv else None)
+        message = user_error(e, argv[0] if argv else None)
         if message is None or os.environ.get("MMJAX_DEBUG"):
             raise
         print(f"mmjax: error: {message}", file=sys.stderr)

@@ -189,6 +189,14 @@ def convert(args, overrides):
 
 
 def data(args, overrides):
+    if args.action == "convert":
+        return data_convert(args, overrides)
+    if args.src is not None:
+        raise config_lib.ConfigError(
+            f"mmjax data {args.action} takes no SRC (got {args.src!r}); SRC is for mmjax data convert"
+        )
+    if not args.config:
+        raise config_lib.ConfigError(f"mmjax data {args.action} needs --config path/to/config.py[:arg]")
     config = config_lib.load(args.config, overrides)
     from mmjax.data import pipeline, throughput
 
@@ -199,6 +207,69 @@ def data(args, overrides):
         print(
             json.dumps(throughput.pipeline_throughput(config.data, args.batch_size, args.batches, threads=args.threads))
         )
+
+
+def caption_chars(text: str) -> tuple[int, int]:
+    """`--caption-chars MIN,MAX` -> (MIN, MAX); ConfigError (one line) unless 0 <= MIN <= MAX."""
+    try:
+        lo, hi = (int(t) for t in str(text).split(","))
+    except ValueError:
+        lo, hi = -1, -1
+    if not 0 <= lo <= hi:
+        raise config_lib.ConfigError(
+            f"--caption-chars {text!r}: expected MIN,MAX, two integers with 0 <= MIN <= MAX (e.g. 1,200)"
+        )
+    return lo, hi
+
+
+def data_convert(args, overrides) -> int:
+    """`mmjax data convert SRC --out DIR`: one JSON line on stdout at the end, progress on stderr."""
+    import sys
+
+    if overrides or args.config:
+        raise config_lib.ConfigError("mmjax data convert takes no --config (nor --config overrides)")
+    if not args.src:
+        raise config_lib.ConfigError("mmjax data convert needs SRC (tar shards, a CSV/JSONL list or tfds:NAME)")
+    if not args.out:
+        raise config_lib.ConfigError("mmjax data convert needs --out DIR")
+    for flag, value, least in (("--workers", args.workers, 1), ("--records-per-shard", args.records_per_shard, 1)):
+        if value is not None and value < least:
+            raise config_lib.ConfigError(f"{flag} {value}: expected an integer >= {least}")
+    if args.min_side < 0:
+        raise config_lib.ConfigError(f"--min-side {args.min_side}: expected an integer >= 0")
+    src = str(args.src)
+    if src.endswith((".csv", ".jsonl", ".json")) and not os.path.isfile(os.path.expanduser(src)):
+        raise FileNotFoundError(f"SRC {src}: no such list file")
+    if args.beam_options and args.runner != "beam":
+        raise config_lib.ConfigError("--beam-options needs --runner beam")
+    kw = dict(
+        split=args.split,
+        workers=args.workers,
+        records_per_shard=args.records_per_shard,
+        min_side=args.min_side,
+        caption_chars=caption_chars(args.caption_chars),
+        dedup=args.dedup,
+        data_dir=args.data_dir,
+    )
+    if args.runner == "beam":
+        from mmjax.data import convert_beam
+
+        convert_beam.require_beam()  # before any work: the missing extra is one line
+        result = convert_beam.convert_beam(args.src, args.out, beam_options=args.beam_options, **kw)
+    else:
+        from mmjax.data import convert as convert_lib
+
+        def progress(line):
+            print(f"mmjax data convert: {line}", file=sys.stderr, flush=True)
+
+        result = convert_lib.convert(args.src, args.out, progress=progress, **kw)
+    from mmjax.data.manifest import SKIP_REASONS
+
+    rank = {r: i for i, r in enumerate(SKIP_REASONS)}
+    skipped = {k: int(v) for k, v in sorted(result["skipped"].items(), key=lambda kv: rank.get(kv[0], len(rank)))}
+    line = {"records": int(result["records"]), "skipped": sum(skipped.values()), "shards": int(result["shards"])}
+    print(json.dumps(line | {"out": result["out"], "skipped_by_reason": skipped}), flush=True)
+    return 0
 
 
 def bench(args, overrides):

@@ -429,3 +429,117 @@ def test_convert_module_does_not_import_tensorflow():
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     assert convert_lib.WRITER_OPTIONS.startswith("group_size:1")
+
+
+# ---------------------------------------------------------------- `mmjax data convert` (CLI) and the Beam pipeline
+
+
+def run_cli(argv: list, capsys) -> tuple[int, list[str], list[str]]:
+    """cli.main(argv) -> (exit code, stdout lines, stderr lines)."""
+    from mmjax import cli
+
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def test_cli_convert_prints_one_json_line(tmp_path, capsys):
+    expect, skips = make_tars(str(tmp_path / "tars"))
+    out = str(tmp_path / "out")
+    argv = ["data", "convert", str(tmp_path / "tars/{00000..00003}.tar"), "--out", out, "--workers", "1"]
+    argv += ["--min-side", "16", "--caption-chars", "1,200"]
+    code, stdout, stderr = run_cli(argv, capsys)
+    assert code == 0 and len(stdout) == 1, stdout
+    line = json.loads(stdout[0])
+    assert line == {
+        "records": len(expect),
+        "skipped": sum(skips.values()),
+        "skipped_by_reason": skips,
+        "shards": 4,
+        "out": out,
+    }
+    assert [e for e in stderr if e.startswith("mmjax data convert: shard ")] == [
+        f"mmjax data convert: shard {i + 1}/4: train/shard-{i:05d}.array_record ({n} records)"
+        for i, n in enumerate((5, 3, 3, 3))
+    ]
+    assert mf.read_manifest(out)["splits"]["train"]["records"] == len(expect) == len(read_all(out))
+    code, again, stderr = run_cli(argv, capsys)  # a rerun keeps every shard
+    assert code == 0 and again == stdout and "mmjax data convert: 4 of 4 shards kept from a previous run" in stderr
+
+
+def test_cli_convert_user_errors(tmp_path, capsys):
+    five_tars(str(tmp_path / "tars"))
+    out = str(tmp_path / "out")
+    cases = [
+        (["data", "convert", str(tmp_path / "nope/{00000..00001}.tar"), "--out", out], "2 shard(s) not found"),
+        (["data", "convert", str(tmp_path / "list.csv"), "--out", out], "no such list file"),
+        (["data", "convert", str(tmp_path / "tars"), "--out", out, "--caption-chars", "5"], "expected MIN,MAX"),
+        (["data", "convert", str(tmp_path / "tars"), "--out", out, "--caption-chars", "9,3"], "0 <= MIN <= MAX"),
+        (["data", "convert", str(tmp_path / "tars")], "needs --out DIR"),
+        (["data", "convert", "--out", out], "needs SRC"),
+        (["data", "convert", str(tmp_path / "tars"), "--out", out, "--beam-options=--x"], "needs --runner beam"),
+        (["data", "convert", str(tmp_path / "tars"), "--out", out, "--config.data.name=x"], "takes no --config"),
+        (["data", "prepare"], "mmjax data prepare needs --config"),
+        (["data", "bench", str(tmp_path / "tars"), "--config", "c.py"], "takes no SRC"),
+    ]
+    try:
+        import apache_beam  # noqa: F401
+    except ImportError:
+        cases.append((["data", "convert", str(tmp_path / "tars"), "--out", out, "--runner", "beam"], ".[beam]"))
+    for argv, words in cases:
+        code, stdout, stderr = run_cli(argv, capsys)
+        assert code == 2 and stdout == [] and len(stderr) == 1, (argv, stdout, stderr)
+        assert stderr[0].startswith("mmjax: error: ") and words in stderr[0], (argv, stderr)
+    assert not os.path.exists(out)  # nothing was started
+    from mmjax import cli
+
+    # Beam's own --runner inside --beam-options: the `=` form keeps it one value
+    args = cli._parser().parse_args(["data", "convert", "s", "--out", "o", "--runner", "beam", BEAM_FLAGS])
+    assert (args.runner, args.beam_options) == ("beam", "--runner=DataflowRunner --project=p --region=r")
+
+
+BEAM_FLAGS = "--beam-options=--runner=DataflowRunner --project=p --region=r"
+
+
+def test_convert_beam_direct_runner_equals_local(tmp_path, capsys):
+    """The Beam pipeline (DirectRunner) writes the local conversion's files byte for byte;
+    in memory and over worker processes, with --dedup, from the CLI, and resumes a partial run."""
+    pytest.importorskip("apache_beam")
+    from mmjax.data.convert_beam import convert_beam
+
+    make_tars(str(tmp_path / "tars"))
+    src, kw = str(tmp_path / "tars/{00000..00003}.tar"), {"min_side": 16, "caption_chars": (1, 200)}
+    local, beam = str(tmp_path / "local"), str(tmp_path / "beam")
+    ref = convert(src, local, workers=1, **kw)
+    got = convert_beam(src, beam, workers=1, beam_options="--direct_running_mode=in_memory", **kw)
+    assert got == dict(ref, out=beam) and got["records"] == 14 and got["skipped"]["tar_truncated"] == 2
+    assert shard_files(beam) == shard_files(local) and mf.read_manifest(beam) == mf.read_manifest(local)
+    assert sorted(os.listdir(beam)) == ["manifest.json", "train"]  # no .tmp / .scan left
+
+    d = str(tmp_path / "dups")  # --dedup over worker processes (DirectRunner multi_processing)
+    os.makedirs(d)
+    dup, other = sample(70, "first copy"), sample(71, "a caption")
+    write_tar(f"{d}/00000.tar", [("w0", other), ("w1", dict(dup, txt=b"kept"))])
+    write_tar(f"{d}/00001.tar", [("x0", dup), ("x1", sample(73, "unique")), ("x2", dict(other, txt=b"again"))])
+    write_tar(f"{d}/00002.tar", [("y0", dict(dup, txt=b"third copy")), ("y1", sample(74, "last"))])
+    dref = convert(d, str(tmp_path / "dl"), workers=1, dedup=True)
+    dgot = convert_beam(d, str(tmp_path / "db"), workers=2, dedup=True)
+    assert dref["records"] == 4 and dref["skipped"]["duplicate"] == 3
+    assert dgot == dict(dref, out=str(tmp_path / "db"))
+    assert shard_files(str(tmp_path / "db")) == shard_files(str(tmp_path / "dl"))
+    assert mf.read_manifest(str(tmp_path / "db")) == mf.read_manifest(str(tmp_path / "dl"))
+
+    os.remove(f"{beam}/manifest.json")  # a partial run: shard 2 missing, the others kept
+    os.remove(f"{beam}/train/shard-00002.json")
+    kept = os.stat(f"{beam}/train/shard-00001.array_record").st_mtime_ns
+    assert convert_beam(src, beam, workers=1, **kw) == got
+    assert os.stat(f"{beam}/train/shard-00001.array_record").st_mtime_ns == kept
+    assert shard_files(beam) == shard_files(local) and mf.read_manifest(beam) == mf.read_manifest(local)
+
+    cli_out = str(tmp_path / "cli")
+    argv = ["data", "convert", src, "--out", cli_out, "--min-side", "16", "--caption-chars", "1,200"]
+    code, stdout, _ = run_cli([*argv, "--runner", "beam", "--beam-options=--direct_running_mode=in_memory"], capsys)
+    assert code == 0 and len(stdout) == 1, stdout
+    line = json.loads(stdout[0])
+    assert (line["records"], line["skipped"], line["shards"]) == (14, 8, 4)
+    assert shard_files(cli_out) == shard_files(local)

@@ -30,11 +30,9 @@ resumed conversion's shards and manifest equal an uninterrupted one's.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
-import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -42,170 +40,12 @@ from multiprocessing import get_context
 import numpy as np
 
 from mmjax.data import manifest as mf
-from mmjax.data import records, tars
+from mmjax.data import records
+from mmjax.data.convert_units import check_sample, make_units, unit_samples
 
 WRITER_OPTIONS = "group_size:1,uncompressed"  # media are already compressed: zstd/snappy save ~0%
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # tar member exts, in order of preference
-VIDEO_EXTS = ("mp4",)
 MEDIA = records.IMAGE_MEDIA + records.VIDEO_MEDIA  # media codes index this
-PIL_MEDIA = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}  # what TF decodes
 CODE = {r: i + 1 for i, r in enumerate(mf.SKIP_REASONS)}  # verdict codes; 0 = ok
-
-
-def _units_tars(src: str) -> list[dict]:
-    paths = tars.expand_shards(src)
-    return [{"kind": "tar", "name": os.path.basename(p), "path": os.path.abspath(p)} for p in paths]
-
-
-def _units_list(src: str, per: int, known: list | None) -> tuple[list[dict], list, int]:
-    """Rows [a, a + per) per unit; labels index `known` (the label names already in DIR)
-    extended by this list's other names, sorted."""
-    from mmjax.data import files
-
-    rows, missing = files.read_list(src)
-    names = files.label_names(rows)
-    if names is not None and known:
-        names = list(known) + [n for n in names if n not in known]
-    index = {n: i for i, n in enumerate(names or [])}
-    base, stem = os.path.dirname(os.path.abspath(src)), os.path.basename(src)
-    key = files.path_key(rows)
-    rows = [
-        {"path": r[key], "key": os.path.relpath(r[key], base), "caption": r["caption"]}
-        | {"label": index.get(r.get("label"))}
-        for r in rows
-    ]
-    video, n = key == "video_path", len(rows)
-    units = [
-        {"kind": "list", "name": f"{stem}[{a}:{min(a + per, n)}]", "rows": rows[a : a + per]} for a in range(0, n, per)
-    ]
-    return [dict(u, video=video) for u in units], names, len(missing)
-
-
-def _units_tfds(src: str, split: str, per: int, data_dir) -> tuple[list[dict], list]:
-    from mmjax.data import sources
-
-    name = src[len("tfds:") :]
-    source = sources.source_for({"name": name, **({"data_dir": data_dir} if data_dir else {})})
-    b = source.builder()
-    if "image" not in b.info.features:
-        raise ValueError(f"{src}: only TFDS image datasets convert (features: {', '.join(b.info.features)})")
-    n = int(b.info.splits[split].num_examples)
-    names = source.label_names()
-    units = [
-        {"kind": "tfds", "name": f"{name}/{split}[{a}:{min(a + per, n)}]", "dir": b.data_dir, "split": split}
-        | {"start": a, "stop": min(a + per, n), "labels": names}
-        for a in range(0, n, per)
-    ]
-    return units, names
-
-
-def make_units(src: str, split: str, records_per_shard: int, data_dir=None, known_labels=None) -> tuple:
-    """-> (kind, units, label names or None, rows missing before any unit)."""
-    src, per = str(src), int(records_per_shard)
-    if per < 1:
-        raise ValueError(f"records_per_shard={per}: need >= 1")
-    if src.startswith("tfds:"):
-        return ("tfds", *_units_tfds(src, split, per, data_dir), 0)
-    if src.endswith((".csv", ".jsonl", ".json")) and os.path.isfile(os.path.expanduser(src)):
-        return ("list", *_units_list(os.path.expanduser(src), per, known_labels))
-    return "tars", _units_tars(src), None, 0
-
-
-def _from_tar(key: str, sample: dict) -> dict:
-    ext = next((e for e in IMAGE_EXTS + VIDEO_EXTS if sample.get(e)), None)
-    txt = sample.get("txt")
-    meta = None
-    if sample.get("json"):
-        try:
-            meta = json.loads(sample["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            meta = None
-    caption = txt.decode("utf-8", errors="replace") if txt is not None else None
-    out = {"key": key, "blob": sample.get(ext) if ext else None, "video": ext in VIDEO_EXTS, "caption": caption}
-    return dict(out, meta=meta if isinstance(meta, dict) else None)
-
-
-def _tfds_samples(unit: dict):
-    from mmjax.data import require_tfds
-    from mmjax.data.sources import catalog
-
-    tfds = require_tfds()
-    b = tfds.builder_from_directory(unit["dir"])
-    split = f"{unit['split']}[{unit['start']}:{unit['stop']}]"
-    ds = b.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
-    select = catalog._selector(b.info.features, "image", unit["labels"])
-    for j, ex in enumerate(tfds.as_numpy(ds.map(select))):
-        label = int(ex["label"]) if "label" in ex else None
-        caption = ex["caption"].decode("utf-8", errors="replace")
-        yield {"key": f"{unit['split']}[{unit['start'] + j}]", "blob": ex["image"], "caption": caption, "label": label}
-
-
-def unit_samples(unit: dict, truncated: list):
-    """The samples of a unit, in order: {"key", "blob" (bytes or None), "caption" (str or
-    None), optional "video", "label", "meta", "missing"}; a truncated tar appends its reason
-    to `truncated`."""
-    if unit["kind"] == "tar":
-        for key, sample in tars.iter_tar_samples(unit["path"], on_truncated=truncated.append):
-            yield _from_tar(key, sample)
-    elif unit["kind"] == "list":
-        for r in unit["rows"]:
-            try:
-                with open(r["path"], "rb") as f:
-                    blob = f.read()
-            except FileNotFoundError:
-                blob = None
-            yield dict(r, blob=blob, video=unit["video"], missing=blob is None)
-    else:
-        yield from _tfds_samples(unit)
-
-
-def _image_media(blob: bytes) -> tuple[str, int]:
-    """-> (media, min side) of an image PIL decodes in a format the pipeline reads; ValueError else."""
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with Image.open(io.BytesIO(blob)) as im:
-            media = PIL_MEDIA.get(im.format)
-            if media is None:
-                raise ValueError(f"image format {im.format} is not read by the pipeline")
-            im.load()
-            return media, min(im.size)
-
-
-def _video_media(blob: bytes) -> tuple[str, int]:
-    """-> ("mp4", min side of the first frame), decoded with PyAV where it is installed."""
-    try:
-        import av
-    except ImportError:
-        return "mp4", 1 << 30
-    try:
-        with av.open(io.BytesIO(blob)) as c:
-            frame = next(c.decode(video=0))
-            return "mp4", min(frame.width, frame.height)
-    except (av.error.FFmpegError, StopIteration, IndexError) as e:
-        raise ValueError(f"undecodable video ({e})") from None
-
-
-def check_sample(s: dict, filters: dict) -> tuple[str | None, str | None]:
-    """-> (skip reason or None, media) for one sample under `filters` (module docstring)."""
-    if s.get("missing"):
-        return "missing", None
-    if not s["blob"]:
-        return "no_media", None
-    caption = (s["caption"] or "").strip()
-    if not caption:
-        return "no_caption", None
-    lo, hi = filters["caption_chars"]
-    if not lo <= len(caption) <= hi:
-        return "caption_length", None
-    try:
-        media, side = (_video_media if s.get("video") else _image_media)(s["blob"])
-    except Exception:  # noqa: BLE001 (any decoder error: PIL raises OSError, ValueError, SyntaxError, ...)
-        return "undecodable", None
-    if side < filters["min_side"]:
-        return "too_small", None
-    return None, media
 
 
 def scan_unit(job: dict) -> dict:
@@ -296,12 +136,20 @@ class _Pool:
     def __init__(self, workers: int):
         self.workers, self.pool = workers, None
 
-    def map(self, fn, jobs: list) -> list:
+    def map(self, fn, jobs: list, on_result=None) -> list:
+        """[fn(j) for j in jobs], in order; on_result(job, result) as each one comes back."""
         if self.workers <= 1 or len(jobs) <= 1:
-            return [fn(j) for j in jobs]
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
-        return list(self.pool.map(fn, jobs))
+            results = (fn(j) for j in jobs)
+        else:
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+            results = self.pool.map(fn, jobs)
+        out = []
+        for j, r in zip(jobs, results):
+            out.append(r)
+            if on_result is not None:
+                on_result(j, r)
+        return out
 
     def __enter__(self):
         return self
@@ -338,20 +186,21 @@ def _plan(pool: _Pool, jobs: list[dict], done: dict, dedup: bool) -> tuple[dict,
         scans.update(zip(todo, pool.map(scan_unit, [jobs[i] for i in todo])))
 
 
-def convert(
+def prepare(
     src: str,
     out: str,
     *,
     split: str = "train",
-    workers: int | None = None,
     records_per_shard: int = 10000,
     min_side: int = 0,
     caption_chars: tuple[int, int] = (1, 10000),
     dedup: bool = False,
     data_dir: str | None = None,
-) -> dict:
-    """Converts SRC into DIR=`out` (module docstring) -> {"records", "skipped" ({reason: n}),
-    "shards", "out"}; `data_dir` is the TFDS data_dir of a `tfds:` source."""
+) -> tuple[list[dict], dict]:
+    """The conversion's units as jobs, with DIR's folders made and DIR/.tmp emptied ->
+    (jobs, context); both drivers (`convert` here, `mmjax.data.convert_beam`) start here.
+    A job holds the unit, its index, filters, config digest, scan cache and shard paths;
+    the context is what `finish` needs: {"out", "split", "units", "info", "names", "missing"}."""
     out = os.path.abspath(os.path.expanduser(str(out)))
     lo, hi = (int(c) for c in caption_chars)
     filters = {"min_side": int(min_side), "caption_chars": [lo, hi], "dedup": bool(dedup)}
@@ -368,17 +217,74 @@ def convert(
         config = _unit_config(u, split, filters, int(records_per_shard))
         jobs.append({"unit": u, "index": i, "filters": filters, "config": config, "cache": cache, "out": out})
         jobs[-1]["paths"] = mf.shard_paths(split, i)
-    done = {i: e for i, j in enumerate(jobs) if (e := mf.shard_is_done(out, j["paths"]["json"], j["config"]))}
+    context = {"out": out, "split": split, "units": len(jobs), "info": info, "names": names, "missing": missing}
+    return jobs, context
+
+
+def done_entry(job: dict) -> dict | None:
+    """The shard entry of a unit an earlier run finished with the same config (shard size
+    and sha256 checked), else None."""
+    return mf.shard_is_done(job["out"], job["paths"]["json"], job["config"])
+
+
+def write_job(job: dict, scan: dict, first_id: int) -> dict:
+    """The input of `write_unit`: the job with its unit's scan verdicts and first record id."""
+    return job | {k: scan[k] for k in ("codes", "media", "truncated")} | {"first_id": int(first_id)}
+
+
+def finish(context: dict, entries: list[dict]) -> dict:
+    """Writes the manifest from every unit's shard entry and removes the leftovers ->
+    {"records", "skipped" ({reason: n}), "shards", "out"}."""
+    out, split = context["out"], context["split"]
+    entries = sorted(entries, key=lambda e: e["index"])
+    if [e["index"] for e in entries] != list(range(context["units"])):
+        raise RuntimeError(f"{out}: shard entries {[e['index'] for e in entries]} for {context['units']} units")
+    split_info = mf.split_entry(entries, {"missing": context["missing"]}, context["info"])
+    mf.write_manifest(out, split, split_info, context["info"], context["names"])
+    mf.remove_leftovers(out, split, context["units"])
+    return {"records": split_info["records"], "skipped": split_info["skipped"], "shards": len(entries), "out": out}
+
+
+def convert(
+    src: str,
+    out: str,
+    *,
+    split: str = "train",
+    workers: int | None = None,
+    records_per_shard: int = 10000,
+    min_side: int = 0,
+    caption_chars: tuple[int, int] = (1, 10000),
+    dedup: bool = False,
+    data_dir: str | None = None,
+    progress=None,
+) -> dict:
+    """Converts SRC into DIR=`out` (module docstring) -> {"records", "skipped" ({reason: n}),
+    "shards", "out"}; `data_dir` is the TFDS data_dir of a `tfds:` source; `progress(line)`,
+    when given, gets one line per written shard (and one for the shards kept from a previous run)."""
+    jobs, context = prepare(
+        src,
+        out,
+        split=split,
+        records_per_shard=records_per_shard,
+        min_side=min_side,
+        caption_chars=caption_chars,
+        dedup=dedup,
+        data_dir=data_dir,
+    )
+    done = {i: e for i, j in enumerate(jobs) if (e := done_entry(j))}
     workers = int(workers or len(os.sched_getaffinity(0)))
     with _Pool(workers) as pool:
         scans, first = _plan(pool, jobs, done, dedup)
         pending = [i for i in range(len(jobs)) if i not in done]
-        writes = [
-            jobs[i] | {k: scans[i][k] for k in ("codes", "media", "truncated")} | {"first_id": first[i]}
-            for i in pending
-        ]
-        entries = dict(done) | dict(zip(pending, pool.map(write_unit, writes)))
-    split_info = mf.split_entry([entries[i] for i in range(len(jobs))], {"missing": missing}, info)
-    mf.write_manifest(out, split, split_info, info, names)
-    mf.remove_leftovers(out, split, len(jobs))
-    return {"records": split_info["records"], "skipped": split_info["skipped"], "shards": len(jobs), "out": out}
+        writes = [write_job(jobs[i], scans[i], first[i]) for i in pending]
+        if progress is not None and done:
+            progress(f"{len(done)} of {len(jobs)} shards kept from a previous run")
+        report = None
+        if progress is not None:
+            count = iter(range(1, len(writes) + 1))
+
+            def report(job, entry):
+                progress(f"shard {next(count)}/{len(writes)}: {entry['path']} ({entry['records']} records)")
+
+        entries = dict(done) | dict(zip(pending, pool.map(write_unit, writes, report)))
+    return finish(context, list(entries.values()))
