@@ -67,11 +67,13 @@ def test_the_registry_serves_every_name():
     from mmjax.data.sources.builtin import BuiltinSource
     from mmjax.data.sources.catalog import CatalogSource
     from mmjax.data.sources.file_list import FileListSource
+    from mmjax.data.sources.shards import ShardsSource
 
-    assert sources.names() == ["shapes", "shapes_vqa", "moving_shapes", "emoji", "files"]
+    assert sources.names() == ["shapes", "shapes_vqa", "moving_shapes", "emoji", "files", "shards"]
     for name in ("shapes", "shapes_vqa", "moving_shapes", "emoji"):
         assert sources.source_class(name) is BuiltinSource and sources.cache_allowed(name)
     assert sources.source_class("files") is FileListSource and not sources.cache_allowed("files")
+    assert sources.source_class("shards") is ShardsSource and not sources.cache_allowed("shards")
     assert sources.source_class("coco_captions") is CatalogSource and not sources.cache_allowed("mnist")
     with pytest.raises(ValueError, match="registered twice"):
 
@@ -159,7 +161,8 @@ def test_an_unknown_name_lists_the_own_sources(tmp_path):
         P.load_records({"name": "zzqqxxv", "data_dir": str(tmp_path)}, "train")
     assert str(e.value) == (
         "dataset 'zzqqxxv' not found in the TFDS catalog; built-in datasets: shapes, shapes_vqa, "
-        "moving_shapes, emoji, or 'files' for your own list"
+        "moving_shapes, emoji, or 'files' for your own list, or 'shards' for ArrayRecord shards from "
+        "`mmjax data convert`"
     )
 
 
