@@ -82,12 +82,24 @@ def test_processes_rows_make_the_one_process_batch(shards, procs):
     # one process with the whole global batch (B * procs rows)
     whole = pipeline.make_train_iterator(_cfg(path), tok, B * procs, seed=3, process_index=0, process_count=1)
     ref = [next(whole) for _ in range(3)]
+    whole.close()
     parts, order = [], index.GlobalOrder([N], None, 3, B * procs)
     for rank in range(procs):
-        log = []
-        real = ArrayRecordShards.read
+        log, ours = [], set()
+        real_init, real_read = ArrayRecordShards.__init__, ArrayRecordShards.read
+
+        def init(self, *a, **kw):
+            ours.add(id(self))  # readers this process opens (not the reference's prefetch thread)
+            real_init(self, *a, **kw)
+
+        def read(self, keys):
+            if id(self) in ours:
+                log.append(list(keys))
+            return real_read(self, keys)
+
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(ArrayRecordShards, "read", lambda self, keys: log.append(list(keys)) or real(self, keys))
+            mp.setattr(ArrayRecordShards, "__init__", init)
+            mp.setattr(ArrayRecordShards, "read", read)
             got, _ = _batches(path, tok, 3, procs=procs, rank=rank)
         parts.append(got)
         mine = [list(index.local_rows(order.plan(g), rank, B)["record"]) for g in range(3)]
