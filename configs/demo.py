@@ -21,10 +21,12 @@ def get_config(arg=None):
     c.data = ml_collections.ConfigDict()
     c.data.name = arg
     c.data.data_dir = None  # default: $MMJAX_DATA_DIR or ~/.cache/mmjax/tensorflow_datasets
+    c.data.random_access = False  # TFDS sets: True trains by random access (array_record copy, docs/data.md)
     c.data.path = None  # a CSV/JSONL list when name == "files"
     c.data.eval_fraction = 0.0  # files: hold out this fraction of rows as "test"
     c.data.train_split = "train"
     c.data.eval_split = "test"
+    c.data.eval_path = None  # the eval set's own shards directory or CSV/JSONL list (instead of eval_split)
     c.data.image_size = 32
     c.data.text_len = 12  # a shapes caption is 11-12 tokens with bos/eos (128-piece tokenizer)
     c.data.num_parallel_calls = -1

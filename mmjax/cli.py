@@ -229,6 +229,8 @@ COMMANDS = {
                 arg("--batch-size", type=int, default=64, help="bench"),
                 arg("--batches", type=int, default=30, help="bench"),
                 arg("--threads", type=int, default=None, help="bench"),
+                arg("--process-count", type=int, default=1, help="bench: read as one of P processes (data only)"),
+                arg("--process-index", type=int, default=0, help="bench: which of the --process-count processes"),
                 arg("--out", default=None, help="convert (required): the output directory"),
                 arg("--split", default="train", help="convert: the split to write (and to read from tfds:)"),
                 arg("--workers", type=int, default=None, help="convert: processes (default: the local cores)"),

@@ -197,6 +197,10 @@ def data(args, overrides):
         )
     if not args.config:
         raise config_lib.ConfigError(f"mmjax data {args.action} needs --config path/to/config.py[:arg]")
+    if not 0 <= args.process_index < args.process_count:
+        raise config_lib.ConfigError(
+            f"--process-index {args.process_index} --process-count {args.process_count}: expected 0 <= index < count"
+        )
     config = config_lib.load(args.config, overrides)
     from mmjax.data import pipeline, throughput
 
@@ -204,9 +208,15 @@ def data(args, overrides):
         for split in (config.data.train_split, config.data.eval_split):
             print(f"{config.data.name}/{split}: {pipeline.num_examples(config.data, split)} examples")
     else:
-        print(
-            json.dumps(throughput.pipeline_throughput(config.data, args.batch_size, args.batches, threads=args.threads))
+        result = throughput.pipeline_throughput(
+            config.data,
+            args.batch_size,
+            args.batches,
+            threads=args.threads,
+            process_index=args.process_index,
+            process_count=args.process_count,
         )
+        print(json.dumps(result))
 
 
 def caption_chars(text: str) -> tuple[int, int]:

@@ -481,6 +481,7 @@ def test_cli_convert_user_errors(tmp_path, capsys):
         (["data", "convert", str(tmp_path / "tars"), "--out", out, "--config.data.name=x"], "takes no --config"),
         (["data", "prepare"], "mmjax data prepare needs --config"),
         (["data", "bench", str(tmp_path / "tars"), "--config", "c.py"], "takes no SRC"),
+        (["data", "bench", "--config", "c.py", "--process-index", "2", "--process-count", "2"], "0 <= index < count"),
     ]
     try:
         import apache_beam  # noqa: F401

@@ -65,6 +65,12 @@ class BatchIterator:
     def __iter__(self):
         return self
 
+    def order_state(self, batch_index: int) -> None:
+        """None: a stream's position is `data_state` alone (the index-based iterator returns
+        the order state a checkpoint keeps to check a resume)."""
+        del batch_index
+        return None
+
     def close(self):
         """Releases the tf.data iterator and its threads; the iterator ends."""
         self._it = iter(())

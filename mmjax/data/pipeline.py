@@ -90,6 +90,8 @@ def make_train_iterator(
     process_count: int = 1,
     threads=None,
     hard_negatives: int = 0,
+    replaced: list[int] | None = None,
+    order_state: dict | None = None,
 ) -> BatchIterator:
     """Infinite iterator of per-process training batches:
     image float32 [B, S, S, 3] (clips, with data.num_frames = T: [B, T, S, S, 3], frames
@@ -121,13 +123,20 @@ def make_train_iterator(
     `start_batch` counts global batches; `start_record` and `data_state` are per
     process (global stream positions).
 
+    A random-access source (`data.name=shards`, one directory or a mixture) takes the
+    index-based pipeline instead (`index_pipeline.IndexTrainIterator`), positioned by
+    `start_batch` alone; `replaced` (a mixture's replacements per source, restored) and
+    `order_state` (the checkpoint's `order_state(g)`, checked: ValueError when the data,
+    weights, seed or global batch changed) are its own. The stream path ignores them.
+
     ValueError when no record of the split decodes (a full pass in order finds none).
     """
     source = sources.source_for(data_config)
     split = option(data_config, "train_split")
     K = int(hard_negatives or 0)
     if source.reader(split) is not None:  # random access: the index-based pipeline
-        return _index_iterator(source, data_config, tokenizer, batch_size, seed, start_batch, skipped, K,
+        resume = {"skipped": int(skipped), "replaced": replaced, "order_state": order_state}
+        return _index_iterator(source, data_config, tokenizer, batch_size, seed, start_batch, resume, K,
                                process_index, process_count, threads)  # fmt: skip
     ds = _train_records(source, split, K)
     n_proc, rank = int(process_count), int(process_index)
@@ -162,13 +171,17 @@ def make_train_iterator(
     )
 
 
-def _index_iterator(source, data_config, tokenizer, batch_size, seed, start_batch, skipped, K, rank, n_proc, threads):
+def _index_iterator(source, data_config, tokenizer, batch_size, seed, start_batch, resume, K, rank, n_proc, threads):
     """`index_pipeline.IndexTrainIterator`: positioned by the global batch index alone (the
-    stream position and the per-process counts of the stream path are not needed)."""
+    stream position of the stream path is not needed); `resume`: skipped, replaced,
+    order_state."""
     from mmjax.data.index_pipeline import IndexTrainIterator
 
     if K:
-        raise ValueError(f"model.hard_negatives={K} but {source.describe('train')} carries no hard negatives")
+        raise ValueError(
+            f"model.hard_negatives={K} but the index-based pipeline ({source.describe('train')}) reads no hard "
+            "negatives; set model.hard_negatives=0 (a TFDS set: or data.random_access=False)"
+        )
     return IndexTrainIterator(
         source,
         data_config,
@@ -178,7 +191,7 @@ def _index_iterator(source, data_config, tokenizer, batch_size, seed, start_batc
         start_batch=int(start_batch),
         process_index=int(rank),
         process_count=int(n_proc),
-        skipped=int(skipped),
+        **resume,
         num_parallel_calls=_parallel_calls(data_config),
         options=_options(threads),
     )
@@ -187,7 +200,8 @@ def _index_iterator(source, data_config, tokenizer, batch_size, seed, start_batc
 def make_eval_iterator(
     data_config, tokenizer, split: str, batch_size: int, *, process_index: int = 0, process_count: int = 1
 ) -> BatchIterator:
-    """One ordered pass over this process's shard of `split`, no augmentation.
+    """One ordered pass over this process's shard of `split`, no augmentation; with
+    data.eval_path, of that eval set (`sources.eval_source`).
 
     Every process yields the same number of batches, ceil(ceil(N / P) / B), each of
     fixed shape B; padding rows have `valid` False. Keys: image [B,S,S,3] f32 (clips:
@@ -197,7 +211,7 @@ def make_eval_iterator(
     [B,K] bool (K = 4).
     """
     tf = require_tf()
-    source = sources.source_for(data_config)
+    source, split = sources.eval_source(data_config, split)  # data.eval_path's set, when given
     L, S = int(option(data_config, "text_len")), int(option(data_config, "image_size"))
     clip = [num_frames(data_config)] if num_frames(data_config) else []
     n_total = source.num_examples(split)

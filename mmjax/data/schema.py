@@ -15,6 +15,7 @@ COMMON = {
     "name": None,  # the source: a registered name (mmjax.data.sources), else a TFDS catalog dataset
     "train_split": "train",
     "eval_split": "test",
+    "eval_path": None,  # the eval set's own shards directory or CSV/JSONL list (sources.eval_source)
     "image_size": 224,  # pixels per side after resizing
     "text_len": 32,  # tokens per text, bos and eos included
     "num_frames": 0,  # 0: images; T > 0: every record becomes a clip of T frames

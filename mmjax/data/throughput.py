@@ -1,4 +1,4 @@
-"""`mmjax data bench`: images/s of the training iterator alone."""
+"""`mmjax data bench`: images/s of the training iterator alone, and the bytes it read."""
 
 from __future__ import annotations
 
@@ -8,10 +8,28 @@ import time
 from mmjax.data.schema import option
 
 
-def pipeline_throughput(data_config, batch_size: int, num_batches: int, threads=None, tokenizer=None) -> dict:
+def read_bytes() -> int | None:
+    """Bytes this process has read through read/pread system calls so far (Linux's
+    `rchar` in /proc/self/io: files and sockets, page cache hits included); None where
+    the counter does not exist."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def pipeline_throughput(
+    data_config, batch_size: int, num_batches: int, threads=None, tokenizer=None, process_index=0, process_count=1
+) -> dict:
     """Images/s of the training iterator alone (after one warm-up batch), with tf.data's
     private threadpool limited to `threads` when given. Without a tokenizer one is
-    trained on the training captions (data.tokenizer.vocab_size)."""
+    trained on the training captions (data.tokenizer.vocab_size).
+
+    With process_count P > 1 this process reads as process `process_index` of P (its rows
+    of each global batch of batch_size * P; no other process needs to run): `bytes_read`
+    is what it read from the iterator's creation to the last batch (warm-up included),
+    to set against a 1-process run over the same batches."""
     from mmjax.data import pipeline, sources
     from mmjax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -19,16 +37,30 @@ def pipeline_throughput(data_config, batch_size: int, num_batches: int, threads=
         with tempfile.TemporaryDirectory() as d:
             caps = sources.captions(data_config, option(data_config, "train_split"))
             tokenizer = Tokenizer(train_tokenizer(caps, d, int(option(data_config, "tokenizer.vocab_size"))))
-    it = pipeline.make_train_iterator(data_config, tokenizer, batch_size, seed=0, threads=threads)
+    before = read_bytes()
+    it = pipeline.make_train_iterator(
+        data_config,
+        tokenizer,
+        batch_size,
+        seed=0,
+        threads=threads,
+        process_index=int(process_index),
+        process_count=int(process_count),
+    )
     next(it)
     t = time.perf_counter()
     for _ in range(num_batches):
         next(it)
     dt = time.perf_counter() - t
+    after = read_bytes()
+    it.close()
     return {
         "images_per_s": num_batches * batch_size / dt,
         "threads": threads,
         "batch_size": batch_size,
         "num_batches": num_batches,
         "seconds": dt,
+        "process_index": int(process_index),
+        "process_count": int(process_count),
+        "bytes_read": None if before is None else after - before,
     }

@@ -242,6 +242,9 @@ class ClassificationEvaluator:
         n_dev = mesh.devices.size
         self.batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
         self._logits = jax.jit(family.logits, out_shardings=mesh_lib.replicated(mesh))
+        from mmjax.data import sources
+
+        self.label_map = sources.eval_label_map(data_config)  # data.eval_path's labels -> the training ones
 
     def __call__(self, params) -> dict:
         from mmjax.data import pipeline
@@ -257,7 +260,8 @@ class ClassificationEvaluator:
             logits = np.asarray(self._logits(params, *(inputs[k] for k in keys)))
             valid = np.asarray(batch["valid"], bool)
             preds.append(np.argsort(-logits[valid], axis=-1)[:, :5])
-            labels.append(np.asarray(batch["label"])[valid])
+            label = np.asarray(batch["label"])[valid]
+            labels.append(label if self.label_map is None else self.label_map[label])
         if not labels or not sum(map(len, labels)):
             return {"num_images": 0}
         return classification_metrics(

@@ -337,8 +337,7 @@ def _export_stablehlo(info, params, out: str, platforms, precision=None) -> list
     )
     shutil.copyfile(tok.model_path, os.path.join(out, TOKENIZER_FILE))
     files.append(os.path.join(out, TOKENIZER_FILE))
-    mean = data.get("mean", None) or pipeline.MEAN
-    std = data.get("std", None) or pipeline.STD
+    mean, std = pipeline.MEAN, pipeline.STD  # the pipeline's normalisation (not a config key)
     spec = {
         "format": "mmjax-stablehlo",
         "format_version": int(FORMAT_VERSION),

@@ -154,8 +154,7 @@ def export_workdir(workdir: str, out_dir: str, weights: str = "student", *, step
     check_exportable(zoo.build(config.model).model)  # before reading the checkpoint
     opened = workdir_lib.open_workdir(workdir, weights=weights, step=step, config=config)
     tokenizer = opened.tokenizer_path
-    data = config.get("data", {})
-    mean, std = data.get("mean", None), data.get("std", None)  # as formats' stablehlo export
+    mean = std = None  # save_clip's default: the pipeline's normalisation (not a config key)
     token_ids = opened.tokenizer.special_ids if tokenizer else None  # None: mmjax's ids
     out = save_clip(
         opened.family.model, {"params": opened.params}, out_dir, token_ids=token_ids, image_mean=mean, image_std=std

@@ -34,13 +34,14 @@ def make_evaluator(setup, config):
     one. A missing or empty eval split fails now, not after hours (ValueError)."""
     if not (config.eval.every or config.eval.at_end):
         return None
-    from mmjax.data import pipeline
+    from mmjax.data import sources
 
     evaluator = setup.evaluator()
-    if pipeline.num_examples(config.data, config.data.eval_split) == 0:
+    source, split = sources.eval_source(config.data)  # data.eval_path's set, when given
+    if source.num_examples(split) == 0:
         raise ValueError(
-            f"eval split {config.data.eval_split!r} of {config.data.name!r} is empty; "
-            "set data.eval_fraction (file lists) or eval.every=0 eval.at_end=false"
+            f"eval split {config.data.eval_split!r} of {config.data.name!r} is empty ({source.describe(split)}); "
+            "set data.eval_path, data.eval_fraction (file lists) or eval.every=0 eval.at_end=false"
         )
     return evaluator
 

@@ -8,8 +8,9 @@
   step, read one step behind like the flag), so every process stops after the same
   step and saves the same checkpoint, whichever of them got the signal.
 * `DataCursor` keeps the `data_state` of the batch each step consumed (the stream
-  position after it and the records skipped so far), writes it per process into the
-  checkpoint meta and turns it back into the iterator's start on resume.
+  position after it, the records skipped so far, a mixture's per-source counts),
+  writes it per process into the checkpoint meta and turns it (with the index-based
+  order state, meta["data"]) back into the iterator's start on resume.
 """
 
 from __future__ import annotations
@@ -155,16 +156,31 @@ def _gather_ints(values: list[int]) -> np.ndarray:
 
 
 class DataCursor:
-    """The per-process data position of the last batch a step consumed."""
+    """The per-process data position of the last batch a step consumed.
+
+    `start` (the iterator's resume keywords) holds the checkpoint's `start_record` and
+    `skipped` of this process, a mixture's `replaced` per source, and `order_state` (the
+    index-based pipeline's order, meta["data"]). On another process count the index-based
+    position (the global batch index) is still exact: process 0 carries the counts on;
+    the stream path's position then is not exact if records were dropped (a warning)."""
 
     def __init__(self, meta: dict, process_count: int, process_index: int):
-        self.records, self.skipped = None, 0
+        self.records, self.skipped, self.sources = None, 0, None
         self.start = {}
-        records, skipped = meta.get("records"), meta.get("skipped")
+        if meta.get("data") is not None:
+            self.start["order_state"] = meta["data"]
+        records, skipped, replaced = meta.get("records"), meta.get("skipped"), meta.get("replaced")
         if records is None:  # a fresh run, or a checkpoint from before data_state
             return
         if len(records) == process_count:
-            self.start = {"start_record": int(records[process_index]), "skipped": int(skipped[process_index])}
+            self.start.update(start_record=int(records[process_index]), skipped=int(skipped[process_index]))
+            if replaced:
+                self.start["replaced"] = [int(n) for n in replaced[process_index]]
+        elif meta.get("data") is not None:  # index-based: exact on any topology
+            first = process_index == 0
+            self.start["skipped"] = int(sum(skipped)) if first else 0
+            if replaced:
+                self.start["replaced"] = [int(n) if first else 0 for n in np.sum(replaced, axis=0)]
         elif sum(skipped):
             log.warning(
                 "resuming on %d processes a run saved by %d after %d dropped records: the data "
@@ -177,15 +193,33 @@ class DataCursor:
     def consumed(self, data_state) -> None:
         if data_state is not None:
             self.records, self.skipped = int(data_state["records"]), int(data_state["skipped"])
+            self.sources = data_state.get("sources")  # a mixture's {name: {"rows", "replaced"}}
 
     def totals(self) -> np.ndarray | None:
-        """[process_count, 2] (records, skipped) of every process; a collective when
-        there are several (every process calls it at the same step)."""
+        """[process_count, 2 + S] (records, skipped, a mixture's replaced per source) of
+        every process; a collective when there are several (every process calls it at the
+        same step)."""
         if self.records is None:
             return None
-        return _gather_ints([self.records, self.skipped])
+        replaced = [int(c["replaced"]) for c in self.sources.values()] if self.sources else []
+        return _gather_ints([self.records, self.skipped, *replaced])
 
     def meta(self, totals) -> dict:
         if totals is None:
             return {}
-        return {"records": [int(r) for r in totals[:, 0]], "skipped": [int(s) for s in totals[:, 1]]}
+        out = {"records": [int(r) for r in totals[:, 0]], "skipped": [int(s) for s in totals[:, 1]]}
+        if self.sources:
+            out["replaced"] = [[int(n) for n in row] for row in totals[:, 2:]]
+        return out
+
+    def source_metrics(self, totals) -> dict:
+        """A mixture's metrics: `data/rows_<name>` (the source's rows in the global batches
+        so far) and, when some were, `data/replaced_<name>` (over all processes)."""
+        if totals is None or not self.sources:
+            return {}
+        out = {}
+        for s, (name, counts) in enumerate(self.sources.items()):
+            out[f"data/rows_{name}"] = int(counts["rows"])
+            if totals[:, 2 + s].sum():
+                out[f"data/replaced_{name}"] = int(totals[:, 2 + s].sum())
+        return out

@@ -233,6 +233,7 @@ class _Run:
             bad_steps=self.checks.total,
             skipped=int(totals[:, 1].sum()) if totals is not None else getattr(self.train_iter, "skipped", 0),
         )
+        m.update(self.cursor.source_metrics(totals))  # a mixture's rows (and replacements) per source
         self.writer.write(done, "train", m)
         self.bar.set_postfix_str(f"loss={float(m['loss']):.4f} {m['samples_per_s']:.0f} samples/s")
         self.t_last, self.n_since = time.time(), 0
@@ -240,6 +241,9 @@ class _Run:
     def save(self, step: int):
         cursor = self.cursor
         meta = {"data_position": self.data_position, "bad_steps": self.checks.total, **cursor.meta(cursor.totals())}
+        order = self.train_iter.order_state(self.data_position)  # index-based: checked on resume
+        if order is not None:
+            meta["data"] = order
         checkpointing.save_checkpoint(self.setup, step, self.state, meta)
         self.last_saved = step
 

@@ -7,6 +7,11 @@ package, registered by the `data.name` values it serves.
 - `catalog.py`: any other name, a TFDS catalog dataset the user has prepared (never
   downloaded).
 
+`data.eval_path` (a shards directory or a CSV/JSONL list) is the eval set, read by the
+source whose `Source.eval_set` takes it (shards, file list) instead of the eval split
+of `data.name`'s: every read of a split but `data.train_split` goes there
+(`split_source`, `eval_source`).
+
 A new source is one new module here: a `Source` subclass decorated with `@register`;
 every module of the package is imported when a source is first looked up, so nothing
 else in the pipeline changes. Its data keys (`keys`, with their defaults) join the
@@ -23,6 +28,7 @@ pipeline's (`mmjax.data.pipeline`). TensorFlow is imported lazily, in methods.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 
 from mmjax.data import schema
@@ -61,6 +67,12 @@ class Source:
         del split
         return None
 
+    def mixture(self, split: str) -> list[tuple[str, float | None, object]]:
+        """The random-access sources the index-based pipeline reads `split` from:
+        [(name, weight or None, reader)], weight None for shares proportional to record
+        counts. One source, this one's `reader`, unless a source mixes several."""
+        return [(str(self.name), None, self.reader(split))]
+
     def captions(self, split: str) -> list[str]:
         """All captions of `split` (to train a tokenizer)."""
         ds = self.records(split).map(lambda r: r["caption"])
@@ -85,6 +97,14 @@ class Source:
     def describe(self, split: str) -> str:
         """The source and split, for messages."""
         return f"dataset {self.name!r} (split {split!r})"
+
+    @classmethod
+    def eval_set(cls, data: dict, path: str, split: str) -> tuple[dict, str] | None:
+        """For data.eval_path=`path` (it exists) and the eval split `split`: (a copy of the
+        data section `data` that reads `path` with this source, the split to read there),
+        or None when this source does not read such a path (`eval_config`)."""
+        del data, path, split
+        return None
 
 
 _BY_NAME: dict[str, type[Source]] = {}
@@ -145,26 +165,95 @@ def cache_allowed(name) -> bool:
 
 def load_records(data_config, split: str):
     """tf.data.Dataset of the undecoded records of `split` (module docstring)."""
-    return source_for(data_config).records(split)
+    source, split = split_source(data_config, split)
+    return source.records(split)
 
 
 def num_examples(data_config, split: str) -> int:
-    return source_for(data_config).num_examples(split)
+    source, split = split_source(data_config, split)
+    return source.num_examples(split)
 
 
 def captions(data_config, split: str) -> list[str]:
     """All captions of `split` (for tokenizer training)."""
-    return source_for(data_config).captions(split)
+    source, split = split_source(data_config, split)
+    return source.captions(split)
 
 
 def label_names(data_config) -> list[str] | None:
-    """Class names for zero-shot prompts (label index = position), or None."""
-    return source_for(data_config).label_names()
+    """Class names of the eval set (label index = position), for zero-shot prompts, or None."""
+    return eval_source(data_config)[0].label_names()
 
 
 def answer_types(data_config) -> list[str] | None:
     """The type of each label (VQA answer types: colour, shape, size, yes/no), or None."""
     return source_for(data_config).answer_types()
+
+
+# ---------------------------------------------------------------- data.eval_path
+
+
+def eval_path(data_config) -> str | None:
+    """data.eval_path, `~` expanded and checked (ConfigError, one line), or None when unset."""
+    path = schema.cfg_get(data_config, "eval_path")
+    if not path:
+        return None
+    path = os.path.expanduser(str(path))
+    what = "a directory written by `mmjax data convert` or a CSV/JSONL list"
+    if not os.path.exists(path):
+        raise ConfigError(f"data.eval_path={path!r}: no such file or directory (expected {what})")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "manifest.json")):
+        raise ConfigError(f"data.eval_path={path!r} is a directory without manifest.json (expected {what})")
+    return path
+
+
+def eval_config(data_config, split: str) -> tuple[dict, str]:
+    """(a copy of the data section that reads data.eval_path, the split to read there):
+    from the first source whose `Source.eval_set` takes the path (a converted directory:
+    the shards source; a CSV/JSONL list: the file-list source, every row)."""
+    path = eval_path(data_config)
+    data = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
+    data["eval_path"] = None
+    for cls in registered():
+        found = cls.eval_set(data, path, split)
+        if found is not None:
+            return found
+    raise ConfigError(f"data.eval_path={path!r}: no data source reads it")
+
+
+def split_source(data_config, split: str) -> tuple[Source, str]:
+    """(the source, its split) that serve `split`: data.eval_path's set for every split but
+    data.train_split when it is set (`eval_config`), else data.name's source and `split`."""
+    if split == schema.option(data_config, "train_split") or eval_path(data_config) is None:
+        return source_for(data_config), split
+    cfg, split = eval_config(data_config, split)
+    return source_for(cfg), split
+
+
+def eval_source(data_config, split: str | None = None) -> tuple[Source, str]:
+    """`split_source` of `split`, by default data.eval_split: what evaluation reads."""
+    return split_source(data_config, split or schema.option(data_config, "eval_split"))
+
+
+def eval_label_map(data_config):
+    """None, or int64 [C_eval + 1] taking data.eval_path's labels (and -1, last) to the
+    training set's label indices, for a classifier's outputs; ValueError (one line)
+    naming eval classes the training set lacks."""
+    import numpy as np
+
+    if eval_path(data_config) is None:
+        return None
+    names = eval_source(data_config)[0].label_names()
+    train = source_for(data_config).label_names()
+    if not names or not train or list(names) == list(train):
+        return None
+    unknown = [n for n in names if n not in train]
+    if unknown:
+        raise ValueError(
+            f"data.eval_path={eval_path(data_config)!r} has classes the training set lacks: "
+            f"{', '.join(map(str, unknown[:5]))}{' ...' if len(unknown) > 5 else ''}"
+        )
+    return np.array([list(train).index(n) for n in names] + [-1], np.int64)
 
 
 def declared() -> dict:
@@ -191,3 +280,4 @@ def check_data_config(data_config) -> None:
     if not schema.is_section(data_config):
         raise ConfigError(f"config key 'data' is a section; got {data_config!r}")
     schema.check_section(data_config, declared(), "data", ConfigError)
+    eval_path(data_config)  # an eval set that is not there: one line now

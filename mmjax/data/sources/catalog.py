@@ -1,7 +1,14 @@
 """TFDS catalog datasets (any data.name no other source claims): read from a data_dir
 the user prepared with tfds (`tfds.load(..., download=False)` semantics: mmjax never
 downloads). The first text feature found is the caption ('caption', a VQA 'question',
-'text', the first of 'captions'), else "a photo of a <label name>"."""
+'text', the first of 'captions'), else "a photo of a <label name>".
+
+`data.random_access=True` trains through the index-based pipeline (a seeded global
+order, each process reading only its rows: `mmjax.data.index_pipeline`) from the set's
+array_record copy (`mmjax.data.tfds_records`), made once next to the prepared files when
+missing. Off by default: the tf.data stream (a shuffle buffer) gives other batches, and
+the built-in recipes' numbers were measured on it. A set stored only in array_record
+(which tf.data cannot read) is always read by random access."""
 
 from __future__ import annotations
 
@@ -19,11 +26,13 @@ DEFAULT_DATA_DIR = "~/.cache/mmjax/tensorflow_datasets"
 @register
 class CatalogSource(Source):
     fallback = True
-    keys = {"data_dir": None}  # default: $MMJAX_DATA_DIR, else DEFAULT_DATA_DIR
+    # data_dir default: $MMJAX_DATA_DIR, else DEFAULT_DATA_DIR; random_access: module docstring
+    keys = {"data_dir": None, "random_access": False}
 
     def __init__(self, data_config):
         super().__init__(data_config)
         self._builder = None
+        self._readers = {}
 
     def data_dir(self) -> str:
         d = self.option("data_dir") or os.environ.get("MMJAX_DATA_DIR", DEFAULT_DATA_DIR)
@@ -53,8 +62,34 @@ class CatalogSource(Source):
             )
         return b
 
+    def reader(self, split: str):
+        """The split's `tfds_records.TfdsRecords` (opened once) with data.random_access=True
+        (making the array_record copy if missing) or for a set tf.data cannot read; else None."""
+        if split not in self._readers:
+            self._readers[split] = self._open_reader(split)
+        return self._readers[split]
+
+    def _open_reader(self, split: str):
+        from mmjax.data import tfds_records
+
+        directory = str(self.builder().data_dir)
+        if not self.option("random_access"):
+            return None if tfds_records.stream_readable(directory) else tfds_records.TfdsRecords(directory, split)
+        if "video" in self.builder().info.features:
+            raise ValueError(
+                f"data.random_access=True: {self.name!r} is a video set, not read by the index pipeline yet; "
+                "set data.random_access=False"
+            )
+        tfds_records.ensure_array_record(directory, str(self.name))
+        return tfds_records.TfdsRecords(directory, split)
+
     def records(self, split: str):
         tf, tfds = require_tf(), require_tfds()
+        from mmjax.data import tfds_records
+
+        directory = str(self.builder().data_dir)
+        if not tfds_records.stream_readable(directory):  # stored in array_record only
+            return tfds_records.records_dataset(tfds_records.TfdsRecords(directory, split))
         feats = self.builder().info.features
         media = "video" if "video" in feats else "image"
         ds = self.builder().as_dataset(split=split, shuffle_files=False, decoders={media: tfds.decode.SkipDecoding()})

@@ -1,7 +1,8 @@
 """Lists of the user's own files (`data.name='files'`): a CSV or JSONL at data.path,
 read by `mmjax.data.files` (rows of image or video paths, captions and optional
 labels). Missing files are dropped when the list is read and counted as skipped
-before the stream; data.eval_fraction holds out a stable fraction as 'test'."""
+before the stream; data.eval_fraction holds out a stable fraction as 'test', unless
+data.eval_path names the eval set: then every row is for training."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class FileListSource(Source):
         return self._list
 
     def rows(self, split: str) -> list[dict]:
-        return files_lib.split_rows(self._read()[0], split, self.option("eval_fraction"))
+        held_out = 0.0 if self.option("eval_path") else self.option("eval_fraction")  # an eval set of its own
+        return files_lib.split_rows(self._read()[0], split, held_out)
 
     def records(self, split: str):
         tf = require_tf()
@@ -68,3 +70,11 @@ class FileListSource(Source):
 
     def describe(self, split: str) -> str:
         return f"data.path={os.path.expanduser(str(self.option('path')))} (split {split!r})"
+
+    @classmethod
+    def eval_set(cls, data: dict, path: str, split: str):
+        """data.eval_path = a list file: all of its rows are the eval set (split 'all')."""
+        del split
+        if os.path.isdir(path):
+            return None
+        return dict(data, name=cls.names[0], path=path, eval_fraction=0.0, train_split="all", eval_split="all"), "all"
