@@ -96,6 +96,11 @@ class IndexTrainIterator:
         with the sources' `fingerprint`: what a checkpoint keeps to check a resume."""
         return {**self.order.state(batch_index), "fingerprint": self.fingerprint}
 
+    def payload_bytes(self) -> int:
+        """Bytes of the records this process's readers returned so far (its rows, the
+        replacements and the first-record probe; read ahead included)."""
+        return int(sum(r.bytes_read for r in self.readers))
+
     def _check_resume(self, state: dict) -> None:
         g = self.order.check_state(state)  # ValueError: sizes, weights, seed or global batch changed
         if state.get("fingerprint") != self.fingerprint:

@@ -71,6 +71,11 @@ class BatchIterator:
         del batch_index
         return None
 
+    def payload_bytes(self) -> None:
+        """None: a stream reads through tf.data, which counts no bytes (the index-based
+        iterator returns the record bytes its readers returned)."""
+        return None
+
     def close(self):
         """Releases the tf.data iterator and its threads; the iterator ends."""
         self._it = iter(())

@@ -27,9 +27,11 @@ def pipeline_throughput(
     trained on the training captions (data.tokenizer.vocab_size).
 
     With process_count P > 1 this process reads as process `process_index` of P (its rows
-    of each global batch of batch_size * P; no other process needs to run): `bytes_read`
-    is what it read from the iterator's creation to the last batch (warm-up included),
-    to set against a 1-process run over the same batches."""
+    of each global batch of batch_size * P; no other process needs to run). `bytes_read`:
+    what the process read through system calls from the warm-up batch to the last one
+    (read ahead included); `record_bytes`: the record bytes the index-based readers
+    returned over the same span (None on the stream path). Set them against a 1-process
+    run over the same batches."""
     from mmjax.data import pipeline, sources
     from mmjax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -37,7 +39,9 @@ def pipeline_throughput(
         with tempfile.TemporaryDirectory() as d:
             caps = sources.captions(data_config, option(data_config, "train_split"))
             tokenizer = Tokenizer(train_tokenizer(caps, d, int(option(data_config, "tokenizer.vocab_size"))))
-    before = read_bytes()
+    from mmjax.data import require_tf
+
+    require_tf()  # imported before counting: its modules' reads are not the data's
     it = pipeline.make_train_iterator(
         data_config,
         tokenizer,
@@ -47,12 +51,13 @@ def pipeline_throughput(
         process_index=int(process_index),
         process_count=int(process_count),
     )
+    before, payload = read_bytes(), it.payload_bytes()
     next(it)
     t = time.perf_counter()
     for _ in range(num_batches):
         next(it)
     dt = time.perf_counter() - t
-    after = read_bytes()
+    after, payload_after = read_bytes(), it.payload_bytes()
     it.close()
     return {
         "images_per_s": num_batches * batch_size / dt,
@@ -63,4 +68,5 @@ def pipeline_throughput(
         "process_index": int(process_index),
         "process_count": int(process_count),
         "bytes_read": None if before is None else after - before,
+        "record_bytes": None if payload is None else payload_after - payload,
     }
