@@ -265,7 +265,7 @@ def test_video_tar(tmp_path):
     out = str(tmp_path / "out")
     res = convert(str(tmp_path / "tars"), out, workers=1)
     assert res["records"] == 1 and res["skipped"]["undecodable"] == 1
-    assert read_all(out) == [{"video": mp4, "caption": "a clip", "id": 0}]
+    assert read_all(out) == [{"video_file": mp4, "caption": "a clip", "id": 0}]
     assert mf.read_manifest(out)["splits"]["train"]["media"] == ["mp4"]
 
 

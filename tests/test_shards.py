@@ -145,3 +145,36 @@ def test_a_corrupt_record_changes_its_own_row_only(shards, tmp_path):
         assert same.all() if g != 1 else (~same).sum() == 1 and not same[2], g
         np.testing.assert_array_equal(a["image"][same], b["image"][same])
     assert victim not in got[1]["id"] and it.skipped == 1 and got[1]["data_state"]["skipped"] == 1
+
+
+def test_video_shards_give_the_file_lists_clips(tmp_path):
+    """mp4 records: training batches are clips [B, T, S, S, 3] covering every video once
+    an epoch, and an eval pass over the shards equals one over the same videos as a
+    file list (PyAV on the container's bytes = PyAV on the file)."""
+    from mmjax.data import video_io
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        frames = rng.integers(0, 256, [5 + i, 16, 16, 3], dtype=np.uint8)
+        video_io.write_video(str(tmp_path / f"v{i}.mp4"), frames)
+        rows.append(f"v{i}.mp4,clip number {i}\n")
+    (tmp_path / "list.csv").write_text("video_path,caption\n" + "".join(rows))
+    out = str(tmp_path / "shards")
+    convert(str(tmp_path / "list.csv"), out, workers=1)
+    tok = Tokenizer(train_tokenizer([f"clip number {i}" for i in range(6)], str(tmp_path / "tok"), 30))
+    cfg = _cfg(out, num_frames=3, frame_sampling="random")
+    it = pipeline.make_train_iterator(cfg, tok, 3, seed=1)
+    batches = [next(it) for _ in range(4)]
+    it.close()
+    assert batches[0]["image"].shape == (3, 3, 16, 16, 3)
+    ids = np.concatenate([b["id"] for b in batches])
+    assert sorted(ids[:6]) == list(range(6)) and sorted(ids[6:]) == list(range(6))
+    by = {}
+    for eval_path in (out, str(tmp_path / "list.csv")):
+        ev = _cfg(out, num_frames=3, eval_path=eval_path)
+        got = list(pipeline.make_eval_iterator(ev, tok, "test", 4))
+        by[eval_path] = {int(i): img for b in got for i, img, ok in zip(b["id"], b["image"], b["valid"]) if ok}
+    assert sorted(by[out]) == list(range(6))
+    for i in range(6):
+        np.testing.assert_array_equal(by[out][i], by[str(tmp_path / "list.csv")][i])

@@ -36,7 +36,9 @@ def num_frames(data_config) -> int:
 
 
 def is_clip(rec) -> bool:
-    return "video" in rec or "video_path" in rec or ("pixels" in rec and rec["pixels"].shape.rank == 4)
+    return any(k in rec for k in ("video", "video_path", "video_file")) or (
+        "pixels" in rec and rec["pixels"].shape.rank == 4
+    )
 
 
 def frame_indices(n, t: int, offsets):
@@ -68,10 +70,11 @@ def decode_clip(rec, t: int, offsets):
         return tf.gather(rec["pixels"], frame_indices(tf.shape(rec["pixels"])[0], t, offsets))
     if "video" in rec:
         return decode_frames(tf.gather(rec["video"], frame_indices(tf.shape(rec["video"])[0], t, offsets)))
-    if "video_path" in rec:
+    if "video_path" in rec or "video_file" in rec:  # a file on disk, or a container's bytes (shards)
+        read = video_io.read_frames if "video_path" in rec else video_io.read_frames_bytes
         frames = tf.numpy_function(
-            lambda path, u: video_io.read_frames(path.decode(), t, u),
-            [rec["video_path"], offsets],
+            lambda v, u: read(v.decode() if "video_path" in rec else v, t, u),
+            [rec["video_path"] if "video_path" in rec else rec["video_file"], offsets],
             tf.uint8,
             stateful=False,
         )

@@ -114,19 +114,19 @@ class IndexTrainIterator:
             )
 
     def _signature(self, tf) -> dict:
-        """The element spec: image, caption, id, and label when every source's first
+        """The element spec: image (or video_file: encoded video containers, clips cut as
+        the file-list path cuts them), caption, id, and label when every source's first
         readable record has one (and a mixture's sources share their label names)."""
         firsts = []
         for reader in self.readers:
             first = next((s for k in range(min(len(reader), 64)) for s in reader.read([k]) if s), None)
             if first is None:
                 raise ValueError(f"{reader.directory}: none of the first records of the split reads")
-            if "video" in first:
-                raise ValueError(
-                    "video shards are not read by the index pipeline yet: convert images, or use data.name=files"
-                )
             firsts.append(first)
-        spec = {"image": tf.TensorSpec([], tf.string), "caption": tf.TensorSpec([], tf.string)}
+        media = {"video_file" if "video_file" in f else "image" for f in firsts}
+        if len(media) > 1:
+            raise ValueError("a mixture of image and video shards: mix sources of one kind (images or videos)")
+        spec = {media.pop(): tf.TensorSpec([], tf.string), "caption": tf.TensorSpec([], tf.string)}
         spec["id"] = tf.TensorSpec([], tf.int64)
         same_labels = all(r.label_names == self.readers[0].label_names for r in self.readers)
         if all("label" in f for f in firsts) and same_labels:

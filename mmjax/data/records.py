@@ -68,11 +68,12 @@ def decode_record(data: bytes) -> tuple[dict, list[bytes]]:
 
 
 def to_sample(header: dict, blobs: list[bytes]) -> dict:
-    """A decoded record -> {"image" or "video": bytes, "caption": str, "id": int[, "label": int]}."""
+    """A decoded record -> {"image" or "video_file": bytes, "caption": str, "id": int[, "label": int]}
+    ("video_file": a whole video container, e.g. an mp4, decoded by PyAV)."""
     media = header.get("media")
     if media not in IMAGE_MEDIA + VIDEO_MEDIA or len(blobs) != 1:
         raise ValueError(f"record of media {media!r} with {len(blobs)} blobs")
-    out = {"video" if media in VIDEO_MEDIA else "image": blobs[0], "caption": str(header["caption"])}
+    out = {"video_file" if media in VIDEO_MEDIA else "image": blobs[0], "caption": str(header["caption"])}
     out["id"] = int(header["id"])
     if header.get("label") is not None:
         out["label"] = int(header["label"])

@@ -35,8 +35,16 @@ def sample_indices(n: int, num_frames: int, offsets=None) -> np.ndarray:
     return np.clip(idx, 0, n - 1)
 
 
-def read_frames(path: str, num_frames: int, offsets=None) -> np.ndarray:
-    """The sampled frames of a video file: uint8 [T, H, W, 3] RGB (see `sample_indices`).
+def read_frames_bytes(data: bytes, num_frames: int, offsets=None) -> np.ndarray:
+    """`read_frames` of a video container held in memory (a shard's record)."""
+    import io
+
+    return read_frames(io.BytesIO(bytes(data)), num_frames, offsets, name="a video record")
+
+
+def read_frames(path, num_frames: int, offsets=None, name: str | None = None) -> np.ndarray:
+    """The sampled frames of a video file (a path, or a file object with `name` for the
+    messages): uint8 [T, H, W, 3] RGB (see `sample_indices`).
 
     Raises VideoDecodeError (with the path and the decoder's reason) for a file that is
     missing, not a video, or corrupt.
@@ -44,17 +52,18 @@ def read_frames(path: str, num_frames: int, offsets=None) -> np.ndarray:
     from mmjax.data import require
 
     av = require("av", "PyAV")  # FFmpeg's decoders, in the `data` extra
+    name = str(path) if name is None else name
     try:
-        with av.open(str(path)) as container:
+        with av.open(path if hasattr(path, "read") else str(path)) as container:
             if not container.streams.video:
-                raise VideoDecodeError(f"{path}: no video stream")
+                raise VideoDecodeError(f"{name}: no video stream")
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     except VideoDecodeError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise VideoDecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
+        raise VideoDecodeError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
     if not frames:
-        raise VideoDecodeError(f"{path}: no decodable video frame")
+        raise VideoDecodeError(f"{name}: no decodable video frame")
     return np.stack([frames[i] for i in sample_indices(len(frames), num_frames, offsets)])
 
 

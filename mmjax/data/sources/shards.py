@@ -152,7 +152,7 @@ class ShardsSource(Source):
         return readers[0] if len(readers) == 1 else Concatenated(readers)
 
     def records(self, split: str):
-        """The split in key order, as the pipeline's records: 'image' (or 'video') bytes,
+        """The split in key order, as the pipeline's records: 'image' (or 'video_file') bytes,
         'caption', 'id' and 'label' where the data has labels. An unreadable record is
         left out (counted by `dropped`)."""
         tf = require_tf()
@@ -160,7 +160,7 @@ class ShardsSource(Source):
         sample = next((s for s in reader.read(range(min(len(reader), 64))) if s is not None), None)
         if sample is None:
             raise ValueError(f"{self.describe(split)}: none of its first records reads")
-        media = "video" if "video" in sample else "image"
+        media = "video_file" if "video_file" in sample else "image"
         spec = {media: tf.TensorSpec([], tf.string), "caption": tf.TensorSpec([], tf.string)}
         spec["id"] = tf.TensorSpec([], tf.int64)
         if "label" in sample:
