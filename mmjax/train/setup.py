@@ -48,8 +48,10 @@ class Setup:
 
             if jax.process_index() == 0:
                 self.tokenizer = get_tokenizer()
-                for split in {data.train_split, data.eval_split}:
-                    pipeline.num_examples(data, split)
+                # building a built-in set prepares all its splits; the eval split is not
+                # touched here (a shards directory may hold none: eval is then off or
+                # data.eval_path), as on one process
+                pipeline.num_examples(data, data.train_split)
             multihost_utils.sync_global_devices("mmjax: data and tokenizer ready")
             if jax.process_index() != 0:
                 self.tokenizer = get_tokenizer()
