@@ -190,7 +190,8 @@ class IndexTrainIterator:
         missing rows' indices). The rows after `want` stay buffered for the next batch."""
         while self._buf is None or not len(self._buf["pos"]) or self._buf["pos"][-1] < want[-1]:  # endless
             chunk = next(self._it)
-            self._buf = chunk if self._buf is None else {k: np.concatenate([self._buf[k], chunk[k]]) for k in chunk}
+            empty = self._buf is None or not len(self._buf["pos"])
+            self._buf = chunk if empty else {k: np.concatenate([self._buf[k], chunk[k]]) for k in chunk}
         buf, n = self._buf, len(want)
         if len(buf["pos"]) >= n and np.array_equal(buf["pos"][:n], want):  # nothing dropped: the common case
             out, self._buf = {k: v[:n] for k, v in buf.items()}, {k: v[n:] for k, v in buf.items()}
