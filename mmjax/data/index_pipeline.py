@@ -19,8 +19,9 @@ in a mixture): the rows after it never move. Resuming needs only the global batc
 the checkpoint with it) lets a resumed iterator refuse changed data, weights, seed or
 global batch.
 
-Reads run in tf.data's generator thread ahead of the consumer; decoding and
-augmentation in tf.data's parallel map (deterministic order); batches are assembled
+Reads run in tf.data's generator thread ahead of the consumer, one batch of records
+per hand-over; decoding and augmentation in tf.data's parallel map (deterministic
+order), batched there; a batch whose positions a dropped record shifted is repaired
 here by position.
 """
 
