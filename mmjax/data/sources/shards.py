@@ -1,4 +1,5 @@
-"""ArrayRecord shards written by `mmjax data convert` (`data.name='shards'`): random
+"""ArrayRecord shards written by `mmjax data convert` (`data.name='shards'`), or
+img2dataset/webdataset tars read in place (`mmjax.data.tar_reader`): random
 access, so training reads through the index-based pipeline (`mmjax.data.index_pipeline`):
 a seeded global order, each process reading only the records of its own rows.
 
@@ -18,7 +19,7 @@ from bisect import bisect_right
 
 import numpy as np
 
-from mmjax.data import require_tf
+from mmjax.data import require_tf, tar_reader
 from mmjax.data.sources import Source, register
 from mmjax.errors import ConfigError
 
@@ -105,7 +106,7 @@ class Concatenated:
 class ShardsSource(Source):
     names = ("shards",)
     keys = {"path": None}  # a directory written by `mmjax data convert`, or DIR:w,DIR:w,... (a mixture)
-    summary = "'shards' for ArrayRecord shards from `mmjax data convert`"
+    summary = "'shards' for ArrayRecord shards from `mmjax data convert` (or webdataset tars in place)"
 
     def __init__(self, data_config):
         super().__init__(data_config)
@@ -121,10 +122,10 @@ class ShardsSource(Source):
                 raise ValueError("data.name='shards' needs data.path (a directory written by `mmjax data convert`)")
             parsed = parse_path(path)
             for d, _ in parsed:
-                if not os.path.isfile(os.path.join(d, "manifest.json")):
+                if not os.path.isfile(os.path.join(d, "manifest.json")) and not tar_reader.is_tar_spec(d):
                     raise FileNotFoundError(
-                        f"data.path entry {d!r} holds no manifest.json: convert the data first "
-                        "(`mmjax data convert SRC --out DIR`)"
+                        f"data.path entry {d!r} holds no manifest.json and no .tar files: convert the data "
+                        "(`mmjax data convert SRC --out DIR`) or name webdataset tars (DIR or dir/{00000..00127}.tar)"
                     )
             names = source_names([d for d, _ in parsed])
             self._entries = [(n, d, w) for n, (d, w) in zip(names, parsed)]
@@ -134,7 +135,15 @@ class ShardsSource(Source):
         from mmjax.data.records import ArrayRecordShards
 
         if (directory, split) not in self._readers:  # ValueError naming the splits there
-            self._readers[directory, split] = ArrayRecordShards(directory, split)
+            if os.path.isfile(os.path.join(directory, "manifest.json")):
+                self._readers[directory, split] = ArrayRecordShards(directory, split)
+            elif split != self.option("train_split"):
+                raise ValueError(
+                    f"{directory}: webdataset tars are read as the training split only; evaluate on a set of "
+                    "its own (data.eval_path) or convert them with `mmjax data convert --split`"
+                )
+            else:
+                self._readers[directory, split] = tar_reader.TarShards(directory)
         return self._readers[directory, split]
 
     def mixture(self, split: str) -> list[tuple[str, float | None, object]]:
