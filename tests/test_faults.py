@@ -350,12 +350,22 @@ def test_nan_batches_change_nothing_then_stop_the_run(reference, tmp_path, monke
 
     real = pipeline.make_train_iterator
 
-    def poisoned(*args, **kw):
-        def batches():
-            for i, batch in enumerate(real(*args, **kw)):
-                yield dict(batch, image=np.full_like(batch["image"], np.nan)) if i >= 2 else batch
+    class Poisoned:  # the real iterator (its order_state, payload_bytes, ...), NaN images from batch 3 on
+        def __init__(self, it):
+            self.it, self.i = it, 0
 
-        return batches()
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            batch, self.i = next(self.it), self.i + 1
+            return dict(batch, image=np.full_like(batch["image"], np.nan)) if self.i > 2 else batch
+
+        def __getattr__(self, name):
+            return getattr(self.it, name)
+
+    def poisoned(*args, **kw):
+        return Poisoned(real(*args, **kw))
 
     monkeypatch.setattr(pipeline, "make_train_iterator", poisoned)
     workdir = str(tmp_path / "w")

@@ -84,8 +84,8 @@ def test_two_processes_then_one_process_other_mesh(tmp_path, data_dir, shards_di
     only its rows' records), evaluating on a separate list (`data.eval_path`): 2 processes
     x 4 devices (mesh data=4 x fsdp=2 over all 8) train 10 of 20 steps; 1 process x 8
     devices on a (data=2, fsdp=2, tensor=2) mesh resumes from that checkpoint; the params
-    equal a 20-step run on 1 process x 8 devices (data=8), and both count the replaced
-    record."""
+    equal a 20-step run on 1 process x 8 devices (data=8), both count the replaced
+    record, and each of the 2 processes read about half the record bytes of 1."""
     common = {
         "train.steps": 20,
         "train.ckpt_every": 10,
@@ -128,6 +128,15 @@ def test_two_processes_then_one_process_other_mesh(tmp_path, data_dir, shards_di
     assert int(resumed["final_state"].step) == 20
     for a, b in zip(jax.tree.leaves(resumed["final_state"].params), jax.tree.leaves(straight["final_state"].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+
+    # Each process read about half the record bytes one process reads for the same 10
+    # global batches (its own rows; both runs read a few batches ahead the same way).
+    def meta(w):
+        with open(tmp_path / w / "checkpoints" / "10" / "meta" / "metadata") as f:
+            return json.load(f)
+
+    (one_bytes,), two_bytes = meta("b")["record_bytes"], meta("a")["record_bytes"]
+    assert len(two_bytes) == 2 and all(0.3 < b / one_bytes < 0.7 for b in two_bytes), (two_bytes, one_bytes)
     # 20 steps x 16 rows = 5 epochs of 64 records: the damaged one is replaced once an epoch
     for w in ("a", "b"):
         rows = [json.loads(line) for line in open(tmp_path / w / "metrics.jsonl")]

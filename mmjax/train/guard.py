@@ -165,7 +165,7 @@ class DataCursor:
     the stream path's position then is not exact if records were dropped (a warning)."""
 
     def __init__(self, meta: dict, process_count: int, process_index: int):
-        self.records, self.skipped, self.sources = None, 0, None
+        self.records, self.skipped, self.sources, self.record_bytes = None, 0, None, None
         self.start = {}
         if meta.get("data") is not None:
             self.start["order_state"] = meta["data"]
@@ -195,21 +195,27 @@ class DataCursor:
             self.records, self.skipped = int(data_state["records"]), int(data_state["skipped"])
             self.sources = data_state.get("sources")  # a mixture's {name: {"rows", "replaced"}}
 
-    def totals(self) -> np.ndarray | None:
-        """[process_count, 2 + S] (records, skipped, a mixture's replaced per source) of
-        every process; a collective when there are several (every process calls it at the
-        same step)."""
+    def totals(self, record_bytes: int | None = None) -> np.ndarray | None:
+        """[process_count, 2 + S (+ 1)] (records, skipped, a mixture's replaced per source,
+        and `record_bytes`: on the index-based path, the record bytes this process's
+        iterator read so far) of every process; a collective when there are several
+        (every process calls it at the same step, all with or all without bytes)."""
         if self.records is None:
             return None
+        self.record_bytes = record_bytes
         replaced = [int(c["replaced"]) for c in self.sources.values()] if self.sources else []
-        return _gather_ints([self.records, self.skipped, *replaced])
+        read = [] if self.record_bytes is None else [int(self.record_bytes)]
+        return _gather_ints([self.records, self.skipped, *replaced, *read])
 
     def meta(self, totals) -> dict:
         if totals is None:
             return {}
         out = {"records": [int(r) for r in totals[:, 0]], "skipped": [int(s) for s in totals[:, 1]]}
-        if self.sources:
-            out["replaced"] = [[int(n) for n in row] for row in totals[:, 2:]]
+        S = len(self.sources) if self.sources else 0
+        if S:
+            out["replaced"] = [[int(n) for n in row] for row in totals[:, 2 : 2 + S]]
+        if self.record_bytes is not None:  # each process's share of the reads (about 1/P)
+            out["record_bytes"] = [int(b) for b in totals[:, 2 + S]]
         return out
 
     def source_metrics(self, totals) -> dict:

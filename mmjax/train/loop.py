@@ -223,7 +223,7 @@ class _Run:
 
     def _log(self, done: int, m):
         self.checks.flush()
-        totals = self.cursor.totals()
+        totals = self.cursor.totals(self.train_iter.payload_bytes())
         m = _train_row(
             m,
             pmap=self.pmap,
@@ -240,7 +240,11 @@ class _Run:
 
     def save(self, step: int):
         cursor = self.cursor
-        meta = {"data_position": self.data_position, "bad_steps": self.checks.total, **cursor.meta(cursor.totals())}
+        meta = {
+            "data_position": self.data_position,
+            "bad_steps": self.checks.total,
+            **cursor.meta(cursor.totals(self.train_iter.payload_bytes())),
+        }
         order = self.train_iter.order_state(self.data_position)  # index-based: checked on resume
         if order is not None:
             meta["data"] = order
