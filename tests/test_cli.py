@@ -31,6 +31,8 @@ FLAGS = {
         "--batches",
         "--config",
         "--threads",
+        "--process-count",
+        "--process-index",
         "--out",
         "--split",
         "--workers",

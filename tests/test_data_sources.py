@@ -162,7 +162,7 @@ def test_an_unknown_name_lists_the_own_sources(tmp_path):
     assert str(e.value) == (
         "dataset 'zzqqxxv' not found in the TFDS catalog; built-in datasets: shapes, shapes_vqa, "
         "moving_shapes, emoji, or 'files' for your own list, or 'shards' for ArrayRecord shards from "
-        "`mmjax data convert`"
+        "`mmjax data convert` (or webdataset tars in place)"
     )
 
 

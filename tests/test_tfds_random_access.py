@@ -43,6 +43,7 @@ def prepared(tmp_path_factory):
     data_dir, pristine = root / "tfds", root / "pristine"
     version = os.path.relpath(sources.source_for(_cfg(data_dir)).builder().data_dir, data_dir)
     shutil.copytree(data_dir, pristine)
+    sources.source_for(_cfg(data_dir)).reader("train")  # the copy, whichever test runs first (xdist)
     caps = [shapes_gen.example(0, "train", i, 16)["caption"] for i in range(N)]
     tok = Tokenizer(train_tokenizer(caps, str(root / "tok"), 40))
     return data_dir, pristine, version, tok
@@ -52,8 +53,10 @@ def _stream_records(data_dir, split="train"):
     return list(sources.source_for(_cfg(data_dir, False)).records(split).as_numpy_iterator())
 
 
-def test_the_reader_returns_the_stream_paths_records(prepared):
-    data_dir, _, version, _ = prepared
+def test_the_reader_returns_the_stream_paths_records(prepared, tmp_path):
+    _, pristine, version, _ = prepared
+    data_dir = tmp_path / "fresh"  # without the copy yet
+    shutil.copytree(pristine, data_dir)
     vdir = os.path.join(data_dir, version)
     assert tfds_records.file_formats(vdir) == ["tfrecord"]
     reader = sources.source_for(_cfg(data_dir)).reader("train")  # makes the array_record copy

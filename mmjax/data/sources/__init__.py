@@ -137,15 +137,17 @@ def _discover() -> None:
 
 
 def registered() -> list[type[Source]]:
-    """Every registered source class, in registration order."""
+    """Every registered source class: this package's in module-name order (whatever order
+    they were imported in), then any other in registration order."""
     _discover()
-    return list(_CLASSES)
+    modules = sorted(m.name for m in pkgutil.iter_modules(__path__))
+    rank = {f"{__name__}.{m}": i for i, m in enumerate(modules)}
+    return sorted(_CLASSES, key=lambda c: (rank.get(c.__module__, len(rank)), _CLASSES.index(c)))
 
 
 def names() -> list[str]:
-    """Every data.name a source claims (the fallback serves the rest)."""
-    _discover()
-    return list(_BY_NAME)
+    """Every data.name a source claims, in `registered()` order (the fallback serves the rest)."""
+    return [n for cls in registered() for n in cls.names if _BY_NAME.get(n) is cls]
 
 
 def source_class(name) -> type[Source]:
