@@ -7,8 +7,9 @@
     mmjax caption --workdir DIR --images a.png b.jpg [--beams 4]   (or --videos a.mp4)
     mmjax embed --workdir DIR --images a.png b.jpg --texts captions.txt --out emb.npz
     mmjax classify --workdir DIR --images a.png b.jpg --classes "red circle,blue square" [--templates "a {}"]
-    mmjax export --workdir DIR --format safetensors|stablehlo|hf-clip --out OUT [--weights ema]
-    mmjax convert --from hf-clip --src HF_DIR --workdir DIR
+    mmjax export --workdir DIR --format safetensors|stablehlo|hf-clip|hf-llm --out OUT [--weights ema]
+    mmjax convert --from hf-clip|hf-llama|hf-qwen2|hf-gemma --src HF_DIR --workdir DIR
+    mmjax generate --workdir DIR --prompt "a red circle" [--max-new-tokens 32] [--greedy | --temperature T --top-p P]
     mmjax eval  --workdir DIR [--split test] [--config.eval.max_examples=200 ...]
     mmjax data prepare --config configs/demo.py
     mmjax data bench --config configs/demo.py:emoji --config.data.image_size=224
@@ -152,6 +153,26 @@ COMMANDS = {
             ),
         ),
         Command(
+            "generate",
+            "continue text prompts with a workdir's language model; one JSON line per prompt",
+            commands.generate,
+            (
+                WORKDIR,
+                arg("--prompt", action="append", required=True, help="a prompt (repeat for several)"),
+                arg("--max-new-tokens", type=int, default=32, help="tokens generated at most per prompt"),
+                one_of(
+                    arg("--greedy", action="store_true", help="the most likely token each step (the default)"),
+                    arg("--temperature", type=float, default=None, help="sample at this temperature (with --top-p)"),
+                ),
+                arg("--beams", type=int, default=1, help="beam search with this many beams (1: greedy)"),
+                arg("--top-p", type=float, default=1.0, help="sampling: nucleus probability mass"),
+                arg("--seed", type=int, default=0, help="sampling: the PRNG seed"),
+                arg("--length-penalty", type=float, default=0.0, help="beams: score / length ** this"),
+                arg("--stop", action="append", default=[], help="cut the text at this string (repeatable)"),
+                WEIGHTS,
+            ),
+        ),
+        Command(
             "classify",
             "zero-shot classes of your images from a workdir, with your class names",
             commands.classify,
@@ -179,7 +200,7 @@ COMMANDS = {
             commands.export,
             (
                 WORKDIR,
-                arg("--format", required=True, choices=("safetensors", "stablehlo", "hf-clip")),
+                arg("--format", required=True, choices=("safetensors", "stablehlo", "hf-clip", "hf-llm")),
                 arg("--out", required=True, help="output directory"),
                 WEIGHTS,
                 arg("--step", type=int, default=None, help="checkpoint step (default: the latest)"),
@@ -195,10 +216,15 @@ COMMANDS = {
         ),
         Command(
             "convert",
-            "make an mmjax workdir from a transformers CLIP directory",
+            "make an mmjax workdir from a transformers CLIP or causal-LM (Llama, Qwen2, Gemma) directory",
             commands.convert,
             (
-                arg("--from", dest="source_format", required=True, choices=("hf-clip",)),
+                arg(
+                    "--from",
+                    dest="source_format",
+                    required=True,
+                    choices=("hf-clip", "hf-llama", "hf-qwen2", "hf-gemma"),
+                ),
                 arg("--src", required=True, help="a directory with config.json and model weights"),
                 WORKDIR,
             ),

@@ -138,6 +138,32 @@ def caption(args, overrides):
         print(f"{row['image']}\t{row['caption']}")
 
 
+def generate(args, overrides):
+    from mmjax import workdir as workdir_lib
+    from mmjax.eval.generation import generate_texts
+
+    if args.beams > 1 and args.temperature is not None:
+        raise config_lib.ConfigError("--beams and --temperature exclude each other: beam search or sampling")
+    if args.beams > 1:
+        method = dict(method="beam", beams=args.beams, length_penalty=args.length_penalty)
+    elif args.temperature is not None:
+        method = dict(method="sample", temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    else:
+        method = dict(method="greedy")
+    opened = workdir_lib.open_workdir(args.workdir, weights=args.weights)
+    rows = generate_texts(
+        opened.family,
+        opened.params,
+        opened.tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        stops=tuple(args.stop),
+        **method,
+    )
+    for row in rows:
+        print(json.dumps(row))
+
+
 def classify(args, overrides):
     from mmjax.eval import zero_shot
 
@@ -157,6 +183,11 @@ def classify(args, overrides):
 
 
 def export(args, overrides):
+    if args.format == "hf-llm":
+        from mmjax.export import hf_llm_workdir
+
+        print(json.dumps(hf_llm_workdir.export_workdir(args.workdir, args.out, args.weights, step=args.step)))
+        return
     if args.format == "hf-clip":
         from mmjax.export import hf_workdir
 
@@ -179,9 +210,14 @@ def export(args, overrides):
 
 
 def convert(args, overrides):
-    from mmjax.export import hf_workdir
+    if args.source_format == "hf-clip":
+        from mmjax.export import hf_workdir
 
-    hf_workdir.convert_to_workdir(args.src, args.workdir)
+        hf_workdir.convert_to_workdir(args.src, args.workdir)
+    else:
+        from mmjax.export import hf_llm_workdir
+
+        hf_llm_workdir.convert_to_workdir(args.src, args.workdir, args.source_format)
     print(json.dumps({"workdir": args.workdir, "from": args.source_format, "src": args.src}))
 
 

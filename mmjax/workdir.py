@@ -271,7 +271,7 @@ class Workdir:
 
     @functools.cached_property
     def tokenizer(self):
-        from mmjax.data.tokenizer import Tokenizer
+        from mmjax.data.tokenizer import load_tokenizer
 
         path = self.tokenizer_path
         if path is None:
@@ -280,7 +280,8 @@ class Workdir:
                 "not found (a run writes WORKDIR/tokenizer.model; for another model set data.tokenizer.path "
                 "to its sentencepiece file)"
             )
-        return Tokenizer(path)
+        tok = self.config.get("data", {}).get("tokenizer", {}) or {}
+        return load_tokenizer(path, lowercase=bool(tok.get("lowercase", True)))
 
 
 def _tokenizer_path(workdir: str, config, must_exist: bool = True) -> str | None:

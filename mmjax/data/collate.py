@@ -31,6 +31,20 @@ def train_batch(b, tokenizer, text_len: int, negatives: int) -> dict:
     return out
 
 
+def train_finisher(data_config, tokenizer, text_len: int, negatives: int):
+    """The batch finisher of a train iterator: `train_batch` (captions), or with
+    data.chat.template set a `chat_data.ChatCollator` (conversations)."""
+    import functools
+
+    from mmjax.data import chat_data
+
+    if chat_data.chat_options(data_config) is not None:
+        if negatives:
+            raise ValueError("data.chat conversations take no hard negatives (model.hard_negatives=0)")
+        return chat_data.ChatCollator(data_config, tokenizer, text_len=text_len)
+    return functools.partial(train_batch, tokenizer=tokenizer, text_len=text_len, negatives=negatives)
+
+
 def empty_eval_batch(batch_size: int, image_shape, text_len: int, has_label: bool, has_neg: bool) -> dict:
     """Zeros of an eval batch's keys and shapes; every row invalid (id -1)."""
     B, L = batch_size, text_len

@@ -27,7 +27,6 @@ here by position.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -81,9 +80,7 @@ class IndexTrainIterator:
         if order_state is not None:
             self._check_resume(order_state)
         self._fn = train_map(data_config, int(seed), 0)
-        self._finish = functools.partial(
-            collate.train_batch, tokenizer=tokenizer, text_len=int(option(data_config, "text_len")), negatives=0
-        )
+        self._finish = collate.train_finisher(data_config, tokenizer, int(option(data_config, "text_len")), 0)
         self._spec = self._signature(tf)
         self._replaced_reads: dict[int, list[int]] = {}  # batch -> records replaced per source by the reader thread
         batched = {k: tf.TensorSpec([None], v.dtype) for k, v in self._spec.items()}

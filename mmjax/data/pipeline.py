@@ -14,7 +14,6 @@ measures these iterators (throughput.py).
 
 from __future__ import annotations
 
-import functools
 import math
 
 from mmjax.data import collate, require_tf, sources
@@ -154,9 +153,7 @@ def make_train_iterator(
         negatives=K,
         threads=threads,
     )
-    finish = functools.partial(
-        collate.train_batch, tokenizer=tokenizer, text_len=int(option(data_config, "text_len")), negatives=K
-    )
+    finish = collate.train_finisher(data_config, tokenizer, int(option(data_config, "text_len")), K)
     to_local, local_start = local_positions(start, batch_size, rank, n_proc)
     missing = source.dropped(split) if start_record is None else 0
     return BatchIterator(

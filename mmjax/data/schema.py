@@ -25,7 +25,19 @@ COMMON = {
     "prefetch_to_device": 2,  # batches copied to the devices ahead of the step (the train loop)
     "cache_decoded": False,  # keep decoded pixels in memory (sources that allow it)
     "augment": {"crop_scale": (0.5, 1.0), "aspect": (3 / 4, 4 / 3), "flip": False},
-    "tokenizer": {"path": None, "vocab_size": 8000},  # a sentencepiece .model, else trained on the captions
+    # path: a sentencepiece .model or an HF tokenizer.json (else one is trained on the captions);
+    # lowercase: mmjax's own models lower-case text, an imported LLM's tokenizer keeps case
+    "tokenizer": {"path": None, "vocab_size": 8000, "lowercase": True},
+    # conversations for LM-connector families (mmjax/data/chat_data.py); template None: caption batches
+    "chat": {
+        "template": None,
+        "task": "vqa",
+        "turns": 2,
+        "held_out": False,
+        "system": None,
+        "image_tokens": 0,
+        "on_mismatch": "raise",
+    },
 }
 
 

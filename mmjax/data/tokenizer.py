@@ -1,7 +1,9 @@
 """SentencePiece tokenizer: training from captions, encoding to fixed-length ids.
 
 No TensorFlow import here. Ids: pad=0, unk=1, bos=2, eos=3, <mask>=4, <cls>=5.
-Captions are lower-cased before training and encoding.
+Captions are lower-cased before training and encoding (mmjax's own models); an LLM's
+sentencepiece model is loaded with `lowercase=False` (`load_tokenizer`). Chat data uses
+`encode_plain` / `decode_plain` / `token_id` (no bos/eos added).
 """
 
 from __future__ import annotations
@@ -56,10 +58,13 @@ def train_tokenizer(captions: Iterable[str], out_dir: str, vocab_size: int, mode
 
 class Tokenizer:
     """Loaded sentencepiece model. `encode(texts, L) -> int32 [N, L]` as
-    `bos tokens... eos pad...` (tokens truncated so bos and eos always fit)."""
+    `bos tokens... eos pad...` (tokens truncated so bos and eos always fit).
+    `lowercase`: texts are lower-cased before encoding (mmjax's own models; an LLM's
+    sentencepiece model keeps case: False)."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, lowercase: bool = True):
         self.model_path = str(model_path)
+        self.lowercase = bool(lowercase)
         self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
         self.pad_id = self.sp.pad_id()
         self.unk_id = self.sp.unk_id()
@@ -93,7 +98,7 @@ class Tokenizer:
         if not texts:
             return out
         cut = 0
-        for i, ids in enumerate(self.sp.encode([t.lower() for t in texts])):
+        for i, ids in enumerate(self.sp.encode([self._case(t) for t in texts])):
             cut += len(ids) > max_len - 2
             ids = [self.bos_id] + ids[: max_len - 2] + [self.eos_id]
             out[i, : len(ids)] = ids
@@ -111,6 +116,22 @@ class Tokenizer:
                 )
         return out
 
+    def _case(self, text: str) -> str:
+        return text.lower() if self.lowercase else text
+
+    def encode_plain(self, text: str) -> list[int]:
+        """str -> token ids, no bos/eos (lower-cased iff `lowercase`)."""
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        return [int(i) for i in self.sp.encode(self._case(text))]
+
+    def decode_plain(self, ids) -> str:
+        """int ids [L] -> str, dropping only pad (sentencepiece renders no text for bos/eos)."""
+        return self.sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if int(i) != self.pad_id])
+
+    def token_id(self, piece: str) -> int | None:
+        """The id of one piece (e.g. '</s>', '<mask>'), or None where the model has no such piece."""
+        return self._piece(piece)
+
     def decode(self, ids) -> str:
         """int ids [L] -> str, dropping pad/bos/eos/cls/mask."""
         special = {i for k, i in self.special_ids.items() if k != "unk"}
@@ -118,14 +139,15 @@ class Tokenizer:
 
 
 def get_tokenizer(tok_config, workdir: str | None, captions_fn: Callable[[], Iterable[str]]) -> Tokenizer:
-    """`tok_config.path` if set; else reuse `workdir/tokenizer.model`; else train it there
+    """`tok_config.path` if set (a sentencepiece .model or an HF tokenizer.json, lower-casing
+    as `tok_config.lowercase` says, default True); else reuse `workdir/tokenizer.model`; else train it there
     on `captions_fn()` with `tok_config.vocab_size` (default 8000)."""
     path = _get(tok_config, "path")
     if path:
         path = os.path.expanduser(str(path))
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer model not found: {path}")
-        return Tokenizer(path)
+        return load_tokenizer(path, lowercase=bool(_get(tok_config, "lowercase", True)))
     if workdir is None:
         raise ValueError("get_tokenizer: need tok_config.path or a workdir")
     path = os.path.join(workdir, MODEL_NAME)
@@ -135,3 +157,34 @@ def get_tokenizer(tok_config, workdir: str | None, captions_fn: Callable[[], Ite
     vocab = int(_get(tok_config, "vocab_size", 8000))
     log.info("training a %d-piece tokenizer into %s", vocab, path)
     return Tokenizer(train_tokenizer(captions_fn(), workdir, vocab))
+
+
+def load_tokenizer(path: str, lowercase: bool | None = None):
+    """A tokenizer from a file or directory:
+
+    - a sentencepiece `.model` file (or a directory holding `tokenizer.model` and no
+      `tokenizer.json`) -> `Tokenizer(path, lowercase=False)` (an LLM's model keeps case;
+      pass `lowercase=True` for one of mmjax's own);
+    - a `tokenizer.json` (any `*.json` file), or a directory holding one ->
+      `mmjax.data.hf_tokenizer.HFTokenizer(path)` (the `tokenizers` library; keeps case
+      unless lowercase=True).
+    """
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        for name, kind in (("tokenizer.json", "hf"), (MODEL_NAME, "sp")):
+            if os.path.isfile(os.path.join(path, name)):
+                return _load(os.path.join(path, name) if kind == "sp" else path, kind, lowercase)
+        raise FileNotFoundError(f"load_tokenizer: no tokenizer.json or {MODEL_NAME} in {path}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    if path.endswith(".json"):
+        return _load(path, "hf", lowercase)
+    return _load(path, "sp", lowercase)
+
+
+def _load(path: str, kind: str, lowercase: bool | None):
+    if kind == "sp":
+        return Tokenizer(path, lowercase=bool(lowercase))
+    from mmjax.data.hf_tokenizer import HFTokenizer
+
+    return HFTokenizer(path) if not lowercase else HFTokenizer(path, lowercase=True)

@@ -22,6 +22,7 @@ SHOWN = (
     "top5",
     "caption_exact",
     "caption_cider",
+    "perplexity",
 )
 
 

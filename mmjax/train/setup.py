@@ -24,7 +24,7 @@ class Setup:
     """Everything a run (train or eval) needs, built from a config and a workdir."""
 
     def __init__(self, config, workdir: str):
-        from mmjax.data import pipeline
+        from mmjax.data import chat_data, pipeline
         from mmjax.data import tokenizer as tok_lib
 
         self.config, self.workdir = config, workdir
@@ -36,9 +36,7 @@ class Setup:
         self.init_from = config.get("finetune", {}).get("init_from", None)
         if self.init_from:
             self._prepare_finetune()
-        get_tokenizer = lambda: tok_lib.get_tokenizer(
-            data.tokenizer, workdir, lambda: pipeline.captions(data, data.train_split)
-        )
+        get_tokenizer = lambda: tok_lib.get_tokenizer(data.tokenizer, workdir, lambda: _tokenizer_texts(data))
         if jax.process_count() == 1:
             self.tokenizer = get_tokenizer()
         else:
@@ -59,6 +57,7 @@ class Setup:
         # tokenizer and data.* / train.*; a config value that contradicts them is a ConfigError.
         config_lib.derive_model_keys(config, self.tokenizer.vocab_size, self.tokenizer.special_ids)
         self.family = zoo.build(config.model)
+        chat_data.derive_image_tokens(data, getattr(self.family, "image_tokens", 0))
         self.mode = config.parallel.get("mode", "mesh")
         # pmap keeps a replica of the state per device; its checkpoints use the
         # replicated layout of a 1-D data mesh, so either mode can restore them.
@@ -219,6 +218,18 @@ class Setup:
         from mmjax.eval.run import ClassificationEvaluator, Evaluator
 
         ev = self.config.eval
+        if self.family.can("lm") and not self.family.can("encode"):
+            from mmjax.eval.perplexity import PerplexityEvaluator
+
+            return PerplexityEvaluator(
+                self.family,
+                self.config.data,
+                self.tokenizer,
+                self.mesh,
+                split=split or self.config.data.eval_split,
+                batch_size=int(ev.batch_size),
+                max_examples=ev.get("max_examples"),
+            )
         if self.family.can("classify"):
             return ClassificationEvaluator(
                 self.family,
@@ -239,6 +250,17 @@ class Setup:
             rerank_k=int(ev.get("rerank_k", 16)),
             zero_shot=ev.get("zero_shot"),
         )
+
+
+def _tokenizer_texts(data) -> list:
+    """What a tokenizer is trained on: the train split's captions, and with data.chat
+    the text of its conversations too (questions, answers, template pieces)."""
+    from mmjax.data import chat_data, pipeline
+
+    texts = list(pipeline.captions(data, data.train_split))
+    if chat_data.chat_options(data) is not None:
+        texts += chat_data.tokenizer_corpus(data)
+    return texts
 
 
 def restore_params(workdir: str, weights: str = "student", step: int | None = None):

@@ -42,6 +42,10 @@ CAPABILITIES = {
     "classify": ("logits",),
     # fused image-text features [B, D] (a VQA backbone), and their FLOPs per sample
     "fuse": ("fused_features", "fused_flops"),
+    # a decoder LM's per-row negative log-likelihood of text: the perplexity eval
+    "lm": ("token_nll",),
+    # continue prompts (text, or images + text) token by token: `mmjax generate`
+    "generate": ("generate",),
 }
 
 
