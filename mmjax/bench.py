@@ -45,6 +45,14 @@ def synthetic_batch(config, family, batch_size: int, seed: int = 0) -> dict:
     }
     if family.can("classify"):
         batch["label"] = rng.integers(0, family.num_classes, size=batch_size).astype(np.int32)
+    if "image_slots" in family.batch_keys:  # a conversation batch (LM connectors): the image after bos
+        t = int(family.image_tokens)
+        batch["tokens"] = text.astype(np.int32)
+        batch["image_slots"] = (pos >= 1) & (pos < 1 + t) & np.ones((batch_size, 1), bool)
+        batch["valid"] = pos < np.maximum(lengths, t + 2)[:, None]
+        batch["prefix"] = pos < (t + 1)
+        batch["prefix"] = np.broadcast_to(batch["prefix"], (batch_size, length)).copy()
+        batch["loss_mask"] = batch["valid"] & ~batch["prefix"]
     return {k: v for k, v in batch.items() if k in family.batch_keys}
 
 

@@ -7,7 +7,7 @@
     mmjax caption --workdir DIR --images a.png b.jpg [--beams 4]   (or --videos a.mp4)
     mmjax embed --workdir DIR --images a.png b.jpg --texts captions.txt --out emb.npz
     mmjax classify --workdir DIR --images a.png b.jpg --classes "red circle,blue square" [--templates "a {}"]
-    mmjax export --workdir DIR --format safetensors|stablehlo|hf-clip|hf-llm --out OUT [--weights ema]
+    mmjax export --workdir DIR --format safetensors|stablehlo|hf-clip|hf-llm|hf-llava --out OUT [--weights ema]
     mmjax convert --from hf-clip|hf-llama|hf-qwen2|hf-gemma --src HF_DIR --workdir DIR
     mmjax generate --workdir DIR --prompt "a red circle" [--max-new-tokens 32] [--greedy | --temperature T --top-p P]
     mmjax eval  --workdir DIR [--split test] [--config.eval.max_examples=200 ...]
@@ -158,7 +158,9 @@ COMMANDS = {
             commands.generate,
             (
                 WORKDIR,
-                arg("--prompt", action="append", required=True, help="a prompt (repeat for several)"),
+                arg("--prompt", action="append", default=[], help="a prompt (repeat for several)"),
+                arg("--images", nargs="+", default=(), help="image files (a model that reads images)"),
+                arg("--chat", default=None, help="a JSONL of LLaVA-format conversations to answer the last turn of"),
                 arg("--max-new-tokens", type=int, default=32, help="tokens generated at most per prompt"),
                 one_of(
                     arg("--greedy", action="store_true", help="the most likely token each step (the default)"),
@@ -196,11 +198,11 @@ COMMANDS = {
         ),
         Command(
             "export",
-            "write a workdir's params as safetensors, StableHLO encoders or an HF CLIP dir",
+            "write a workdir's params as safetensors, StableHLO encoders or an HF CLIP, LLM or LLaVA dir",
             commands.export,
             (
                 WORKDIR,
-                arg("--format", required=True, choices=("safetensors", "stablehlo", "hf-clip", "hf-llm")),
+                arg("--format", required=True, choices=("safetensors", "stablehlo", "hf-clip", "hf-llm", "hf-llava")),
                 arg("--out", required=True, help="output directory"),
                 WEIGHTS,
                 arg("--step", type=int, default=None, help="checkpoint step (default: the latest)"),
@@ -365,26 +367,6 @@ def _parser():
     return p
 
 
-def _split_overrides(argv):
-    """Separates `--config.a.b=v` (or `--config.a.b v`) from the other flags."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            body = arg[len("--config.") :]
-            if "=" not in body:
-                if i + 1 >= len(argv):
-                    raise config_lib.ConfigError(f"override --config.{body} needs a value")
-                body = f"{body}={argv[i + 1]}"
-                i += 1
-            overrides.append(body)
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -392,7 +374,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        rest, overrides = _split_overrides(argv)
+        rest, overrides = config_lib.split_overrides(argv)
         args = _parser().parse_args(rest)
         command = COMMANDS[args.command]
         if overrides and not command.overrides:

@@ -140,7 +140,7 @@ def caption(args, overrides):
 
 def generate(args, overrides):
     from mmjax import workdir as workdir_lib
-    from mmjax.eval.generation import generate_texts
+    from mmjax.eval.generation import Generator, read_chat_file
 
     if args.beams > 1 and args.temperature is not None:
         raise config_lib.ConfigError("--beams and --temperature exclude each other: beam search or sampling")
@@ -150,18 +150,49 @@ def generate(args, overrides):
         method = dict(method="sample", temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     else:
         method = dict(method="greedy")
+    if bool(args.prompt) == bool(args.chat):
+        raise config_lib.ConfigError("mmjax generate needs --prompt (one or more) or --chat FILE.jsonl, not both")
     opened = workdir_lib.open_workdir(args.workdir, weights=args.weights)
-    rows = generate_texts(
-        opened.family,
-        opened.params,
-        opened.tokenizer,
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        stops=tuple(args.stop),
-        **method,
-    )
+    gen = Generator(opened.family, opened.params, opened.tokenizer, opened.config)
+    kw = dict(max_new_tokens=args.max_new_tokens, stops=tuple(args.stop), **method)
+    if args.chat:
+        convs, paths = read_chat_file(args.chat)
+        images = _pixels(opened, paths) if gen.image_tokens else None
+        rows = gen.chat_turns(convs, images, **kw)
+    else:
+        prompts, paths = _pair(args.prompt, args.images)
+        images = _pixels(opened, paths) if paths else None
+        rows = gen.texts(prompts, images, **kw)
+        for row, path in zip(rows, paths or [None] * len(rows)):
+            if path:
+                row["image"] = path
     for row in rows:
         print(json.dumps(row))
+
+
+def _pair(prompts, images):
+    """--prompt / --images -> equally long lists: one prompt for every image, one image
+    for every prompt, or as many of each (paired in order)."""
+    prompts, images = list(prompts), list(images or ())
+    if not images:
+        return prompts, None
+    if len(prompts) == 1:
+        prompts = prompts * len(images)
+    elif len(images) == 1:
+        images = images * len(prompts)
+    if len(prompts) != len(images):
+        raise config_lib.ConfigError(
+            f"{len(prompts)} --prompt and {len(images)} --images: give one of either, or as many"
+        )
+    return prompts, images
+
+
+def _pixels(opened, paths):
+    from mmjax.api import Model
+
+    if any(p is None for p in paths):
+        raise config_lib.ConfigError("this model reads an image with each prompt; a conversation has none")
+    return Model(opened).preprocess(list(paths))
 
 
 def classify(args, overrides):
@@ -183,10 +214,11 @@ def classify(args, overrides):
 
 
 def export(args, overrides):
-    if args.format == "hf-llm":
-        from mmjax.export import hf_llm_workdir
+    if args.format in ("hf-llm", "hf-llava"):
+        from mmjax.export import hf_llava, hf_llm_workdir
 
-        print(json.dumps(hf_llm_workdir.export_workdir(args.workdir, args.out, args.weights, step=args.step)))
+        lib = hf_llm_workdir if args.format == "hf-llm" else hf_llava
+        print(json.dumps(lib.export_workdir(args.workdir, args.out, args.weights, step=args.step)))
         return
     if args.format == "hf-clip":
         from mmjax.export import hf_workdir

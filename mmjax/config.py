@@ -367,3 +367,23 @@ def derive_model_keys(
         for key, value in derived.items():
             model[key] = value
     return config
+
+
+def split_overrides(argv):
+    """Separates `--config.a.b=v` (or `--config.a.b v`) from the other flags."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config.") :]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"override --config.{body} needs a value")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides

@@ -44,7 +44,8 @@ def layout_of(spec) -> str:
 
 def converted_config(spec, tokenizer_path: str | None, seed: int = 0):
     """configs/lm.py with the imported LM: model.lm from `spec`, the vocabulary kept,
-    the tokenizer at `tokenizer_path` (case kept), data.text_len at most 2048; validated."""
+    the tokenizer at `tokenizer_path` (case kept), no chat template (prompts are raw
+    text to continue); validated."""
     import ml_collections
 
     from mmjax import config as config_lib
@@ -57,6 +58,7 @@ def converted_config(spec, tokenizer_path: str | None, seed: int = 0):
         config.model.vocab_size = int(spec.vocab_size)
         config.data.tokenizer.path = tokenizer_path
         config.data.tokenizer.lowercase = False
+        config.data.chat.template = None  # an imported base LM continues raw text (set one to train on chat)
         config.seed = int(seed)
     config_lib.validate(config)
     return config

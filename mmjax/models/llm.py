@@ -14,6 +14,8 @@ later calls write their n tokens at index..index+n-1 and attend over the C slots
 [B, 1, n, C] mask given by the caller. `lm_mask` builds causal / prefix-LM masks.
 With spec.visual_expert (CogVLM) image tokens (expert True) use `attn_img` / `mlp_img`
 projections, text tokens `attn` / `mlp`; the attention itself is over all tokens.
+`lora_rank` > 0 (a module field, not part of the spec) adds LoRA adapters `<proj>_lora/{a, b}`
+beside every q, k, v, o, gate, up, down kernel (the expert's too): mmjax/models/lora.py.
 """
 
 import dataclasses
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.attention import attend
+from mmjax.models.lora import lora_factory, with_lora
 from mmjax.models.transformer import maybe_remat
 from mmjax.parallel.sharding import constrain, dense_init, names
 
@@ -114,14 +117,18 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """The projections of one attention: q [D, H, Dh], k / v [D, K, Dh] (+ biases [.., Dh] if
     spec.qkv_bias), o [H, Dh, D]; `cache` keeps the KV cache (decode=True). The layer runs
-    RoPE and the attention itself, so two Attentions can share it (the visual expert)."""
+    RoPE and the attention itself, so two Attentions can share it (the visual expert).
+    `lora_rank` > 0: adapters `{q,k,v,o}_lora/{a, b}` beside the kernels (mmjax/models/lora.py)."""
 
     spec: LMSpec
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def setup(self):
         s, kw = self.spec, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        lora = lora_factory(self.lora_rank, self.lora_alpha, **kw)
         proj = lambda heads: nn.DenseGeneral(
             (heads, s.head_dim),
             use_bias=s.qkv_bias,
@@ -130,13 +137,19 @@ class Attention(nn.Module):
         )
         self.q, self.k, self.v = proj(s.heads), proj(s.kv_heads), proj(s.kv_heads)
         self.o = nn.DenseGeneral(s.width, axis=(-2, -1), use_bias=False, **kw, **dense_init("heads", "kv", "embed"))
+        qkv_lora = lambda name, heads: lora(name, ("embed",), (heads, s.head_dim), ("heads", "kv"))
+        self.q_lora, self.k_lora = qkv_lora("q_lora", s.heads), qkv_lora("k_lora", s.kv_heads)
+        self.v_lora = qkv_lora("v_lora", s.kv_heads)
+        self.o_lora = lora("o_lora", ("heads", "kv"), (s.width,), ("embed",))
 
     def qkv(self, x_BxLxD):
         """-> q [B, L, H, Dh], k, v [B, L, K, Dh] (before RoPE)."""
-        return self.q(x_BxLxD), self.k(x_BxLxD), self.v(x_BxLxD)
+        q = with_lora(self.q(x_BxLxD), self.q_lora, x_BxLxD)
+        k = with_lora(self.k(x_BxLxD), self.k_lora, x_BxLxD)
+        return q, k, with_lora(self.v(x_BxLxD), self.v_lora, x_BxLxD)
 
     def out(self, y_BxLxHxDh):
-        return self.o(y_BxLxHxDh)
+        return with_lora(self.o(y_BxLxHxDh), self.o_lora, y_BxLxHxDh)
 
     @nn.compact
     def cache(self, k_BxLxKxDh, v_BxLxKxDh):
@@ -157,19 +170,28 @@ class Attention(nn.Module):
 
 
 class GatedMlp(nn.Module):
-    """down(act(gate(x)) * up(x)): gate, up [D, F], down [F, D], no biases."""
+    """down(act(gate(x)) * up(x)): gate, up [D, F], down [F, D], no biases; `lora_rank` > 0:
+    adapters `{gate,up,down}_lora/{a, b}` beside them (mmjax/models/lora.py)."""
 
     spec: LMSpec
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+
+    def _dense(self, name, features, in_name, out_name, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = nn.Dense(features, use_bias=False, name=name, **kw, **dense_init(in_name, out_name))(x)
+        lora = lora_factory(self.lora_rank, self.lora_alpha, **kw)
+        return with_lora(y, lora(f"{name}_lora", (in_name,), (features,), (out_name,)), x)
 
     @nn.compact
     def __call__(self, x_BxLxD):
-        s, kw = self.spec, dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = nn.Dense(s.mlp_dim, name="gate", **kw, **dense_init("embed", "mlp"))(x_BxLxD)
-        up = nn.Dense(s.mlp_dim, name="up", **kw, **dense_init("embed", "mlp"))(x_BxLxD)
+        s = self.spec
+        gate = self._dense("gate", s.mlp_dim, "embed", "mlp", x_BxLxD)
+        up = self._dense("up", s.mlp_dim, "embed", "mlp", x_BxLxD)
         h_BxLxF = constrain(LM_ACTIVATIONS[s.act](gate) * up, ("batch", "length", "mlp"))
-        return nn.Dense(s.width, name="down", **kw, **dense_init("mlp", "embed"))(h_BxLxF)
+        return self._dense("down", s.width, "mlp", "embed", h_BxLxF)
 
 
 class LMLayer(nn.Module):
@@ -181,9 +203,17 @@ class LMLayer(nn.Module):
     decode: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+
+    def _kw(self):
+        """The projections' module kwargs (dtypes, LoRA)."""
+        return dict(
+            dtype=self.dtype, param_dtype=self.param_dtype, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha
+        )
 
     def _attend(self, h_BxLxD, positions_BxL, mask, expert_BxL):
-        s, kw = self.spec, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        s, kw = self.spec, self._kw()
         attn = Attention(s, name="attn", **kw)
         q, k, v = attn.qkv(h_BxLxD)
         img = Attention(s, name="attn_img", **kw) if s.visual_expert else None
@@ -213,9 +243,9 @@ class LMLayer(nn.Module):
         h = RMSNorm(s.norm_eps, s.norm_offset, name="attn_norm", **kw)(x_BxLxD)
         x_BxLxD = x_BxLxD + self._attend(h, positions_BxL, mask, expert_BxL)
         h = RMSNorm(s.norm_eps, s.norm_offset, name="mlp_norm", **kw)(x_BxLxD)
-        y = GatedMlp(s, name="mlp", **kw)(h)
+        y = GatedMlp(s, name="mlp", **self._kw())(h)
         if s.visual_expert:
-            y = jnp.where(expert_BxL[:, :, None], GatedMlp(s, name="mlp_img", **kw)(h), y)
+            y = jnp.where(expert_BxL[:, :, None], GatedMlp(s, name="mlp_img", **self._kw())(h), y)
         return x_BxLxD + y
 
 
@@ -246,7 +276,9 @@ class LMHead(nn.Module):
 class DecoderLM(nn.Module):
     """The language model (see the module docstring). `scan=True` runs the layers as one
     nn.scan, params stacked on a leading "layers" axis under `layers/` (`stack_layers` /
-    `unstack_layers` convert); `remat` is a transformer.REMAT_POLICIES name."""
+    `unstack_layers` convert); `remat` is a transformer.REMAT_POLICIES name. `lora_rank` > 0
+    adds LoRA adapters (scale lora_alpha / lora_rank) to every layer's projections
+    (mmjax/models/lora.py: merge_lora, split_lora, lora_freeze_regex)."""
 
     spec: LMSpec
     remat: str = "none"
@@ -255,6 +287,8 @@ class DecoderLM(nn.Module):
     decode: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     def setup(self):
         s, kw = self.spec, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -265,7 +299,8 @@ class DecoderLM(nn.Module):
             name="embed",
             **kw,
         )
-        layer_kw = dict(attention=self.attention, decode=self.decode, **kw)
+        lora = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+        layer_kw = dict(attention=self.attention, decode=self.decode, **lora, **kw)
         if self.scan:
             self.layers = nn.scan(
                 maybe_remat(ScanLMLayer, self.remat, prevent_cse=False),

@@ -23,6 +23,7 @@ SHOWN = (
     "caption_exact",
     "caption_cider",
     "perplexity",
+    "answer_acc",
 )
 
 

@@ -53,6 +53,16 @@ def pretrained_params(src: str, weights: str = "student"):
     return opened.config.model, opened.params
 
 
+def subtree(params, path: str):
+    """params['a']['b'] for 'a/b'; KeyError naming the path and the keys there."""
+    node = params
+    for part in [p for p in path.split("/") if p]:
+        if not hasattr(node, "keys") or part not in node:
+            raise KeyError(f"no subtree {path!r} in the pretrained params (keys here: {sorted(node)[:8]})")
+        node = node[part]
+    return node
+
+
 def interpolate_posemb(table, new_len: int):
     """[1, (1+)g0*g0, D] -> [1, (1+)g1*g1, D]: the patch grid resized (bicubic), the
     [CLS] position (if the lengths say there is one) kept. Same length: unchanged."""

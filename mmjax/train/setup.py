@@ -34,8 +34,11 @@ class Setup:
             raise ValueError(f"workdir {workdir} cannot be created: {e.strerror or e}") from None
         data = config.data
         self.init_from = config.get("finetune", {}).get("init_from", None)
+        self.init_parts = init_parts(config)
         if self.init_from:
             self._prepare_finetune()
+        elif self.init_parts:
+            self._prepare_parts()
         get_tokenizer = lambda: tok_lib.get_tokenizer(data.tokenizer, workdir, lambda: _tokenizer_texts(data))
         if jax.process_count() == 1:
             self.tokenizer = get_tokenizer()
@@ -130,14 +133,8 @@ class Setup:
 
         src_workdir, _ = finetune.source(self.init_from)
         src_config = workdir_lib.load_config_json(src_workdir)
-        src_tok = os.path.join(src_workdir, "tokenizer.model")
-        dst_tok = os.path.join(self.workdir, "tokenizer.model")
-        if not self.config.data.tokenizer.get("path") and os.path.exists(src_tok) and not os.path.exists(dst_tok):
-            if jax.process_index() == 0:
-                import shutil
-
-                shutil.copyfile(src_tok, dst_tok + ".tmp")
-                os.replace(dst_tok + ".tmp", dst_tok)
+        if not self.config.data.tokenizer.get("path"):
+            _copy_tokenizer(os.path.join(src_workdir, "tokenizer.model"), os.path.join(self.workdir, "tokenizer.model"))
         model = self.config.model
         if model.get("family") in zoo.WRAPPERS:  # the backbone is what the checkpoint holds
             with self.config.unlocked():
@@ -148,31 +145,56 @@ class Setup:
         `finetune.init_from`, the params come from that checkpoint (`train.finetune`)."""
         init = jax.jit(self._init, out_shardings=self.state_sharding)
         state = init(jax.random.PRNGKey(int(self.config.seed)))
-        if self.init_from:
+        if self.init_from or self.init_parts:
             state = self._load_pretrained(state)
         return self.to_run_layout(state)
 
-    def _load_pretrained(self, state):
+    def _prepare_parts(self):
+        """finetune.init_parts: the text comes from the part that holds the LM (`lm`):
+        its tokenizer (a trained workdir's tokenizer.model copied here, or the
+        data.tokenizer path and case of an imported one) unless this config names one."""
+        src = self.init_parts.get("lm")
+        if src is None or self.config.data.tokenizer.get("path"):
+            return
+        src_workdir = src[0]
+        src_tok = workdir_lib.load_config_json(src_workdir).data.get("tokenizer", {})
+        with self.config.unlocked(), self.config.ignore_type():
+            if src_tok.get("path"):
+                self.config.data.tokenizer.path = src_tok["path"]
+                self.config.data.tokenizer.lowercase = bool(src_tok.get("lowercase", True))
+                return
+        _copy_tokenizer(os.path.join(src_workdir, "tokenizer.model"), os.path.join(self.workdir, "tokenizer.model"))
+
+    def _pretrained_tree(self, params):
+        """The state's params filled from finetune.init_from or finetune.init_parts."""
         from mmjax.train import finetune
 
         weights = self.config.finetune.get("weights", "student")
-        _, pretrained = finetune.pretrained_params(self.init_from, weights)
-        prefix = "backbone/" if self.config.model.family in zoo.WRAPPERS else ""
-        params, report = finetune.transplant(
-            jax.device_get(state.params),
-            pretrained,
-            prefix,
-            inflation=self.config.finetune.get("inflation", None) or "central",
-        )
-        logging.info(
-            "init from %s (%s): %d params loaded, %d left behind, resized %s, fresh %s",
-            self.init_from,
-            weights,
-            report["loaded"],
-            report["unused"],
-            report["resized"],
-            report["kept_init"],
-        )
+        inflation = self.config.finetune.get("inflation", None) or "central"
+        if self.init_from:
+            sources = [(self.init_from, None, "backbone/" if self.config.model.family in zoo.WRAPPERS else "")]
+        else:
+            sources = [(src, sub, part + "/") for part, (src, sub) in self.init_parts.items()]
+        for src, sub, prefix in sources:
+            _, pretrained = finetune.pretrained_params(src, weights)
+            if sub:
+                pretrained = finetune.subtree(pretrained, sub)
+            params, report = finetune.transplant(params, pretrained, prefix, inflation=inflation)
+            logging.info(
+                "init %s from %s%s (%s): %d params loaded, %d left behind, resized %s, fresh %s",
+                prefix or "all",
+                src,
+                f":{sub}" if sub else "",
+                weights,
+                report["loaded"],
+                report["unused"],
+                report["resized"],
+                [k for k in report["kept_init"] if k.startswith(prefix)],
+            )
+        return self.family.finish_init(params)
+
+    def _load_pretrained(self, state):
+        params = self._pretrained_tree(jax.device_get(state.params))
         family, optimizer = self.family, self.optimizer
 
         def rebuild(params, rng):
@@ -230,6 +252,18 @@ class Setup:
                 batch_size=int(ev.batch_size),
                 max_examples=ev.get("max_examples"),
             )
+        if self.family.can("generate"):  # an LM connector: answers generated for the questions
+            from mmjax.eval.answers import AnswerEvaluator
+
+            return AnswerEvaluator(
+                self.family,
+                self.config.data,
+                self.tokenizer,
+                self.mesh,
+                split=split or self.config.data.eval_split,
+                batch_size=int(ev.batch_size),
+                held_out=bool(ev.get("held_out_phrasings", False)),
+            )
         if self.family.can("classify"):
             return ClassificationEvaluator(
                 self.family,
@@ -250,6 +284,29 @@ class Setup:
             rerank_k=int(ev.get("rerank_k", 16)),
             zero_shot=ev.get("zero_shot"),
         )
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    """The source workdir's tokenizer.model into this one (process 0; never over an existing one)."""
+    if os.path.exists(src) and not os.path.exists(dst) and jax.process_index() == 0:
+        import shutil
+
+        shutil.copyfile(src, dst + ".tmp")
+        os.replace(dst + ".tmp", dst)
+
+
+def init_parts(config) -> dict:
+    """finetune.init_parts ({part: 'WORKDIR[:SUBTREE]'}, e.g. {'vision': 'workdirs/demo:image_tower',
+    'lm': 'workdirs/lm'}) -> {part: (absolute workdir or checkpoint path, subtree or None)}:
+    the model's subtree `part` is filled from that workdir's params (its `SUBTREE`, or all)."""
+    parts = config.get("finetune", {}).get("init_parts", None) or {}
+    out = {}
+    for part, spec in dict(parts).items():
+        path, _, sub = str(spec).partition(":")
+        out[str(part)] = (os.path.abspath(os.path.expanduser(path)), sub or None)
+    if out and config.get("finetune", {}).get("init_from", None):
+        raise ValueError("finetune.init_from and finetune.init_parts exclude each other: give one")
+    return out
 
 
 def _tokenizer_texts(data) -> list:

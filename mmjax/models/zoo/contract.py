@@ -182,6 +182,12 @@ class Family:
             "(Family.flops): mmjax bench cannot report its MFU"
         )
 
+    def finish_init(self, params):
+        """Params just loaded from pretrained checkpoints (finetune.init_from /
+        init_parts) -> the params training starts from; as they are by default
+        (CogVLM copies the LM's attention and MLP into its visual experts)."""
+        return params
+
     def param_bounds(self) -> dict:
         """{top-level param name: (low, high)}: the params kept inside a range (a learned
         temperature or logit scale); none by default."""
