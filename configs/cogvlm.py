@@ -25,7 +25,10 @@ def get_config(arg=None):
     c = config_lib.recipe(os.path.join(HERE, "llava.py"), "stage1")  # its data, parts and init_parts
     c.model.family = "cogvlm"
     c.data.chat.task = "vqa_multi"
+    c.data.chat.template = "vicuna"
+    c.eval.at_end = True
     c.train.freeze = ("^vision/", EXPERT_ONLY)
     c.train.steps = 1000
+    c.train.warmup_steps = 30  # 3%
     c.train.lr = 1e-3
     return c

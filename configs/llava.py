@@ -10,12 +10,14 @@ projector, and the tiny LM of configs/lm.py, trained on `shapes_vqa` conversatio
     mmjax train --config configs/llava.py:lora --workdir workdirs/llava_lora \\
         --config.finetune.init_from=workdirs/llava1                         # projector + LoRA on the LM
 
-Stage 1 (LLaVA's feature alignment): image -> caption with the 'caption' task, only the
-projector trains (vision tower and LM frozen), its parts loaded by finetune.init_parts
-(the CLIP's `image_tower` into `vision`, the LM workdir into `lm`). Stage 2 (visual
+Stage 1 (LLaVA's feature alignment): the image, then its caption (the 'plain' template),
+only the projector trains (vision tower and LM frozen), its parts loaded by
+finetune.init_parts (the CLIP's `image_tower` into `vision`, the LM workdir into `lm`). Stage 2 (visual
 instruction tuning): single- and two-turn questions about the scene, projector + LM
 train (vision frozen); `lora` trains the projector and rank-8 LoRA adapters on the
-frozen LM instead. The eval generates the answer to each test question (greedy) and
+frozen LM instead. As LLaVA-1.5: cosine schedule, 3% warmup, no weight decay; the
+learning rates are the tiny models' (2e-3, 1e-3), not the 7B release's (1e-3, 2e-5). The
+eval generates the answer to each test question (greedy) and
 reports exact-match accuracy per answer type (the test images were never trained on).
 """
 
@@ -59,7 +61,7 @@ def base(family: str = "llava"):
     c.finetune.init_parts = {"vision": "workdirs/demo:image_tower", "lm": "workdirs/lm"}
     c.finetune.weights = "student"
     c.train.batch_size = 64
-    c.train.warmup_steps = 30
+    c.train.weight_decay = 0.0  # LLaVA: no weight decay
     c.eval.every = 0
     c.eval.at_end = True
     c.eval.held_out_phrasings = False  # True: the questions in phrasings never trained on
@@ -73,13 +75,17 @@ def get_config(arg=None):
     c = base()
     if arg == "stage1":
         c.data.chat.task = "caption"
+        c.data.chat.template = "plain"  # LLaVA's stage 1: the image, then its caption
         c.train.freeze = ("^vision/", "^lm/")
         c.train.steps = 300
+        c.train.warmup_steps = 9  # 3%
         c.train.lr = 2e-3
+        c.eval.at_end = False  # a captioner: the question-answer eval starts with stage 2
         return c
     c.finetune.init_parts = None  # from the stage-1 workdir: --config.finetune.init_from=...
     c.finetune.init_from = "workdirs/llava1"
     c.train.steps = 700
+    c.train.warmup_steps = 21  # 3%
     c.train.lr = 1e-3
     c.train.freeze = ("^vision/",)
     if arg == "lora":
