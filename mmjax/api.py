@@ -7,6 +7,7 @@
     img = m.encode_image(images)       # [N, E] float32, unit rows (uint8 images, paths or pixels)
     txt = m.encode_text(["a red circle left of a blue square"])   # [M, E]
     probs = m.zero_shot(images, ["red circle", "blue square"], templates=None)   # [N, C]
+    rows = m.generate(["What colour is the circle?"], images=["a.png"])   # LMs and LLM connectors
 
 `m.family`, `m.model` (its linen module), `m.params` (host numpy), `m.config`,
 `m.tokenizer` and `m.step` are the workdir's (`mmjax.workdir.open_workdir`).
@@ -160,3 +161,18 @@ class Model:
         logits = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def generate(self, prompts, images=None, **kw) -> list[dict]:
+        """Continues text prompts (a language model) or answers them about images (an
+        LLM connector: one image per prompt, uint8 arrays or paths) -> one dict per
+        prompt {'prompt', 'text', 'ids'}; keywords as `mmjax generate`'s: max_new_tokens,
+        stops, method ('greedy' | 'sample' | 'beam'), temperature, top_p, seed, beams,
+        length_penalty (mmjax.eval.generation.Generator)."""
+        from mmjax.eval.generation import Generator
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        pixels = None if images is None else self.preprocess(images)
+        if "method" not in kw:
+            kw["method"] = "greedy"
+        return Generator(self.family, self.params, self.tokenizer, self.config).texts(list(prompts), pixels, **kw)
