@@ -141,6 +141,7 @@ def tokenizer_corpus(data_config, n: int = 2000) -> list[str]:
                 texts.extend(t for turn in conv.turns for t in turn if t)
     template = TEMPLATES[opts["template"]]
     texts.extend(str(v) for v in vars(template).values() if isinstance(v, str) and v)
+    texts.append("? ! . , : ; ' \" ( ) - what is the colour? is it big?")  # punctuation a user may type
     return texts
 
 
