@@ -10,6 +10,7 @@ text at their first occurrence (the tokens are cut to match).
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 PROMPT_BUCKET = 16
@@ -45,8 +46,6 @@ def prompt_tokens(tokenizer, text: str) -> list[int]:
 
 def sampling_options(method: str, *, temperature=1.0, top_p=1.0, seed=0, beams=1, length_penalty=0.0) -> dict:
     """The family.generate keywords of a decoding method; ValueError for a bad one."""
-    import jax
-
     if method not in METHODS:
         raise ValueError(f"decoding method {method!r}; valid choices: {', '.join(METHODS)}")
     if method == "sample" and not (temperature > 0 and 0 < top_p <= 1):
@@ -107,7 +106,7 @@ class Generator:
         key = (tuple(sorted((k, str(v)) for k, v in opts.items())), max_new_tokens)
         if key not in self._runs:
             fam = self.family
-            self._runs[key] = jax_jit(lambda p, x: fam.generate(p, x, max_new_tokens=max_new_tokens, **opts))
+            self._runs[key] = jax.jit(lambda p, x: fam.generate(p, x, max_new_tokens=max_new_tokens, **opts))
         return self._runs[key]
 
     def texts(self, prompts, images=None, **kw) -> list[dict]:
@@ -150,12 +149,6 @@ class Generator:
                 got = _decode_row(self.tokenizer, row, pad, self.family.stop_ids(), tuple(stops) + self.stops)
                 out.append({"prompt": labels[k], **got})
         return out
-
-
-def jax_jit(fn):
-    import jax
-
-    return jax.jit(fn)
 
 
 def generate_texts(family, params, tokenizer, prompts, *, config=None, images=None, **kw):
