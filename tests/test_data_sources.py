@@ -34,6 +34,7 @@ def counting_source():
     """A source defined the way a new module in mmjax/data/sources/ defines one:
     data.name='counting', its own section data.counting.n (records 0..n-1, image i
     a uniform grey of level 10 i, caption 'item i'); unregistered afterwards."""
+    sources.registered()  # every module imported first: the saved registry is the whole one
     saved = (dict(sources._BY_NAME), list(sources._CLASSES))
 
     @sources.register
@@ -69,7 +70,7 @@ def test_the_registry_serves_every_name():
     from mmjax.data.sources.file_list import FileListSource
     from mmjax.data.sources.shards import ShardsSource
 
-    assert sources.names() == ["shapes", "shapes_vqa", "moving_shapes", "emoji", "files", "shards"]
+    assert sources.names() == ["shapes", "shapes_vqa", "moving_shapes", "emoji", "files", "llava_json", "shards"]
     for name in ("shapes", "shapes_vqa", "moving_shapes", "emoji"):
         assert sources.source_class(name) is BuiltinSource and sources.cache_allowed(name)
     assert sources.source_class("files") is FileListSource and not sources.cache_allowed("files")
@@ -161,7 +162,8 @@ def test_an_unknown_name_lists_the_own_sources(tmp_path):
         P.load_records({"name": "zzqqxxv", "data_dir": str(tmp_path)}, "train")
     assert str(e.value) == (
         "dataset 'zzqqxxv' not found in the TFDS catalog; built-in datasets: shapes, shapes_vqa, "
-        "moving_shapes, emoji, or 'files' for your own list, or 'shards' for ArrayRecord shards from "
+        "moving_shapes, emoji, or 'files' for your own list, or 'llava_json' for LLaVA-format conversations, "
+        "or 'shards' for ArrayRecord shards from "
         "`mmjax data convert` (or webdataset tars in place)"
     )
 

@@ -5,7 +5,8 @@
 the caption batches of docs/architecture.md), task (what conversation a record
 gives: 'caption' (a caption prompt -> the caption; LLaVA's stage 1), 'vqa' (its
 question -> the answer), 'vqa_multi' (the question, then questions of other types
-about the same scene), 'caption_vqa' (caption or question, alternating by id)),
+about the same scene), 'caption_vqa' (caption or question, alternating by id),
+'llava' (the conversation of a `llava_json` record: a user's LLaVA-format data)),
 turns (rounds of 'vqa_multi'), held_out (the held-out phrasings: an eval of unseen
 instructions), system (the template's system prompt; None: the template's default),
 image_tokens (set by the run from the model: the image's slots; 0: a text-only LM,
@@ -27,7 +28,7 @@ from mmjax.data.chat_templates import TEMPLATES
 from mmjax.data.schema import COMMON
 
 CHAT_KEYS = COMMON["chat"]  # the keys and their defaults (declared in the data schema)
-TASKS = ("caption", "vqa", "vqa_multi", "caption_vqa")
+TASKS = ("caption", "vqa", "vqa_multi", "caption_vqa", "llava")
 ARRAYS = ("tokens", "image_slots", "loss_mask", "prefix", "valid")
 
 
@@ -56,9 +57,16 @@ def _scene_kw(data_config, split: str) -> dict:
 
 
 def record_conversation(record: dict, opts: dict, scene_kw: dict):
-    """One record (a dict of its fields) -> the Conversation `opts['task']` asks for."""
+    """One record (a dict of its fields) -> the Conversation `opts['task']` asks for
+    ('llava': the conversation a `llava_json` record carries as JSON in 'caption')."""
     rid = int(record["id"])
     task = opts["task"]
+    if task == "llava":
+        import json
+
+        got = json.loads(conv_lib._text(record["caption"]))
+        system = opts["system"] if opts["system"] is not None else got.get("system")
+        return conv_lib.Conversation([tuple(t) for t in got["turns"]], image="given", id=str(rid), system=system)
     if task == "caption_vqa":
         task = "caption" if rid % 2 else "vqa"
     out = conv_lib.shapes_conversations(

@@ -315,7 +315,8 @@ def _tokenizer_texts(data) -> list:
     from mmjax.data import chat_data, pipeline
 
     texts = list(pipeline.captions(data, data.train_split))
-    if chat_data.chat_options(data) is not None:
+    chat = chat_data.chat_options(data)
+    if chat is not None and chat["task"] != "llava":  # the built-in scenes' conversations
         texts += chat_data.tokenizer_corpus(data)
     return texts
 
