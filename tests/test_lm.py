@@ -380,3 +380,26 @@ def test_sharded_step_equals_single_device(data_dir):
     assert jax.tree.structure(state.params) == jax.tree.structure(ref_state.params)
     for (path, v), got in zip(jax.tree_util.tree_leaves_with_path(ref_state.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(got, v, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_eos_that_is_also_pad_is_attended_and_predicted():
+    """An LLM tokenizer without a pad token pads with its eos (HFTokenizer's fallback):
+    the first pad of a row is then the text's eos, and the loss predicts it; a numpy
+    cross entropy over exactly those targets is the reference."""
+    import jax
+
+    from mmjax.models import zoo
+
+    lm = dict(width=32, depth=2, heads=4, kv_heads=2, mlp_dim=64)
+    ids = np.array([[1, 7, 8, 2, 2, 2], [1, 9, 2, 2, 2, 2]], np.int32)
+    for pad, want in ((2, [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]), (0, [[1] * 6, [1] * 6])):
+        tokens = dict(pad=pad, unk=None, bos=1, eos=2, mask=None, cls=None)
+        fam = zoo.build(dict(family="lm", vocab_size=16, text_len=6, lm=lm, token_ids=tokens))
+        params = fam.init_params(jax.random.PRNGKey(0))
+        valid = np.asarray(fam.valid(ids))
+        np.testing.assert_array_equal(valid, np.array(want, bool))
+        loss = float(fam.objective(params, {"text": ids})[0])
+        logits = np.asarray(fam.text_logits(params, ids), np.float64)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+        np.testing.assert_allclose(loss, (nll * valid[:, 1:]).sum() / valid[:, 1:].sum(), rtol=1e-5)

@@ -98,7 +98,7 @@ class Generator:
             raise ValueError(f"model.family {family.names[0]!r} does not generate text (no 'generate' capability)")
         self.family, self.params, self.tokenizer, self.batch_size = family, params, tokenizer, int(batch_size)
         self.chat = chat_data.chat_options(config.data)
-        self.image_tokens = int(getattr(family, "image_tokens", 0) or 0)
+        self.image_tokens = int(family.image_tokens)
         self.stops = chat_templates.stop_strings(self.chat["template"]) if self.chat else ()
         self._runs = {}
 

@@ -40,12 +40,12 @@ class PerplexityEvaluator:
         nll = tokens = texts = 0.0
         length = int(self.data_config.text_len)
         for batch in pipeline.make_eval_iterator(self.data_config, self.tokenizer, self.split, self.batch_size):
-            text = np.asarray(batch["text"])[:, :length]
-            if self.chat is not None:
+            local = {"text": np.asarray(batch["text"])[:, :length]}  # caption rows: the family finds their tokens
+            if self.chat is not None:  # conversations mark their tokens
                 got = self.chat.encode(self.chat.rows({**batch, "id": np.maximum(batch["id"], 0)}))
-                text = got["tokens"]
-            inputs = mesh_lib.global_batch(self.mesh, {"text": text[i * rows : (i + 1) * rows]})
-            row_nll, row_count = (np.asarray(x) for x in self._nll(params, inputs["text"]))
+                local = {"text": got["tokens"], "valid": got["valid"]}
+            inputs = mesh_lib.global_batch(self.mesh, {k: v[i * rows : (i + 1) * rows] for k, v in local.items()})
+            row_nll, row_count = (np.asarray(x) for x in self._nll(params, *inputs.values()))
             valid = np.asarray(batch["valid"], bool)
             if self.max_examples is not None:
                 valid &= np.cumsum(valid) + texts <= int(self.max_examples)

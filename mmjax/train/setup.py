@@ -60,7 +60,7 @@ class Setup:
         # tokenizer and data.* / train.*; a config value that contradicts them is a ConfigError.
         config_lib.derive_model_keys(config, self.tokenizer.vocab_size, self.tokenizer.special_ids)
         self.family = zoo.build(config.model)
-        chat_data.derive_image_tokens(data, getattr(self.family, "image_tokens", 0))
+        chat_data.derive_image_tokens(data, self.family.image_tokens)
         self.mode = config.parallel.get("mode", "mesh")
         # pmap keeps a replica of the state per device; its checkpoints use the
         # replicated layout of a 1-D data mesh, so either mode can restore them.
@@ -237,52 +237,34 @@ class Setup:
         self.checkpointer.save(step, self.to_checkpoint_layout(state), meta)
 
     def evaluator(self, split=None):
+        """The family's evaluator: held-out perplexity (a text-only LM), generated-answer
+        accuracy (an LM connector), classification accuracy, or retrieval (the rest)."""
         from mmjax.eval.run import ClassificationEvaluator, Evaluator
 
-        ev = self.config.eval
-        if self.family.can("lm") and not self.family.can("encode"):
+        ev, data, fam = self.config.eval, self.config.data, self.family
+        common = dict(split=split or data.eval_split, batch_size=int(ev.batch_size))
+        if fam.can("lm") and not fam.can("encode"):
             from mmjax.eval.perplexity import PerplexityEvaluator
 
             return PerplexityEvaluator(
-                self.family,
-                self.config.data,
-                self.tokenizer,
-                self.mesh,
-                split=split or self.config.data.eval_split,
-                batch_size=int(ev.batch_size),
-                max_examples=ev.get("max_examples"),
+                fam, data, self.tokenizer, self.mesh, max_examples=ev.get("max_examples"), **common
             )
-        if self.family.can("generate"):  # an LM connector: answers generated for the questions
+        if fam.can("generate"):
             from mmjax.eval.answers import AnswerEvaluator
 
-            return AnswerEvaluator(
-                self.family,
-                self.config.data,
-                self.tokenizer,
-                self.mesh,
-                split=split or self.config.data.eval_split,
-                batch_size=int(ev.batch_size),
-                held_out=bool(ev.get("held_out_phrasings", False)),
-            )
-        if self.family.can("classify"):
-            return ClassificationEvaluator(
-                self.family,
-                self.config.data,
-                self.mesh,
-                split=split or self.config.data.eval_split,
-                batch_size=int(ev.batch_size),
-                tokenizer=self.tokenizer,
-            )
+            held_out = bool(ev.get("held_out_phrasings", False))
+            return AnswerEvaluator(fam, data, self.tokenizer, self.mesh, held_out=held_out, **common)
+        if fam.can("classify"):
+            return ClassificationEvaluator(fam, data, self.mesh, tokenizer=self.tokenizer, **common)
         return Evaluator(
-            self.family,
-            self.config.data,
+            fam,
+            data,
             self.tokenizer,
             self.mesh,
-            split=split or self.config.data.eval_split,
-            batch_size=int(ev.batch_size),
             max_examples=ev.get("max_examples"),
             rerank_k=int(ev.get("rerank_k", 16)),
             zero_shot=ev.get("zero_shot"),
+            **common,
         )
 
 

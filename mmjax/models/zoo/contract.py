@@ -143,6 +143,7 @@ class Family:
     image_size = 224
     text_len = 77
     num_frames = 0  # > 0: the image input is a clip [B, T, H, W, 3]
+    image_tokens = 0  # an LM connector: the image's slots in a conversation (data.chat.image_tokens)
 
     def can(self, capability: str) -> bool:
         """Whether the family declares `capability` (a key of CAPABILITIES)."""

@@ -130,12 +130,22 @@ def lm_flops(spec: LMSpec, length: int) -> int:
     return s.depth * (attn + mlp) + 2 * n * s.width * s.vocab_size
 
 
-def text_inputs(ids_BxL, pad_id: int):
-    """ids -> (positions [B, L], causal mask [B, 1, L, L]): padding on the right, so
-    positions are 0..L-1 and pad keys are masked."""
-    b, length = ids_BxL.shape
+def text_valid(ids_BxL, pad_id: int, eos_id: int | None):
+    """The real tokens of right-padded rows: every non-pad token, and, where the
+    tokenizer's pad is its eos (an LLM tokenizer without a pad token), the first pad
+    of each row too: that one is the text's eos, a token to attend to and predict."""
+    valid = ids_BxL != pad_id
+    if eos_id is not None and eos_id == pad_id:
+        valid = valid | (jnp.cumsum(~valid, axis=1) == 1) & ~valid
+    return valid
+
+
+def text_inputs(valid_BxL):
+    """Real tokens [B, L] (right-padded) -> (positions [B, L]: 0..L-1, causal mask
+    [B, 1, L, L] with the padding keys masked)."""
+    b, length = valid_BxL.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (b, length))
-    return positions, lm_mask(ids_BxL != pad_id)
+    return positions, lm_mask(valid_BxL)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,7 +160,7 @@ class LmFamily(Family):
 
     Config = LmConfig
     capabilities = frozenset({"lm", "generate"})
-    batch_keys = ("text",)
+    batch_keys = ("text", "valid")  # valid [B, L]: conversation batches (data.chat) mark their tokens
 
     def __init__(self, model_config):
         c = self.Config.parse(model_config)
@@ -163,32 +173,45 @@ class LmFamily(Family):
 
     def init_params(self, rng, image_shape=None, text_shape=None, *, boxed=False):
         ids = jnp.zeros(tuple(text_shape or (1, self.text_len)), jnp.int32)
-        positions, mask = text_inputs(ids, self.pad_id)
+        positions, mask = text_inputs(jnp.ones(ids.shape, bool))
         params = self.model.init(rng, ids, positions, mask, method=DecoderLM.forward_ids)["params"]
         return params if boxed else nn.unbox(params)
 
     def image_shape(self, batch: int = 1) -> tuple:
         return (batch, 1, 1, 3)  # no image input (bench's synthetic batches carry a tiny one, unread)
 
-    def text_logits(self, params, ids_BxL):
-        positions, mask = text_inputs(ids_BxL, self.pad_id)
+    def valid(self, ids_BxL, valid_BxL=None):
+        """The rows' real tokens: `valid_BxL` where the batch marks them (conversations),
+        else `text_valid` (caption batches)."""
+        if valid_BxL is not None and valid_BxL.ndim == 2:
+            return valid_BxL.astype(bool)
+        return text_valid(ids_BxL, self.pad_id, self.eos_id)
+
+    def text_logits(self, params, ids_BxL, valid_BxL=None):
+        positions, mask = text_inputs(self.valid(ids_BxL, valid_BxL))
         return self.model.apply({"params": params}, ids_BxL, positions, mask, method=DecoderLM.forward_ids)
 
     def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=identity):
-        """-> (loss, metrics, {}): next-token cross entropy over the non-pad tokens."""
+        """-> (loss, metrics, {}): next-token cross entropy over the real tokens."""
         del rng, teacher, queues, step
-        logits = self.text_logits(params, batch["text"])
+        ids, valid = batch["text"], self.valid(batch["text"], batch.get("valid"))
         loss, metrics = lm_loss(
-            logits, batch["text"], label_smoothing=self.c.label_smoothing, pad_id=self.pad_id, gather=gather
+            self.text_logits(params, ids, valid),
+            ids,
+            label_smoothing=self.c.label_smoothing,
+            pad_id=self.pad_id,
+            gather=gather,
+            target_mask_BxL=valid,
         )
         return loss, {**metrics, "loss": loss}, {}
 
-    def token_nll(self, params, ids_BxL):
-        """-> (summed negative log-likelihood [B], target tokens [B]) of each row's
-        tokens after the first (pad excluded): the perplexity eval's terms."""
-        logp = jax.nn.log_softmax(self.text_logits(params, ids_BxL)[:, :-1].astype(jnp.float32), axis=-1)
+    def token_nll(self, params, ids_BxL, valid_BxL=None):
+        """-> (summed negative log-likelihood [B], target tokens [B]) of each row's real
+        tokens after the first: the perplexity eval's terms."""
+        valid = self.valid(ids_BxL, valid_BxL)
+        logp = jax.nn.log_softmax(self.text_logits(params, ids_BxL, valid)[:, :-1].astype(jnp.float32), axis=-1)
         targets = ids_BxL[:, 1:]
-        weight = (targets != self.pad_id).astype(jnp.float32)
+        weight = valid[:, 1:].astype(jnp.float32)
         nll = -jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[:, :, 0]
         return jnp.sum(nll * weight, axis=1), jnp.sum(weight, axis=1)
 
