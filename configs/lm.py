@@ -35,6 +35,7 @@ def get_config(arg=None):
     c.data.chat.turns = 2
     c.data.chat.held_out = False
     c.data.chat.on_mismatch = "raise"
+    c.data.chat.buckets = None  # e.g. (24, 32): train batches cut to the smallest length that fits
     c.model = ml_collections.ConfigDict()
     c.model.family = "lm"
     # width 128, 4 layers, 4 query heads sharing 2 key/value heads (GQA), SwiGLU 352, tied embeddings

@@ -101,8 +101,8 @@ def parts(tmp_path_factory, data_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir, parts):
     """The connector workdirs, STEPS steps each: stage1 (init_parts; stopped at 0 and
-    resumed, so its step-0 checkpoint stays), stage2 and lora (init_from stage1), cogvlm
-    (init_parts; stopped at 0 and resumed)."""
+    resumed, so its step-0 checkpoint stays), stage2 and lora (init_from stage1; lora's
+    batches cut to length buckets), cogvlm (init_parts; stopped at 0 and resumed)."""
     root = tmp_path_factory.mktemp("runs")
     w = {k: str(root / k) for k in ("stage1", "stage2", "lora", "cogvlm")}
     from_parts = run_overrides(
@@ -111,8 +111,9 @@ def runs(tmp_path_factory, data_dir, parts):
     for config, name in ((LLAVA + ":stage1", "stage1"), (COGVLM, "cogvlm")):
         _train(config, w[name], from_parts, "--stop-at", 0)
         _train(config, w[name], from_parts)
-    for name in ("stage2", "lora"):
-        _train(f"{LLAVA}:{name}", w[name], run_overrides(data_dir, **{"finetune.init_from": w["stage1"]}))
+    for name in ("stage2", "lora"):  # lora with length buckets (data.chat.buckets): its batches vary in length
+        extra = {"data.chat.buckets": "(24, 40, 48)"} if name == "lora" else {}
+        _train(f"{LLAVA}:{name}", w[name], run_overrides(data_dir, **{"finetune.init_from": w["stage1"]}, **extra))
     return w
 
 
@@ -184,6 +185,42 @@ def test_stage2_and_lora_freeze_what_their_recipes_say(runs, parts):
     assert set(frozen) | set(trained) == set(s1)
     _assert_changed(trained, {k: s1[k] for k in trained})
     assert all(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("['b']"))
+
+
+def test_an_imported_hf_clip_is_the_vision_tower(tmp_path, data_dir, parts):
+    """A random transformers CLIP (quick_gelu, 48 wide, patch 4) converted with `mmjax
+    convert --from hf-clip` loads as LLaVA's vision tower (init_parts 'W:image_tower'):
+    with the demo's vision keys the run is refused (exit 2, naming the differing keys and
+    the overrides); with those overrides the tower's feature layer -2 tokens are HF's
+    hidden_states[-2] without [CLS] (LLaVA's select layer) on the same pixels."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import torch
+
+    from mmjax.export import hf_parity
+
+    hf = hf_parity.random_hf_clip(hf_parity.PARITY_CONFIGS["quickgelu-argmax"], seed=3)
+    src, clip, w = (str(tmp_path / n) for n in ("hf", "clip", "llava"))
+    hf.save_pretrained(src)
+    assert _mmjax("convert", "--from", "hf-clip", "--src", src, "--workdir", clip)[0] == 0
+    over = run_overrides(data_dir, vision=False, **{"finetune.init_parts": repr({"vision": clip + ":image_tower"})})
+    code, _, err = _mmjax("train", "--config", LLAVA + ":stage1", "--workdir", w, "--no-progress", "--stop-at", 0,
+                          *[f"--config.{k}={v}" for k, v in over.items()])  # fmt: skip
+    assert code == 2 and "model keys" in err and "act" in err and "--config.model.ln_eps=" in err, err[-2000:]
+    theirs = workdir_lib.load_config_json(clip).model
+    for k in ("image", "image_overrides", "pool", "posemb", "act", "ln_eps"):
+        v = theirs[k]
+        over[f"model.{k}"] = v if isinstance(v, str) else repr(v.to_dict() if hasattr(v, "to_dict") else v)
+    _train(LLAVA + ":stage1", w, over, "--stop-at", 0)
+    opened = workdir_lib.open_workdir(w)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = hf.vision_model(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-2][:, 1:].numpy()
+    vision = jax.jit(lambda p, x: opened.family.model.apply({"params": p}, x, method=lambda m, y: m.vision(y)[1]))
+    aux = vision(opened.params, pixels.transpose(0, 2, 3, 1))
+    got = np.asarray(aux["encoder"]["block00"])[:, 1:]
+    assert got.shape == want.shape == (2, 16, 48)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_cogvlm_experts_start_as_the_lm_and_train_alone(runs, parts):
@@ -291,6 +328,37 @@ def test_too_long_conversation_is_an_invalid_row(stage2, records):
         np.testing.assert_array_equal(
             short[k][~cut][short["valid"][~cut]], full[k][~cut, :text_len][short["valid"][~cut]]
         )
+
+
+def test_bucketed_batches_are_the_full_batch_cut(stage2, records):
+    """data.chat.buckets: a train batch is cut to the smallest bucket (or text_len) that
+    holds its longest row: the full batch's leading columns (only padding dropped), and the
+    objective on it equals the full-length batch's. Out-of-range buckets and buckets in a
+    multi-process run are ValueErrors naming data.chat.buckets."""
+    from mmjax.data import chat_data
+
+    text_len = int(stage2.config.data.text_len)
+    full = _collator(stage2, text_len)(dict(records))
+    used = full["valid"].sum(1)
+    short = np.argsort(used)[:4]  # the shortest rows: a smaller bucket
+    buckets = sorted({int(used[short].max()) + 1, int(used.max()), text_len - 1})
+    chat = _collator(stage2, text_len)
+    chat.buckets = chat_data.train_buckets(buckets, text_len)
+    fam = stage2.family
+    objective = jax.jit(lambda p, b: fam.objective(p, b)[0])
+    for rows, want_len in ((np.arange(len(used)), int(used.max())), (short, int(used[short].max()) + 1)):
+        got = chat({k: v[rows] for k, v in records.items()})
+        assert got["tokens"].shape == (len(rows), want_len), (got["tokens"].shape, want_len, buckets)
+        for k in chat_data.ARRAYS:
+            np.testing.assert_array_equal(got[k], full[k][rows, :want_len])
+        assert not full["valid"][rows, want_len:].any()
+        cut = {k: got[k] for k in (*chat_data.ARRAYS, "image")}
+        whole = {k: full[k][rows] for k in (*chat_data.ARRAYS, "image")}
+        np.testing.assert_allclose(objective(stage2.params, cut), objective(stage2.params, whole), rtol=2e-5)
+    assert chat_data.train_buckets(None, text_len) == (text_len,)
+    for bad, procs in (([0, 8], 1), ([text_len + 1], 1), ([8], 2)):
+        with pytest.raises(ValueError, match="data.chat.buckets"):
+            chat_data.train_buckets(bad, text_len, procs)
 
 
 # ------------------------------------------------------------------ 4. the model

@@ -269,9 +269,10 @@ def _prompts(spec, seed=0):
     return params, ids, valid, x, kw
 
 
-def _check_against_forward(spec, params, ids, valid, prefix, tokens, scores):
-    """Each generated token is the argmax (pad excluded) of the full forward at its prefix;
-    pad follows the first eos; scores are the summed log-probabilities up to it."""
+def _check_against_forward(spec, params, ids, valid, prefix, tokens, scores, pad=PAD):
+    """Each generated token is the argmax (pad excluded, unless it is an eos) of the full
+    forward at its prefix; pad follows the first eos; scores are the summed
+    log-probabilities up to it."""
     toks = np.asarray(tokens)
     full_valid = jnp.concatenate([valid, jnp.ones(toks.shape, bool)], 1)
     full_prefix = jnp.concatenate([prefix, jnp.zeros(toks.shape, bool)], 1)
@@ -280,7 +281,8 @@ def _check_against_forward(spec, params, ids, valid, prefix, tokens, scores):
         DecoderLM(spec), params, jnp.concatenate([ids, tokens], 1), pos, lm_mask(full_valid, full_prefix), full_prefix
     )
     logits = np.asarray(logits[:, ids.shape[1] - 1 : -1]).astype(np.float64)
-    logits[:, :, PAD] = -np.inf
+    if pad not in EOS:
+        logits[:, :, pad] = -np.inf
     logp = (
         logits
         - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
@@ -290,7 +292,7 @@ def _check_against_forward(spec, params, ids, valid, prefix, tokens, scores):
     for b, row in enumerate(toks):
         stop = next((i for i, t in enumerate(row) if t in EOS), len(row) - 1)
         ended += stop < len(row) - 1
-        assert (row[stop + 1 :] == PAD).all() and (row[: stop + 1] != PAD).all()
+        assert (row[stop + 1 :] == pad).all() and (row[:stop] != pad).all()
         np.testing.assert_array_equal(row[: stop + 1], logits[b, : stop + 1].argmax(-1))
         np.testing.assert_allclose(scores[b], logp[b, np.arange(stop + 1), row[: stop + 1]].sum(), rtol=1e-4)
     assert ended  # some row stopped at an eos
@@ -309,6 +311,22 @@ def test_generate_cached_equals_uncached_greedy_and_beam1():
     beam1 = generate(lm, params, x, valid, **kw, method="beam", beams=1)
     np.testing.assert_array_equal(np.asarray(beam1[0]), np.asarray(tokens))
     np.testing.assert_allclose(np.asarray(beam1[1]), np.asarray(scores), rtol=1e-5)
+
+
+def test_a_pad_that_is_an_eos_ends_the_text():
+    """An HF tokenizer without a pad token pads with its eos: that id stays in the
+    vocabulary (as in transformers) and ends a row, instead of being masked as a filler."""
+    params, ids, valid, x, kw = _prompts(SPEC)
+    lm = DecoderLM(SPEC)
+    first = np.asarray(generate(lm, params, x, valid, **kw)[0])
+    ended = [t for row in first for t in row if t in EOS]
+    assert ended, first  # the eos the model ends a row with: now also the pad
+    kw = dict(kw, pad_id=int(ended[0]))
+    tokens, scores = generate(lm, params, x, valid, **kw)
+    _check_against_forward(SPEC, params, ids, valid, kw["prompt_prefix_BxP"], tokens, np.asarray(scores), ended[0])
+    assert (np.asarray(tokens) == ended[0]).any()
+    beam = generate(lm, params, x, valid, **kw, method="beam", beams=1)
+    np.testing.assert_array_equal(np.asarray(beam[0]), np.asarray(tokens))
 
 
 def test_beam_search_cached_equals_uncached():

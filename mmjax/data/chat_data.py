@@ -10,9 +10,14 @@ about the same scene), 'caption_vqa' (caption or question, alternating by id),
 turns (rounds of 'vqa_multi'), held_out (the held-out phrasings: an eval of unseen
 instructions), system (the template's system prompt; None: the template's default),
 image_tokens (set by the run from the model: the image's slots; 0: a text-only LM,
-the <image> marker then takes no slots), on_mismatch ('raise' | 'skip').
+the <image> marker then takes no slots), on_mismatch ('raise' | 'skip'), buckets
+(None: every train batch is [B, data.text_len]; a list of lengths: each train batch is
+cut to the smallest bucket (or text_len) that holds its longest conversation, so jit
+compiles one step per bucket and short batches do not pay for padding. One process
+only: the hosts of a multi-process run would pick different lengths for one global
+batch).
 
-A batch (`ChatCollator.__call__`), every array [B, L] with L = data.text_len:
+A batch (`ChatCollator.__call__`), every array [B, L] with L = data.text_len (or its bucket):
 `tokens` int32, `image_slots`, `loss_mask`, `prefix`, `valid` bool (mmjax.data.
 conversations), `text` (= tokens: what a text-only LM reads), plus `image` and `id`.
 A conversation that cannot fit L (ConversationTooLong) leaves its row all-invalid (no
@@ -88,11 +93,12 @@ def record_conversation(record: dict, opts: dict, scene_kw: dict):
 class ChatCollator:
     """A tf.data batch of records (numpy) -> an instruction batch (module docstring)."""
 
-    def __init__(self, data_config, tokenizer, *, text_len: int, split: str = "train"):
+    def __init__(self, data_config, tokenizer, *, text_len: int, split: str = "train", process_count: int = 1):
         self.opts = chat_options(data_config)
         if self.opts is None:
             raise ValueError("ChatCollator needs data.chat.template")
         self.text_len, self.pad = int(text_len), int(tokenizer.pad_id)
+        self.buckets = train_buckets(self.opts["buckets"], self.text_len, int(process_count))
         self.scene_kw = _scene_kw(data_config, split)
         self.encoder = conv_lib.ConversationEncoder(
             tokenizer,
@@ -131,8 +137,26 @@ class ChatCollator:
         if b is None:
             raise StopIteration
         out = self.encode(self.rows(b))
+        used = int(out["valid"].sum(1).max(initial=0))  # rows are valid from position 0 on
+        length = next(n for n in self.buckets if n >= used)
+        out = {k: v[:, :length] for k, v in out.items()}
         out["image"], out["id"] = b["image"], b["id"].astype(np.int64)
         return out
+
+
+def train_buckets(buckets, text_len: int, process_count: int = 1) -> tuple[int, ...]:
+    """data.chat.buckets checked -> the sorted train lengths, text_len last."""
+    if not buckets:
+        return (int(text_len),)
+    got = sorted({int(n) for n in buckets})
+    if got[0] < 1 or got[-1] > text_len:
+        raise ValueError(f"data.chat.buckets={list(buckets)}: every length must be in 1..data.text_len={text_len}")
+    if process_count > 1:
+        raise ValueError(
+            f"data.chat.buckets={list(buckets)} needs a single process ({process_count} here): the hosts would "
+            "pick different lengths for one global batch; leave it None (every batch data.text_len long)"
+        )
+    return (*[n for n in got if n < text_len], int(text_len))
 
 
 def tokenizer_corpus(data_config, n: int = 2000) -> list[str]:

@@ -31,9 +31,10 @@ def train_batch(b, tokenizer, text_len: int, negatives: int) -> dict:
     return out
 
 
-def train_finisher(data_config, tokenizer, text_len: int, negatives: int):
+def train_finisher(data_config, tokenizer, text_len: int, negatives: int, process_count: int = 1):
     """The batch finisher of a train iterator: `train_batch` (captions), or with
-    data.chat.template set a `chat_data.ChatCollator` (conversations)."""
+    data.chat.template set a `chat_data.ChatCollator` (conversations; data.chat.buckets
+    needs one process)."""
     import functools
 
     from mmjax.data import chat_data
@@ -41,7 +42,7 @@ def train_finisher(data_config, tokenizer, text_len: int, negatives: int):
     if chat_data.chat_options(data_config) is not None:
         if negatives:
             raise ValueError("data.chat conversations take no hard negatives (model.hard_negatives=0)")
-        return chat_data.ChatCollator(data_config, tokenizer, text_len=text_len)
+        return chat_data.ChatCollator(data_config, tokenizer, text_len=text_len, process_count=process_count)
     return functools.partial(train_batch, tokenizer=tokenizer, text_len=text_len, negatives=negatives)
 
 

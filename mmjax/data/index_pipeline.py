@@ -80,7 +80,9 @@ class IndexTrainIterator:
         if order_state is not None:
             self._check_resume(order_state)
         self._fn = train_map(data_config, int(seed), 0)
-        self._finish = collate.train_finisher(data_config, tokenizer, int(option(data_config, "text_len")), 0)
+        self._finish = collate.train_finisher(
+            data_config, tokenizer, int(option(data_config, "text_len")), 0, int(process_count)
+        )
         self._spec = self._signature(tf)
         self._replaced_reads: dict[int, list[int]] = {}  # batch -> records replaced per source by the reader thread
         batched = {k: tf.TensorSpec([None], v.dtype) for k, v in self._spec.items()}

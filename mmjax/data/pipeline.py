@@ -153,7 +153,7 @@ def make_train_iterator(
         negatives=K,
         threads=threads,
     )
-    finish = collate.train_finisher(data_config, tokenizer, int(option(data_config, "text_len")), K)
+    finish = collate.train_finisher(data_config, tokenizer, int(option(data_config, "text_len")), K, n_proc)
     to_local, local_start = local_positions(start, batch_size, rank, n_proc)
     missing = source.dropped(split) if start_record is None else 0
     return BatchIterator(

@@ -37,6 +37,7 @@ COMMON = {
         "system": None,
         "image_tokens": 0,
         "on_mismatch": "raise",
+        "buckets": None,  # train batch lengths (<= text_len): each batch cut to the smallest that fits
     },
 }
 

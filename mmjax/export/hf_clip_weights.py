@@ -139,7 +139,9 @@ def params_from_state_dict(sd: dict, spec: dict) -> dict:
     return out
 
 
-def _flat(params) -> dict:
+def flat_params(params) -> dict:
+    """{'a/b/c': numpy} of a params tree; a scanned encoder's `blocks` (leaves stacked on
+    a leading axis) is unstacked into `block00`, `block01`, ... (the unrolled names)."""
     out = {}
 
     def walk(node, prefix):
@@ -160,7 +162,7 @@ def _flat(params) -> dict:
 
 def spec_from_params(params) -> dict:
     """The CLIPModel shapes of mmjax CLIP params; ValueError naming what does not fit."""
-    p = _flat(params)
+    p = flat_params(params)
     if "b" in p:
         raise ValueError(
             "params hold a logit bias `b` (sigmoid / SigLIP loss): transformers' CLIPModel "
@@ -221,7 +223,10 @@ def spec_from_params(params) -> dict:
     )
 
 
-def _blocks_to_hf(p, mm_tower, hf_tower, t, out):
+def blocks_to_hf(p, mm_tower, hf_tower, t, out):
+    """The transformer blocks of `mm_tower` in flat params `p` (`flat_params`) written
+    into `out` under HF CLIP's `hf_tower.encoder.layers.i.*` names (torch layouts);
+    `t`: the tower's variant dict (width, depth)."""
     d = t["width"]
     for i in range(t["depth"]):
         m, h = f"{mm_tower}/encoder/block{i:02d}/", f"{hf_tower}.encoder.layers.{i}."
@@ -242,7 +247,7 @@ def _blocks_to_hf(p, mm_tower, hf_tower, t, out):
 def state_dict_from_params(params, spec=None) -> dict:
     """mmjax CLIP params -> transformers CLIPModel state dict (float32 numpy)."""
     spec = spec or spec_from_params(params)
-    p = _flat(params)
+    p = flat_params(params)
     out = {
         "logit_scale": _c(p["t"]).reshape(()),
         "visual_projection.weight": _c(p["image_proj/kernel"].T),
@@ -262,8 +267,8 @@ def state_dict_from_params(params, spec=None) -> dict:
     ):
         out[hf_ln + ".weight"] = _c(p[mm_ln + "/scale"])
         out[hf_ln + ".bias"] = _c(p[mm_ln + "/bias"])
-    _blocks_to_hf(p, "image_tower", "vision_model", spec["image"], out)
-    _blocks_to_hf(p, "text_tower", "text_model", spec["text"], out)
+    blocks_to_hf(p, "image_tower", "vision_model", spec["image"], out)
+    blocks_to_hf(p, "text_tower", "text_model", spec["text"], out)
     used = {
         "t",
         "image_proj/kernel",

@@ -178,7 +178,7 @@ def hf_llava_config(family, token_ids: dict, image_token_index: int, appended: b
 
 def vision_state_dict(vision_params, family) -> dict:
     """The `vision/` params -> CLIPVisionModel's state dict (keys `vision_model.*`)."""
-    p = clip_w._flat({"vision": vision_params})
+    p = clip_w.flat_params({"vision": vision_params})
     unused = sorted(k for k in p if not VISION_PARAM.match(k))
     if unused:
         raise ValueError(f"vision params with no place in transformers' CLIP vision tower: {unused[:8]}")
@@ -191,7 +191,7 @@ def vision_state_dict(vision_params, family) -> dict:
     for mm_ln, hf_ln in (("vision/ln_pre", "pre_layrnorm"), ("vision/encoder/ln_final", "post_layernorm")):
         out[v + hf_ln + ".weight"] = clip_w._c(p[mm_ln + "/scale"])
         out[v + hf_ln + ".bias"] = clip_w._c(p[mm_ln + "/bias"])
-    clip_w._blocks_to_hf(p, "vision", "vision_model", im, out)
+    clip_w.blocks_to_hf(p, "vision", "vision_model", im, out)
     # The vision half of the CLIPModel shapes (a text tower of depth 0 stands in for the other half).
     spec = dict(image=im, text=dict(width=1, depth=0, mlp_dim=1), embed_dim=1, vocab_size=1, text_len=1)
     want = {k: s for k, s in clip_w._hf_shapes(dict(spec, image_size=family.image_size)).items() if k.startswith(v)}
@@ -204,7 +204,7 @@ def vision_state_dict(vision_params, family) -> dict:
 
 def projector_state_dict(proj_params) -> dict:
     """`projector/` (fc1, GELU, fc2) -> {linear_1, linear_2}.{weight [out, in], bias}."""
-    p = clip_w._flat(proj_params)
+    p = clip_w.flat_params(proj_params)
     want = {"fc1/kernel", "fc1/bias", "fc2/kernel", "fc2/bias"}
     if set(p) != want:
         raise ValueError(f"projector params {sorted(p)}: transformers' LLaVA projector needs {sorted(want)}")
@@ -217,7 +217,7 @@ def projector_state_dict(proj_params) -> dict:
 
 def _lm_params(family, lm_params):
     """The LM's params, LoRA adapters (if any) merged into the kernels."""
-    if any(k.endswith("_lora/a") for k in clip_w._flat(lm_params)):
+    if any(k.endswith("_lora/a") for k in clip_w.flat_params(lm_params)):
         from mmjax.models.lora import merge_lora
 
         lm_params = merge_lora(lm_params, rank=int(family.c.lora_rank), alpha=float(family.c.lora_alpha))
@@ -230,7 +230,7 @@ def llm_state_dict(family, lm_params, appended: bool) -> dict:
     from mmjax.export.hf_llm_workdir import layout_of
 
     spec = family.spec
-    sd = hf_llm._fill_biases(lm_state_dict(_lm_params(family, lm_params), spec), spec, layout_of(spec))
+    sd = hf_llm.fill_biases(lm_state_dict(_lm_params(family, lm_params), spec), spec, layout_of(spec))
     if appended:
         for k in (hf_llm.EMBED, "lm_head.weight"):
             if k in sd:

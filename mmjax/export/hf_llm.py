@@ -190,7 +190,7 @@ def hf_config_from_spec(spec, source: str, token_ids: dict, max_position_embeddi
     if model_type == "qwen2":
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.depth)
     else:
-        cfg["attention_bias"] = bool(spec.qkv_bias)  # o_proj gets a zero bias (_fill_biases)
+        cfg["attention_bias"] = bool(spec.qkv_bias)  # o_proj gets a zero bias (fill_biases)
     if model_type == "llama":
         cfg.update(mlp_bias=False, pretraining_tp=1)
     if model_type == "gemma":
@@ -257,7 +257,7 @@ def read_hf_llm(src_dir: str, source: str):
 # ------------------------------------------------------------------ writing
 
 
-def _fill_biases(sd: dict, spec, source: str) -> dict:
+def fill_biases(sd: dict, spec, source: str) -> dict:
     """Zero biases the source's class has but the spec does not: Qwen2's q/k/v without
     qkv_bias, Llama / Gemma's o_proj with qkv_bias (attention_bias)."""
     model_type = _check_source(source)
@@ -345,7 +345,7 @@ def save_hf_llm(
     (`Tokenizer.special_ids`, `TokenIds.as_dict()`). Returns out_dir; ValueError names what
     the source's class cannot express (`check_exportable`)."""
     config = hf_config_from_spec(spec, source, token_ids, max_position_embeddings)
-    sd = _fill_biases(state_dict_from_params(params, spec), spec, source)
+    sd = fill_biases(state_dict_from_params(params, spec), spec, source)
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(sd, out_dir, shard_bytes)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:

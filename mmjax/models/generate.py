@@ -10,7 +10,9 @@ state is either the KV cache of T slots (use_cache: the prompt is written once, 
 token per step) or the [B, T, D] sequence of embeddings, run whole every step (uncached).
 The loop stops early once every sequence has emitted an eos; the remaining tokens are pad.
 `score` is the summed log-probability (softmax over the vocabulary without pad, temperature
-1) of the generated tokens up to and including eos, / length ** length_penalty.
+1) of the generated tokens up to and including eos, / length ** length_penalty. pad is
+never generated, except where it is also a stop id (an HF tokenizer without a pad token
+pads with its eos): then it stays in the vocabulary and ends the text, as in transformers.
 """
 
 from functools import partial
@@ -175,11 +177,17 @@ def top_p_filter(z_BxV, top_p):
     return jnp.where(z_BxV >= thresh_Bx1, z_BxV, -jnp.inf)
 
 
+def _without_pad(logits, pad: int, eos: tuple):
+    """float32 logits with pad at -inf (a filler, never generated) unless pad is a stop id."""
+    logits = logits.astype(jnp.float32)
+    return logits if pad in eos else logits.at[..., pad].set(-jnp.inf)
+
+
 def _token_select(pick, eos: tuple, pad: int):
     """Greedy / sampling: `pick(logits without pad [B, V], t) -> tok [B]`; done rows get pad."""
 
     def select(sel, logits_BxV, t):
-        masked = logits_BxV.astype(jnp.float32).at[:, pad].set(-jnp.inf)
+        masked = _without_pad(logits_BxV, pad, eos)
         logp = jax.nn.log_softmax(masked, axis=-1)
         done = sel["done"]
         tok = jnp.where(done, pad, pick(masked, t))
@@ -205,7 +213,7 @@ def _beam_select(b: int, k: int, eos: tuple, pad: int):
 
     def select(sel, logits_BKxV, t):
         v = logits_BKxV.shape[-1]
-        masked = logits_BKxV.astype(jnp.float32).at[:, pad].set(-jnp.inf)
+        masked = _without_pad(logits_BKxV, pad, eos)
         logp = jax.nn.log_softmax(masked, axis=-1).reshape(b, k, v)
         finished = jnp.full((v,), -jnp.inf).at[pad].set(0.0)
         logp = jnp.where(sel["done"][:, :, None], finished[None, None, :], logp)

@@ -164,3 +164,39 @@ def transplant(init_params, pretrained, prefix: str = "", inflation: str = "cent
             f"pretrained paths look like {list(flat_pre)[:3]}"
         )
     return params, report
+
+
+def check_part_configs(model_config, parts: dict, load_config) -> None:
+    """finetune.init_parts: for each part the family lists in `part_keys`, the model keys
+    that no param shape checks (the vision tower's variant, activation, LayerNorm
+    epsilon, pooling, position embedding) must equal those of the part's source
+    workdir (`load_config(workdir)` -> its config) where it has them; ValueError naming
+    the part, each differing key and the overrides that match the source."""
+    from mmjax.models import zoo
+    from mmjax.models.variants import parse_variant
+
+    keys_of = zoo.family_class(model_config).part_keys
+    for part, (src, _) in parts.items():
+        keys = keys_of.get(part, ())
+        try:
+            theirs = load_config(src).model
+        except (OSError, ValueError):
+            continue  # a bare checkpoint directory: no config to compare
+        if not keys or "image" in keys and "image" not in theirs:
+            continue
+        ours_v = {k: _plain(model_config.get(k)) for k in keys if k in theirs}
+        theirs_v = {k: _plain(theirs.get(k)) for k in ours_v}
+        if "image" in ours_v:  # the resolved variant: 'mu/8' + overrides may equal a custom dict
+            for side in (ours_v, theirs_v):
+                side["image"] = parse_variant(side["image"], side.pop("image_overrides", None) or {}, kind="image")
+        diff = [k for k in ours_v if ours_v[k] != theirs_v[k]]
+        if diff:
+            fixes = " ".join(f"--config.model.{k}={_plain(theirs.get(k))!r}" for k in keys if k in theirs)
+            raise ValueError(
+                f"finetune.init_parts[{part!r}] from {src}: model keys {', '.join(diff)} differ from that workdir's "
+                f"({', '.join(f'{k}: {ours_v[k]!r} here, {theirs_v[k]!r} there' for k in diff)}); set {fixes}"
+            )
+
+
+def _plain(v):
+    return v.to_dict() if hasattr(v, "to_dict") else v

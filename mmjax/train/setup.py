@@ -152,7 +152,11 @@ class Setup:
     def _prepare_parts(self):
         """finetune.init_parts: the text comes from the part that holds the LM (`lm`):
         its tokenizer (a trained workdir's tokenizer.model copied here, or the
-        data.tokenizer path and case of an imported one) unless this config names one."""
+        data.tokenizer path and case of an imported one) unless this config names one.
+        Each part's architecture keys are checked against its source's first."""
+        from mmjax.train import finetune
+
+        finetune.check_part_configs(self.config.model, self.init_parts, workdir_lib.load_config_json)
         src = self.init_parts.get("lm")
         if src is None or self.config.data.tokenizer.get("path"):
             return

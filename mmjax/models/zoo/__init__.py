@@ -10,7 +10,16 @@ another list to edit.
 import importlib
 import pkgutil
 
-from mmjax.models.zoo.contract import CAPABILITIES, FAMILIES, Family, build, check_config, check_contract, register
+from mmjax.models.zoo.contract import (
+    CAPABILITIES,
+    FAMILIES,
+    Family,
+    build,
+    check_config,
+    check_contract,
+    family_class,
+    register,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -53,5 +62,6 @@ __all__ = [
     "build_module",
     "check_config",
     "check_contract",
+    "family_class",
     "register",
 ]

@@ -144,6 +144,9 @@ class Family:
     text_len = 77
     num_frames = 0  # > 0: the image input is a clip [B, T, H, W, 3]
     image_tokens = 0  # an LM connector: the image's slots in a conversation (data.chat.image_tokens)
+    # finetune.init_parts: {part: model keys that must equal the part's source workdir's}
+    # (what no param shape shows: an activation, a LayerNorm epsilon, the variant's depth)
+    part_keys: dict = {}
 
     def can(self, capability: str) -> bool:
         """Whether the family declares `capability` (a key of CAPABILITIES)."""
@@ -217,6 +220,11 @@ def _lookup(model_config):
     if family not in FAMILIES:
         raise ConfigError(f"bad value for config key 'model.family': {family!r}; valid choices: {', '.join(FAMILIES)}")
     return FAMILIES[family]
+
+
+def family_class(model_config):
+    """The registered class of model_config.family (ConfigError for an unknown one)."""
+    return _lookup(model_config)
 
 
 def build(model_config):

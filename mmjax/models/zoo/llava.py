@@ -181,6 +181,7 @@ class LlavaFamily(Family):
     Config = LlavaConfig
     capabilities = frozenset({"generate"})
     batch_keys = BATCH + ("loss_mask",)
+    part_keys = {"vision": ("image", "image_overrides", "pool", "posemb", "act", "ln_eps")}
 
     def __init__(self, model_config):
         c = self.Config.parse(model_config)
