@@ -84,8 +84,14 @@ def tmp_data(tmp_path_factory):
     return tmp_path_factory.mktemp("par")
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip", "albef"])
-@pytest.mark.parametrize("mode", ["pmap"] + list(MESHES))
+# CLIP on every mesh; SigLIP and ALBEF under pmap and on the mesh with all three axes
+# (data, fsdp, tensor), which holds the one-axis meshes' collectives.
+CASES = [("clip", m) for m in ["pmap", *MESHES]] + [
+    (k, m) for k in ("siglip", "albef") for m in ("pmap", "data2_fsdp2_tensor2")
+]
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
 def test_modes_match_single_device(kind, mode, tmp_data):
     ref_loss, ref_state, _ = _reference(kind, str(tmp_data))
     family, tc, batches = _setup(kind, str(tmp_data))

@@ -123,8 +123,15 @@ def _video_from_image(pool, temporal, frames=4, tubelet=1, inflation="central", 
     return image_vit, img_params, video_vit, params
 
 
-@pytest.mark.parametrize("pool", ["cls", "gap"])
-@pytest.mark.parametrize("temporal", TEMPORAL_MODES + ("local:mmjax_v1",))
+# every temporal mode with [CLS]; global average pooling with 'none' (where the [CLS]
+# case differs) and mmjax_v1's local block
+CONTINUE_CASES = [(t, "cls") for t in TEMPORAL_MODES + ("local:mmjax_v1",)] + [
+    ("none", "gap"),
+    ("local:mmjax_v1", "gap"),
+]
+
+
+@pytest.mark.parametrize("temporal,pool", CONTINUE_CASES)
 def test_an_image_checkpoint_continues_on_video(temporal, pool):
     """Loaded into a video ViT, an image ViT's params compute on a one-frame clip
     exactly what they compute on the image, and on a clip of that frame repeated the
