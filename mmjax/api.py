@@ -149,6 +149,7 @@ class Model:
         embeddings over `templates`, normalised: `mmjax classify`'s recipe). templates:
         None = the workdir's eval.zero_shot.templates or its dataset's built-in ones;
         each must hold one '{}' and fit data.text_len."""
+        from mmjax.eval import retrieval
         from mmjax.eval import zero_shot as zs
 
         names = zs.clean_class_names(class_names)
@@ -157,7 +158,7 @@ class Model:
         templates = zs.resolve_templates(templates, self.config.data.get("name"), key="templates")
         ids = zs.prompt_ids(self.tokenizer, templates, names, self.text_len)
         classes = zs.class_embeddings(lambda t: self._run("text", t), ids)
-        logits = float(scale) * (self.encode_image(images) @ classes.T)
+        logits = float(scale) * retrieval.similarity(self.encode_image(images), classes)
         logits = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -259,6 +259,10 @@ def convert(args, overrides):
 def data(args, overrides):
     if args.action == "convert":
         return data_convert(args, overrides)
+    if args.action == "capfilt":
+        from mmjax.data import capfilt
+
+        return capfilt.command(args, overrides)
     if args.src is not None:
         raise config_lib.ConfigError(
             f"mmjax data {args.action} takes no SRC (got {args.src!r}); SRC is for mmjax data convert"

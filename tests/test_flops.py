@@ -2,8 +2,6 @@
 matmuls actually traced in each family's objective, and the counter against hand
 counts."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -61,9 +59,14 @@ CASES = [
     ("lm", []),
     ("llava:lora", ["data.text_len=24"]),
     ("cogvlm", ["data.text_len=24", "model.prefix_lm=true"]),
+    ("blip2", []),
+    ("blip2", ["model.tasks=('itm', 'itg')"]),
+    ("blip2:stage2", ["data.text_len=24"]),
+    ("instructblip", ["data.text_len=24", "model.instruction_len=8"]),
 ]
 TEACHER = ("albef", "video_albef", "blip")  # recipes whose objective runs an EMA teacher (ITC)
-FROZEN_FORWARD = ("llava", "cogvlm")  # a frozen vision tower: forward only, counted as 'teacher' (no backward)
+# a frozen vision tower: forward only, counted as 'teacher' (no backward)
+FROZEN_FORWARD = ("llava", "cogvlm", "blip2", "instructblip")
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=[f"{i}-{n}" for i, (n, _) in enumerate(CASES)])
@@ -98,15 +101,16 @@ def test_formula_equals_the_traced_matmuls(name, extra):
 
 
 def test_every_recipe_has_a_flop_formula():
-    """`mmjax bench` reports MFU for every family in configs/: each recipe's family
-    (built shapes-only, at the recipe's own sizes) has a positive train-step FLOP count."""
-    names = sorted(p[:-3] for p in os.listdir(f"{ROOT}/configs") if p.endswith(".py"))
+    """`mmjax bench` reports MFU for every family in configs/: each recipe and variant's
+    family (built shapes-only, at the recipe's own sizes) has a positive train-step FLOP count."""
+    from test_recipes import RECIPES, _load
+
     families = set()
-    for name in names:
-        cfg = config_lib.load(f"{ROOT}/configs/{name}.py")
+    for name_arg in sorted(RECIPES):
+        cfg = _load(name_arg)
         config_lib.derive_model_keys(cfg, int(cfg.data.tokenizer.vocab_size))
         fam = zoo.build(cfg.model)  # the family alone: no state plan to trace
-        assert flops.train_step_flops(fam, 8) > 0, name
+        assert flops.train_step_flops(fam, 8) > 0, name_arg
         families.add(cfg.model.family)
     assert families == set(zoo.FAMILIES)  # and every registered family has a recipe
 

@@ -74,6 +74,10 @@ LLAMA2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
     "provides, and assist the user with a variety of tasks using natural language."
 )
+MINIGPT4_SYSTEM = (
+    "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to "
+    "you. Please answer my questions."
+)
 TEMPLATES = {
     # LLaVA-1.5 (conv_vicuna_v1): "<s>SYS USER: <image>\nq ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>"
     "vicuna": ChatTemplate(
@@ -109,6 +113,15 @@ TEMPLATES = {
         end="<end_of_turn>",
         after_end="\n",
         markers=("<start_of_turn>", "<end_of_turn>"),
+    ),
+    # MiniGPT-4 (Vicuna v0, conversation.py SINGLE with sep '###'):
+    # "SYS###Human: <Img><ImageHere></Img> q###Assistant: a###Human: q2###Assistant: a2###"
+    "minigpt4": ChatTemplate(
+        "minigpt4",
+        "{system}###Human: {text}###Assistant:",
+        "Human: {text}###Assistant:",
+        end="###",
+        system=MINIGPT4_SYSTEM,
     ),
     # LLaVA stage-1 pretraining ('plain'): "<s><image>caption</s>", no turns, no system prompt
     "plain": ChatTemplate("plain", "{text}", "{text}", sep="", multi_turn=False, image_only=True),

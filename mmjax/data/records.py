@@ -157,17 +157,25 @@ class ArrayRecordShards:
                     out.append(None)
             return out
 
-    def _sample(self, raw, key: int) -> dict | None:
+    def _sample(self, raw, key: int, as_record: bool = False):
         if raw is None:
             return None
         try:
-            sample = to_sample(*decode_record(raw))
+            record = decode_record(raw)
+            sample = to_sample(*record)
         except (ValueError, KeyError, TypeError) as e:
             log.warning("%s split %r record %d: bad record (%s)", self.directory, self.split, key, e)
             return None
-        return sample if sample["id"] == key else None
+        if sample["id"] != key:
+            return None
+        return record if as_record else sample
 
-    def read(self, keys) -> list[dict | None]:
+    def read_records(self, keys) -> list[tuple[dict, list[bytes]] | None]:
+        """As `read`, but each record as `decode_record` gives it: (its header with every
+        field, "key", "meta" and any other, blobs); None where `read` gives None."""
+        return self.read(keys, as_record=True)
+
+    def read(self, keys, *, as_record: bool = False) -> list[dict | None]:
         """Samples (or None) at global indices `keys`, in order (class docstring)."""
         keys = [int(k) for k in keys]
         groups: dict[int, list[int]] = {}
@@ -188,7 +196,7 @@ class ArrayRecordShards:
         payload = 0
         for s, ps in groups.items():
             for p, raw in zip(ps, raws[s]):
-                out[p] = self._sample(raw, keys[p])
+                out[p] = self._sample(raw, keys[p], as_record)
                 payload += len(raw) if out[p] is not None else 0
         with self._lock:  # read() may be called from several threads
             self.bytes_read += payload

@@ -6,6 +6,11 @@ the generated text, stripped and lower-cased, equals the label's name. Reported:
 `answer_acc`, `answer_acc_<type>` per answer type, `answer_format_ok` (the share of
 answers that are one of the label names at all). A text-only LM (no image) answers
 from the question alone: the blind baseline.
+
+With `captions=True` (eval.captions) each record's image is also captioned: the caption
+prompt of the run's template (a training phrasing, or a held-out one), answered greedily
+up to MAX_CAPTION_TOKENS, scored against the record's caption (`caption_exact`,
+`caption_bleu4`, `caption_cider`: eval.retrieval.caption_metrics).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 from mmjax.parallel import mesh as mesh_lib
 
 MAX_ANSWER_TOKENS = 8
+MAX_CAPTION_TOKENS = 24
 
 
 def normalize(text: str) -> str:
@@ -26,7 +32,9 @@ class AnswerEvaluator:
     """`__call__(params) -> metrics` (module docstring). Every process reads the whole
     split, generates for its rows of the global batch and the results are gathered."""
 
-    def __init__(self, family, data_config, tokenizer, mesh, *, split: str, batch_size: int, held_out=False):
+    def __init__(
+        self, family, data_config, tokenizer, mesh, *, split: str, batch_size: int, held_out=False, captions=False
+    ):
         from mmjax.data import chat_data, sources
 
         self.family, self.data_config, self.tokenizer, self.mesh = family, data_config, tokenizer, mesh
@@ -43,19 +51,21 @@ class AnswerEvaluator:
         n_dev = mesh.devices.size
         self.batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
         rep = mesh_lib.replicated(mesh)
-        self._generate = jax.jit(
-            lambda p, prompt: family.generate(p, prompt, max_new_tokens=MAX_ANSWER_TOKENS, method="greedy")[0],
-            out_shardings=rep,
+        run = lambda n: jax.jit(
+            lambda p, prompt: family.generate(p, prompt, max_new_tokens=n, method="greedy")[0], out_shardings=rep
         )
+        self._generate = run(MAX_ANSWER_TOKENS)
+        self._caption = run(MAX_CAPTION_TOKENS) if captions else None
 
-    def prompts(self, rows) -> dict:
-        """Records -> the left-padded prompt arrays {'ids', 'valid', 'image_slots'}."""
+    def prompts(self, rows, task: str = "vqa") -> dict:
+        """Records -> the left-padded prompt arrays {'ids', 'valid', 'image_slots'} of their
+        first `task` round ('vqa': the question; 'caption': the caption prompt)."""
         from mmjax.data import chat_data, conversations
         from mmjax.eval.generation import left_pad
 
         toks, slots = [], []
         for rec in rows:
-            conv = chat_data.record_conversation(rec, self.opts, self.scene_kw)
+            conv = chat_data.record_conversation(rec, dict(self.opts, task=task), self.scene_kw)
             conv.turns = conv.turns[:1]
             p = conversations.encode_prompt(
                 conv, self.tokenizer, self.opts["template"], image_tokens=int(self.opts["image_tokens"])
@@ -71,23 +81,41 @@ class AnswerEvaluator:
     def __call__(self, params) -> dict:
         from mmjax.data import pipeline
 
-        n, i = jax.process_count(), jax.process_index()
-        rows = self.batch_size // n
-        answers, labels = [], []
+        answers, labels, captions, refs = [], [], [], []
         for batch in pipeline.make_eval_iterator(self.data_config, self.tokenizer, self.split, self.batch_size):
             valid = np.asarray(batch["valid"], bool)
             recs = [
                 {"caption": c, "label": int(lab), "id": max(int(k), 0)}
                 for c, lab, k in zip(batch["caption"], batch["label"], batch["id"])
             ]
-            prompt = dict(self.prompts(recs), image=np.asarray(batch["image"]))
-            local = {k: v[i * rows : (i + 1) * rows] for k, v in prompt.items()}
-            out = np.asarray(self._generate(params, mesh_lib.global_batch(self.mesh, local)))
-            for row, ok, lab in zip(out, valid, batch["label"]):
-                if ok:
-                    answers.append(self._text(row))
-                    labels.append(int(lab))
-        return answer_metrics(answers, labels, self.names, self.types)
+            image = np.asarray(batch["image"])
+            out = self._run(self._generate, params, dict(self.prompts(recs), image=image))
+            answers += [self._text(row) for row, ok in zip(out, valid) if ok]
+            labels += [int(lab) for lab, ok in zip(batch["label"], valid) if ok]
+            if self._caption is not None:
+                out = self._run(self._caption, params, dict(self.prompts(recs, "caption"), image=image))
+                captions += [self._text(row) for row, ok in zip(out, valid) if ok]
+                refs += [self._reference(rec) for rec, ok in zip(recs, valid) if ok]
+        metrics = answer_metrics(answers, labels, self.names, self.types)
+        if self._caption is not None:
+            from mmjax.eval.retrieval import caption_metrics
+
+            metrics.update(caption_metrics(captions, refs))
+        return metrics
+
+    def _run(self, generate, params, prompt: dict) -> np.ndarray:
+        """One global batch of prompts (this process's rows handed over) -> tokens [B, N]."""
+        n, i = jax.process_count(), jax.process_index()
+        rows = self.batch_size // n
+        local = {k: v[i * rows : (i + 1) * rows] for k, v in prompt.items()}
+        return np.asarray(generate(params, mesh_lib.global_batch(self.mesh, local)))
+
+    def _reference(self, rec: dict) -> str:
+        """The record's scene caption (the caption conversation's answer)."""
+        from mmjax.data import chat_data
+
+        conv = chat_data.record_conversation(rec, dict(self.opts, task="caption"), self.scene_kw)
+        return conv.turns[0][1]
 
     def _text(self, ids) -> str:
         stop = set(self.family.stop_ids()) | {int(self.tokenizer.pad_id)}

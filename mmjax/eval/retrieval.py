@@ -24,6 +24,26 @@ def caption_index(captions):
     return uniq, inverse, first
 
 
+def similarity(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+    """Image-text scores [N, M] from image embeddings [N, E] (a dot product) or [N, Q, E]
+    (one per query, BLIP-2: the best query's dot product) and text embeddings [M, E]."""
+    img, txt = np.asarray(img), np.asarray(txt)
+    if img.ndim == 3:
+        return np.einsum("nqe,me->nqm", img, txt).max(axis=1)
+    return img @ txt.T
+
+
+def pair_similarity(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+    """Scores of aligned pairs: img [N, E] or [N, Q, E] with txt [N, E] -> [N], or with
+    txt [N, K, E] -> [N, K] (each image against its own K texts)."""
+    img, txt = np.asarray(img), np.asarray(txt)
+    one = txt.ndim == 2
+    txt = txt[:, None] if one else txt
+    img = img[:, None] if img.ndim == 2 else img  # [N, Q, E]
+    out = np.einsum("nqe,nke->nqk", img, txt).max(axis=1)
+    return out[:, 0] if one else out
+
+
 def _recalls(sims: np.ndarray, inverse: np.ndarray, ks, prefix: str = "") -> dict:
     """sims [N images, M unique captions]; image n's caption is inverse[n]."""
     m = sims.shape[1]
@@ -47,7 +67,7 @@ def retrieval_metrics(img: np.ndarray, txt: np.ndarray, captions, ks=KS) -> dict
     uniq, inverse, first = caption_index(captions)
     n, m = len(inverse), len(uniq)
     # One embedding per unique caption (identical strings embed identically).
-    out = _recalls(img @ txt[first].T, inverse, ks)
+    out = _recalls(similarity(img, txt[first]), inverse, ks)
     counts = np.bincount(inverse, minlength=m)
     out["i2t_chance@1"] = 1.0 / m
     out["t2i_chance@1"] = float(np.mean(counts / n))
@@ -101,8 +121,8 @@ def binding_accuracy(img: np.ndarray, own_txt: np.ndarray, neg_txt: np.ndarray, 
     img, own_txt: [N, D]; neg_txt: [N, K, D]; neg_valid: [N, K] bool. Scored by the
     embeddings' dot product (ITC).
     """
-    own = np.sum(img * own_txt, axis=-1)  # [N]
-    neg = np.einsum("nd,nkd->nk", img, neg_txt)
+    own = pair_similarity(img, own_txt)  # [N]
+    neg = pair_similarity(img, neg_txt)  # [N, K]
     return binding_accuracy_scores(own, neg, neg_valid)
 
 
@@ -119,7 +139,7 @@ def binding_accuracy_scores(own: np.ndarray, neg: np.ndarray, neg_valid: np.ndar
 
 def zero_shot_accuracy(img: np.ndarray, class_txt: np.ndarray, labels: np.ndarray) -> dict:
     """img: [N, D]; class_txt: [C, D] (template-averaged, normalised); labels: [N]."""
-    pred = np.argmax(img @ class_txt.T, axis=1)
+    pred = np.argmax(similarity(img, class_txt), axis=1)
     return {"zero_shot_top1": float(np.mean(pred == labels)), "zero_shot_chance": 1.0 / class_txt.shape[0]}
 
 

@@ -104,7 +104,7 @@ class Evaluator:
             rows = first[cap_idx]
             return self._itm_pairs(params, img_tok[img_idx], stream[rows], text_ids[rows])
 
-        return retrieval.reranked_metrics(img @ txt[first].T, inverse, score_pairs, self.rerank_k)
+        return retrieval.reranked_metrics(retrieval.similarity(img, txt[first]), inverse, score_pairs, self.rerank_k)
 
     def _encode_text(self, params, tokens: np.ndarray) -> np.ndarray:
         """tokens [N, L] -> [N, D], padded to whole batches for static shapes."""
@@ -198,7 +198,9 @@ class Evaluator:
             neg_emb, neg_stream = self._batched(lambda a: self._txt_feat(params, a["text"]), {"text": flat})
         else:
             neg_emb = self._encode_text(params, flat)
-        scorings = {"": (np.sum(img * txt, axis=-1), np.einsum("nd,nkd->nk", img, neg_emb.reshape(n, k, -1)))}
+        scorings = {
+            "": (retrieval.pair_similarity(img, txt), retrieval.pair_similarity(img, neg_emb.reshape(n, k, -1)))
+        }
         if self.has_itm:
             # The same probe through the fusion encoder: each image against its own
             # caption and its swapped ones, scored by the ITM head.

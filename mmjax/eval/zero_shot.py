@@ -197,6 +197,7 @@ def classify_files(
     import jax
 
     from mmjax.eval import embed as embed_lib
+    from mmjax.eval import retrieval
     from mmjax.parallel import mesh as mesh_lib
 
     names = clean_class_names(class_names)
@@ -222,7 +223,7 @@ def classify_files(
     enc_txt = jax.jit(lambda x: family.encode_text(params, x), out_shardings=rep)
     img = np.asarray(embed_lib._batched(enc_img, setup.mesh, pixels, bs), np.float32)
     class_txt = class_embeddings(lambda t: embed_lib._batched(enc_txt, setup.mesh, t, bs), ids)
-    sims = img @ class_txt.T
+    sims = retrieval.similarity(img, class_txt)
     best = np.argmax(sims, axis=1)
     return [
         {"image": path, "class": names[b], "score": float(s[b]), "scores": [float(v) for v in s]}

@@ -15,6 +15,8 @@ the cache (empty self-attention keys / values, and the memory's cross-attention
 keys / values, computed once), then feed one token per call with `positions=[i]`.
 `greedy_decode(..., use_cache=True|False)` runs either way under jit; both give the
 same tokens (tested), the cached one in O(L) instead of O(L^2) token passes.
+`sample_decode` samples from the top-p nucleus instead (per-row keys), `beam_search`
+keeps the best beams; all three share the cache and prefill.
 """
 
 from functools import partial
@@ -139,6 +141,49 @@ def _prefill(dec, params, tokens_BxL, memory_BxSxDm, memory_valid_BxS):
     return mut["cache"]
 
 
+def _decode(model, params, memory_BxSxDm, memory_valid_BxS, max_len: int, bos_id: int, eos_id: int, use_cache, choose):
+    """The token loop of greedy_decode / sample_decode: [B, max_len] int32, bos first, then
+    `choose(logits [B, V] float32 with PAD at -inf, step i) -> next tokens [B]`; after eos, PAD."""
+    b = memory_BxSxDm.shape[0]
+    pad = model.pad_id  # the tokenizer's (a static attribute of the module)
+    tokens = jnp.full((b, max_len), pad, jnp.int32).at[:, 0].set(bos_id)
+    done = jnp.zeros((b,), bool)
+
+    def pick(logits_BxV, done, i):
+        logits_BxV = logits_BxV.astype(jnp.float32).at[:, pad].set(-jnp.inf)  # a caption never emits padding
+        nxt = jnp.where(done, pad, choose(logits_BxV, i).astype(jnp.int32))
+        return nxt, done | (nxt == eos_id)
+
+    if use_cache:
+        dec = model.clone(decode=True)
+        cache = _prefill(dec, params, tokens, memory_BxSxDm, memory_valid_BxS)
+
+        def step(carry, i):
+            cache, tokens, done = carry
+            logits, mut = dec.apply(
+                {"params": params, "cache": cache},
+                jax.lax.dynamic_slice_in_dim(tokens, i, 1, 1),
+                memory_BxSxDm,
+                memory_valid_BxS,
+                i[None],
+                mutable=["cache"],
+            )
+            nxt, done = pick(logits[:, 0], done, i)
+            return (mut["cache"], tokens.at[:, i + 1].set(nxt), done), None
+
+        (_, tokens, _), _ = jax.lax.scan(step, (cache, tokens, done), jnp.arange(max_len - 1))
+        return tokens
+
+    def step(carry, i):
+        tokens, done = carry
+        logits = model.apply({"params": params}, tokens, memory_BxSxDm, memory_valid_BxS)
+        nxt, done = pick(jax.lax.dynamic_index_in_dim(logits, i, 1, keepdims=False), done, i)
+        return (tokens.at[:, i + 1].set(nxt), done), None
+
+    (tokens, _), _ = jax.lax.scan(step, (tokens, done), jnp.arange(max_len - 1))
+    return tokens
+
+
 @partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "use_cache"))
 def greedy_decode(
     model: TextDecoder,
@@ -156,45 +201,61 @@ def greedy_decode(
     `model` is the training-mode TextDecoder (decode=False); with use_cache the
     decode=True clone of it keeps keys and values, otherwise every step re-runs the
     whole prefix through the causal decoder."""
-    b = memory_BxSxDm.shape[0]
-    pad = model.pad_id  # the tokenizer's (a static attribute of the module)
-    tokens = jnp.full((b, max_len), pad, jnp.int32).at[:, 0].set(bos_id)
-    done = jnp.zeros((b,), bool)
+    argmax = lambda logits_BxV, i: jnp.argmax(logits_BxV, axis=-1)
+    return _decode(model, params, memory_BxSxDm, memory_valid_BxS, max_len, bos_id, eos_id, use_cache, argmax)
 
-    def pick(logits_BxV, done):
-        logits_BxV = logits_BxV.at[:, pad].set(-jnp.inf)  # a caption never emits padding
-        nxt = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, pad, nxt)
-        return nxt, done | (nxt == eos_id)
 
-    if use_cache:
-        dec = model.clone(decode=True)
-        cache = _prefill(dec, params, tokens, memory_BxSxDm, memory_valid_BxS)
+def top_p_filter(z_BxV, top_p):
+    """Logits outside the nucleus -> -inf: the smallest set of the most probable tokens whose
+    probability mass is >= top_p (the most probable always stays; top_p >= 1: all)."""
+    sorted_BxV = -jnp.sort(-z_BxV, axis=-1)
+    probs = jax.nn.softmax(sorted_BxV, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (before < top_p) | (jnp.arange(z_BxV.shape[-1]) == 0)[None, :] | (top_p >= 1.0)
+    thresh_Bx1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(z_BxV >= thresh_Bx1, z_BxV, -jnp.inf)
 
-        def step(carry, i):
-            cache, tokens, done = carry
-            logits, mut = dec.apply(
-                {"params": params, "cache": cache},
-                jax.lax.dynamic_slice_in_dim(tokens, i, 1, 1),
-                memory_BxSxDm,
-                memory_valid_BxS,
-                i[None],
-                mutable=["cache"],
-            )
-            nxt, done = pick(logits[:, 0], done)
-            return (mut["cache"], tokens.at[:, i + 1].set(nxt), done), None
 
-        (_, tokens, _), _ = jax.lax.scan(step, (cache, tokens, done), jnp.arange(max_len - 1))
-        return tokens
+def row_keys(rng, b: int):
+    """One PRNG key per row: `rng` is a single key (split into `b`) or already `b` row keys
+    (raw uint32 [b, 2] or typed [b])."""
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    if rng.ndim == (0 if typed else 1):
+        return jax.random.split(rng, b)
+    if rng.shape[0] != b:
+        raise ValueError(f"rng holds {rng.shape[0]} row keys for a batch of {b}")
+    return rng
 
-    def step(carry, i):
-        tokens, done = carry
-        logits = model.apply({"params": params}, tokens, memory_BxSxDm, memory_valid_BxS)
-        nxt, done = pick(jax.lax.dynamic_index_in_dim(logits, i, 1, keepdims=False), done)
-        return (tokens.at[:, i + 1].set(nxt), done), None
 
-    (tokens, _), _ = jax.lax.scan(step, (tokens, done), jnp.arange(max_len - 1))
-    return tokens
+@partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "use_cache"))
+def sample_decode(
+    model: TextDecoder,
+    params,
+    memory_BxSxDm,
+    rng,
+    memory_valid_BxS=None,
+    *,
+    max_len: int,
+    bos_id: int,
+    eos_id: int,
+    top_p=0.9,
+    temperature=1.0,
+    use_cache: bool = True,
+):
+    """Nucleus-sampled captions (BLIP's CapFilt captioner): [B, max_len] int32 starting
+    with bos; after eos, PAD. Step i draws row b's next token from softmax(logits /
+    temperature) restricted to the top_p nucleus (`top_p_filter`; PAD never), with the key
+    fold_in(row key b, i). `rng`: one key, split into B row keys, or B row keys (`row_keys`):
+    a row's caption then depends on its own key alone, not on the batch it is in. top_p
+    -> 0 is greedy decoding. Cache and prefill as greedy_decode."""
+    keys_B = row_keys(rng, memory_BxSxDm.shape[0])
+
+    def choose(logits_BxV, i):
+        z_BxV = top_p_filter(logits_BxV / temperature, top_p)
+        draw = lambda key, z_V: jax.random.categorical(jax.random.fold_in(key, i), z_V)
+        return jax.vmap(draw)(keys_B, z_BxV)
+
+    return _decode(model, params, memory_BxSxDm, memory_valid_BxS, max_len, bos_id, eos_id, use_cache, choose)
 
 
 def _length_normalized(score, length, alpha: float):

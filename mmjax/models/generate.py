@@ -20,7 +20,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.decoder import _length_normalized
+from mmjax.models.decoder import _length_normalized, top_p_filter
 from mmjax.models.llm import DecoderLM, lm_mask
 
 METHODS = ("greedy", "sample", "beam")
@@ -164,17 +164,6 @@ def _is_eos(tok, eos: tuple):
     for e in eos:
         out = out | (tok == e)
     return out
-
-
-def top_p_filter(z_BxV, top_p):
-    """Logits outside the nucleus -> -inf: the smallest set of the most probable tokens whose
-    probability mass is >= top_p (the most probable always stays; top_p >= 1: all)."""
-    sorted_BxV = -jnp.sort(-z_BxV, axis=-1)
-    probs = jax.nn.softmax(sorted_BxV, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (before < top_p) | (jnp.arange(z_BxV.shape[-1]) == 0)[None, :] | (top_p >= 1.0)
-    thresh_Bx1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(z_BxV >= thresh_Bx1, z_BxV, -jnp.inf)
 
 
 def _without_pad(logits, pad: int, eos: tuple):

@@ -1,6 +1,6 @@
 """Pure loss functions over embeddings of the global batch."""
 
-from mmjax.objectives.contrastive import identity, itc_loss, sigmoid_loss
+from mmjax.objectives.contrastive import identity, itc_loss, itc_max_loss, sigmoid_loss
 from mmjax.objectives.distill import alpha_at, ema_update, itc_distill_loss, momentum_at
 from mmjax.objectives.itm import itm_loss, same_rows, sample_hard_negatives
 from mmjax.objectives.lm import lm_loss
@@ -11,6 +11,7 @@ from mmjax.objectives.queues import enqueue, init_queues, queue_valid
 __all__ = [
     "identity",
     "itc_loss",
+    "itc_max_loss",
     "sigmoid_loss",
     "alpha_at",
     "ema_update",

@@ -156,3 +156,37 @@ def sigmoid_loss(
     acc_t2i = jnp.mean(jnp.max(logits_t2i_bxB, axis=-1) <= pos_b + 1e-6 * t)
     metrics = dict(loss=loss, logit_scale=t, logit_bias=bias, i2t_acc=acc_i2t, t2i_acc=acc_t2i)
     return loss, metrics
+
+
+def itc_max_loss(img_bxQxD, txt_bxD, temp, *, label_smoothing: float = 0.0, gather=identity):
+    """BLIP-2's ITC: an image is Q query embeddings, a text one; their similarity is
+    the highest of the Q dot products, s(i, t) = max_q <img[i, q], txt[t]>.
+
+    Args:
+      img_bxQxD: [b, Q, D] L2-normalised query embeddings (local rows).
+      txt_bxD: [b, D] L2-normalised text embeddings ([CLS]); row i pairs with image i.
+      temp: scalar temperature (logits = s / temp).
+      label_smoothing: s of the cross entropy (BLIP-2: 0.1): the target is
+        (1 - s) one-hot + s / B over the B global candidates.
+      gather: local -> global rows (module docstring).
+    Returns (loss, metrics): loss = mean over local rows of (CE_i2t + CE_t2i) / 2
+    against the B gathered candidates; metrics loss, temp, i2t_acc, t2i_acc.
+    """
+    chex.assert_rank([img_bxQxD, txt_bxD], [3, 2])
+    img, txt = img_bxQxD.astype(jnp.float32), txt_bxD.astype(jnp.float32)
+    img_all_BxQxD, txt_all_BxD = gather(img), gather(txt)
+    inv = 1.0 / temp
+    pos_b = inv * jnp.max(jnp.einsum("bqd,bd->bq", img, txt), axis=-1)
+    logits_i2t_bxB = inv * jnp.max(jnp.einsum("bqd,Bd->bBq", img, txt_all_BxD), axis=-1)
+    logits_t2i_bxB = inv * jnp.max(jnp.einsum("bd,Bqd->bBq", txt, img_all_BxQxD), axis=-1)
+    s = jnp.asarray(label_smoothing, jnp.float32)
+
+    def ce(logits_bxB):
+        lse_b = jax.nn.logsumexp(logits_bxB, axis=-1)
+        return (1.0 - s) * (lse_b - pos_b) + s * (lse_b - jnp.mean(logits_bxB, axis=-1))
+
+    loss = 0.5 * (jnp.mean(ce(logits_i2t_bxB)) + jnp.mean(ce(logits_t2i_bxB)))
+    tol = 1e-6 * inv
+    acc_i2t = jnp.mean(jnp.max(logits_i2t_bxB, axis=-1) <= pos_b + tol)
+    acc_t2i = jnp.mean(jnp.max(logits_t2i_bxB, axis=-1) <= pos_b + tol)
+    return loss, dict(loss=loss, temp=jnp.asarray(temp, jnp.float32), i2t_acc=acc_i2t, t2i_acc=acc_t2i)

@@ -39,6 +39,9 @@ class Setup:
             self._prepare_finetune()
         elif self.init_parts:
             self._prepare_parts()
+        tokenizer_from = config.get("finetune", {}).get("tokenizer_from", None)
+        if tokenizer_from and not self.init_from:  # finetune.init_from brings its own tokenizer
+            self._take_tokenizer(os.path.abspath(os.path.expanduser(str(tokenizer_from))))
         get_tokenizer = lambda: tok_lib.get_tokenizer(data.tokenizer, workdir, lambda: _tokenizer_texts(data))
         if jax.process_count() == 1:
             self.tokenizer = get_tokenizer()
@@ -150,17 +153,22 @@ class Setup:
         return self.to_run_layout(state)
 
     def _prepare_parts(self):
-        """finetune.init_parts: the text comes from the part that holds the LM (`lm`):
-        its tokenizer (a trained workdir's tokenizer.model copied here, or the
-        data.tokenizer path and case of an imported one) unless this config names one.
-        Each part's architecture keys are checked against its source's first."""
+        """finetune.init_parts: the text comes from the part that holds the LM (`lm`),
+        or from finetune.tokenizer_from (`_take_tokenizer`). Each part's architecture keys
+        are checked against its source's first."""
         from mmjax.train import finetune
 
         finetune.check_part_configs(self.config.model, self.init_parts, workdir_lib.load_config_json)
         src = self.init_parts.get("lm")
-        if src is None or self.config.data.tokenizer.get("path"):
+        if src is not None and not self.config.finetune.get("tokenizer_from", None):
+            self._take_tokenizer(src[0])
+
+    def _take_tokenizer(self, src_workdir: str):
+        """The run's tokenizer is that of `src_workdir` (a trained workdir's tokenizer.model
+        copied here, or the data.tokenizer path and case of an imported one) unless this
+        config names one."""
+        if self.config.data.tokenizer.get("path"):
             return
-        src_workdir = src[0]
         src_tok = workdir_lib.load_config_json(src_workdir).data.get("tokenizer", {})
         with self.config.unlocked(), self.config.ignore_type():
             if src_tok.get("path"):
@@ -257,7 +265,8 @@ class Setup:
             from mmjax.eval.answers import AnswerEvaluator
 
             held_out = bool(ev.get("held_out_phrasings", False))
-            return AnswerEvaluator(fam, data, self.tokenizer, self.mesh, held_out=held_out, **common)
+            captions = bool(ev.get("captions", False))
+            return AnswerEvaluator(fam, data, self.tokenizer, self.mesh, held_out=held_out, captions=captions, **common)
         if fam.can("classify"):
             return ClassificationEvaluator(fam, data, self.mesh, tokenizer=self.tokenizer, **common)
         return Evaluator(

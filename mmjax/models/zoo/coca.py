@@ -253,8 +253,23 @@ class CocaFamily(Family):
         return self._apply(params, self.model.text_features, text)[0]
 
     # Captioning -----------------------------------------------------------------------
-    def caption(self, params, image, *, max_len=None, beams: int = 1, length_penalty: float = 0.6):
-        """Token ids [B, max_len] (bos first, PAD after eos): greedy, or beam search."""
+    def caption(
+        self,
+        params,
+        image,
+        *,
+        max_len=None,
+        beams: int = 1,
+        length_penalty: float = 0.6,
+        top_p=None,
+        temperature=1.0,
+        rng=None,
+    ):
+        """Token ids [B, max_len] (bos first, PAD after eos): greedy, beam search, or with
+        `rng` (one key, or B row keys) nucleus sampling (top_p, default 0.9; temperature)."""
+        sample = rng is not None or top_p is not None
+        if sample and (rng is None or beams > 1):
+            raise ValueError("caption: sampling (top_p) needs rng and beams=1")
         max_len = int(max_len or self.text_len)
         _, memory = self._apply(params, self.model.image_features, image)
         kw = dict(max_len=max_len, **self.bos_eos)
@@ -262,4 +277,11 @@ class CocaFamily(Family):
             return beam_search(
                 self.decoder, params["decoder"], memory, beams=beams, length_penalty=length_penalty, **kw
             )[0]
+        if sample:
+            from mmjax.models.decoder import sample_decode
+
+            top_p = 0.9 if top_p is None else top_p
+            return sample_decode(
+                self.decoder, params["decoder"], memory, rng, top_p=top_p, temperature=temperature, **kw
+            )
         return greedy_decode(self.decoder, params["decoder"], memory, **kw)

@@ -72,19 +72,28 @@ class FeatureFamily(Family):
 
         -> (neg_txt [b], neg_img [b]: rows of the gathered batch; labels [3b] int32;
         weights [3b] float32, 0 where a row had no negative to draw)."""
-        from mmjax.objectives import same_rows, sample_hard_negatives
-
-        rng_i2t, rng_t2i = rngs
-        ids_all = gather(ids)
-        same = None if text is None else same_rows(text, gather(text))
         sim_i2t = jax.lax.stop_gradient(img_emb @ gather(txt_emb).T / temp)  # [b, B]
         sim_t2i = jax.lax.stop_gradient(txt_emb @ gather(img_emb).T / temp)
-        neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t, ids, ids_all, gather=gather, exclude_bxB=same)
-        neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i, ids, ids_all, gather=gather, exclude_bxB=same)
-        b = ids.shape[0]
-        labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
-        weights = jnp.concatenate([jnp.ones((b,), jnp.float32), has_t.astype(jnp.float32), has_i.astype(jnp.float32)])
-        return neg_txt, neg_img, labels, weights
+        return hard_negative_pairs(rngs, sim_i2t, sim_t2i, ids, gather, text=text)
+
+
+def hard_negative_pairs(rngs, sim_i2t_bxB, sim_t2i_bxB, ids, gather, text=None):
+    """`FeatureFamily.itm_pairs` from similarities the family computed ([b, B] logits of
+    each local image against every global text, and of each local text against every
+    global image; BLIP-2: the max over query embeddings) -> (neg_txt, neg_img, labels,
+    weights) as itm_pairs returns them."""
+    from mmjax.objectives import same_rows, sample_hard_negatives
+
+    rng_i2t, rng_t2i = rngs
+    ids_all = gather(ids)
+    same = None if text is None else same_rows(text, gather(text))
+    sim_i2t_bxB, sim_t2i_bxB = jax.lax.stop_gradient(sim_i2t_bxB), jax.lax.stop_gradient(sim_t2i_bxB)
+    neg_txt, has_t = sample_hard_negatives(rng_i2t, sim_i2t_bxB, ids, ids_all, gather=gather, exclude_bxB=same)
+    neg_img, has_i = sample_hard_negatives(rng_t2i, sim_t2i_bxB, ids, ids_all, gather=gather, exclude_bxB=same)
+    b = ids.shape[0]
+    labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+    weights = jnp.concatenate([jnp.ones((b,), jnp.float32), has_t.astype(jnp.float32), has_i.astype(jnp.float32)])
+    return neg_txt, neg_img, labels, weights
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

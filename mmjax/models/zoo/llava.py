@@ -115,7 +115,7 @@ class Llava(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         vit_kw = dict(pool=self.pool, posemb=self.posemb, patch_bias=False, pre_norm=True)
-        self.vision = image_tower(self.image, _Unscanned(self), act=self.act, ln_eps=self.ln_eps, **vit_kw)
+        self.vision = image_tower(self.image, UnscannedOwner(self), act=self.act, ln_eps=self.ln_eps, **vit_kw)
         self.proj = Projector(self.projector, self.spec.width, name="projector", **kw)
         lora = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
         self.lm = DecoderLM(self.spec, remat=self.remat, scan=self.scan, attention=self.attention, **lora, **kw)
@@ -141,7 +141,7 @@ class Llava(nn.Module):
         return self.lm.logits(self.lm(x, positions, mask, slots_BxL))
 
 
-class _Unscanned:
+class UnscannedOwner:
     """The owner attributes `vit.image_tower` reads, with the vision tower unscanned
     (its per-block outputs are needed for the feature layer)."""
 
@@ -192,12 +192,17 @@ class LlavaFamily(Family):
         self.image_variant = im = parse_variant(c.image, c.image_overrides, kind="image")
         if not -im["depth"] <= c.feature_layer < im["depth"]:
             raise ValueError(f"model.feature_layer={c.feature_layer} outside the vision tower's {im['depth']} blocks")
-        self.image_tokens = (c.image_size // im["patch"]) ** 2
         self.pad_id = c.tokens.need("pad", "the LM's padding")
         self.eos_id = c.tokens.eos
         kw = dict(c.module_kw(), lora_rank=int(c.lora_rank), lora_alpha=float(c.lora_alpha))
-        self.model = Llava(
-            im,
+        self.model = self.build_model(c, im, kw)
+        self.image_tokens = self.count_image_tokens(c, im)
+        self.lm = DecoderLM(self.spec, **kw)  # the LM alone, as inside the model: generation
+
+    def build_model(self, c, image_variant, kw) -> nn.Module:
+        """The linen module (kw: the compute and LoRA keywords)."""
+        return Llava(
+            image_variant,
             self.spec,
             projector=c.projector,
             feature_layer=c.feature_layer,
@@ -208,7 +213,10 @@ class LlavaFamily(Family):
             ln_eps=c.ln_eps,
             **kw,
         )
-        self.lm = DecoderLM(self.spec, **kw)  # the LM alone, as inside the model: generation
+
+    def count_image_tokens(self, c, image_variant) -> int:
+        """The image's slots in a conversation: T = (S / P)^2 patch tokens ([CLS] dropped)."""
+        return (c.image_size // image_variant["patch"]) ** 2
 
     def dummy_batch(self, b: int = 1, length: int | None = None) -> dict:
         length = int(length or self.text_len)
@@ -273,7 +281,7 @@ class LlavaFamily(Family):
             prompt["image_slots"],
             prompt["valid"],
             prefix,
-            method=Llava.inputs,
+            method="inputs",
         )
         return generate_lib.generate(
             self.lm,
