@@ -80,10 +80,11 @@ def _loss_and_grads(cfg_name, extra, seed=0):
     return jax.jit(jax.value_and_grad(f))(params)
 
 
-@pytest.mark.parametrize("name", ["demo", "albef", "vlmo", "beit3", "blip", "video_clip:divided"])
+@pytest.mark.parametrize("name", ["demo", "albef", "beit3", "blip", "video_clip:divided"])
 def test_switches_give_the_same_loss_and_gradients(name):
     """Padding attention lengths to 16 and each remat policy change nothing but speed
-    and memory: same loss, same gradients as the plain model (float32)."""
+    and memory: same loss, same gradients as the plain model (float32). One multiway
+    family (BEiT-3) stands for both: VLMo runs the same blocks."""
     loss0, g0 = _loss_and_grads(name, [])
     for extra in (["model.attention=xla/16", "model.remat=full"], ["model.remat=dots"]):
         loss, g = _loss_and_grads(name, extra)
