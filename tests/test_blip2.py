@@ -270,3 +270,38 @@ def test_minigpt4_trains_only_the_projection(runs, parts):
     _assert_same({k[len("['lm']") :]: v for k, v in lm.items()}, _flat(_params(parts["lm"])))
     _assert_changed(trained, {k: v for k, v in _flat(_params(runs["mgpt"], 1)).items() if k in trained})
     assert workdir_lib.open_workdir(runs["mgpt"]).config.data.chat.template == "minigpt4"
+
+
+def test_the_qformer_loads_from_a_blip_text_tower():
+    """finetune.transplant of a BLIP workdir's `text_tower` into `qformer/` fills the word
+    and position embeddings and every block's self-attention, FFN and (in the Q-Former's
+    cross blocks) cross-attention by name; query_ffn_init='text' then starts each block's
+    query FFN as its text FFN (BLIP-2's init from BERT)."""
+    from mmjax.train import finetune
+
+    blip = zoo.build(
+        dict(
+            family="blip",
+            image="mu/8",
+            image_overrides=dict(width=32, depth=2, heads=2, mlp_dim=64),
+            text_overrides=dict(width=32, depth=2, heads=2, mlp_dim=64),
+            embed_dim=16,
+            vocab_size=40,
+            image_size=16,
+            text_len=8,
+        )
+    )
+    tower = blip.init_params(jax.random.PRNGKey(3))["text_tower"]
+    text, fam = _flat(tower), _family(query_ffn_init="text")
+    params, report = finetune.transplant(fam.init_params(jax.random.PRNGKey(0)), tower, "qformer/")
+    params = _flat(fam.finish_init(params)["qformer"])
+    for k, v in params.items():
+        src = k.replace("mlp_query", "mlp").replace("ln2_query", "ln2")
+        if src in text:
+            np.testing.assert_array_equal(v, text[src], err_msg=k)
+    assert "['block00']['cross_attn']['query']['kernel']" in params and "['block01']['cross_attn']" not in str(
+        list(params)
+    )
+    assert {"['ln_out']['scale']", "['query_tokens']"} <= set(params) and report["kept_init"]
+    loaded = [k for k in params if k.replace("mlp_query", "mlp").replace("ln2_query", "ln2") in text]
+    assert len(loaded) == len(params) - 3  # all but query_tokens and ln_out's scale and bias

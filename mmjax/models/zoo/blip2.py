@@ -188,11 +188,14 @@ def vision_kw(c, image_variant) -> dict:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Blip2Config(QFormerKeys):
-    """BLIP-2 stage 1: QFormerKeys + temp_range (the release's clamp (0.001, 0.5)),
+    """BLIP-2 stage 1: QFormerKeys + query_ffn_init ('text': when the Q-Former is loaded
+    from a text tower, each block's query FFN starts as its text FFN, as BLIP-2 starts
+    from BERT; 'fresh': its own init), temp_range (the release's clamp (0.001, 0.5)),
     label_smoothing (ITC and ITG: 0.1), itc/itm/itg weights (1 each), tasks (a subset
     of itc, itm, itg; () = all)."""
 
     text_len: int = key(32, derived=True)
+    query_ffn_init: str = key("fresh", choices=("fresh", "text"))
     temp_range: tuple = key((0.001, 0.5))
     label_smoothing: float = key(0.1)
     itc_weight: float = key(1.0)
@@ -258,6 +261,19 @@ class Blip2Family(FeatureFamily):
 
     def param_bounds(self) -> dict:
         return {"temp": self.temp_range}
+
+    def finish_init(self, params):
+        """Params just loaded by finetune.init_parts: with model.query_ffn_init='text', each
+        Q-Former block's `ln2_query` / `mlp_query` become copies of its `ln2` / `mlp` (a
+        text tower's FFN loaded there: `{"qformer": "W:text_tower"}` from a BLIP workdir,
+        whose blocks carry the Q-Former's names)."""
+        if self.c.query_ffn_init != "text":
+            return params
+        qf = dict(params["qformer"])
+        for name, block in qf.items():
+            if name.startswith("block") and "mlp" in block:
+                qf[name] = {**block, "mlp_query": block["mlp"], "ln2_query": block["ln2"]}
+        return {**params, "qformer": qf}
 
     def temp(self, params):
         return jnp.clip(params["temp"], *self.temp_range)
