@@ -269,7 +269,16 @@ def test_minigpt4_trains_only_the_projection(runs, parts):
     _assert_same(rest, s1)
     _assert_same({k[len("['lm']") :]: v for k, v in lm.items()}, _flat(_params(parts["lm"])))
     _assert_changed(trained, {k: v for k, v in _flat(_params(runs["mgpt"], 1)).items() if k in trained})
-    assert workdir_lib.open_workdir(runs["mgpt"]).config.data.chat.template == "minigpt4"
+    w = workdir_lib.open_workdir(runs["mgpt"])
+    assert w.config.data.chat.template == "minigpt4"
+    # The answer eval cuts a generated answer at the template's text end piece ('###').
+    from types import SimpleNamespace
+
+    from mmjax.eval.answers import AnswerEvaluator
+
+    ev = SimpleNamespace(family=w.family, tokenizer=w.tokenizer, opts={"template": "minigpt4"})
+    ids = np.asarray(w.tokenizer.encode_plain("red###Human: is it"))
+    assert AnswerEvaluator._text(ev, ids).strip() == "red"
 
 
 def test_the_qformer_loads_from_a_blip_text_tower():

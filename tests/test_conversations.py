@@ -350,3 +350,17 @@ def test_shapes_conversations_ground_truth_and_determinism(sp_tok):
     assert len(phr) > 1  # phrasings vary with the index
     with pytest.raises(ValueError, match="scene"):
         C.shapes_conversations({"id": 0, "question": "is there a red circle", "label": 12}, 0, multi_turn=True)
+
+
+def test_a_template_the_tokenizer_cannot_write_is_refused(tmp_path, sp_tok):
+    """A tokenizer trained without '#' writes MiniGPT-4's '###' as its unk id: the encoder
+    refuses the template at once, naming the text (it would train on unk pieces and never
+    generate the end piece); a tokenizer whose corpus had every template passes them all."""
+    caps = [shapes_gen.example(0, "train", i, 16)["caption"] for i in range(150)]
+    tok = Tokenizer(train_tokenizer(caps + QUESTIONS + ["USER: ASSISTANT: ?"], str(tmp_path), 120))
+    assert tok.unk_id in tok.encode_plain("###")
+    with pytest.raises(T.TemplateMismatch, match="'minigpt4'.*'###Human:'.*unk"):
+        C.ConversationEncoder(tok, "minigpt4", image_tokens=5, max_len=64)
+    C.ConversationEncoder(tok, "plain", image_tokens=5, max_len=64)  # nothing but the user text: fine
+    for name in T.TEMPLATES:
+        T.check_vocabulary(sp_tok, name)

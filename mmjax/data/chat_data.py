@@ -161,9 +161,9 @@ def train_buckets(buckets, text_len: int, process_count: int = 1) -> tuple[int, 
 
 def tokenizer_corpus(data_config, n: int = 2000) -> list[str]:
     """Texts to train a tokenizer for chat data on: the rendered question-answer and
-    caption conversations of the first `n` train scenes (all templates' text pieces
-    included), so that prompts and answers are not unknown pieces."""
-    opts = chat_options(data_config) or dict(CHAT_KEYS, template="plain")
+    caption conversations of the first `n` train scenes and the text of every built-in
+    chat template, so that prompts, answers and any template's pieces are not unknown
+    pieces (an LM trained with vicuna turns can later be tuned with MiniGPT-4's '###')."""
     kw = _scene_kw(data_config, "train")
     texts = []
     for i in range(int(n)):
@@ -171,8 +171,8 @@ def tokenizer_corpus(data_config, n: int = 2000) -> list[str]:
         for conv in (got["qa"], got["caption"]):
             if conv is not None:
                 texts.extend(t for turn in conv.turns for t in turn if t)
-    template = TEMPLATES[opts["template"]]
-    texts.extend(str(v) for v in vars(template).values() if isinstance(v, str) and v)
+    for template in TEMPLATES.values():  # every built-in template's text, so any of them can be written
+        texts.extend(str(v) for v in vars(template).values() if isinstance(v, str) and v)
     texts.append("? ! . , : ; ' \" ( ) - what is the colour? is it big?")  # punctuation a user may type
     return texts
 

@@ -321,6 +321,28 @@ def loss_runs(tokens, loss_mask) -> list[list[int]]:
     return runs + ([cur] if cur else [])
 
 
+def check_vocabulary(tokenizer, template) -> None:
+    """TemplateMismatch when the template's own text (its formats around the user text,
+    separator, text end piece, system prompt) holds characters this tokenizer can only
+    write as its unk id: such a template would train on unk pieces, and a text end piece
+    could never be generated (MiniGPT-4's '###' with a tokenizer trained without '#')."""
+    t = get_template(template)
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None:
+        return
+    texts = [t.first_user.replace("{system}", " ").replace("{text}", " "), t.user.replace("{text}", " "), t.system]
+    texts += [t.sep, t.after_end] + ([] if t.end == "eos" else [t.end])
+    for text in texts:
+        for m in t.markers:
+            text = text.replace(m, " ")
+        for word in text.split():
+            if unk in tokenizer.encode_plain(word):
+                raise TemplateMismatch(
+                    f"template {t.name!r}: its text {word!r} is not in this tokenizer's vocabulary (it encodes to "
+                    "the unk id); use a template the tokenizer can write, or a tokenizer trained with that text"
+                )
+
+
 def check_tokens(sample: dict, rounds, tokenizer, template, *, image_tokens: int, system=None, name="") -> None:
     """TemplateMismatch unless (1) the tokens under loss_mask, split per assistant turn,
     are each round's `answer_ids` (separator + answer tokens + end piece), (2) the tokens

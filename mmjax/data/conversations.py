@@ -250,6 +250,8 @@ class ConversationEncoder:
         if on_mismatch not in ("raise", "skip"):
             raise ValueError(f"on_mismatch={on_mismatch!r}; valid choices: raise, skip")
         self.tokenizer, self.template, self.on_mismatch = tokenizer, get_template(template), on_mismatch
+        if check:
+            ct.check_vocabulary(tokenizer, self.template)  # before any record: a template it cannot write
         self.kw = dict(image_tokens=image_tokens, max_len=max_len, buckets=buckets, check=check)
         self.counts = dict.fromkeys(("encoded", "too_long", "malformed", "mismatch", "truncated", "dropped_turns"), 0)
 

@@ -2,7 +2,8 @@
 capability) on a labelled VQA split: each record's question, phrased as in training
 (or with the held-out phrasings: `held_out=True`), rendered with the run's chat
 template into a prompt (image + question), answered greedily; an answer counts when
-the generated text, stripped and lower-cased, equals the label's name. Reported:
+the generated text (cut at the template's end piece), stripped and lower-cased, equals
+the label's name. Reported:
 `answer_acc`, `answer_acc_<type>` per answer type, `answer_format_ok` (the share of
 answers that are one of the label names at all). A text-only LM (no image) answers
 from the question alone: the blind baseline.
@@ -124,7 +125,11 @@ class AnswerEvaluator:
             if t in stop:
                 break
             kept.append(t)
-        return self.tokenizer.decode_plain(kept)
+        from mmjax.data.chat_templates import stop_strings
+        from mmjax.eval.generation import truncate_at_stop
+
+        # A template whose end piece is text (MiniGPT-4's '###') ends the answer there.
+        return truncate_at_stop(self.tokenizer.decode_plain(kept), stop_strings(self.opts["template"]))[0]
 
 
 def answer_metrics(answers, labels, names, types=None) -> dict:
