@@ -322,15 +322,16 @@ def loss_runs(tokens, loss_mask) -> list[list[int]]:
 
 
 def check_vocabulary(tokenizer, template) -> None:
-    """TemplateMismatch when the template's own text (its formats around the user text,
-    separator, text end piece, system prompt) holds characters this tokenizer can only
+    """TemplateMismatch when the template's own text (its formats around the user and
+    system text, separator, text end piece) holds characters this tokenizer can only
     write as its unk id: such a template would train on unk pieces, and a text end piece
-    could never be generated (MiniGPT-4's '###' with a tokenizer trained without '#')."""
+    could never be generated (MiniGPT-4's '###' with a tokenizer trained without '#').
+    The system prompt is the run's text, like the user's, and is not checked."""
     t = get_template(template)
     unk = getattr(tokenizer, "unk_id", None)
     if unk is None:
         return
-    texts = [t.first_user.replace("{system}", " ").replace("{text}", " "), t.user.replace("{text}", " "), t.system]
+    texts = [t.first_user.replace("{system}", " ").replace("{text}", " "), t.user.replace("{text}", " ")]
     texts += [t.sep, t.after_end] + ([] if t.end == "eos" else [t.end])
     for text in texts:
         for m in t.markers:
