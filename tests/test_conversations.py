@@ -11,6 +11,7 @@ import pytest
 
 from mmjax.data import chat_templates as T
 from mmjax.data import conversations as C
+from mmjax.data import phrasings as P
 from mmjax.data import shapes_gen
 from mmjax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -21,7 +22,7 @@ QUESTIONS = ["what colour is the circle", "is there a blue square", "how big is 
 def _corpus():
     caps = [shapes_gen.example(0, "train", i, 16)["caption"] for i in range(150)]
     chat = [t.first_user + " " + t.user + " " + t.end + " " + t.system for t in T.TEMPLATES.values()]
-    phr = [p for d in (T.PHRASINGS, T.HELD_OUT) for v in d.values() for p in v]
+    phr = [p for d in (P.PHRASINGS, P.HELD_OUT) for v in d.values() for p in v]
     return caps + chat + phr + QUESTIONS + ["yes no red green blue yellow purple white small large"]
 
 
@@ -288,7 +289,7 @@ def _truth(question: str, objects, rel: str) -> str:
     """The answer to a canonical shapes_gen question, computed from the scene directly."""
     names = lambda o: {shapes_gen.COLOURS[o[0]], shapes_gen.SHAPES[o[1]], shapes_gen.SIZES[o[2]]}
     rels = [rel, shapes_gen.FLIP[rel]]  # objects[k]'s relation to the other one
-    qtype, slots = T.parse_question(question)
+    qtype, slots = P.parse_question(question)
     if qtype == "exists":
         return "yes" if any(set(slots["o"].split()) <= names(o) for o in objects) else "no"
     if qtype == "relation":
@@ -319,7 +320,7 @@ def test_shapes_conversations_ground_truth_and_determinism(sp_tok):
         for (user, answer), q in zip(qa.turns, qa.meta["canonical"]):
             assert answer == _truth(q, ex["objects"], ex["relation"])
             assert user.replace("<image>\n", "") in {
-                p.format(**T.parse_question(q)[1]) for p in T.PHRASINGS[qa.meta["types"][qa.meta["canonical"].index(q)]]
+                p.format(**P.parse_question(q)[1]) for p in P.PHRASINGS[qa.meta["types"][qa.meta["canonical"].index(q)]]
             }
         assert out["caption"].turns[0][1] == ex["caption"] and out["caption"].image is ex["image"]
         seen_types |= set(qa.meta["types"])
@@ -337,12 +338,12 @@ def test_shapes_conversations_ground_truth_and_determinism(sp_tok):
             builder_rec, i, multi_turn=False, held_out=True, seed=0, split="train", image_size=16
         )
         q0 = held["qa"].turns[0][0].replace("<image>\n", "")
-        assert q0 in {p.format(**T.parse_question(ex["question"])[1]) for p in T.HELD_OUT[ex["question_type"]]}
-        assert held["caption"].turns[0][0].replace("<image>\n", "") in T.HELD_OUT["caption"]
+        assert q0 in {p.format(**P.parse_question(ex["question"])[1]) for p in P.HELD_OUT[ex["question_type"]]}
+        assert held["caption"].turns[0][0].replace("<image>\n", "") in P.HELD_OUT["caption"]
         s = C.encode_conversation(qa, sp_tok, "vicuna", image_tokens=4, max_len=512)
         assert [sp_tok.decode_plain(r) for r in T.loss_runs(s["tokens"], s["loss_mask"])] == [a for _, a in qa.turns]
     assert seen_types == set(shapes_gen.QUESTION_TYPES)
-    assert not any(set(T.PHRASINGS[k]) & set(T.HELD_OUT[k]) for k in T.PHRASINGS)
+    assert not any(set(P.PHRASINGS[k]) & set(P.HELD_OUT[k]) for k in P.PHRASINGS)
     phr = {
         C.shapes_conversations(shapes_gen.vqa_example(0, "train", 0, 16), j, multi_turn=False)["qa"].turns[0][0]
         for j in range(30)

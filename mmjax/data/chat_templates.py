@@ -1,6 +1,7 @@
 """Chat templates of the LMs a LLaVA-style model is trained on, as data, their rendering
-into token segments and the checks of a tokenized sample against them; the phrasings of
-the shapes questions (no TensorFlow; used by `mmjax.data.conversations`).
+into token segments and the checks of a tokenized sample against them (no TensorFlow;
+used by `mmjax.data.conversations`; the shapes questions' phrasings are in
+`mmjax.data.phrasings`).
 
 A conversation renders round by round; a round is its user prompt (template text around
 the user's text, "<image>" marking the image) followed by the assistant's answer: the
@@ -30,8 +31,6 @@ import re
 import weakref
 
 import numpy as np
-
-from mmjax.data import shapes_gen
 
 IMAGE = "<image>"  # the image's place in a user text (LLaVA's DEFAULT_IMAGE_TOKEN)
 PROMPT, ANSWER, IMAGE_ROLE = 0, 1, 2  # token roles
@@ -376,47 +375,3 @@ def check_tokens(sample: dict, rounds, tokenizer, template, *, image_tokens: int
     slots, images = int(np.sum(sample["image_slots"])), sum(IMAGE in u for u, _ in rounds)
     if slots != image_tokens * images:
         raise TemplateMismatch(f"conversation {name!r}: {slots} image slots, expected {image_tokens} x {images}")
-
-
-# --------------------------------------------------------- shapes question phrasings
-# Phrasings of shapes_gen's canonical questions (lower case, no question mark, as its
-# captions); HELD_OUT ones are kept aside for measuring unseen phrasings.
-PHRASINGS = {
-    "colour": ("what colour is the {o}", "which colour is the {o}", "what is the colour of the {o}"),
-    "shape": ("what shape is the {o}", "which shape is the {o}", "what kind of shape is the {o}"),
-    "size": ("how big is the {o}", "what size is the {o}", "is the {o} small or large"),
-    "relation": ("is the {a} {r} the {b}", "is it true that the {a} is {r} the {b}", "is the {b} {f} the {a}"),
-    "exists": ("is there a {o}", "does the image contain a {o}", "can you see a {o}"),
-    "caption": ("describe the image", "what does the image show", "write a caption for the image"),
-}
-HELD_OUT = {
-    "colour": ("tell me the colour of the {o}",),
-    "shape": ("name the shape of the {o}",),
-    "size": ("tell me the size of the {o}",),
-    "relation": ("would you say the {a} is {r} the {b}",),
-    "exists": ("is any {o} in the image",),
-    "caption": ("summarize the picture",),
-}
-CANONICAL = {  # shapes_gen.question_of's forms: question type -> its fixed opening
-    "colour": "what colour is the ",
-    "shape": "what shape is the ",
-    "size": "how big is the ",
-    "exists": "is there a ",
-    "relation": "is the ",
-}
-
-
-def parse_question(question: str) -> tuple[str, dict] | None:
-    """A shapes_gen question -> (question type, its slots), None for other text. Slots:
-    'o' the object phrase; a relation question's 'a', 'r' (relation), 'b', 'f' (r flipped)."""
-    for qtype, head in CANONICAL.items():
-        rest = question[len(head) :] if question.startswith(head) else None
-        if rest is None or qtype != "relation":
-            if rest is not None:
-                return qtype, {"o": rest}
-            continue
-        for r in shapes_gen.RELATIONS:
-            if f" {r} the " in rest:
-                a, b = rest.split(f" {r} the ", 1)
-                return qtype, {"a": a, "r": r, "b": b, "f": shapes_gen.FLIP[r]}
-    return None

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mmjax.data import chat_templates as ct
-from mmjax.data import shapes_gen
+from mmjax.data import phrasings, shapes_gen
 from mmjax.data.chat_templates import IMAGE, get_template
 
 log = logging.getLogger(__name__)
@@ -282,14 +282,14 @@ def _text(v) -> str:
 
 def rephrase(question: str, rng: np.random.Generator, held_out: bool = False) -> str:
     """A canonical shapes question in one of its type's phrasings (HELD_OUT with held_out)."""
-    qtype, slots = ct.parse_question(question)
-    pool = (ct.HELD_OUT if held_out else ct.PHRASINGS)[qtype]
+    qtype, slots = phrasings.parse_question(question)
+    pool = (phrasings.HELD_OUT if held_out else phrasings.PHRASINGS)[qtype]
     return pool[int(rng.integers(len(pool)))].format(**slots)
 
 
 def rephrase_caption(rng: np.random.Generator, held_out: bool = False) -> str:
     """A caption prompt from PHRASINGS["caption"] (HELD_OUT with held_out)."""
-    pool = (ct.HELD_OUT if held_out else ct.PHRASINGS)["caption"]
+    pool = (phrasings.HELD_OUT if held_out else phrasings.PHRASINGS)["caption"]
     return pool[int(rng.integers(len(pool)))]
 
 
@@ -323,7 +323,7 @@ def _record_qa(record: dict):
     """(question, answer index) a shapes_vqa record holds ('question' and 'answer' or
     'label'; or, as the catalog selector leaves it, the question in 'caption'), else None."""
     q = _text(record["question"]) if "question" in record else _text(record.get("caption", ""))
-    if ct.parse_question(q) is None:
+    if phrasings.parse_question(q) is None:
         return None
     a = record.get("answer", record.get("label"))
     a = _text(a) if isinstance(a, (str, bytes)) else int(a)
@@ -342,7 +342,7 @@ def _rng(rng_or_index) -> np.random.Generator:
 def _qa_rounds(qa, scene, rng, multi_turn: bool, turns: int):
     """[(canonical question, answer index, type)]: the record's question (or one drawn
     from the scene), then (multi_turn) questions of other types about the same scene."""
-    out = [(qa[0], qa[1], ct.parse_question(qa[0])[0])] if qa else []
+    out = [(qa[0], qa[1], phrasings.parse_question(qa[0])[0])] if qa else []
     want = max(turns, 1) if multi_turn else 1
     for _ in range(50):
         if len(out) >= want:
