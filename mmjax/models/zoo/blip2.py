@@ -63,6 +63,27 @@ def vision_parts(owner: nn.Module):
     return tower, nn.LayerNorm(**norm_init(), dtype=jnp.float32, param_dtype=owner.param_dtype, name="ln_vision")
 
 
+def qformer_part(owner: nn.Module, vocab_size: int, max_len: int) -> QFormer:
+    """In a family module's `setup`: the Q-Former (params `qformer`) of `owner.qformer`'s
+    variant, owner.num_query / cross_every / remat / attention, in owner.qformer_dtype."""
+    q = owner.qformer
+    return QFormer(
+        vocab_size,
+        max_len,
+        q["width"],
+        q["depth"],
+        q["heads"],
+        q["mlp_dim"],
+        num_query=owner.num_query,
+        cross_every=owner.cross_every,
+        remat=owner.remat,
+        attention=owner.attention,
+        dtype=owner.qformer_dtype,
+        param_dtype=owner.param_dtype,
+        name="qformer",
+    )
+
+
 def read_vision(owner: nn.Module, image_BxHxWx3):
     """[B, S, S, 3] -> [B, N, Di]: the tower's tokens at `feature_layer` ([CLS] kept),
     through `ln_vision`, cast to the Q-Former's dtype."""
@@ -99,22 +120,7 @@ class Blip2(nn.Module):
 
     def setup(self):
         self.vision, self.ln_vision = vision_parts(self)
-        q = self.qformer
-        self.qf = QFormer(
-            self.vocab_size,
-            self.text_len,
-            q["width"],
-            q["depth"],
-            q["heads"],
-            q["mlp_dim"],
-            num_query=self.num_query,
-            cross_every=self.cross_every,
-            remat=self.remat,
-            attention=self.attention,
-            dtype=self.qformer_dtype,
-            param_dtype=self.param_dtype,
-            name="qformer",
-        )
+        self.qf = qformer_part(self, self.vocab_size, self.text_len)
         self.vision_proj = head_dense(self.embed_dim, name="vision_proj", param_dtype=self.param_dtype)
         self.text_proj = head_dense(self.embed_dim, name="text_proj", param_dtype=self.param_dtype)
         self.itm_head = ItmHead(param_dtype=self.param_dtype)

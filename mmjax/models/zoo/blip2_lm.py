@@ -34,9 +34,8 @@ import jax.numpy as jnp
 
 from mmjax.flops import vit
 from mmjax.models.llm import DecoderLM, LMSpec, lm_mask
-from mmjax.models.qformer import QFormer
 from mmjax.models.variants import parse_variant
-from mmjax.models.zoo.blip2 import qformer_flops, read_vision, vision_kw, vision_parts
+from mmjax.models.zoo.blip2 import qformer_flops, qformer_part, read_vision, vision_kw, vision_parts
 from mmjax.models.zoo.contract import register
 from mmjax.models.zoo.llava import LlavaConfig, LlavaFamily, Projector, lora_flops, place_images, positions_of
 from mmjax.models.zoo.lm import lm_flops
@@ -85,22 +84,7 @@ class QFormerLm(nn.Module):
 
     def setup(self):
         self.vision, self.ln_vision = vision_parts(self)
-        q = self.qformer
-        self.qf = QFormer(
-            self.spec.vocab_size,
-            max(self.instruction_len, 1),
-            q["width"],
-            q["depth"],
-            q["heads"],
-            q["mlp_dim"],
-            num_query=self.num_query,
-            cross_every=self.cross_every,
-            remat=self.remat,
-            attention=self.attention,
-            dtype=self.qformer_dtype,
-            param_dtype=self.param_dtype,
-            name="qformer",
-        )
+        self.qf = qformer_part(self, self.spec.vocab_size, max(self.instruction_len, 1))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.proj = Projector(self.projector, self.spec.width, name="projector", **kw)
         lora = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
