@@ -333,3 +333,33 @@ def beam_search(
     best = jnp.argmax(final, axis=1)
     pick = lambda x: jnp.take_along_axis(x, best.reshape((b, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
     return pick(tokens), pick(final)
+
+
+def decode(
+    model,
+    params,
+    memory,
+    *,
+    max_len,
+    bos_id,
+    eos_id,
+    beams=1,
+    length_penalty=0.6,
+    top_p=None,
+    temperature=1.0,
+    rng=None,
+):
+    """A captioning family's `caption`: token ids [B, max_len] (bos first, PAD after eos) by
+    greedy decoding, beam search (`beams` > 1), or, with `rng` (one key or B row keys),
+    nucleus sampling (`top_p`, default 0.9; `temperature`). ValueError for top_p without
+    rng, or sampling with beams."""
+    sample = rng is not None or top_p is not None
+    if sample and (rng is None or beams > 1):
+        raise ValueError("caption: sampling (top_p) needs rng and beams=1")
+    kw = dict(max_len=max_len, bos_id=bos_id, eos_id=eos_id)
+    if beams > 1:
+        return beam_search(model, params, memory, beams=beams, length_penalty=length_penalty, **kw)[0]
+    if sample:
+        top_p = 0.9 if top_p is None else top_p
+        return sample_decode(model, params, memory, rng, top_p=top_p, temperature=temperature, **kw)
+    return greedy_decode(model, params, memory, **kw)

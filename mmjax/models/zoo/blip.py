@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.flops import cross_layer, layer, vision, vision_tokens
-from mmjax.models.decoder import beam_search, greedy_decode
+from mmjax.models.decoder import decode
 from mmjax.models.fusion import ItmHead, head_dense
 from mmjax.models.transformer import remat_mode
 from mmjax.models.variants import parse_variant
@@ -294,21 +294,8 @@ class BlipFamily(MomentumFamily):
         """Token ids [B, max_len] (bos first, PAD after eos): greedy, beam search, or with
         `rng` (one key, or B row keys) nucleus sampling (top_p, default 0.9; temperature);
         the decoder mode cross-attends to every image token."""
-        sample = rng is not None or top_p is not None
-        if sample and (rng is None or beams > 1):
-            raise ValueError("caption: sampling (top_p) needs rng and beams=1")
-        max_len = int(max_len or self.text_len)
         _, memory = self._apply(params, self.model.image_features, image)
-        kw = dict(max_len=max_len, **self.bos_eos)
-        if beams > 1:
-            return beam_search(
-                self.decoder, params["text_tower"], memory, beams=beams, length_penalty=length_penalty, **kw
-            )[0]
-        if sample:
-            from mmjax.models.decoder import sample_decode
-
-            top_p = 0.9 if top_p is None else top_p
-            return sample_decode(
-                self.decoder, params["text_tower"], memory, rng, top_p=top_p, temperature=temperature, **kw
-            )
-        return greedy_decode(self.decoder, params["text_tower"], memory, **kw)
+        opts = dict(beams=beams, length_penalty=length_penalty, top_p=top_p, temperature=temperature, rng=rng)
+        return decode(
+            self.decoder, params["text_tower"], memory, max_len=int(max_len or self.text_len), **self.bos_eos, **opts
+        )

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from mmjax.flops import cross_layer, layer, pooler, vision, vision_tokens
 from mmjax.models.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
-from mmjax.models.decoder import TextDecoder, beam_search, greedy_decode
+from mmjax.models.decoder import TextDecoder, decode
 from mmjax.models.fusion import head_dense
 from mmjax.models.tokens import MMJAX
 from mmjax.models.variants import parse_variant
@@ -267,21 +267,8 @@ class CocaFamily(Family):
     ):
         """Token ids [B, max_len] (bos first, PAD after eos): greedy, beam search, or with
         `rng` (one key, or B row keys) nucleus sampling (top_p, default 0.9; temperature)."""
-        sample = rng is not None or top_p is not None
-        if sample and (rng is None or beams > 1):
-            raise ValueError("caption: sampling (top_p) needs rng and beams=1")
-        max_len = int(max_len or self.text_len)
         _, memory = self._apply(params, self.model.image_features, image)
-        kw = dict(max_len=max_len, **self.bos_eos)
-        if beams > 1:
-            return beam_search(
-                self.decoder, params["decoder"], memory, beams=beams, length_penalty=length_penalty, **kw
-            )[0]
-        if sample:
-            from mmjax.models.decoder import sample_decode
-
-            top_p = 0.9 if top_p is None else top_p
-            return sample_decode(
-                self.decoder, params["decoder"], memory, rng, top_p=top_p, temperature=temperature, **kw
-            )
-        return greedy_decode(self.decoder, params["decoder"], memory, **kw)
+        opts = dict(beams=beams, length_penalty=length_penalty, top_p=top_p, temperature=temperature, rng=rng)
+        return decode(
+            self.decoder, params["decoder"], memory, max_len=int(max_len or self.text_len), **self.bos_eos, **opts
+        )
