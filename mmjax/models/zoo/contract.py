@@ -46,6 +46,9 @@ CAPABILITIES = {
     "lm": ("token_nll",),
     # continue prompts (text, or images + text) token by token: `mmjax generate`
     "generate": ("generate",),
+    # other modalities (audio, depth, a 1-D signal) in the image-text space: X -> image /
+    # text retrieval, zero-shot and embedding arithmetic in the evaluator (ImageBind)
+    "bind": ("encode_modality",),
 }
 
 
