@@ -45,6 +45,10 @@ def synthetic_batch(config, family, batch_size: int, seed: int = 0) -> dict:
     }
     if family.can("classify"):
         batch["label"] = rng.integers(0, family.num_classes, size=batch_size).astype(np.int32)
+    for m in getattr(family, "modalities", ()):  # ImageBind / Meta-Transformer: audio, depth, signals
+        shape = family.input_shape(m, batch_size)
+        batch[m] = (rng.normal(size=shape) * (0.1 if m == "audio" else 1.0)).astype(np.float32)
+        batch[f"{m}_len"] = np.full([batch_size], shape[1], np.int32)
     if "image_slots" in family.batch_keys:  # a conversation batch (LM connectors): the image after bos
         t = int(family.image_tokens)
         batch["tokens"] = text.astype(np.int32)

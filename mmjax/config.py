@@ -331,7 +331,30 @@ DERIVED_FROM = {
     "text_len": "data.text_len",
     "total_steps": "train.steps",
     "token_ids": "the tokenizer's special ids",
+    "audio_sample_rate": "data.audio.sample_rate",
+    "audio_samples": "data.audio.sample_rate * data.audio.clip_seconds",
+    "audio_channels": "data.audio.channels",
 }
+
+
+def _audio_keys(config) -> dict:
+    """The audio input shape from data.audio, for a family whose schema derives it
+    (ImageBind, Meta-Transformer: `audio_samples` among its derived keys)."""
+    from mmjax.data.schema import option
+    from mmjax.models.zoo import family_class
+
+    try:
+        fields = family_class(config.model).Config.keys()
+    except ConfigError:
+        return {}
+    if "audio_samples" not in fields:
+        return {}
+    rate = int(option(config.data, "audio.sample_rate"))
+    return {
+        "audio_sample_rate": rate,
+        "audio_samples": int(round(rate * float(option(config.data, "audio.clip_seconds")))),
+        "audio_channels": int(option(config.data, "audio.channels")),
+    }
 
 
 def derive_model_keys(
@@ -355,6 +378,7 @@ def derive_model_keys(
     }
     if token_ids is not None:
         derived["token_ids"] = dict(token_ids)
+    derived.update(_audio_keys(config))
     for key, value in derived.items():
         old = model.get(key, None)
         old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 import numpy as np
 
-from mmjax.eval import retrieval
+from mmjax.eval import bind, retrieval
 from mmjax.eval import zero_shot as zero_shot_lib
 from mmjax.parallel import mesh as mesh_lib
 
@@ -62,6 +63,9 @@ class Evaluator:
             self._caption = jax.jit(
                 lambda p, x: family.caption(p, x, max_len=int(data_config.text_len)), out_shardings=rep
             )
+        # ImageBind: each bound modality's embedding, for X -> image / text, zero-shot, arithmetic
+        self.binds = tuple(family.modalities) if family.can("bind") else ()
+        self._enc_x = {m: jax.jit(functools.partial(family.encode_modality, modality=m)) for m in self.binds}
         if self.has_itm:
             self._img_feat = jax.jit(family.image_features, out_shardings=rep)
             self._txt_feat = jax.jit(family.text_features, out_shardings=rep)
@@ -124,7 +128,7 @@ class Evaluator:
 
         it = pipeline.make_eval_iterator(self.data_config, self.tokenizer, self.split, self.batch_size)
         fields = ("img", "txt", "caps", "labels", "negs", "neg_valid", "generated", "img_tok", "stream", "text_ids")
-        out, seen = {k: [] for k in fields}, 0
+        out, seen = {k: [] for k in fields + tuple(f"x_{m}" for m in self.binds)}, 0
         for batch in it:
             valid = np.asarray(batch["valid"], bool)
             arrays = self._global({"image": batch["image"], "text": batch["text"]})
@@ -138,6 +142,9 @@ class Evaluator:
                 out["img"].append(np.asarray(self._enc_img(params, arrays["image"]))[valid])
                 out["txt"].append(np.asarray(self._enc_txt(params, arrays["text"]))[valid])
             out["caps"].extend(np.asarray(batch["caption"])[valid].tolist())
+            for m in self.binds:
+                x = self._global({"x": batch[m], **({"length": batch[f"{m}_len"]} if f"{m}_len" in batch else {})})
+                out[f"x_{m}"].append(np.asarray(self._enc_x[m](params, x=x["x"], length=x.get("length")))[valid])
             if self.captions:
                 ids = np.asarray(self._caption(params, arrays["image"]))[valid]
                 out["generated"].extend(self.tokenizer.decode(row) for row in ids)
@@ -170,12 +177,17 @@ class Evaluator:
             )
         if got["negs"]:
             metrics.update(self._probes(params, img, txt, got, tokens))
+        class_txt = labels = None
         if got["labels"] and self.prompts is not None:
             _, ids = self.prompts
             class_txt = zero_shot_lib.class_embeddings(lambda toks: self._encode_text(params, toks), ids)
-            metrics.update(retrieval.zero_shot_accuracy(img, class_txt, np.concatenate(got["labels"])))
+            labels = np.concatenate(got["labels"])
+            metrics.update(retrieval.zero_shot_accuracy(img, class_txt, labels))
         elif got["labels"] and self.unfit_prompts:
             metrics["zero_shot_unfit_prompts"] = self.unfit_prompts  # no zero_shot_top1 from cut prompts
+        if self.binds:
+            xs = {m: np.concatenate(got[f"x_{m}"]) for m in self.binds}
+            metrics.update(bind.bind_metrics(xs, img, txt, caps, labels, class_txt))
         if got["generated"]:
             metrics.update(retrieval.caption_metrics(got["generated"], caps))
             for g, c in zip(got["generated"][:3], caps[:3]):
@@ -243,7 +255,15 @@ class ClassificationEvaluator:
         self.tokenizer = tokenizer if self.uses_text else _NoText()
         n_dev = mesh.devices.size
         self.batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
-        self._logits = jax.jit(family.logits, out_shardings=mesh_lib.replicated(mesh))
+        # Meta-Transformer: one accuracy per modality (`classify_modalities`), each from its own input
+        self.modalities = tuple(getattr(family, "classify_modalities", ()))
+        rep = mesh_lib.replicated(mesh)
+        if self.modalities:
+            self._by_mod = {
+                m: jax.jit(functools.partial(family.logits, modality=m), out_shardings=rep) for m in self.modalities
+            }
+        else:
+            self._logits = jax.jit(family.logits, out_shardings=rep)
         from mmjax.data import sources
 
         self.label_map = sources.eval_label_map(data_config)  # data.eval_path's labels -> the training ones
@@ -254,24 +274,38 @@ class ClassificationEvaluator:
         n, i = jax.process_count(), jax.process_index()
         rows = self.batch_size // n
         keys = ("image", "text") if self.uses_text else ("image",)
-        preds, labels = [], []
+        heads = {"": None} if not self.modalities else {f"{m}_": m for m in self.modalities}
+        preds, labels = {h: [] for h in heads}, []
         for batch in pipeline.make_eval_iterator(self.data_config, self.tokenizer, self.split, self.batch_size):
             if "label" not in batch:
                 raise ValueError(f"split {self.split!r} of {self.data_config.name!r} has no labels to classify")
-            inputs = mesh_lib.global_batch(self.mesh, {k: batch[k][i * rows : (i + 1) * rows] for k in keys})
-            logits = np.asarray(self._logits(params, *(inputs[k] for k in keys)))
             valid = np.asarray(batch["valid"], bool)
-            preds.append(np.argsort(-logits[valid], axis=-1)[:, :5])
+            for head, m in heads.items():
+                logits = np.asarray(self._head_logits(params, batch, m, keys, slice(i * rows, (i + 1) * rows)))
+                preds[head].append(np.argsort(-logits[valid], axis=-1)[:, :5])
             label = np.asarray(batch["label"])[valid]
             labels.append(label if self.label_map is None else self.label_map[label])
         if not labels or not sum(map(len, labels)):
             return {"num_images": 0}
-        return classification_metrics(
-            np.concatenate(preds),
-            np.concatenate(labels),
-            int(self.family.num_classes),
-            pipeline.answer_types(self.data_config),
-        )
+        out = {}
+        for head in heads:
+            metrics = classification_metrics(
+                np.concatenate(preds[head]),
+                np.concatenate(labels),
+                int(self.family.num_classes),
+                pipeline.answer_types(self.data_config),
+            )
+            out.update({(k if k.startswith("num_") else head + k): v for k, v in metrics.items()})
+        return out
+
+    def _head_logits(self, params, batch, modality, keys, rows):
+        """This process's rows of the batch -> the global batch's logits (one modality's, or the family's)."""
+        if modality is None:
+            inputs = mesh_lib.global_batch(self.mesh, {k: batch[k][rows] for k in keys})
+            return self._logits(params, *(inputs[k] for k in keys))
+        names = [k for k in (modality, f"{modality}_len") if k in batch]
+        inputs = mesh_lib.global_batch(self.mesh, {k: batch[k][rows] for k in names})
+        return self._by_mod[modality](params, inputs[modality], inputs.get(f"{modality}_len"))
 
 
 def classification_metrics(top5, labels, num_classes: int, types=None) -> dict:

@@ -73,6 +73,9 @@ class ImageBindConfig(ClipConfig):
     signal: dict = key({})
     temperature: str = key("fixed", choices=("fixed", "learned"))
     logit_scale: dict = key({})
+    # what X is bound to: 'image' (ImageBind); 'text' trains on (X, caption) pairs directly,
+    # the upper bound the emergent X -> text alignment is measured against
+    anchor: str = key("image", choices=("image", "text"))
     audio_sample_rate: int = key(16000, derived=True)
     audio_samples: int = key(32000, derived=True)
     audio_channels: int = key(1, derived=True)
@@ -111,7 +114,8 @@ class ImageBindFamily(Family):
         self.image_size, self.text_len, self.embed_dim = c.image_size, c.text_len, c.embed_dim
         self.image_variant = self.clip.image_variant
         self.modalities = tuple(c.modalities)
-        self.batch_keys = ("image",) + tuple(k for m in self.modalities for k in (m, f"{m}_len"))
+        self.anchor = c.anchor
+        self.batch_keys = (c.anchor,) + tuple(k for m in self.modalities for k in (m, f"{m}_len"))
         self.scales = {m: float(c.logit_scale.get(m, LOGIT_SCALES[m])) for m in self.modalities}
         self.towers, self.variants, self.options = {}, {}, {}
         for m in self.modalities:
@@ -184,11 +188,12 @@ class ImageBindFamily(Family):
     # ------------------------------------------------------------------ training
     def objective(self, params, batch, rng=None, *, teacher=None, queues=None, step=None, gather=identity):
         """-> (loss, metrics, {}): the mean over modalities of the symmetric InfoNCE loss of
-        (image, X) against the global batch. batch: image [b, S, S, 3] and, per modality
-        X, X and X_len (audio: valid samples). The image embedding is the frozen CLIP's,
-        under stop_gradient."""
+        (image, X) against the global batch. batch: image [b, S, S, 3] (model.anchor='text':
+        text [b, L] instead) and, per modality X, X and X_len (audio: valid samples). The
+        anchor's embedding is the frozen CLIP's, under stop_gradient."""
         del rng, teacher, queues, step
-        img = jax.lax.stop_gradient(self.clip.encode_image(params, batch["image"]))
+        encode = self.clip.encode_image if self.anchor == "image" else self.clip.encode_text
+        img = jax.lax.stop_gradient(encode(params, batch[self.anchor]))
         losses, metrics = [], {}
         for m in self.modalities:
             emb, aux = self._tower(params, m, batch[m], batch.get(f"{m}_len"))
@@ -201,7 +206,7 @@ class ImageBindFamily(Family):
 
     def flops(self, batch: int) -> dict:
         """Student: each modality's tower (tokenizer, blocks, projection) and its 2*2*B*E
-        similarities; teacher: the frozen image tower's forward (no backward)."""
+        similarities; teacher: the frozen anchor tower's forward (no backward)."""
         e, student = self.embed_dim, 0
         for m in self.modalities:
             v = self.variants[m]
@@ -209,6 +214,9 @@ class ImageBindFamily(Family):
             chans = self.input_shape(m)[-1]
             student += 2 * (n - 1) * v["patch"] ** (1 if m == "signal" else 2) * chans * v["width"]
             student += v["depth"] * layer(n, v["width"], v["mlp_dim"]) + 2 * v["width"] * e + 2 * 2 * batch * e
+        if self.anchor == "text":
+            tx = self.clip.text_variant
+            return {"student": student, "teacher": tx["depth"] * layer(self.text_len, tx["width"], tx["mlp_dim"])}
         return {"student": student, "teacher": vit(self.image_variant, self.image_size)}
 
     def param_bounds(self) -> dict:
