@@ -72,7 +72,7 @@ def log_mel(wave_BxSxC, *, sample_rate: int, n_fft: int, hop: int, n_mels: int, 
     idx = np.arange(f)[:, None] * hop + np.arange(n_fft)[None]  # [F, n_fft]
     frames = x[:, idx]  # [B, F, n_fft, C]
     window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
-    spec = jnp.fft.rfft(frames * window[None, :, None].astype(np.float32), axis=2)
+    spec = jnp.fft.rfft(frames * window[None, None, :, None].astype(np.float32), axis=2)
     power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2  # [B, F, K, C]
     mel = jnp.einsum("bfkc,km->bfmc", power, mel_filterbank(n_fft, n_mels, sample_rate, fmin, fmax))
     return jnp.log(mel + eps)

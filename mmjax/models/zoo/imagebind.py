@@ -1,7 +1,7 @@
 """ImageBind: bind new modalities to a frozen CLIP through images alone.
 
-The image and text towers are a CLIP's (`finetune.init_from` a CLIP workdir, mmjax's or
-one imported from transformers with `mmjax convert`), frozen: the recipe freezes
+The image and text towers are a CLIP's (`finetune.init_parts` from a CLIP workdir, mmjax's
+or one imported from transformers with `mmjax convert`), frozen: the recipe freezes
 them (`train.freeze`) and the objective takes the image embedding under
 stop_gradient, so no gradient is computed through them. Each modality of
 `model.modalities` (audio, depth, a 1-D signal: `mmjax.models.modality`) gets its own
@@ -103,6 +103,11 @@ class ImageBindFamily(Family):
 
     Config = ImageBindConfig
     capabilities = frozenset({"encode", "bind"})
+    # finetune.init_parts from a CLIP workdir: what no param shape shows must match it
+    part_keys = {
+        "image_tower": ("image", "image_overrides", "pool", "posemb", "act", "ln_eps"),
+        "text_tower": ("text", "text_overrides", "act", "ln_eps", "text_pool", "eos_id"),
+    }
 
     def __init__(self, model_config):
         c = self.Config.parse(model_config)
