@@ -43,7 +43,7 @@ def shapes_av_data(c) -> None:
     c.data.name = "shapes_av"
     c.data.modalities = ("image", "audio", "depth")
     c.data.audio = ml_collections.ConfigDict(dict(sample_rate=8000, clip_seconds=1.024, channels=2))
-    c.data.depth = ml_collections.ConfigDict(dict(scale=1000.0, mean=2.8, std=0.5))
+    c.data.depth = ml_collections.ConfigDict(dict(scale=1000.0, mean=2.9, std=0.4))
     c.data.shuffle_buffer = 10_000
 
 
@@ -59,8 +59,9 @@ def get_config(arg=None):
     for k in CLIP_KEYS:
         m[k] = demo[k].to_dict() if hasattr(demo[k], "to_dict") else demo[k]
     m.modalities = ("audio", "depth")
-    # 128 frames (hop 64) x 32 mel bins in 8x8 patches: 64 tokens; pitches 250-1414 Hz fall in distinct bins
-    m.audio = dict(variant="mu/8", overrides=TOWER, n_fft=256, hop=64, n_mels=32, mean=-6.0, std=4.0)
+    # 128 frames (hop 64) x 32 mel bins in 8x8 patches: 64 tokens; pitches 250-1414 Hz fall in distinct bins;
+    # mean / std: the log-mel statistics of shapes_av's train clips
+    m.audio = dict(variant="mu/8", overrides=TOWER, n_fft=256, hop=64, n_mels=32, mean=-4.7, std=3.1)
     m.depth = dict(variant="mu/8", overrides=TOWER)
     m.temperature = "fixed"  # the release: audio 20, depth 5 (model.logit_scale); "learned" starts there
     m.logit_scale = dict(audio=20.0, depth=5.0)

@@ -37,7 +37,7 @@ def get_config(arg=None):
     for k in ("image", "image_overrides", "act", "ln_eps"):  # the encoder: the CLIP image tower's blocks
         m[k] = demo[k].to_dict() if hasattr(demo[k], "to_dict") else demo[k]
     m.modalities = ("audio", "depth")
-    m.audio = dict(patch=8, n_fft=256, hop=64, n_mels=32, mean=-6.0, std=4.0)
+    m.audio = dict(patch=8, n_fft=256, hop=64, n_mels=32, mean=-4.7, std=3.1)
     m.depth = dict(patch=8)
     m.num_classes = 24  # shapes_gen.CLASS_NAMES
     m.encoder = "separate" if arg == "scratch" else "shared"
