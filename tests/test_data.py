@@ -46,7 +46,8 @@ def tok(tmp_path_factory):
 def test_data_modules_import_without_tensorflow():
     code = (
         "import sys, mmjax.data.tokenizer, mmjax.data.shapes_gen, mmjax.data.files, "
-        "mmjax.data.emoji_pairs, mmjax.data.pipeline, mmjax.data.images, mmjax.data.video_io; "
+        "mmjax.data.emoji_pairs, mmjax.data.pipeline, mmjax.data.images, mmjax.data.video_io, "
+        "mmjax.data.audio_io, mmjax.data.modalities, mmjax.data.shapes_av_gen, mmjax.data.shapes_av_read; "
         "from mmjax.data import schema, sources; "
         "names = sorted(c.__name__ for c in sources.registered()); "
         "assert names == ['BuiltinSource', 'CatalogSource', 'FileListSource', 'LlavaJsonSource', 'ShardsSource'], names; "

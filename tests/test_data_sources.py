@@ -70,7 +70,16 @@ def test_the_registry_serves_every_name():
     from mmjax.data.sources.file_list import FileListSource
     from mmjax.data.sources.shards import ShardsSource
 
-    assert sources.names() == ["shapes", "shapes_vqa", "moving_shapes", "emoji", "files", "llava_json", "shards"]
+    assert sources.names() == [
+        "shapes",
+        "shapes_vqa",
+        "shapes_av",
+        "moving_shapes",
+        "emoji",
+        "files",
+        "llava_json",
+        "shards",
+    ]
     for name in ("shapes", "shapes_vqa", "moving_shapes", "emoji"):
         assert sources.source_class(name) is BuiltinSource and sources.cache_allowed(name)
     assert sources.source_class("files") is FileListSource and not sources.cache_allowed("files")
@@ -162,7 +171,7 @@ def test_an_unknown_name_lists_the_own_sources(tmp_path):
         P.load_records({"name": "zzqqxxv", "data_dir": str(tmp_path)}, "train")
     assert str(e.value) == (
         "dataset 'zzqqxxv' not found in the TFDS catalog; built-in datasets: shapes, shapes_vqa, "
-        "moving_shapes, emoji, or 'files' for your own list, or 'llava_json' for LLaVA-format conversations, "
+        "shapes_av, moving_shapes, emoji, or 'files' for your own list, or 'llava_json' for LLaVA-format conversations, "
         "or 'shards' for ArrayRecord shards from "
         "`mmjax data convert` (or webdataset tars in place)"
     )

@@ -5,6 +5,9 @@ scaffolding (`LocalBuilder`). Imports TensorFlow Datasets: import lazily (as
 - `shapes` / `shapes_vqa`: example i of split s drawn from
   `np.random.default_rng([seed, split_index, i])` (`shapes_gen`); a `shapes_vqa`
   record has the image of the `shapes` record of that split and index and one question.
+- `shapes_av`: the `shapes` record of that split and index heard and seen
+  (`shapes_av_gen`): 'audio' the bytes of a stereo 16-bit 8 kHz WAV, 'depth' a 16-bit
+  PNG in millimetres.
 - `moving_shapes`: clips (`moving_shapes_gen`), 'video' a `tfds.features.Video` stored
   as T PNG frames (no ffmpeg): it decodes to uint8 [T, S, S, 3], and with
   `decoders={"video": tfds.decode.SkipDecoding()}` to a string [T] of PNG bytes, so a
@@ -22,13 +25,14 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data import emoji_pairs, moving_shapes_gen, shapes_gen
+from mmjax.data import emoji_pairs, moving_shapes_gen, shapes_av_gen, shapes_gen
 
 SPLITS = ("train", "validation", "test")
 
 
 def png_bytes(img: np.ndarray) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes (PIL is much faster than tfds's per-image TF encode)."""
+    """uint8 [H, W, 3] (or uint16 [H, W]: a 16-bit gray PNG) -> PNG bytes (PIL is much
+    faster than tfds's per-image TF encode)."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -172,6 +176,36 @@ class MmjaxShapesVqa(MmjaxShapes):
             }
 
 
+class MmjaxShapesAv(MmjaxShapes):
+    """`shapes` scenes with their audio and depth (`shapes_av_gen`): the image, caption,
+    hard negatives and label of the `shapes` record of that split and index; 'audio'
+    the bytes of a WAV file (stereo int16, 8000 Hz, 8192 samples); 'depth' uint16
+    [S, S, 1] millimetres, stored as a 16-bit PNG."""
+
+    BUILDER_CONFIGS = [make_config(ShapesConfig)]
+
+    def features(self):
+        s = self.builder_config.image_size
+        return dict(
+            super().features(),
+            audio=tfds.features.Tensor(shape=(), dtype=np.object_),
+            depth=tfds.features.Image(shape=(s, s, 1), dtype=np.uint16, encoding_format="png"),
+        )
+
+    def examples(self, split):
+        c = self.builder_config
+        for i in range(self.split_size(split)):
+            ex = shapes_av_gen.example(c.seed, split, i, c.image_size)
+            yield {
+                "image": png_bytes(ex["image"]),
+                "audio": shapes_av_gen.wav_bytes(ex["audio"]),
+                "depth": png_bytes(ex["depth"]),
+                "caption": ex["caption"],
+                "hard_negatives": ex["hard_negatives"],
+                "label": ex["label"],
+            }
+
+
 class MmjaxMovingShapes(LocalBuilder):
     """Clips of two objects and two events in sequence, captioned in order; the first
     hard negative is the caption of the clip played backwards (the time probe)."""
@@ -220,6 +254,7 @@ class MmjaxEmoji(LocalBuilder):
 BUILDERS = {
     "shapes": MmjaxShapes,
     "shapes_vqa": MmjaxShapesVqa,
+    "shapes_av": MmjaxShapesAv,
     "moving_shapes": MmjaxMovingShapes,
     "emoji": MmjaxEmoji,
 }

@@ -33,6 +33,8 @@ def _units_list(src: str, per: int, known: list | None) -> tuple[list[dict], lis
     index = {n: i for i, n in enumerate(names or [])}
     base, stem = os.path.dirname(os.path.abspath(src)), os.path.basename(src)
     key = files.path_key(rows)
+    if key not in ("image_path", "video_path"):
+        raise ValueError(f"{src}: mmjax data convert reads image or video lists; this one has {key} (train from it)")
     rows = [
         {"path": r[key], "key": os.path.relpath(r[key], base), "caption": r["caption"]}
         | {"label": index.get(r.get("label"))}

@@ -1,18 +1,23 @@
-"""Reader of user image-text and video-text lists (no TensorFlow).
+"""Reader of user image-text, video-text, audio and depth lists (no TensorFlow).
 
 CSV with a header `image_path,caption[,label]`, or JSONL lines
 `{"image_path": ..., "caption": ..., "label": ...}`; a video list names `video_path`
-instead of `image_path` (one kind per list). Relative paths are resolved against
-the list file's directory. Rows whose file is missing are skipped, counted and
-logged (undecodable images and videos are skipped later, by the pipeline).
+instead of `image_path` (videos only). A row may name an audio clip (`audio_path`: WAV,
+FLAC, MP3, OGG, anything PyAV reads) and a depth map (`depth_path`: a one-channel PNG,
+8- or 16-bit), alone or with `image_path` in the same row (paired data: AudioCaps-like
+audio + caption, ESC-50-like audio + label, image + depth, image + audio + depth). A
+list without a `caption` column needs a `label` column: each row's caption is then
+its label's name (`dog`, `rain`), as written. Relative paths are resolved against the
+list file's directory. A row any of whose files is missing is skipped, counted and
+logged (undecodable images, videos and clips are skipped later, by the pipeline).
 
 A list that cannot be read as meant is a ValueError of one line naming the file (and
 the line, `FILE:LINE: ...`, where there is one): not UTF-8, a CSV or JSON syntax
-error, a JSONL line that is not an object, the path or caption column missing, no
-rows, every listed file missing, or a CSV caption that runs over following lines
-that look like rows of the list (an unclosed quote). A CSV caption that spans lines
-otherwise, and captions far longer than `data.text_len` allows, are warnings that
-give their line numbers.
+error, a JSONL line that is not an object, no path column, no caption (nor label)
+column, no rows, every listed file missing, or a CSV caption that runs over following
+lines that look like rows of the list (an unclosed quote). A CSV caption that spans
+lines otherwise, and captions far longer than `data.text_len` allows, are warnings
+that give their line numbers.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import os
 import zlib
 
 log = logging.getLogger(__name__)
-PATH_KEYS = ("image_path", "video_path")
-EXPECTED = "image_path (or video_path), caption[, label]"
+PATH_KEYS = ("image_path", "video_path", "audio_path", "depth_path")
+EXPECTED = (
+    "image_path (or video_path), caption[, label]; audio_path and depth_path alone or with image_path; "
+    "label alone stands for the caption"
+)
 _WARNED: set = set()  # (path, message) already logged: the list is read several times
 
 
@@ -130,22 +138,34 @@ def _read_csv(path: str, text: str):
     return set(header), out
 
 
-def _rows(raw, key: str, base: str, text_len: int | None):
-    """Parsed rows -> (rows of existing files with ids, missing paths, (first, last) lines
-    of captions of more than 2 * text_len words)."""
-    rows, missing, long = [], [], []
-    for start, end, r in raw:
+def _row_paths(r: dict, keys: list[str], base: str) -> tuple[dict, str | None]:
+    """-> ({key: absolute path} of a parsed row, the first missing or empty path or None)."""
+    out = {}
+    for key in keys:
         p = str(r.get(key) or "").strip()
         if not p:
-            missing.append("<empty>")
-            continue
+            return out, "<empty>"
         p = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
         if not os.path.isfile(p):
-            missing.append(p)
+            return out, p
+        out[key] = p
+    return out, None
+
+
+def _rows(raw, keys: list[str], base: str, text_len: int | None):
+    """Parsed rows -> (rows whose every file exists, with ids; missing paths (a row's first);
+    (first, last) lines of captions of more than 2 * text_len words). Without a caption
+    column, a row's caption is its label."""
+    rows, missing, long = [], [], []
+    for start, end, r in raw:
+        paths, gone = _row_paths(r, keys, base)
+        if gone is not None:
+            missing.append(gone)
             continue
-        row = {key: p, "caption": str(r.get("caption") or "")}
-        if r.get("label") not in (None, ""):
-            row["label"] = str(r["label"])
+        label = "" if r.get("label") in (None, "") else str(r["label"])
+        row = dict(paths, caption=str(r.get("caption") or "") if "caption" in r else label)
+        if label:
+            row["label"] = label
         if text_len and len(row["caption"].split()) > 2 * int(text_len):
             long.append((start, end))
         rows.append(row)
@@ -154,11 +174,27 @@ def _rows(raw, key: str, base: str, text_len: int | None):
     return rows, missing, long
 
 
+def _path_keys(path: str, cols: set, what: str) -> list[str]:
+    """The list's path columns (PATH_KEYS order); ValueError for none, or a video with another."""
+    found = ", ".join(sorted(cols)) or "none"
+    keys = [k for k in PATH_KEYS if k in cols]
+    if "video_path" in keys and len(keys) > 1:
+        raise ValueError(f"{path}: a video list holds videos only, not images, audio or depth ({what} {keys})")
+    if not keys:
+        raise ValueError(
+            f"{path}: no 'image_path' (or 'video_path') {what[:-1]}; found {what}: {found}; expected: {EXPECTED}"
+        )
+    if "caption" not in cols and "label" not in cols:
+        raise ValueError(f"{path}: no 'caption' {what[:-1]}; found {what}: {found}; expected: {EXPECTED}")
+    return keys
+
+
 def read_list(path: str, text_len: int | None = None) -> tuple[list[dict], list[str]]:
-    """-> (rows, missing): rows are {'image_path' (or 'video_path'): abs str, 'caption': str,
-    'id': int, ['label': str]} in file order (id = row index among kept rows); missing =
-    skipped paths. With `text_len` (tokens), captions of more than 2 * text_len words
-    (certainly cut by more than half) are reported with their line numbers."""
+    """-> (rows, missing): rows are {'image_path' (or 'video_path'; and/or 'audio_path',
+    'depth_path'): abs str, 'caption': str, 'id': int, ['label': str]} in file order (id =
+    row index among kept rows); missing = skipped rows' (first missing) paths. With
+    `text_len` (tokens), captions of more than 2 * text_len words (certainly cut by more
+    than half) are reported with their line numbers."""
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data.path: list file not found: {path}")
@@ -167,24 +203,14 @@ def read_list(path: str, text_len: int | None = None) -> tuple[list[dict], list[
     jsonl = path.endswith((".jsonl", ".json"))
     cols, raw = (_read_jsonl if jsonl else _read_csv)(path, text)
     what = "keys" if jsonl else "columns"
-    found = ", ".join(sorted(cols)) or "none"
     if not raw:
         raise ValueError(f"{path}: the list has no rows (expected {what}: {EXPECTED})")
-    keys = [k for k in PATH_KEYS if k in cols]
-    if len(keys) > 1:
-        raise ValueError(f"{path}: a list holds images or videos, not both ({what} {keys})")
-    if not keys:
-        raise ValueError(
-            f"{path}: no 'image_path' (or 'video_path') {what[:-1]}; found {what}: {found}; expected: {EXPECTED}"
-        )
-    if "caption" not in cols:
-        raise ValueError(f"{path}: no 'caption' {what[:-1]}; found {what}: {found}; expected: {EXPECTED}")
-    key = keys[0]
-    rows, missing, long = _rows(raw, key, base, text_len)
+    keys = _path_keys(path, cols, what)
+    rows, missing, long = _rows(raw, keys, base, text_len)
     if not rows:
         named = [m for m in missing if m != "<empty>"]
         if not named:
-            raise ValueError(f"{path}: every one of its {len(missing)} rows has an empty {key}")
+            raise ValueError(f"{path}: every one of its {len(missing)} rows has an empty {' or '.join(keys)}")
         raise ValueError(
             f"{path}: every file it lists is missing ({len(missing)} rows; e.g. {named[0]}); "
             f"relative paths are resolved against the list's directory {base}"
@@ -205,9 +231,15 @@ def read_list(path: str, text_len: int | None = None) -> tuple[list[dict], list[
     return rows, missing
 
 
+def path_keys(rows: list[dict]) -> list[str]:
+    """The path keys of the list's rows, in PATH_KEYS order (['image_path'] for no rows)."""
+    return [k for k in PATH_KEYS if rows and k in rows[0]] or ["image_path"]
+
+
 def path_key(rows: list[dict]) -> str:
-    """'video_path' for a video list, else 'image_path'."""
-    return "video_path" if rows and "video_path" in rows[0] else "image_path"
+    """The rows' first path key (PATH_KEYS order): 'image_path', 'video_path', 'audio_path'
+    or 'depth_path'; the hold-out split hashes its path."""
+    return path_keys(rows)[0]
 
 
 def check_eval_fraction(eval_fraction) -> float:

@@ -23,7 +23,15 @@ COMMON = {
     "shuffle_buffer": 10000,
     "num_parallel_calls": -1,  # tf.data map parallelism; -1: AUTOTUNE
     "prefetch_to_device": 2,  # batches copied to the devices ahead of the step (the train loop)
-    "cache_decoded": False,  # keep decoded pixels in memory (sources that allow it)
+    "cache_decoded": False,  # keep decoded pixels (and waveforms, depth maps) in memory (sources that allow it)
+    # what a TRAINING batch carries, of image, text, audio, depth (mmjax.data.modalities); eval
+    # batches carry these plus text. ImageBind: ("image", "audio", "depth"), no text in training
+    "modalities": ("image", "text"),
+    # audio [B, N, C] float32 in [-1, 1], N = round(sample_rate * clip_seconds), C = channels
+    # (resampled and mixed when the file differs); audio_len [B]: the valid samples
+    "audio": {"sample_rate": 16000, "clip_seconds": 2.0, "channels": 1},
+    # depth [B, S, S, 1] float32 = (stored value / scale - mean) / std (PNG: 8- or 16-bit, one channel)
+    "depth": {"scale": 1000.0, "mean": 0.0, "std": 1.0},
     "augment": {"crop_scale": (0.5, 1.0), "aspect": (3 / 4, 4 / 3), "flip": False},
     # path: a sentencepiece .model or an HF tokenizer.json (else one is trained on the captions);
     # lowercase: mmjax's own models lower-case text, an imported LLM's tokenizer keeps case

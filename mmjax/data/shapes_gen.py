@@ -93,6 +93,14 @@ def _mask(shape_idx: int, cx: float, cy: float, r: float, n: int) -> np.ndarray:
     return ((np.abs(dx) <= w) & (np.abs(dy) <= r)) | ((np.abs(dy) <= w) & (np.abs(dx) <= r))
 
 
+mask = _mask  # public: the footprint of a shape as the image draws it (shapes_av_gen's depth map)
+
+
+def radius(size_idx: int, n: int) -> float:
+    """The radius of an object of size `size_idx` in an image of side n."""
+    return SIZE_FRAC[size_idx] * n / 2.0
+
+
 def _place(rng, r1: float, r2: float, n: int):
     """Centres of two objects: disjoint boxes, one axis clearly dominant."""
     for _ in range(200):
@@ -133,7 +141,7 @@ def generate(rng: np.random.Generator, image_size: int = 32) -> dict:
         ]
         if attrs[0] != attrs[1]:
             break
-    radii = [SIZE_FRAC[a[2]] * n / 2.0 for a in attrs]
+    radii = [radius(a[2], n) for a in attrs]
     c1, c2 = _place(rng, radii[0], radii[1], n)
     img = background(rng, n)
     for a, r, c in zip(attrs, radii, (c1, c2)):

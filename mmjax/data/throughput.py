@@ -1,7 +1,9 @@
-"""`mmjax data bench`: images/s of the training iterator alone, and the bytes it read."""
+"""`mmjax data bench`: images/s of the training iterator alone (and clips/s, per core too,
+when its batches carry audio), and the bytes it read."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -31,7 +33,11 @@ def pipeline_throughput(
     what the process read through system calls from the warm-up batch to the last one
     (read ahead included); `record_bytes`: the record bytes the index-based readers
     returned over the same span (None on the stream path). Set them against a 1-process
-    run over the same batches."""
+    run over the same batches.
+
+    With audio in the batches (data.modalities), also `clips_per_s` (the same rows, as
+    audio clips) and `clips_per_s_per_core`: divided by the cores this process may use
+    (`cores`, os.sched_getaffinity)."""
     from mmjax.data import pipeline, sources
     from mmjax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -52,14 +58,14 @@ def pipeline_throughput(
         process_count=int(process_count),
     )
     before, payload = read_bytes(), it.payload_bytes()
-    next(it)
+    audio = "audio" in next(it)
     t, cpu = time.perf_counter(), time.process_time()
     for _ in range(num_batches):
         next(it)
     dt, cpu = time.perf_counter() - t, time.process_time() - cpu
     after, payload_after = read_bytes(), it.payload_bytes()
     it.close()
-    return {
+    out = {
         "images_per_s": num_batches * batch_size / dt,
         # per CPU-second of this process (all its threads): images per core, also on a busy machine
         "images_per_cpu_s": num_batches * batch_size / cpu if cpu > 0 else None,
@@ -72,3 +78,10 @@ def pipeline_throughput(
         "bytes_read": None if before is None else after - before,
         "record_bytes": None if payload is None else payload_after - payload,
     }
+    return dict(out, **_clips(out["images_per_s"])) if audio else out
+
+
+def _clips(per_s: float) -> dict:
+    """The audio figures: clips/s, and per core (the cores this process may use)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"clips_per_s": per_s, "clips_per_s_per_core": per_s / cores, "cores": cores}

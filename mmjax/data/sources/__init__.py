@@ -1,9 +1,10 @@
 """Where records come from: one `Source` per kind of dataset, one file each in this
 package, registered by the `data.name` values it serves.
 
-- `builtin.py`: the datasets mmjax generates locally (shapes, shapes_vqa,
+- `builtin.py`: the datasets mmjax generates locally (shapes, shapes_vqa, shapes_av,
   moving_shapes, emoji; builders in `mmjax.data.builders`);
-- `file_list.py`: CSV/JSONL lists of local images or videos (`data.name='files'`);
+- `file_list.py`: CSV/JSONL lists of local images, videos, audio clips and depth maps
+  (`data.name='files'`);
 - `catalog.py`: any other name, a TFDS catalog dataset the user has prepared (never
   downloaded).
 
@@ -20,9 +21,12 @@ schema (`mmjax.data.schema`).
 Records (`Source.records`) are a tf.data.Dataset of dicts of still-encoded media:
 'image' (encoded bytes) or 'image_path' (a file), or a clip: 'video' (the encoded
 bytes of each frame, [n]) or 'video_path'; 'caption' (string); 'id' (int64, the
-record's index in its split); and, where the dataset has them, 'label' (int64) and
-'hard_negatives' (string [n]). Decoding, augmenting, tokenizing and batching are the
-pipeline's (`mmjax.data.pipeline`). TensorFlow is imported lazily, in methods.
+record's index in its split); and, where the dataset has them, 'label' (int64),
+'hard_negatives' (string [n]), 'audio' (an encoded audio file's bytes) or
+'audio_path', 'depth' (PNG bytes, 8- or 16-bit, one channel) or 'depth_path' (read
+for data.modalities; a record may carry audio or depth without an image). Decoding,
+augmenting, tokenizing and batching are the pipeline's (`mmjax.data.pipeline`).
+TensorFlow is imported lazily, in methods.
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ class CatalogSource(Source):
             return tfds_records.records_dataset(tfds_records.TfdsRecords(directory, split))
         feats = self.builder().info.features
         media = "video" if "video" in feats else "image"
-        ds = self.builder().as_dataset(split=split, shuffle_files=False, decoders={media: tfds.decode.SkipDecoding()})
+        skip = {k: tfds.decode.SkipDecoding() for k in (media, "depth") if k in feats}  # encoded, for the pipeline
+        ds = self.builder().as_dataset(split=split, shuffle_files=False, decoders=skip)
         select = _selector(feats, media, _class_names(feats))
         if "id" in feats:
             return ds.map(lambda r: dict(select(r), id=tf.cast(r["id"], tf.int64)))
@@ -119,7 +120,7 @@ def _selector(feats, media: str, label_names):
     tf = require_tf()
 
     def select(r):
-        out = {media: r[media]}
+        out = {k: r[k] for k in (media, "audio", "depth") if k in feats}  # audio: a file's bytes; depth: a PNG's
         if "caption" in feats:
             out["caption"] = r["caption"]
         elif "question" in feats:  # VQA: the question is the text, the answer the label

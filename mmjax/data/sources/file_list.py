@@ -1,7 +1,8 @@
 """Lists of the user's own files (`data.name='files'`): a CSV or JSONL at data.path,
-read by `mmjax.data.files` (rows of image or video paths, captions and optional
-labels). Missing files are dropped when the list is read and counted as skipped
-before the stream; data.eval_fraction holds out a stable fraction as 'test', unless
+read by `mmjax.data.files` (rows of image or video paths, and/or audio and depth
+paths, captions and optional labels; records 'image_path', 'video_path', 'audio_path',
+'depth_path' as the list has them). A row with a missing file is dropped when the list
+is read and counted as skipped before the stream; data.eval_fraction holds out a stable fraction as 'test', unless
 data.eval_path names the eval set: then every row is for training."""
 
 from __future__ import annotations
@@ -43,17 +44,15 @@ class FileListSource(Source):
     def records(self, split: str):
         tf = require_tf()
         rows, names = self.rows(split), self._read()[2]
-        key = files_lib.path_key(rows)
-        cols = {
-            key: [r[key] for r in rows],
-            "caption": [r["caption"] for r in rows],
-            "id": np.array([r["id"] for r in rows], np.int64),
-        }
+        keys = files_lib.path_keys(self._read()[0])
+        cols = {key: [r[key] for r in rows] for key in keys}
+        cols["caption"] = [r["caption"] for r in rows]
+        cols["id"] = np.array([r["id"] for r in rows], np.int64)
         if names:
             idx = {n: i for i, n in enumerate(names)}
             cols["label"] = np.array([idx.get(r.get("label"), -1) for r in rows], np.int64)
         if not rows:
-            cols[key] = cols["caption"] = np.zeros([0], object).astype(str)
+            cols.update({k: np.zeros([0], object).astype(str) for k in [*keys, "caption"]})
         return tf.data.Dataset.from_tensor_slices(cols)
 
     def num_examples(self, split: str) -> int:
