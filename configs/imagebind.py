@@ -59,7 +59,7 @@ def get_config(arg=None):
     for k in CLIP_KEYS:
         m[k] = demo[k].to_dict() if hasattr(demo[k], "to_dict") else demo[k]
     m.modalities = ("audio", "depth")
-    # 128 frames (hop 64) x 32 mel bins in 8x8 patches: 64 tokens; pitches 250-1414 Hz fall in distinct bins;
+    # 128 frames (hop 64) x 32 mel bins in 8x8 patches: 64 tokens; pitches 200-1131 Hz fall in distinct bins;
     # mean / std: the log-mel statistics of shapes_av's train clips
     m.audio = dict(variant="mu/8", overrides=TOWER, n_fft=256, hop=64, n_mels=32, mean=-4.7, std=3.1)
     m.depth = dict(variant="mu/8", overrides=TOWER)
