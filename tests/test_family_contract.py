@@ -32,6 +32,8 @@ RECIPES = [
     "lm",
     "llava",
     "cogvlm",
+    "imagebind",
+    "meta_transformer",
 ]
 # What mmjax asked of a family before the contract (hasattr probes) -> the capability.
 OLD_PROBES = {
@@ -44,6 +46,7 @@ OLD_PROBES = {
     "fuse": "fused_features",
     "lm": "token_nll",
     "generate": "generate",
+    "bind": "encode_modality",
 }
 
 
@@ -78,9 +81,11 @@ def test_registry_names_every_family_once_and_config_choices_read_it():
         "clip",
         "coca",
         "cogvlm",
+        "imagebind",
         "instructblip",
         "llava",
         "lm",
+        "meta_transformer",
         "minigpt4",
         "vlmo",
         "vqa",
@@ -206,6 +211,20 @@ def test_wrapper_backbone_is_checked_by_its_own_schema():
 # ------------------------------------------------------------------ derived keys
 
 
+def test_audio_input_shape_is_derived_from_data_audio():
+    """ImageBind / Meta-Transformer read the waveform's shape from data.audio, like the image size."""
+    cfg = config_lib.load(f"{ROOT}/configs/imagebind.py", ["data.audio.clip_seconds=0.5"])
+    config_lib.derive_model_keys(cfg, 50)
+    m = cfg.model
+    assert (m.audio_sample_rate, m.audio_samples, m.audio_channels) == (8000, 4000, 2)
+    with cfg.unlocked():
+        cfg.data.audio.sample_rate = 16000
+    with pytest.raises(
+        config_lib.ConfigError, match=r"model.audio_sample_rate=8000 contradicts data.audio.sample_rate"
+    ):
+        config_lib.derive_model_keys(cfg, 50)
+
+
 def test_derive_model_keys_sets_them_in_one_place():
     cfg = config_lib.load(f"{ROOT}/configs/video_clip.py", ["train.steps=77"])
     assert not {"vocab_size", "image_size", "text_len", "num_frames", "total_steps"} & set(cfg.model)
@@ -218,7 +237,9 @@ def test_derive_model_keys_sets_them_in_one_place():
         cfg.data.num_frames,
         77,
     )
-    assert set(config_lib.DERIVED_FROM) == set(ModelConfig.derived_keys())  # the schema's derived keys
+    audio = {"audio_sample_rate", "audio_samples", "audio_channels"}  # derived for families with an audio input
+    assert set(config_lib.DERIVED_FROM) == set(ModelConfig.derived_keys()) | audio  # the schema's derived keys
+    assert not audio & set(cfg.model)  # a family without audio gets none of them
     config_lib.derive_model_keys(cfg, 123)  # again: the same values are no contradiction
     with pytest.raises(
         config_lib.ConfigError, match=r"model.vocab_size=123 contradicts the tokenizer's vocabulary \(40\)"

@@ -63,10 +63,14 @@ CASES = [
     ("blip2", ["model.tasks=('itm', 'itg')"]),
     ("blip2:stage2", ["data.text_len=24"]),
     ("instructblip", ["data.text_len=24", "model.instruction_len=8"]),
+    ("imagebind", []),
+    ("imagebind:direct", ["model.temperature=learned"]),
+    ("meta_transformer", []),
+    ("meta_transformer:scratch", []),
 ]
 TEACHER = ("albef", "video_albef", "blip")  # recipes whose objective runs an EMA teacher (ITC)
 # a frozen vision tower: forward only, counted as 'teacher' (no backward)
-FROZEN_FORWARD = ("llava", "cogvlm", "blip2", "instructblip")
+FROZEN_FORWARD = ("llava", "cogvlm", "blip2", "instructblip", "imagebind")
 
 
 @pytest.mark.parametrize("name,extra", CASES, ids=[f"{i}-{n}" for i, (n, _) in enumerate(CASES)])

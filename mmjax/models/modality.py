@@ -229,6 +229,15 @@ class ModalityEncoder(nn.Module):
         return pooled, aux
 
 
+def frontend_flops(modality: str, shape, options: dict) -> int:
+    """Matmul FLOPs of a tokenizer's front end per input of `shape` (no batch axis): the
+    audio mel projection, 2 F (n_fft/2 + 1) M C (the FFT is not a matmul); 0 otherwise."""
+    if modality != "audio":
+        return 0
+    frames = shape[0] // int(options["hop"])
+    return 2 * frames * (int(options["n_fft"]) // 2 + 1) * int(options["n_mels"]) * shape[-1]
+
+
 def num_tokens(modality: str, shape, options: dict) -> int:
     """Tokens (with [CLS]) a tokenizer makes of one input of `shape` (no batch axis)."""
     p = int(options["patch"])

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
-from mmjax.flops import layer, vit
-from mmjax.models.modality import ModalityEncoder, num_tokens
+from mmjax.flops import layer
+from mmjax.models.modality import ModalityEncoder, frontend_flops, num_tokens
 from mmjax.models.variants import parse_variant
 from mmjax.models.zoo.clip import ClipConfig, ClipFamily, l2_normalize
 from mmjax.models.zoo.contract import Family, register
@@ -217,12 +217,14 @@ class ImageBindFamily(Family):
             v = self.variants[m]
             n = num_tokens(m, self.input_shape(m)[1:], self.options[m])
             chans = self.input_shape(m)[-1]
+            student += frontend_flops(m, self.input_shape(m)[1:], self.options[m])
             student += 2 * (n - 1) * v["patch"] ** (1 if m == "signal" else 2) * chans * v["width"]
             student += v["depth"] * layer(n, v["width"], v["mlp_dim"]) + 2 * v["width"] * e + 2 * 2 * batch * e
-        if self.anchor == "text":
+        if self.anchor == "text":  # the text tower and its projection
             tx = self.clip.text_variant
-            return {"student": student, "teacher": tx["depth"] * layer(self.text_len, tx["width"], tx["mlp_dim"])}
-        return {"student": student, "teacher": vit(self.image_variant, self.image_size)}
+            text = tx["depth"] * layer(self.text_len, tx["width"], tx["mlp_dim"]) + 2 * tx["width"] * e
+            return {"student": student, "teacher": text}
+        return {"student": student, "teacher": self.clip.image_flops()}
 
     def param_bounds(self) -> dict:
         return {}  # CLIP's `t` is frozen; the towers' learned `t` are clamped where they are read

@@ -30,7 +30,7 @@ from mmjax.errors import ConfigError
 from mmjax.flops import layer
 from mmjax.models.attention import padding_mask
 from mmjax.models.fusion import head_dense
-from mmjax.models.modality import num_tokens, tokenizer
+from mmjax.models.modality import frontend_flops, num_tokens, tokenizer
 from mmjax.models.transformer import ACTIVATIONS, LN_EPS, Encoder
 from mmjax.models.variants import parse_variant
 from mmjax.models.zoo.contract import Family, register
@@ -206,6 +206,8 @@ class MetaTransformerFamily(Family):
             shape, opts = self.input_shape(m)[1:], self.options[m]
             n = num_tokens(m, shape, opts)
             p = int(opts["patch"])
-            total += 2 * (n - 1) * p ** (1 if m == "signal" else 2) * shape[-1] * v["width"]
+            total += (
+                frontend_flops(m, shape, opts) + 2 * (n - 1) * p ** (1 if m == "signal" else 2) * shape[-1] * v["width"]
+            )
             total += v["depth"] * layer(n, v["width"], v["mlp_dim"]) + 2 * v["width"] * self.num_classes
         return {"student": total, "teacher": 0}
