@@ -22,6 +22,7 @@ import numpy as np
 # "colour shape": the prompts are that caption's opening words, in either size.
 DEFAULT_TEMPLATES = {
     "shapes": ("a small {}", "a large {}"),
+    "shapes_av": ("a small {}", "a large {}"),  # the `shapes` scenes, heard and seen: the same labels
     "cifar10": (
         "a photo of a {}.",
         "a blurry photo of a {}.",
