@@ -81,5 +81,6 @@ def get_config(arg=None):
     c.eval.every = 600
     if arg == "direct":  # the upper bound: (X, caption) pairs against the frozen text tower
         m.anchor = "text"
-        c.data.modalities = ("text", "audio", "depth")
+        # images too: the step reads only text, audio and depth, the eval embeds images
+        c.data.modalities = ("image", "text", "audio", "depth")
     return c

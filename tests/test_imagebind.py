@@ -176,3 +176,11 @@ def test_step_on_eight_devices_equals_one_device(which, mode, mesh):
     np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
     for (path, v), got in zip(jax.tree_util.tree_leaves_with_path(ref.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(got, v, rtol=1e-4, atol=2e-6, err_msg=f"{mode} {jax.tree_util.keystr(path)}")
+
+
+def test_evaluator_refuses_batches_without_images_before_any_step():
+    from mmjax.eval.run import Evaluator
+
+    data = ml_collections.ConfigDict(dict(name="shapes_av", modalities=("text", "audio", "depth")))
+    with pytest.raises(ValueError, match="add 'image'"):
+        Evaluator(_imagebind(), data, None, None, split="test", batch_size=8)

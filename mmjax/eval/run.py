@@ -37,6 +37,13 @@ class Evaluator:
     ):
         self.family, self.data_config, self.tokenizer, self.mesh = family, data_config, tokenizer, mesh
         self.split, self.max_examples = split, max_examples
+        from mmjax.data.schema import option
+
+        if "image" not in tuple(option(data_config, "modalities")):  # eval batches carry these, plus text
+            raise ValueError(
+                f"data.modalities={tuple(option(data_config, 'modalities'))}: the evaluation embeds images and "
+                "texts; add 'image' (or set eval.every=0 and eval.at_end=false)"
+            )
         # Families with an ITM head (ALBEF, BLIP, VLMo) also report ITM-re-ranked
         # recall and the binding probe scored by ITM.
         self.has_itm = family.can("itm")
