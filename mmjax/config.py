@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from mmjax.data.modalities import AUDIO_DERIVED_FROM
 from mmjax.errors import ConfigError  # callers raise and catch it as `config.ConfigError` too
 
 WEIGHTS = ("student", "ema")  # a workdir's params: the student's, or the EMA teacher's
@@ -228,8 +229,7 @@ def get(config, dotted: str, default=None):
     return node
 
 
-# Integer keys checked by `validate` when a config has them (a step count of 0 would
-# divide by zero in the loop, a keep-N of 0 would delete every checkpoint).
+# Integer keys `validate` checks (a step count of 0 divides by zero, a keep-N of 0 deletes all).
 POSITIVE_INTS = (
     "train.batch_size",
     "train.steps",
@@ -331,42 +331,29 @@ DERIVED_FROM = {
     "text_len": "data.text_len",
     "total_steps": "train.steps",
     "token_ids": "the tokenizer's special ids",
-    "audio_sample_rate": "data.audio.sample_rate",
-    "audio_samples": "data.audio.sample_rate * data.audio.clip_seconds",
-    "audio_channels": "data.audio.channels",
+    **AUDIO_DERIVED_FROM,  # for a family with an audio input
 }
 
 
 def _audio_keys(config) -> dict:
-    """The audio input shape from data.audio, for a family whose schema derives it
-    (ImageBind, Meta-Transformer: `audio_samples` among its derived keys)."""
-    from mmjax.data.schema import option
+    """The audio input shape from data.audio, for a family that derives it (ImageBind, Meta-Transformer)."""
+    from mmjax.data.modalities import audio_model_keys
     from mmjax.models.zoo import family_class
 
     try:
-        fields = family_class(config.model).Config.keys()
+        return audio_model_keys(config.data) if "audio_samples" in family_class(config.model).Config.keys() else {}
     except ConfigError:
         return {}
-    if "audio_samples" not in fields:
-        return {}
-    rate = int(option(config.data, "audio.sample_rate"))
-    return {
-        "audio_sample_rate": rate,
-        "audio_samples": int(round(rate * float(option(config.data, "audio.clip_seconds")))),
-        "audio_channels": int(option(config.data, "audio.channels")),
-    }
 
 
 def derive_model_keys(
     config: ml_collections.ConfigDict, vocab_size: int, token_ids: Mapping | None = None
 ) -> ml_collections.ConfigDict:
-    """Sets the model keys a run derives, in one place: model.vocab_size (`vocab_size`,
-    the tokenizer's; an imported model with model.keep_vocab_size keeps its own),
-    token_ids (`token_ids`, the tokenizer's special ids, `Tokenizer.special_ids`; not
-    given: left as is, and an unset key reads as mmjax's ids), image_size, num_frames
-    (0: images), text_len (from data.*) and total_steps (from train.steps). A config
-    that sets one of them to another value is a ConfigError naming both: it would
-    otherwise be replaced without a word."""
+    """Sets the model keys a run derives, in one place: model.vocab_size (`vocab_size`; a
+    model with model.keep_vocab_size keeps its own), token_ids (`Tokenizer.special_ids`;
+    not given: left as is, unset reads as mmjax's ids), image_size, num_frames, text_len,
+    the audio shape (data.*) and total_steps (train.steps). A config that sets one to
+    another value is a ConfigError naming both (else it would be replaced silently)."""
     model = config.model
     keep = model.get("keep_vocab_size", False) and model.get("vocab_size", None)
     derived = {

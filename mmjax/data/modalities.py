@@ -108,3 +108,21 @@ def eval_shapes(media: Media, image_shape, size: int) -> dict:
     if media.has("depth"):
         out["depth"] = ([size, size, 1], "float32")
     return out
+
+
+AUDIO_DERIVED_FROM = {
+    "audio_sample_rate": "data.audio.sample_rate",
+    "audio_samples": "data.audio.sample_rate * data.audio.clip_seconds",
+    "audio_channels": "data.audio.channels",
+}
+
+
+def audio_model_keys(data_config) -> dict:
+    """The model keys a family with an audio input derives from data.audio: the sample
+    rate, the samples per clip (rate x clip_seconds, rounded) and the channels."""
+    rate = int(option(data_config, "audio.sample_rate"))
+    return {
+        "audio_sample_rate": rate,
+        "audio_samples": int(round(rate * float(option(data_config, "audio.clip_seconds")))),
+        "audio_channels": int(option(data_config, "audio.channels")),
+    }
