@@ -229,6 +229,17 @@ class ModalityEncoder(nn.Module):
         return pooled, aux
 
 
+def input_shape(modality: str, c, batch: int = 1) -> tuple:
+    """One modality's batch shape from a parsed model config `c` (its derived audio keys,
+    image_size, signal_shape): audio [B, S, C], depth [B, H, W, 1], image [B, H, W, 3],
+    signal [B, T, C]."""
+    if modality == "audio":
+        return (batch, int(c.audio_samples), int(c.audio_channels))
+    if modality in ("depth", "image"):
+        return (batch, int(c.image_size), int(c.image_size), 1 if modality == "depth" else 3)
+    return (batch, *tuple(int(x) for x in c.signal_shape))
+
+
 def frontend_flops(modality: str, shape, options: dict) -> int:
     """Matmul FLOPs of a tokenizer's front end per input of `shape` (no batch axis): the
     audio mel projection, 2 F (n_fft/2 + 1) M C (the FFT is not a matmul); 0 otherwise."""

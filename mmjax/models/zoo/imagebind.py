@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from mmjax.errors import ConfigError
 from mmjax.flops import layer
 from mmjax.models.modality import ModalityEncoder, frontend_flops, num_tokens
+from mmjax.models.modality import input_shape as modality_input_shape
 from mmjax.models.variants import parse_variant
 from mmjax.models.zoo.clip import ClipConfig, ClipFamily, l2_normalize
 from mmjax.models.zoo.contract import Family, register
@@ -143,13 +144,8 @@ class ImageBindFamily(Family):
 
     # ------------------------------------------------------------------ inputs
     def input_shape(self, modality: str, batch: int = 1) -> tuple:
-        """One modality's batch shape: audio [B, S, C], depth [B, H, W, 1], signal [B, T, C]."""
-        c = self.c
-        if modality == "audio":
-            return (batch, int(c.audio_samples), int(c.audio_channels))
-        if modality == "depth":
-            return (batch, self.image_size, self.image_size, 1)
-        return (batch, *tuple(int(x) for x in c.signal_shape))
+        """One modality's batch shape (`modality.input_shape`)."""
+        return modality_input_shape(modality, self.c, batch)
 
     def init_params(self, rng, image_shape=None, text_shape=None, *, boxed=False):
         """CLIP's params plus one `<modality>_tower` each (fresh; a CLIP workdir fills the rest)."""

@@ -31,6 +31,7 @@ from mmjax.flops import layer
 from mmjax.models.attention import padding_mask
 from mmjax.models.fusion import head_dense
 from mmjax.models.modality import frontend_flops, num_tokens, tokenizer
+from mmjax.models.modality import input_shape as modality_input_shape
 from mmjax.models.transformer import ACTIVATIONS, LN_EPS, Encoder
 from mmjax.models.variants import parse_variant
 from mmjax.models.zoo.contract import Family, register
@@ -161,12 +162,8 @@ class MetaTransformerFamily(Family):
         )
 
     def input_shape(self, modality: str, batch: int = 1) -> tuple:
-        c = self.c
-        if modality == "audio":
-            return (batch, int(c.audio_samples), int(c.audio_channels))
-        if modality in ("depth", "image"):
-            return (batch, self.image_size, self.image_size, 1 if modality == "depth" else 3)
-        return (batch, *tuple(int(x) for x in c.signal_shape))
+        """One modality's batch shape (`modality.input_shape`)."""
+        return modality_input_shape(modality, self.c, batch)
 
     def init_params(self, rng, image_shape=None, text_shape=None, *, boxed=False):
         del image_shape, text_shape
