@@ -244,8 +244,7 @@ POSITIVE_INTS = (
 )
 NON_NEGATIVE_INTS = ("train.ckpt_every", "train.warmup_steps", "eval.every", "data.num_frames", "model.hard_negatives")
 
-# `mmjax eval --config.K=V` may change only keys that leave the checkpoint's shapes
-# and tree as they are: how and what to evaluate, the data, the mesh, compute dtype.
+# `mmjax eval --config.K=V` may change only keys that leave the checkpoint's shapes and tree as they are.
 EVAL_OVERRIDABLE = ("eval.", "data.", "parallel.", "model.dtype", "model.attention", "model.remat")
 EVAL_FIXED = ("data.image_size", "data.text_len", "data.num_frames", "data.tokenizer")
 
@@ -286,11 +285,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks choice-valued keys, basic numeric ranges, the model section against its
     family's schema and the data section against the sources' (unknown keys).
 
-    Resolves one hint: `data.cache_decoded` (keep decoded pixels in memory) holds for
-    the sources that allow it (the built-in sets); with another `data.name` it is turned
-    off, with a warning, so a recipe written for `shapes` still streams a user's own files.
+    Resolves one hint: `data.cache_decoded` holds for the built-in sets only; with another
+    `data.name` it is turned off, with a warning (a `shapes` recipe streams a user's files).
     """
     from mmjax.data import sources
+    from mmjax.train import optim
 
     sources.check_data_config(config.get("data"))
     name = get(config, "data.name")
@@ -316,6 +315,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             what = "a positive integer" if low else "an integer >= 0"
             raise ConfigError(f"bad value for config key {key!r}: {value!r}; expected {what}")
+    optim.check_floats(lambda key: get(config, key))
     accum = get(config, "train.accum_steps", 1)
     bs = get(config, "train.batch_size")
     if bs is not None and (accum < 1 or bs % accum):

@@ -110,9 +110,14 @@ def test_bad_number_says_what_was_expected(override, needle, tmp_path, capsys):
         ("eval.batch_size=0", "positive"),
         ("train.accum_steps=0", "positive"),
         ("train.max_bad_steps=0", "positive"),  # was silently taken as 1
+        # The step's finiteness check trusts AdamW with these in range (mmjax/train/step.py).
+        ("train.lr=nan", ">= 0"),
+        ("train.lr=-0.001", ">= 0"),
+        ("train.eps=0", "> 0"),
+        ("train.b2=1.0", "< 1"),
     ],
 )
-def test_out_of_range_ints_exit_2_before_anything_runs(override, needle, tmp_path, capsys):
+def test_out_of_range_numbers_exit_2_before_anything_runs(override, needle, tmp_path, capsys):
     assert _train(tmp_path, f"--config.{override}") == 2
     line = _one_line_error(capsys)
     assert override.split("=")[0] in line and needle in line

@@ -32,6 +32,37 @@ def decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
+# train.* floats the optimizer needs in range (config.validate): key -> (low, high,
+# low included). A NaN or negative lr, or eps = 0 (0 / 0 for a param whose gradient
+# is always 0), would put NaN in the params from finite gradients, which the step's
+# finiteness check (of the loss and the gradients) does not look for.
+FLOAT_RANGES = {
+    "train.lr": (0.0, float("inf"), True),
+    "train.eps": (0.0, float("inf"), False),
+    "train.b1": (0.0, 1.0, True),
+    "train.b2": (0.0, 1.0, True),
+    "train.weight_decay": (0.0, float("inf"), True),
+    "train.grad_clip": (0.0, float("inf"), True),
+    "train.end_lr_factor": (0.0, float("inf"), True),
+}
+
+
+def check_floats(get) -> None:
+    """`get(dotted_key)` -> value or None; raises ConfigError naming the first key out
+    of its FLOAT_RANGES range."""
+    from mmjax.errors import ConfigError
+
+    for key, (low, high, closed) in FLOAT_RANGES.items():
+        value = get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (low <= value if closed else low < value) and value < high
+        if not ok:
+            bound = f"{'>=' if closed else '>'} {low:g} and < {high:g}"
+            raise ConfigError(f"bad value for config key {key!r}: {value!r}; expected a number {bound}")
+
+
 def make_optimizer(train_config) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(train_config)
     parts = []

@@ -156,34 +156,29 @@ def make_train_step(
         grads = freeze(family.project_grads(state.params, grads))
         # optax's own norm, so XLA computes it once for train.grad_clip and the metric.
         grad_norm = optax.global_norm(grads)
+        queues = extra.get("queues", state.queues)
+        # A non-finite loss or gradient leaves params, optimizer, teacher and queues as
+        # they were; step and rng advance, the loop counts the skip. The gradients'
+        # global norm is non-finite when any gradient is and when any squares to inf (a
+        # finite 1e20 would put inf in Adam's second moment); from finite gradients with
+        # finite squares AdamW (eps > 0, a finite lr: config.validate) makes a finite
+        # state. The flag is known before the update, so the select below fuses into the
+        # update's own loops: deciding on the new params and optimizer state instead
+        # read the whole state twice more, and made XLA's compile of the step 2-5x slower.
+        # Gradients and loss are averaged over devices first: every device agrees.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(queues)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        updates = freeze(updates)
         # Constrained params (a learned temperature or logit scale) are projected back
         # into their range after the update, as ALBEF/BLIP (`temp.clamp_`) and open_clip
         # (`logit_scale.clamp_`) do: clamping only the forward value would leave a
         # parameter past its bound with zero gradient for ever.
-        params = family.project_params(optax.apply_updates(state.params, updates))
+        params = family.project_params(optax.apply_updates(state.params, freeze(updates)))
         ema_params = state.ema_params
         if ema_params is not None:
             ema_params = family.teacher_update(ema_params, params, state.step)
-        queues = extra.get("queues", state.queues)
-        # A non-finite loss, gradient or update leaves params, optimizer, teacher and
-        # queues as they were; step and rng advance, the loop counts the skip. The
-        # gradient's global norm is non-finite when any gradient is, and when any
-        # squares to inf (a finite 1e20 would make inf in Adam's second moment); the
-        # update's norm covers what the optimizer made of them (the new params are
-        # params + updates). Three scalars instead of a check of every leaf of the new
-        # params and optimizer state: that read the whole state twice more and made the
-        # step's XLA compile 2-5x slower. Gradients and loss are averaged over devices
-        # first, so every device takes the same branch.
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
-        ok = ok & all_finite(queues)
-        # One conditional picks the new or the old trees: a select per leaf made the
-        # demo step's XLA compile 5x slower (62 s vs 12 s on 2 cores).
-        params, opt_state, ema_params, queues = jax.lax.cond(
-            ok,
-            lambda: (params, opt_state, ema_params, queues),
-            lambda: (state.params, state.opt_state, state.ema_params, state.queues),
+        keep = lambda new, old: jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), new, old)
+        params, opt_state, ema_params, queues = keep(
+            (params, opt_state, ema_params, queues), (state.params, state.opt_state, state.ema_params, state.queues)
         )
         metrics = dict(metrics)
         metrics["loss"] = loss
