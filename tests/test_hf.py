@@ -11,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -113,6 +114,21 @@ def test_activations_match_transformers():
         np.testing.assert_allclose(np.asarray(ACTIVATIONS[act](x)), ref, atol=2e-6, err_msg=hf_name)
     # ... and the three really differ (a wrong mapping would show).
     assert np.max(np.abs(ACTIVATIONS["gelu"](x) - ACTIVATIONS["gelu_tanh"](x))) > 1e-4
+
+
+def test_exact_gelu_value_and_gradient_match_torch():
+    """model.act 'gelu' is written as torch writes it (x/2 (1 + erf(x/sqrt 2)), cheaper
+    on XLA's CPU than jax's erfc form); value and gradient equal torch's nn.GELU()."""
+    x = np.linspace(-8, 8, 4001, dtype=np.float32)
+    tx = torch.from_numpy(x).requires_grad_()
+    torch.nn.functional.gelu(tx).sum().backward()
+    value, grad = jax.value_and_grad(lambda v: ACTIVATIONS["gelu"](v).sum())(jnp.asarray(x))
+    np.testing.assert_allclose(
+        np.asarray(ACTIVATIONS["gelu"](x)), torch.nn.functional.gelu(tx).detach().numpy(), atol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(grad), tx.grad.numpy(), atol=2e-6)
+    ref = jax.nn.gelu(jnp.asarray(x), approximate=False)
+    np.testing.assert_allclose(np.asarray(ACTIVATIONS["gelu"](x)), np.asarray(ref), atol=1e-6)
 
 
 # ------------------------------------------------------------------ round trips

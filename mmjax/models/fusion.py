@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from mmjax.models.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
 from mmjax.models.embed import WordEmbed
 from mmjax.models.tokens import MMJAX
-from mmjax.models.transformer import Block, Mlp, maybe_remat
+from mmjax.models.transformer import Block, Mlp, gelu_exact, maybe_remat
 from mmjax.parallel.sharding import dense_init, names, norm_init
 
 Dtype = Any
@@ -218,7 +218,7 @@ class MlmHead(nn.Module):
         chex.assert_rank(x_BxLxD, {2, 3})
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.Dense(x_BxLxD.shape[-1], name="dense", **kw, **dense_init("embed", "act_embed"))(x_BxLxD)
-        h = nn.gelu(h, approximate=False)
+        h = gelu_exact(h)
         h = nn.LayerNorm(**norm_init(), name="ln", **kw)(h)
         logits = jnp.asarray(attend(h), jnp.float32)
         chex.assert_shape(logits, x_BxLxD.shape[:-1] + (self.vocab_size,))

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.transformer import gelu_exact
 from mmjax.models.zoo.classifier import WrapperConfig, build_backbone
 from mmjax.models.zoo.contract import Family, register
 from mmjax.models.zoo.schema import key
@@ -46,7 +47,7 @@ class AnswerHead(nn.Module):
         d = x_BxD.shape[-1]
         h = nn.Dense(2 * d, dtype=self.dtype, name="dense1", **dense_init("embed", "mlp"))(x_BxD)
         h = nn.LayerNorm(dtype=self.dtype, name="norm", **norm_init())(h)
-        h = nn.gelu(h, approximate=False)
+        h = gelu_exact(h)
         out = nn.Dense(self.num_answers, dtype=self.dtype, name="dense2", **dense_init("mlp", None))(h)
         return jnp.asarray(out, jnp.float32)
 
